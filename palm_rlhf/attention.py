@@ -1,0 +1,165 @@
+"""Multi-query attention: rotary embeddings, the fast (SDPA) and reference paths, the KV cache.
+
+PaLM (Chowdhery et al. 2022, section 2) shares one key/value head between all query heads
+(multi-query attention, Shazeer 2019). Shapes used throughout:
+
+    q: (b, h, i, d)   queries, h heads
+    k, v: (b, j, d)   the single shared key/value head
+    key_mask: (b, j)  True for real tokens, False for padding
+
+The decoding cache therefore stores (b, j, d) per layer, `heads` times less than multi-head.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al. 2021) over the full head dimension."""
+
+    def __init__(self, dim_head: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim_head, 2, dtype=torch.float32) / dim_head))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions: (n,) or (b, n) integer positions -> cos, sin of shape (..., n, d), float32."""
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq  # (..., n, d/2)
+        freqs = torch.cat((freqs, freqs), dim=-1)
+        return freqs.cos(), freqs.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate features of `t` (..., n, d) by position; cos/sin broadcast against it."""
+    return t * cos.to(t.dtype) + rotate_half(t) * sin.to(t.dtype)
+
+
+def attention_mask(
+    num_queries: int,
+    num_keys: int,
+    causal: bool,
+    key_mask: Optional[Tensor],
+    device: torch.device,
+) -> Optional[Tensor]:
+    """Boolean mask (b or 1, 1, i, j), True where query i may attend key j; None if all allowed.
+
+    The queries are the last `num_queries` of the `num_keys` positions (a KV cache holds the
+    earlier ones). A query always sees its own key, so a padding query never has an empty row
+    (which would give NaN); real queries never see padding keys.
+    """
+    offset = num_keys - num_queries
+    if key_mask is None and (not causal or num_queries == 1):
+        return None  # nothing to hide: a single new query may see every cached key
+    query_index = torch.arange(num_queries, device=device)[:, None] + offset
+    key_index = torch.arange(num_keys, device=device)[None, :]
+    mask = None
+    if causal:
+        mask = key_index <= query_index  # (i, j)
+    if key_mask is not None:
+        padded = rearrange(key_mask, "b j -> b 1 1 j")
+        mask = padded if mask is None else padded & mask
+        mask = mask | (key_index == query_index)
+    elif mask is not None:
+        mask = mask[None, None]
+    return mask
+
+
+def sdpa_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor],
+    causal_no_cache: bool,
+    scale: float,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Fast path: `scaled_dot_product_attention` with the shared head broadcast (GQA, 1 group)."""
+    k = rearrange(k, "b j d -> b 1 j d")
+    v = rearrange(v, "b j d -> b 1 j d")
+    if causal_no_cache and mask is None:
+        # the square causal case lets SDPA pick its fused kernel (no materialised mask)
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale, enable_gqa=True
+        )
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=True
+    )
+
+
+def reference_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor],
+    scale: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """Reference path written out: softmax(q k^T * scale + mask) v, softmax in float32."""
+    sim = torch.einsum("b h i d, b j d -> b h i j", q, k) * scale
+    if mask is not None:
+        sim = sim.masked_fill(~mask, torch.finfo(sim.dtype).min)
+    attn = sim.float().softmax(dim=-1).to(q.dtype)
+    attn = F.dropout(attn, p=dropout_p, training=training)
+    return torch.einsum("b h i j, b j d -> b h i d", attn, v)
+
+
+class KVCache:
+    """Preallocated key/value cache for all layers, one shared head per layer.
+
+    Buffers are (layers, b, max_len, d); `update` writes the new keys/values of one layer and
+    returns views over everything cached so far. After a forward pass the model calls
+    `advance(n)`. The cache also tracks the key padding mask and, per row, how many real tokens
+    came before, so rotary positions stay right for left-padded prompts.
+    """
+
+    def __init__(self, num_layers: int, batch: int, max_len: int, dim_head: int, device, dtype):
+        self.max_len = max_len
+        self.keys = torch.zeros(num_layers, batch, max_len, dim_head, device=device, dtype=dtype)
+        self.values = torch.zeros_like(self.keys)
+        self.key_mask = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.num_real = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = 0
+        self.has_padding = False
+
+    def positions(self, new_mask: Optional[Tensor], num_new: int) -> Tensor:
+        """Rotary positions (b, n) of the next `num_new` tokens; padding gets the next position too."""
+        if new_mask is None:
+            steps = torch.arange(num_new, device=self.num_real.device)
+            return self.num_real[:, None] + steps
+        return self.num_real[:, None] + (new_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+    def register(self, new_mask: Optional[Tensor], num_new: int):
+        if self.length + num_new > self.max_len:
+            raise ValueError(
+                f"KV cache overflow: {self.length} cached + {num_new} new tokens > max_len {self.max_len}"
+            )
+        if new_mask is not None:
+            self.key_mask[:, self.length : self.length + num_new] = new_mask
+            self.has_padding = self.has_padding or not bool(new_mask.all())
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = self.length + k.shape[1]
+        self.keys[layer, :, self.length : end] = k
+        self.values[layer, :, self.length : end] = v
+        return self.keys[layer, :, :end], self.values[layer, :, :end]
+
+    def current_key_mask(self, num_new: int) -> Optional[Tensor]:
+        if not self.has_padding:
+            return None
+        return self.key_mask[:, : self.length + num_new]
+
+    def advance(self, new_mask: Optional[Tensor], num_new: int):
+        self.num_real += num_new if new_mask is None else new_mask.sum(dim=-1)
+        self.length += num_new

@@ -1,0 +1,79 @@
+"""The model's configuration: a small dataclass that is saved next to the weights.
+
+A checkpoint carries its `PaLMConfig` as JSON, so `PaLM.from_pretrained(path)` rebuilds the
+exact architecture without the caller repeating the hyperparameters.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class PaLMConfig:
+    num_tokens: int
+    dim: int
+    depth: int
+    dim_head: int = 64
+    heads: int = 8
+    ff_mult: int = 4
+    causal: bool = True
+    flash_attn: bool = True
+    attn_dropout: float = 0.0
+    ff_dropout: float = 0.0
+    qk_rmsnorm: bool = False
+    qk_scale: float = (
+        8.0  # attention temperature when qk_rmsnorm is on (queries/keys are unit norm)
+    )
+    lora_r: int = 8  # default rank of add_finetune_params, as in the reference project
+    rotary_base: float = 10000.0
+    max_seq_len: Optional[int] = None  # context window; None means no limit is enforced
+    cross_entropy_ignore_index: int = 0  # token 0 is padding / EOS for the byte tokenizer
+
+    def __post_init__(self):
+        for name in ("num_tokens", "dim", "depth", "dim_head", "heads", "ff_mult", "lora_r"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"PaLMConfig.{name} must be a positive integer, got {value!r}")
+        if self.dim_head % 2 != 0:
+            raise ValueError(
+                f"PaLMConfig.dim_head must be even for rotary embeddings, got {self.dim_head}"
+            )
+        for name in ("attn_dropout", "ff_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"PaLMConfig.{name} must be in [0, 1), got {value}")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise ValueError(
+                f"PaLMConfig.max_seq_len must be at least 2 or None, got {self.max_seq_len}"
+            )
+
+    @property
+    def attn_inner_dim(self) -> int:
+        return self.heads * self.dim_head
+
+    @property
+    def ff_inner_dim(self) -> int:
+        return self.dim * self.ff_mult
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PaLMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown PaLMConfig field(s) {unknown}; known fields are {sorted(known)}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> PaLMConfig:
+        return cls.from_dict(json.loads(text))

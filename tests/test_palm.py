@@ -1,0 +1,137 @@
+import pytest
+import torch
+from torch.testing import assert_close
+
+from palm_rlhf.palm import PaLM
+from tests.helpers import tiny_palm
+
+
+def test_logits_and_loss_shapes():
+    model = tiny_palm()
+    seq = torch.randint(0, 32, (3, 12))
+    assert model(seq).shape == (3, 12, 32)
+    loss = model(seq, return_loss=True)
+    assert loss.dim() == 0
+    # an untrained model with small init is close to uniform: loss near log(vocab)
+    assert abs(loss.item() - torch.log(torch.tensor(32.0)).item()) < 0.5
+
+
+def test_loss_equals_hand_computed_cross_entropy():
+    model = tiny_palm(cross_entropy_ignore_index=-1)
+    seq = torch.randint(0, 32, (2, 9))
+    logits = model(seq[:, :-1])
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 32), seq[:, 1:].reshape(-1))
+    assert_close(model(seq, return_loss=True), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_causality_future_tokens_never_change_past_logits():
+    model = tiny_palm()
+    seq = torch.randint(0, 32, (2, 16))
+    changed = seq.clone()
+    changed[:, 10:] = (changed[:, 10:] + 7) % 32
+    a, b = model(seq), model(changed)
+    assert_close(a[:, :10], b[:, :10], atol=1e-6, rtol=0)
+    assert (a[:, 10:] - b[:, 10:]).abs().max() > 1e-3  # and the future does change
+
+
+def test_non_causal_model_sees_the_future():
+    model = tiny_palm(causal=False)
+    seq = torch.randint(0, 32, (1, 8))
+    changed = seq.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % 32
+    assert (model(seq)[:, 0] - model(changed)[:, 0]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("qk_rmsnorm", [False, True])
+def test_fast_attention_matches_reference_attention(causal, qk_rmsnorm):
+    fast = tiny_palm(causal=causal, qk_rmsnorm=qk_rmsnorm, flash_attn=True)
+    slow = tiny_palm(causal=causal, qk_rmsnorm=qk_rmsnorm, flash_attn=False)
+    with torch.no_grad():  # large embeddings make attention peaked, so masking errors show
+        fast.token_emb.weight.normal_(0, 1.0)
+    slow.load_state_dict(fast.state_dict())
+    seq = torch.randint(0, 32, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[1, 15:] = False
+    assert_close(fast(seq), slow(seq), atol=1e-5, rtol=1e-5)
+    assert_close(fast(seq, mask=mask), slow(seq, mask=mask), atol=1e-5, rtol=1e-5)
+
+
+def test_right_padding_does_not_change_real_positions():
+    model = tiny_palm(causal=False)
+    seq = torch.randint(1, 32, (1, 6))
+    padded = torch.cat((seq, torch.zeros(1, 4, dtype=torch.long)), dim=1)
+    mask = padded != 0
+    assert_close(model(padded, mask=mask)[:, :6], model(seq), atol=1e-5, rtol=1e-5)
+
+
+def test_left_padding_gives_the_same_logits_as_no_padding():
+    model = tiny_palm()
+    seq = torch.randint(1, 32, (1, 6))
+    padded = torch.cat((torch.zeros(1, 3, dtype=torch.long), seq), dim=1)
+    mask = padded != 0
+    assert_close(model(padded, mask=mask)[:, 3:], model(seq), atol=1e-5, rtol=1e-5)
+
+
+def test_embeddings_are_tied_and_there_are_no_biases():
+    model = tiny_palm()
+    names = [name for name, _ in model.named_parameters()]
+    assert not any(name.endswith("bias") for name in names)
+    # the output projection is the embedding matrix itself, not a second (num_tokens, dim) matrix
+    model = tiny_palm(num_tokens=48)
+    assert [p.shape for p in model.parameters()].count((48, 32)) == 1
+    seq = torch.randint(0, 48, (1, 5))
+    embeds = model(seq, return_only_embedding=True)
+    assert_close(model(seq), embeds @ model.token_emb.weight.T, atol=1e-6, rtol=1e-6)
+
+
+def test_multi_query_projection_has_one_key_value_head():
+    model = tiny_palm(heads=4, dim_head=8)
+    block = model.layers[0]
+    # queries: heads * dim_head; key and value: one head each; SwiGLU: 2 * ff_inner
+    assert block.fused_dims == (32, 8, 8, 2 * 64)
+    cache = model.init_cache(batch=2, max_len=10)
+    assert cache.keys.shape == (2, 2, 10, 8)  # (layers, batch, len, dim_head): no head axis
+
+
+def test_overfits_one_small_batch():
+    model = tiny_palm(dim=64, depth=2, num_tokens=16)
+    seq = torch.randint(0, 16, (4, 24))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    start = model(seq, return_loss=True).item()
+    for _ in range(150):
+        loss = model(seq, return_loss=True)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert start > 2.5 and loss.item() < 0.2 * start
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (torch.tensor([[1, 2, 32]]), r"seq\[0, 2\] = 32 is not a valid token id"),
+        (torch.tensor([[1, -1, 3]]), r"seq\[0, 1\] = -1 is not a valid token id"),
+        (torch.tensor([[1.0, 2.0]]), "integer token ids"),
+        (torch.tensor([1, 2, 3]), r"shape \(batch, seq_len\)"),
+    ],
+)
+def test_bad_token_inputs_raise_clear_errors(bad, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        tiny_palm()(bad)
+
+
+def test_sequence_longer_than_max_seq_len_is_refused():
+    model = tiny_palm(max_seq_len=8)
+    with pytest.raises(ValueError, match="longer than max_seq_len=8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_bad_mask_is_refused():
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        tiny_palm()(torch.zeros(1, 4, dtype=torch.long), mask=torch.ones(1, 4))
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="dim_head must be even"):
+        PaLM(num_tokens=10, dim=16, depth=1, dim_head=7)
