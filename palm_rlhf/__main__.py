@@ -1,0 +1,5 @@
+import sys
+
+from palm_rlhf.cli import main
+
+sys.exit(main())

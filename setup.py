@@ -1,0 +1,37 @@
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+init_text = (Path(__file__).parent / "palm_rlhf" / "__init__.py").read_text()
+version = {"__version__": re.search(r'__version__ = "([^"]+)"', init_text).group(1)}
+
+setup(
+    name="palm-rlhf",
+    version=version["__version__"],
+    description="PaLM + RLHF in pure PyTorch: pretraining, SFT, reward models, PPO, DPO, Chain of Hindsight",
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    packages=find_packages(include=["palm_rlhf", "palm_rlhf.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.1",
+        "einops>=0.7",
+        "beartype>=0.16",
+        "accelerate>=0.26",
+        "tqdm",
+        "sentencepiece>=0.1.99",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6", "ruff>=0.5"],
+        "plot": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["palm-rlhf = palm_rlhf.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "License :: OSI Approved :: MIT License",
+    ],
+)

@@ -1,0 +1,112 @@
+import gzip
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from palm_rlhf.checkpoint import latest_checkpoint
+from palm_rlhf.palm import PaLM
+from palm_rlhf.pretrain import PretrainConfig, pretrain
+from palm_rlhf.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(
+    dim=32,
+    depth=1,
+    heads=2,
+    dim_head=16,
+    seq_len=32,
+    batch_size=4,
+    val_batches=2,
+    generate_every=0,
+    log_every=1,
+    warmup_steps=2,
+)
+
+
+@pytest.fixture
+def corpus_dir(tmp_path):
+    text = (REPO / "data" / "corpus.txt.gz").read_bytes()
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "corpus.txt.gz").write_bytes(gzip.compress(gzip.decompress(text)[:60_000]))
+    return data_dir
+
+
+def test_resume_continues_with_the_same_losses(corpus_dir, tmp_path):
+    full = PretrainConfig(
+        data_dir=str(corpus_dir),
+        out_dir=str(tmp_path / "a"),
+        num_steps=6,
+        save_every=3,
+        keep_last=5,
+        validate_every=3,
+        **TINY,
+    )
+    uninterrupted = pretrain(full)
+    losses = {r["step"]: r["loss"] for r in uninterrupted.history}
+    assert losses[6] < losses[1]  # it learns
+
+    resumed_config = PretrainConfig(
+        **{
+            **full.__dict__,
+            "out_dir": str(tmp_path / "b"),
+            "resume": str(tmp_path / "a" / "step-0000003"),
+        }
+    )
+    resumed = pretrain(resumed_config)
+    resumed_losses = {r["step"]: r["loss"] for r in resumed.history}
+    for step in (4, 5, 6):
+        assert resumed_losses[step] == pytest.approx(losses[step], abs=1e-6)
+    assert resumed.valid_loss == pytest.approx(uninterrupted.valid_loss, abs=1e-6)
+
+
+def test_checkpoint_is_self_describing(corpus_dir, tmp_path):
+    result = pretrain(
+        PretrainConfig(
+            data_dir=str(corpus_dir),
+            out_dir=str(tmp_path / "run"),
+            num_steps=2,
+            save_every=2,
+            validate_every=2,
+            **TINY,
+        )
+    )
+    folder = latest_checkpoint(tmp_path / "run")
+    assert folder == result.checkpoint
+    model = PaLM.from_pretrained(folder)
+    assert model.config.dim == 32 and model.config.max_seq_len == 32
+    assert load_tokenizer(folder).vocab_size == 256
+    assert result.valid_bpc == pytest.approx(result.valid_loss / 0.6931471805599453)
+
+
+def test_train_py_runs_end_to_end(corpus_dir, tmp_path):
+    out = tmp_path / "ckpt"
+    args = ["--data-dir", str(corpus_dir), "--out-dir", str(out), "--num-steps", "2", "--dim", "32", "--depth", "1",
+            "--heads", "2", "--dim-head", "16", "--seq-len", "32", "--batch-size", "2", "--val-batches", "1",
+            "--generate-every", "2", "--generate-length", "8"]  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert "bpc" in run.stderr + run.stdout
+    assert (out / "latest").read_text() == "step-0000002"
+    resumed = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args, "--num-steps", "3", "--resume", "latest"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert (
+        "resumed from" in resumed.stderr + resumed.stdout
+        and (out / "latest").read_text() == "step-0000003"
+    )
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="enwik8.gz"):
+        pretrain(
+            PretrainConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "o"), num_steps=1, **TINY)
+        )
