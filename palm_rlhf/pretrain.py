@@ -112,7 +112,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     )
     log = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     splits, source = load_pretraining_data(config.data_dir)
-    log(f"data: {source}")
+    log(f"data: {source}; {accelerator.num_processes} process(es) on {accelerator.device}")
 
     model = build_model(config)
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {model.config}")

@@ -49,6 +49,9 @@ def make_accelerator(
     from accelerate.utils import DataLoaderConfiguration
 
     accelerate_kwargs.setdefault("dataloader_config", DataLoaderConfiguration(split_batches=True))
+    # Accelerate only sets up multi-process CPU training (gloo) when told it is on the CPU, so a
+    # machine without an accelerator says so itself: `accelerate launch` / torchrun just work.
+    cpu = cpu or not _has_accelerator()
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         cpu=cpu,
@@ -57,6 +60,15 @@ def make_accelerator(
     )
     set_seed(seed)
     return accelerator
+
+
+def _has_accelerator() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return (
+        torch.cuda.is_available()
+        or torch.backends.mps.is_available()
+        or bool(xpu is not None and xpu.is_available())
+    )
 
 
 def guard_loss(loss: torch.Tensor, step: int, policy: str = "raise") -> bool:
