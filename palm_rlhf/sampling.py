@@ -7,6 +7,7 @@ reference-compatible wrapper around it (`seq_len` counts the prompt, only new to
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import NamedTuple, Optional
 
 import torch
@@ -74,28 +75,9 @@ class Samples(NamedTuple):
     mask: Tensor  # (b, m) bool, True on sampled tokens up to and including EOS
 
 
-@torch.no_grad()
-def sample_tokens(
-    model: PaLM,
-    prompt: Tensor,
-    max_new_tokens: int,
-    prompt_mask: Optional[Tensor] = None,
-    temperature: float = 1.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    filter_thres: Optional[float] = None,
-    eos_token: Optional[int] = None,
-    pad_value: int = 0,
-    use_cache: bool = True,
-    finetune_scope: Optional[str] = None,
-    generator: Optional[torch.Generator] = None,
-) -> Samples:
-    """Sample up to `max_new_tokens` after `prompt` (b, n).
-
-    Prompts of different lengths are left-padded, with `prompt_mask` (b, n) True on real tokens;
-    rotary positions skip the padding, so a row samples the same as it would alone. A row stops
-    at `eos_token`; the loop stops when every row has. Returns tokens trimmed to the last step.
-    """
+def _check_sampling_inputs(
+    model: PaLM, prompt: Tensor, prompt_mask: Optional[Tensor], max_new_tokens: int
+):
     check_token_ids(prompt, model.num_tokens, "prompt")
     if prompt_mask is not None and (
         prompt_mask.shape != prompt.shape or prompt_mask.dtype != torch.bool
@@ -113,30 +95,51 @@ def sample_tokens(
             f"prompt of {prompt.shape[1]} tokens + {max_new_tokens} new tokens exceeds the "
             f"model's max_seq_len={limit}"
         )
+
+
+@torch.no_grad()
+def iter_sample(
+    model: PaLM,
+    prompt: Tensor,
+    max_new_tokens: int,
+    prompt_mask: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    filter_thres: Optional[float] = None,
+    eos_token: Optional[int] = None,
+    pad_value: int = 0,
+    use_cache: bool = True,
+    finetune_scope: Optional[str] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Iterator[Tensor]:
+    """Yield each step's sampled tokens (b,) as soon as they exist (streaming).
+
+    Prompts of different lengths are left-padded, with `prompt_mask` (b, n) True on real tokens;
+    rotary positions skip the padding, so a row samples the same as it would alone. A row that
+    has produced `eos_token` yields `pad_value` from then on; iteration ends when every row has.
+    The model is in eval mode while iterating and gets its previous mode back afterwards.
+    """
+    _check_sampling_inputs(model, prompt, prompt_mask, max_new_tokens)
     filters = dict(top_k=top_k, top_p=top_p, filter_thres=filter_thres)
     batch = prompt.shape[0]
-    out = torch.full((batch, max_new_tokens), pad_value, dtype=torch.long, device=prompt.device)
     done = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
-
     was_training = model.training
     model.eval()
     try:
         cache = model.init_cache(batch, prompt.shape[1] + max_new_tokens) if use_cache else None
         seq, seq_mask = prompt, prompt_mask
         hidden = model.embed(seq, mask=seq_mask, finetune_scope=finetune_scope, cache=cache)
-        steps = 0
         for step in range(max_new_tokens):
             logits = model.to_logits(hidden[:, -1])
-            token = sample_from_logits(logits, temperature, generator, **filters)
-            token = token.masked_fill(done, pad_value)
-            out[:, step] = token
-            steps = step + 1
+            token = sample_from_logits(logits, temperature, generator, **filters).masked_fill(
+                done, pad_value
+            )
+            yield token
             if eos_token is not None:
                 done = done | (token == eos_token)
-                if bool(done.all()):
-                    break
-            if step == max_new_tokens - 1:
-                break
+            if bool(done.all()) or step == max_new_tokens - 1:
+                return
             if cache is not None:
                 hidden = model.embed(token[:, None], finetune_scope=finetune_scope, cache=cache)
             else:
@@ -147,11 +150,19 @@ def sample_tokens(
     finally:
         model.train(was_training)
 
-    tokens = out[:, :steps]
+
+def sample_tokens(model: PaLM, prompt: Tensor, max_new_tokens: int, **kwargs) -> Samples:
+    """Sample up to `max_new_tokens` after `prompt` (b, n); see `iter_sample` for the options.
+
+    Returns the tokens trimmed to the last step any row was still running, and a mask that is
+    True on sampled tokens up to and including each row's EOS.
+    """
+    tokens = torch.stack(list(iter_sample(model, prompt, max_new_tokens, **kwargs)), dim=1)
+    eos_token, pad_value = kwargs.get("eos_token"), kwargs.get("pad_value", 0)
     if eos_token is None:
         return Samples(tokens, torch.ones_like(tokens, dtype=torch.bool))
-    is_eos = tokens == eos_token
-    after_eos = (is_eos.long().cumsum(dim=-1) - is_eos.long()) > 0
+    is_eos = (tokens == eos_token).long()
+    after_eos = (is_eos.cumsum(dim=-1) - is_eos) > 0
     return Samples(tokens.masked_fill(after_eos, pad_value), ~after_eos)
 
 
