@@ -13,7 +13,6 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -22,34 +21,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from palm_rlhf.fileio import atomic_path, atomic_write_bytes
+
 PathLike = Union[str, Path]
 WEIGHTS_NAME = "model.safetensors"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, unsafe, or made for another model."""
-
-
-@contextmanager
-def atomic_path(path: PathLike):
-    """Yield a temporary path beside `path`; on success fsync and rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
 
 
 def save_json(path: PathLike, obj: Any) -> None:

@@ -8,13 +8,14 @@ import gzip
 import hashlib
 import io
 import json
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal, Protocol, Union, runtime_checkable
 
 import sentencepiece as spm
 from beartype import beartype
+
+from palm_rlhf.fileio import atomic_write_bytes
 
 PathLike = Union[str, Path]
 CONFIG_NAME = "tokenizer.json"
@@ -35,11 +36,7 @@ class Tokenizer(Protocol):
 
 
 def _write_atomic(directory: PathLike, name: str, payload: bytes) -> None:
-    # write a sibling temporary file, then rename: a crash never leaves half a file behind
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    tmp = Path(directory) / f"{name}.tmp"
-    tmp.write_bytes(payload)
-    os.replace(tmp, Path(directory) / name)
+    atomic_write_bytes(Path(directory) / name, payload)
 
 
 def _write_config(directory: PathLike, config: dict) -> None:
