@@ -223,6 +223,10 @@ def save_checkpoint_dir(
         if staging.exists():
             _remove_tree(staging)
     atomic_write_bytes(root / "latest", name.encode())
+    # staging folders left by a run killed mid-write are never read; clear them (one writer)
+    for leftover in root.glob(".*.tmp"):
+        if leftover.is_dir():
+            _remove_tree(leftover)
     return final
 
 

@@ -172,11 +172,11 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
             with accelerator.accumulate(model):
                 loss = model(batch, return_loss=True)
                 mean_loss = accelerator.reduce(loss.detach(), "mean")
-                finite = guard_loss(mean_loss, step, config.nan_policy)
-                accelerator.backward(loss if finite else loss * 0.0)
-                if accelerator.sync_gradients and config.max_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_norm)
-                if finite:
+                # the loss is reduced over processes, so every process takes the same branch
+                if guard_loss(mean_loss, step, config.nan_policy):
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_norm is not None:
+                        accelerator.clip_grad_norm_(model.parameters(), config.max_norm)
                     optimizer.step()
                 optimizer.zero_grad()
         scheduler.step()
