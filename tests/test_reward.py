@@ -1,0 +1,457 @@
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from palm_rlhf.checkpoint import CheckpointError
+from palm_rlhf.collate import collate_comparisons
+from palm_rlhf.records import ComparisonRecord, RatingRecord
+from palm_rlhf.reward import RewardModel
+from palm_rlhf.reward_training import (
+    RewardTrainConfig,
+    build_reward_arg_parser,
+    fit_records,
+    main,
+    train_reward_model,
+)
+from palm_rlhf.rl_math import pairwise_ranking_loss, ranking_loss_from_scores
+from palm_rlhf.tokenizer import ByteTokenizer
+from tests.helpers import randomize_lora, tiny_palm
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+class Bytes32:
+    """A tokenizer for the 32-token test PaLM: one id per character, 'a' -> 1, ..., 0 = pad."""
+
+    pad_id = eos_id = 0
+    vocab_size = 32
+
+    def encode(self, text):
+        return [(ord(c) % 31) + 1 for c in text]
+
+
+def batch(b=3, n=10, prompt=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(1, 32, (b, n), generator=g)
+    prompt_mask = torch.zeros(b, n, dtype=torch.bool)
+    prompt_mask[:, :prompt] = True
+    return seq, prompt_mask
+
+
+def trained_looking(model: RewardModel) -> RewardModel:
+    """Non-zero adapters and prompt/response embeddings, so every part changes outputs."""
+    randomize_lora(model.palm, model.reward_lora_scope)
+    with torch.no_grad():
+        model.prompt_embed.normal_(0, 0.5)
+        model.response_embed.normal_(0, 0.5)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- heads
+
+
+def test_scalar_and_binned_outputs_shapes_and_types():
+    seq, prompt_mask = batch()
+    scalar = RewardModel(tiny_palm(), num_binned_output=0)
+    binned = RewardModel(tiny_palm(), num_binned_output=5)
+    for model in (scalar, binned):
+        reward = model(seq, prompt_mask=prompt_mask)
+        assert reward.shape == (3,) and reward.dtype == torch.float32
+    assert binned.logits(seq, prompt_mask=prompt_mask).shape == (3, 5)
+    rewards = binned(seq, prompt_mask=prompt_mask)
+    assert ((rewards > 1) & (rewards < 5)).all()
+    assert scalar(seq, labels=torch.tensor([0.5, 1.0, 2.0])).shape == ()
+    assert binned(seq, labels=torch.tensor([1, 3, 5])).shape == ()
+
+
+def test_expected_rating_and_losses_match_hand_computation():
+    seq, prompt_mask = batch()
+    model = RewardModel(tiny_palm(), num_binned_output=4).eval()
+    with torch.no_grad():
+        model.to_pred.weight.normal_(0, 1.0)
+    logits = model.logits(seq, prompt_mask=prompt_mask)
+    by_hand = []
+    for row in logits.tolist():
+        z = sum(math.exp(v) for v in row)
+        by_hand.append(sum(math.exp(v) / z * (k + 1) for k, v in enumerate(row)))
+    assert_close(model(seq, prompt_mask=prompt_mask), torch.tensor(by_hand), atol=1e-5, rtol=0)
+
+    ratings = torch.tensor([1, 4, 2])
+    ce = -sum(row[r - 1] - math.log(sum(math.exp(v) for v in row))
+              for row, r in zip(logits.tolist(), ratings.tolist())) / 3  # fmt: skip
+    loss = model(seq, prompt_mask=prompt_mask, labels=ratings)
+    assert_close(loss, torch.tensor(ce), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="ratings 1..4"):
+        model(seq, labels=torch.tensor([0, 1, 2]))  # class indices are not ratings
+
+    sampler = RewardModel(tiny_palm(), num_binned_output=4, sample_from_bins=True).eval()
+    with torch.no_grad():
+        sampler.to_pred.bias.copy_(torch.tensor([0.0, 0.0, 30.0, 0.0]))
+    assert sampler(seq).tolist() == [3.0, 3.0, 3.0]  # the reference's sampled rating, 1..K
+    with torch.no_grad():
+        sampler.to_pred.bias.zero_()
+        sampler.to_pred.weight.zero_()
+    samples = sampler(torch.randint(1, 32, (400, 5)))
+    assert set(samples.tolist()) == {1.0, 2.0, 3.0, 4.0}
+
+    scalar = RewardModel(tiny_palm()).eval()
+    targets = torch.tensor([0.5, -1.0, 2.0])
+    pred = scalar(seq, prompt_mask=prompt_mask)
+    mse = sum((p - t) ** 2 for p, t in zip(pred.tolist(), targets.tolist())) / 3
+    assert_close(scalar(seq, prompt_mask=prompt_mask, labels=targets), torch.tensor(mse), atol=1e-5, rtol=0)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+RECORDS = [
+    ComparisonRecord("add", ["four", "five"], [0, 1]),
+    ComparisonRecord("count", ["abc", "ab", "cba", "z"], [0, 2, 3, 1]),
+    ComparisonRecord("fruit", ["apple", "rock", "pear"], [0, 1, 0]),  # a tie; K = 3 < 4
+]
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def test_ranking_losses_by_hand_with_one_forward_per_response():
+    model = trained_looking(RewardModel(tiny_palm()))
+    comparisons = collate_comparisons(Bytes32(), RECORDS, max_len=16)
+    rows = []
+    hook = model.palm.register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[0]))
+    scores = model.score_comparisons(comparisons)
+    hook.remove()
+    assert rows == [9]  # one forward over all 2 + 4 + 3 responses, not one per pair
+    assert scores.shape == (3, 4) and scores[2, 3] == 0  # the missing response is not run
+
+    # each response alone, unpadded, gives the same score
+    alone = []
+    for record in RECORDS:
+        row = []
+        for response in record.responses:
+            ids = Bytes32().encode(record.prompt) + Bytes32().encode(response) + [0]
+            seq = torch.tensor([ids])
+            with torch.no_grad():
+                row.append(float(model(seq, prompt_lengths=torch.tensor([len(record.prompt)]))))
+        alone.append(row)
+    for i, row in enumerate(alone):
+        assert_close(scores[i, : len(row)], torch.tensor(row), atol=1e-5, rtol=0)
+
+    # InstructGPT loss: per prompt, mean over its ranked pairs of -log sigmoid(s_i - s_j - m)
+    margin, per_prompt = 0.3, []
+    for record, row in zip(RECORDS, alone):
+        terms = [
+            -log_sigmoid(row[i] - row[j] - margin)
+            for i in range(len(row))
+            for j in range(len(row))
+            if record.ranking[i] < record.ranking[j]
+        ]
+        per_prompt.append(sum(terms) / len(terms))
+    assert [len(r.responses) for r in RECORDS] == [2, 4, 3]
+    loss = ranking_loss_from_scores(scores, comparisons.ranking, comparisons.response_mask, margin)
+    assert_close(loss, torch.tensor(sum(per_prompt) / 3), atol=1e-5, rtol=0)
+    # the pairwise (Bradley-Terry) case is the K = 2 record alone
+    pair = pairwise_ranking_loss(scores[:1, 0], scores[:1, 1], margin=margin)
+    assert_close(pair, torch.tensor(per_prompt[0]), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- what is read
+
+
+def hidden_grad(model, seq, mask, prompt_mask):
+    """Gradient of the summed reward w.r.t. the PaLM's final hidden states (b, n, d)."""
+    kept = {}
+
+    def keep(_, __, out):
+        out.retain_grad()
+        kept["hidden"] = out
+
+    hook = model.palm.register_forward_hook(keep)
+    model(seq, mask=mask, prompt_mask=prompt_mask).sum().backward()
+    hook.remove()
+    return kept["hidden"].grad.abs().sum(-1)
+
+
+def test_the_score_reads_only_the_documented_positions():
+    seq, prompt_mask = batch(b=2, n=9, prompt=3)
+    mask = torch.ones_like(prompt_mask)
+    mask[1, 7:] = False  # row 1 is padded
+    mean_model = RewardModel(tiny_palm(), pooling="mean").eval()
+    grad = hidden_grad(mean_model, seq, mask, prompt_mask)
+    response = mask & ~prompt_mask
+    assert (grad[response] > 0).all() and (grad[~response] == 0).all()
+
+    last_model = RewardModel(tiny_palm(), pooling="last").eval()
+    grad = hidden_grad(last_model, seq, mask, prompt_mask)
+    last = torch.zeros_like(mask)
+    last[0, 8] = last[1, 6] = True
+    assert (grad[last] > 0).all() and (grad[~last] == 0).all()
+
+    # documented: prompt tokens are context (responses attend to them), padding is nothing
+    for model in (mean_model, last_model):
+        changed_prompt, changed_pad = seq.clone(), seq.clone()
+        changed_prompt[:, 0] = changed_prompt[:, 0] % 31 + 1
+        changed_pad[1, 7:] = changed_pad[1, 7:] % 31 + 1
+        before = model(seq, mask=mask, prompt_mask=prompt_mask)
+        assert (model(changed_prompt, mask=mask, prompt_mask=prompt_mask) - before).abs().min() > 1e-6  # fmt: skip
+        assert_close(model(changed_pad, mask=mask, prompt_mask=prompt_mask), before, atol=1e-6, rtol=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+@pytest.mark.parametrize("bins", [0, 5])
+def test_padding_left_or_right_does_not_change_the_reward(pooling, bins):
+    model = trained_looking(RewardModel(tiny_palm(), pooling=pooling, num_binned_output=bins))
+    seq, prompt_mask = batch(b=2, n=7, prompt=3)
+    reward = model(seq, prompt_mask=prompt_mask)
+    pad = torch.zeros(2, 4, dtype=torch.long)
+    no, yes = torch.zeros(2, 4, dtype=torch.bool), torch.ones(2, 7, dtype=torch.bool)
+    right = model(torch.cat([seq, pad], 1), mask=torch.cat([yes, no], 1),
+                  prompt_mask=torch.cat([prompt_mask, no], 1))  # fmt: skip
+    left = model(torch.cat([pad, seq], 1), mask=torch.cat([no, yes], 1),
+                 prompt_mask=torch.cat([no, prompt_mask], 1))  # fmt: skip
+    assert_close(right, reward, atol=1e-5, rtol=0)
+    assert_close(left, reward, atol=1e-5, rtol=0)
+
+
+def test_prompt_and_response_embeddings_and_prompt_lengths():
+    model = trained_looking(RewardModel(tiny_palm()))
+    seq, prompt_mask = batch(prompt=4)
+    by_mask = model(seq, prompt_mask=prompt_mask)
+    assert_close(model(seq, prompt_lengths=torch.tensor([4, 4, 4])), by_mask, atol=0, rtol=0)
+    assert (model(seq, prompt_lengths=torch.tensor([2, 2, 2])) - by_mask).abs().min() > 1e-5
+    with torch.no_grad():  # the embeddings are what tells prompt from response
+        model.prompt_embed.zero_()
+        model.response_embed.zero_()
+    assert_close(model(seq, prompt_lengths=torch.tensor([2, 2, 2])), model(seq, prompt_mask=prompt_mask))  # fmt: skip
+
+
+def test_bad_inputs_fail_with_clear_messages():
+    model = RewardModel(tiny_palm())
+    seq, prompt_mask = batch()
+    with pytest.raises(ValueError, match="mask must be a bool tensor of shape"):
+        model(seq, mask=torch.ones(3, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask must be a bool"):
+        model(seq, mask=torch.ones(3, 10))
+    with pytest.raises(ValueError, match="prompt covers every real token"):
+        model(seq, prompt_mask=torch.ones_like(prompt_mask))
+    mask = torch.ones_like(prompt_mask)
+    mask[0, :5] = False
+    with pytest.raises(ValueError, match=r"prompt_mask\[0, 0\] is True on a padding position"):
+        model(seq, mask=mask, prompt_mask=prompt_mask)
+    with pytest.raises(ValueError, match="not both"):
+        model(seq, prompt_mask=prompt_mask, prompt_lengths=torch.tensor([1, 1, 1]))
+    with pytest.raises(ValueError, match="no real token"):
+        model(seq, mask=torch.zeros_like(prompt_mask))
+    with pytest.raises(ValueError, match="not a valid token id"):
+        model(seq + 40)
+    with pytest.raises(ValueError, match="num_binned_output"):
+        RewardModel(tiny_palm(), num_binned_output=1)
+    with pytest.raises(ValueError, match="full fine-tuning pass use_lora=False"):
+        RewardModel(tiny_palm(), freeze_base=False)
+
+
+# ----------------------------------------------------------------------------- what trains
+
+
+def adam_steps(model, steps=3):
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2, weight_decay=0.1)
+    seq, prompt_mask = batch()
+    labels = torch.tensor([1, 3, 5]) if model.binned_output else torch.tensor([1.0, -1.0, 0.0])
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(seq, prompt_mask=prompt_mask, labels=labels).backward()
+        optimizer.step()
+
+
+def test_lora_mode_trains_only_its_scope_and_head_on_a_shared_palm():
+    palm = tiny_palm()
+    palm.add_finetune_params("actor")
+    randomize_lora(palm, "actor")
+    before = {k: v.clone() for k, v in palm.state_dict().items()}
+    model = RewardModel(palm)
+    assert model.palm is palm  # shared, not copied
+    seq, prompt_mask = batch()
+    model(seq, prompt_mask=prompt_mask, labels=torch.zeros(3)).backward()
+    trained = {id(p) for p in model.trainable_parameters()}
+    for name, param in model.named_parameters():
+        assert (param.grad is not None) == (id(param) in trained), name
+    assert model.palm.finetune_modules["reward"][0]["q"].B.grad.abs().sum() > 0  # B starts at 0
+    adam_steps(model)
+    after = palm.state_dict()
+    for key, value in before.items():  # base and actor scope bit-identical
+        assert torch.equal(after[key], value), key
+    assert any(not torch.equal(p, torch.zeros_like(p)) for p in palm.finetune_parameters("reward"))
+
+
+def test_full_finetuning_copies_the_palm_and_freeze_base_trains_the_head_only():
+    palm = tiny_palm()
+    before = {k: v.clone() for k, v in palm.state_dict().items()}
+    full = RewardModel(palm, use_lora=False)
+    assert full.palm is not palm and full.reward_lora_scope is None
+    adam_steps(full)
+    assert all(torch.equal(palm.state_dict()[k], v) for k, v in before.items())
+    assert not torch.equal(full.palm.token_emb.weight, palm.token_emb.weight)
+
+    probe = RewardModel(palm, use_lora=False, freeze_base=True)
+    assert len(probe.trainable_parameters()) == 4  # head weight + bias, two embeddings
+    adam_steps(probe)
+    assert torch.equal(probe.palm.token_emb.weight, palm.token_emb.weight)
+
+
+def test_two_reward_models_on_one_palm_have_separate_scopes():
+    palm = tiny_palm()
+    first, second = RewardModel(palm), RewardModel(palm, num_binned_output=5)
+    assert (first.reward_lora_scope, second.reward_lora_scope) == ("reward", "reward-1")
+    assert not {id(p) for p in first.trainable_parameters()} & {id(p) for p in second.trainable_parameters()}  # fmt: skip
+    first = trained_looking(first)
+    seq, prompt_mask = batch()
+    reward = first(seq, prompt_mask=prompt_mask)
+    adam_steps(second.train())
+    assert_close(first(seq, prompt_mask=prompt_mask), reward, atol=0, rtol=0)
+
+
+def synthetic_pairs(count, generator):
+    """Prompt of 4 random tokens; the better response holds token 2, the worse one does not."""
+    prompt = torch.randint(3, 32, (count, 4), generator=generator)
+    better, worse = torch.randint(3, 32, (2, count, 6), generator=generator)
+    better[torch.arange(count), torch.randint(0, 6, (count,), generator=generator)] = 2
+    eos = torch.zeros(count, 1, dtype=torch.long)
+    return torch.cat([prompt, better, eos], 1), torch.cat([prompt, worse, eos], 1)
+
+
+def test_a_tiny_reward_model_learns_a_synthetic_rule():
+    model = RewardModel(tiny_palm(), dropout=0.0)
+    prompt_mask = torch.zeros(256, 11, dtype=torch.bool)
+    prompt_mask[:, :4] = True
+    test_better, test_worse = synthetic_pairs(256, torch.Generator().manual_seed(99))
+
+    def accuracy():
+        with torch.no_grad():
+            return float((model(test_better, prompt_mask=prompt_mask) > model(test_worse, prompt_mask=prompt_mask)).float().mean())  # fmt: skip
+
+    assert accuracy() < 0.8
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(40):
+        better, worse = synthetic_pairs(32, generator)
+        chosen = model(better, prompt_mask=prompt_mask[:32])
+        loss = pairwise_ranking_loss(chosen, model(worse, prompt_mask=prompt_mask[:32]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert accuracy() >= 0.95
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def test_save_load_round_trip(tmp_path):
+    seq, prompt_mask = batch()
+    base = tiny_palm()
+    base.save(tmp_path / "base.safetensors")
+    model = trained_looking(RewardModel(base, num_binned_output=5, pooling="mean"))
+    with torch.no_grad():
+        model.to_pred.bias.normal_()
+    model.base_checkpoint = str(tmp_path / "base.safetensors")
+    reward = model(seq, prompt_mask=prompt_mask)
+    path = model.save(tmp_path / "rm")
+    assert path.name == "model.safetensors"
+    # onto the same shared PaLM (a second scope), onto a fresh copy of the base, from the record
+    for palm in (base, tiny_palm(), None):
+        loaded = RewardModel.from_pretrained(path, palm=palm).eval()
+        assert loaded.config == model.config
+        assert_close(loaded(seq, prompt_mask=prompt_mask), reward, atol=0, rtol=0)
+
+    full = RewardModel(tiny_palm(), use_lora=False).eval()
+    adam_steps(full)
+    full.eval()
+    full.save(tmp_path / "full.safetensors")
+    loaded = RewardModel.from_pretrained(tmp_path / "full.safetensors").eval()
+    assert_close(loaded(seq), full(seq), atol=0, rtol=0)
+
+    other = tiny_palm(dim=48)
+    with pytest.raises(CheckpointError, match="palm.dim: file 32 vs model 48"):
+        RewardModel.from_pretrained(path, palm=other)
+    assert other.finetune_scopes == () and all(p.requires_grad for p in other.parameters())
+    with pytest.raises(CheckpointError, match="num_binned_output"):
+        RewardModel(tiny_palm()).load(path)
+    with pytest.raises(CheckpointError, match="not a reward model checkpoint"):
+        RewardModel.from_pretrained(tmp_path / "base.safetensors")
+    with pytest.warns(UserWarning, match="another base PaLM"):
+        RewardModel(tiny_palm(seed=1), num_binned_output=5, pooling="mean").load(path)
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+def test_long_responses_are_skipped_truncated_or_refused():
+    records = [RatingRecord("p" * 20, "r" * 30, 3), RatingRecord("p", "ok", 1)]
+    kept, changed = fit_records(records, Bytes32(), 16, "skip", "ratings")
+    assert kept == records[1:] and changed == 1
+    kept, changed = fit_records(records, Bytes32(), 16, "truncate", "ratings")
+    assert changed == 1 and kept[0].response == "r" * 11  # 16 - eos - 16 // 4 prompt tokens
+    with pytest.raises(ValueError, match="ratings record 0"):
+        fit_records(records, Bytes32(), 16, "raise", "ratings")
+
+
+def run(tmp_path, **overrides):
+    kwargs = dict(data=str(FIXTURES / "comparisons.jsonl"), num_train=2, batch_size=2,
+                  max_steps=4, max_len=64, out_dir=str(tmp_path), lr=1e-2, progress=False,
+                  log_every=1, warmup_steps=1)  # fmt: skip
+    kwargs.update(overrides)
+    return train_reward_model(RewardTrainConfig(**kwargs))
+
+
+def test_train_reward_model_checkpoints_and_resumes_exactly(tmp_path):
+    straight = run(tmp_path / "a")
+    assert [h["step"] for h in straight.history] == [1, 2, 3, 4]
+    assert straight.metrics["valid_count"] == 6  # the third record: 4 distinct ranks, 6 pairs
+    assert 0.0 <= straight.metrics["valid_accuracy"] <= 1.0
+
+    run(tmp_path / "b", save_every=2)
+    for folder in (tmp_path / "b").glob("step-0000004"):  # killed after the step-2 checkpoint
+        folder.rename(tmp_path / "b" / "gone")
+    (tmp_path / "b" / "latest").write_text("step-0000002")
+    resumed = run(tmp_path / "b", resume="latest")
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
+    seq, prompt_mask = batch(n=12)
+    a, b = (r.model.eval()(seq, prompt_mask=prompt_mask) for r in (straight, resumed))
+    assert_close(a, b, atol=1e-6, rtol=0)
+
+    # the checkpoint is self-describing: it names the base PaLM it was trained on
+    loaded = RewardModel.from_pretrained(straight.checkpoint / "model.safetensors").eval()
+    assert_close(loaded(seq, prompt_mask=prompt_mask), a, atol=0, rtol=0)
+
+
+def test_train_reward_model_on_ratings(tmp_path):
+    result = run(tmp_path, data=str(FIXTURES / "ratings.jsonl"), kind="ratings", num_train=3,
+                 max_steps=3)  # fmt: skip
+    assert result.model.config.num_binned_output == 5 and result.num_valid == 1
+    assert set(result.metrics) == {"valid_accuracy", "valid_loss", "valid_count", "valid_mae"}
+    # the held-out record ("Say hello.", "Goodbye.", rated 2) scored by hand
+    tokenizer = ByteTokenizer()
+    prompt, response = tokenizer.encode("Say hello."), tokenizer.encode("Goodbye.") + [0]
+    model = result.model.eval()
+    logits = model.logits(torch.tensor([prompt + response]), prompt_lengths=torch.tensor([len(prompt)]))  # fmt: skip
+    reward = float(model(torch.tensor([prompt + response]), prompt_lengths=torch.tensor([len(prompt)])).detach())  # fmt: skip
+    assert result.metrics["valid_mae"] == pytest.approx(abs(reward - 2), abs=1e-5)
+    assert result.metrics["valid_accuracy"] == float(int(logits.argmax()) + 1 == 2)
+
+
+def test_command_line(tmp_path, capsys):
+    parser = build_reward_arg_parser()
+    for action in parser._actions:
+        assert action.help, action.dest
+    args = ["--data", str(FIXTURES / "comparisons.jsonl"), "--num-train", "2", "--batch-size",
+            "2", "--max-steps", "2", "--max-len", "64", "--out-dir", str(tmp_path), "--no-progress"]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "held-out (1 records): valid_accuracy" in out and (tmp_path / "latest").is_file()
+    with pytest.raises(SystemExit):
+        main(["--kind", "ratings"])  # --data is required
