@@ -128,8 +128,10 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     )
     val_set = SequentialChunkDataset(splits.valid, config.seq_len)
     val_set = Subset(val_set, range(min(len(val_set), config.val_batches * config.batch_size)))
-    train_loader = DataLoader(train_set, batch_size=config.batch_size)
-    val_loader = DataLoader(val_set, batch_size=config.batch_size)
+    # private generators: making a loader's iterator must not draw from the global RNG, or a
+    # resumed run (RNG restored, then iterator made) would drift from the uninterrupted one
+    train_loader = DataLoader(train_set, batch_size=config.batch_size, generator=torch.Generator())
+    val_loader = DataLoader(val_set, batch_size=config.batch_size, generator=torch.Generator())
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler
     )
