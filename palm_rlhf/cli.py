@@ -9,20 +9,25 @@ import argparse
 import sys
 from typing import Callable, Optional
 
-from palm_rlhf.cli_args import add_dataclass_arguments, dataclass_from_args
+from palm_rlhf.cli_args import add_dataclass_arguments, config_from_args
 
 
-def _pretrain(args):
-    from palm_rlhf.pretrain import PretrainConfig, pretrain
+def _pretrain(config):
+    from palm_rlhf.pretrain import pretrain
 
-    result = pretrain(dataclass_from_args(PretrainConfig, args))
+    result = pretrain(config)
     print(
         f"final valid loss {result.valid_loss:.4f}, bpc {result.valid_bpc:.4f}; checkpoint {result.checkpoint}"
     )
 
 
 def _stages() -> dict[str, tuple[str, type, Callable]]:
+    """name -> (help, config dataclass, function that runs the stage on a config)."""
+    from palm_rlhf.coh import CoHConfig, run_coh
+    from palm_rlhf.dpo import DPOConfig, run_dpo
     from palm_rlhf.pretrain import PretrainConfig
+    from palm_rlhf.reward_training import RewardTrainConfig, run_reward
+    from palm_rlhf.sft import SFTConfig, run_sft
 
     return {
         "pretrain": (
@@ -30,6 +35,18 @@ def _stages() -> dict[str, tuple[str, type, Callable]]:
             PretrainConfig,
             _pretrain,
         ),
+        "sft": (
+            "supervised fine-tuning on prompt/response pairs (loss on responses only)",
+            SFTConfig,
+            run_sft,
+        ),
+        "reward": ("train a reward model on comparisons or ratings", RewardTrainConfig, run_reward),
+        "dpo": (
+            "direct preference optimisation on comparisons (no reward model)",
+            DPOConfig,
+            run_dpo,
+        ),
+        "coh": ("Chain of Hindsight fine-tuning on comparisons", CoHConfig, run_coh),
     }
 
 
@@ -44,13 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
         add_dataclass_arguments(sub, config_cls)
-        sub.set_defaults(run=run)
+        sub.set_defaults(run=run, config_cls=config_cls, subparser=sub)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    args.run(args)
+    args.run(config_from_args(args.subparser, args.config_cls, args))
     return 0
 
 

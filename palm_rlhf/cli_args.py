@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 
 
 def option(default: Any, help: str, **metadata) -> Any:
-    """A dataclass field with command-line help text."""
+    """A dataclass field with command-line help text (metadata: `choices`, `required`)."""
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
@@ -41,6 +41,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> argparse.Ar
         choices = field.metadata.get("choices")
         parser.add_argument(
             flag,
+            required=field.metadata.get("required", False),
             type=kind if kind in (int, float, str) else str,
             default=default,
             choices=choices,
@@ -61,9 +62,19 @@ def dataclass_from_args(cls, args: argparse.Namespace):
     return cls(**values)
 
 
-def parse_config(cls, argv: Optional[list[str]] = None, description: str = ""):
+def config_from_args(parser: argparse.ArgumentParser, cls, args: argparse.Namespace):
+    """Build the config; a value its validation refuses becomes a usage error, not a traceback."""
+    try:
+        return dataclass_from_args(cls, args)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def parse_config(
+    cls, argv: Optional[list[str]] = None, description: str = "", prog: Optional[str] = None
+):
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     add_dataclass_arguments(parser, cls)
-    return dataclass_from_args(cls, parser.parse_args(argv))
+    return config_from_args(parser, cls, parser.parse_args(argv))

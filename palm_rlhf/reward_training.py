@@ -12,7 +12,6 @@ same batches as an uninterrupted one.
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 import warnings
@@ -29,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from palm_rlhf.checkpoint import latest_checkpoint
-from palm_rlhf.cli_args import add_dataclass_arguments, dataclass_from_args, option
+from palm_rlhf.cli_args import option, parse_config
 from palm_rlhf.collate import collate_comparisons, collate_ratings, encode_prompt_response
 from palm_rlhf.palm import PaLM
 from palm_rlhf.records import read_comparisons, read_ratings
@@ -50,7 +49,9 @@ KINDS = ("comparisons", "ratings")
 
 @dataclass
 class RewardTrainConfig:
-    data: str = option("", "JSON Lines file of comparisons or ratings (.jsonl or .jsonl.gz)")
+    data: str = option(
+        "", "JSON Lines file of comparisons or ratings (.jsonl or .jsonl.gz)", required=True
+    )
     kind: str = option("comparisons", "what the file holds", choices=KINDS)
     valid_data: Optional[str] = option(None, "held-out file (default: split --data, see below)")
     num_train: Optional[int] = option(None, "train on the first N records; the rest are held out")
@@ -421,29 +422,20 @@ def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
 # ----------------------------------------------------------------------------- command line
 
 
-def build_reward_arg_parser() -> argparse.ArgumentParser:
-    """`palm-rlhf reward`: every RewardTrainConfig field is an option with its help."""
-    parser = argparse.ArgumentParser(
-        prog="palm-rlhf reward",
-        description="Train a reward model on comparisons or ratings (JSON Lines).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    return add_dataclass_arguments(parser, RewardTrainConfig)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = build_reward_arg_parser()
-    args = parser.parse_args(argv)
-    try:
-        config = dataclass_from_args(RewardTrainConfig, args)
-    except ValueError as err:
-        parser.error(str(err))
+def run_reward(config: RewardTrainConfig) -> RewardTrainResult:
+    """`palm-rlhf reward`: train, then print the held-out metrics and the checkpoint."""
     result = train_reward_model(config)
     if PartialState().is_main_process:
         summary = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.metrics.items())  # fmt: skip
         print(f"trained {result.num_train} records; held-out ({result.num_valid} records): {summary or 'none'}")  # fmt: skip
         if result.checkpoint is not None:
             print(f"checkpoint: {result.checkpoint}")
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    description = "Train a reward model on comparisons or ratings (JSON Lines)."
+    run_reward(parse_config(RewardTrainConfig, argv, description, prog="palm-rlhf reward"))
     return 0
 
 

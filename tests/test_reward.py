@@ -1,3 +1,4 @@
+import argparse
 import math
 import warnings
 from pathlib import Path
@@ -7,12 +8,12 @@ import torch
 from torch.testing import assert_close
 
 from palm_rlhf.checkpoint import CheckpointError
+from palm_rlhf.cli_args import add_dataclass_arguments
 from palm_rlhf.collate import collate_comparisons
 from palm_rlhf.records import ComparisonRecord, RatingRecord
 from palm_rlhf.reward import RewardModel
 from palm_rlhf.reward_training import (
     RewardTrainConfig,
-    build_reward_arg_parser,
     fit_records,
     main,
     train_reward_model,
@@ -443,7 +444,7 @@ def test_train_reward_model_on_ratings(tmp_path):
 
 
 def test_command_line(tmp_path, capsys):
-    parser = build_reward_arg_parser()
+    parser = add_dataclass_arguments(argparse.ArgumentParser(), RewardTrainConfig)
     for action in parser._actions:
         assert action.help, action.dest
     args = ["--data", str(FIXTURES / "comparisons.jsonl"), "--num-train", "2", "--batch-size",
