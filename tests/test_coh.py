@@ -9,7 +9,7 @@ from palm_rlhf.coh import (
     pretraining_chunks,
     train_coh,
 )
-from palm_rlhf.finetune import TokenizerMismatchError
+from palm_rlhf.loading import TokenizerMismatchError
 from palm_rlhf.palm import PaLM
 from palm_rlhf.records import ComparisonRecord, RecordError, read_comparisons
 from palm_rlhf.tokenizer import ByteTokenizer, SentencePieceTokenizer

@@ -14,8 +14,8 @@ from palm_rlhf.dpo import (
     ordered_pairs,
     train_dpo,
 )
-from palm_rlhf.finetune import TokenizerMismatchError
 from palm_rlhf.finetune_data import split_groups
+from palm_rlhf.loading import TokenizerMismatchError
 from palm_rlhf.palm import PaLM
 from palm_rlhf.records import RecordError, read_comparisons
 from palm_rlhf.tokenizer import ByteTokenizer, SentencePieceTokenizer

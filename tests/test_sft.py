@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from palm_rlhf.finetune import TokenizerMismatchError, load_base
 from palm_rlhf.finetune_data import TokenExample, collate_token_examples
+from palm_rlhf.loading import TokenizerMismatchError, load_base
 from palm_rlhf.palm import PaLM
 from palm_rlhf.records import RecordError, RecordWarning
 from palm_rlhf.sft import (
