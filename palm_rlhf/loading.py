@@ -19,7 +19,7 @@ class TokenizerMismatchError(ValueError):
     """A stage was given a tokenizer other than the one its checkpoint was trained with."""
 
 
-def _weights_file(path: Path) -> Path:
+def weights_file(path: Path) -> Path:
     """A .safetensors file, a folder holding model.safetensors, or a run folder (its latest)."""
     if path.is_file():
         return path
@@ -56,7 +56,7 @@ def load_base(
     must then be identical. LoRA scopes in the checkpoint are folded into the weights (a base
     is used as its previous stage trained it); with several, `base_scope` picks the one.
     """
-    weights = _weights_file(Path(path))
+    weights = weights_file(Path(path))
     model = PaLM.from_pretrained(weights)
     scopes = model.finetune_scopes
     if scopes:

@@ -27,9 +27,10 @@ from einops import rearrange
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from palm_rlhf.checkpoint import latest_checkpoint
 from palm_rlhf.cli_args import option, parse_config
 from palm_rlhf.collate import collate_comparisons, collate_ratings, encode_prompt_response
+from palm_rlhf.loading import load_base as load_base_model
+from palm_rlhf.loading import weights_file
 from palm_rlhf.palm import PaLM
 from palm_rlhf.records import read_comparisons, read_ratings
 from palm_rlhf.reward import RewardModel, expected_rating, score_comparisons
@@ -215,20 +216,15 @@ def training_stream(records: list, num_records: int, seed: int) -> list:
 def load_base(config: RewardTrainConfig):
     """(PaLM, tokenizer, base weights path) from `base`. Without one, a random PaLM is saved once
     as out_dir/base-palm.safetensors (reused on resume) so adapter checkpoints name a real base."""
-    tokenizer, path = ByteTokenizer(), None
     if config.base is not None:
-        path = Path(config.base)
-        if path.is_dir() and (path / "latest").is_file():
-            path = latest_checkpoint(path)
-        if path is None or not path.exists():
-            raise FileNotFoundError(f"no PaLM checkpoint at {config.base}")
-        path = path / "model.safetensors" if path.is_dir() else path
-        if (path.parent / CONFIG_NAME).is_file():
-            tokenizer = load_tokenizer(path.parent)
-        palm = PaLM.from_pretrained(path)
+        # the same loader as every stage: latest of a run folder, LoRA scopes folded, and the
+        # tokenizer stored with the weights (a different --tokenizer is refused)
+        palm, tokenizer = load_base_model(config.base, config.tokenizer, log=lambda *_: None)
+        path = weights_file(Path(config.base))
     else:
         palm = PaLM(num_tokens=ByteTokenizer.vocab_size, dim=config.dim, depth=config.depth,
                     heads=config.heads, dim_head=config.dim_head, max_seq_len=config.max_len)  # fmt: skip
+        path = None
         if config.out_dir is not None:
             path = Path(config.out_dir) / "base-palm.safetensors"
             if config.resume and path.is_file():
@@ -236,7 +232,9 @@ def load_base(config: RewardTrainConfig):
             elif PartialState().is_main_process:
                 palm.save(path)
             PartialState().wait_for_everyone()
-    tokenizer = load_tokenizer(config.tokenizer) if config.tokenizer is not None else tokenizer
+        tokenizer = (
+            load_tokenizer(config.tokenizer) if config.tokenizer is not None else ByteTokenizer()
+        )
     limit = palm.config.max_seq_len
     if tokenizer.vocab_size > palm.num_tokens or (limit is not None and config.max_len > limit):
         raise ValueError(
