@@ -23,6 +23,7 @@ def _pretrain(config):
 
 def _stages() -> dict[str, tuple[str, type, Callable]]:
     """name -> (help, config dataclass, function that runs the stage on a config)."""
+    from palm_rlhf.chat import ChatConfig, SampleConfig, run_chat, run_sample
     from palm_rlhf.coh import CoHConfig, run_coh
     from palm_rlhf.dpo import DPOConfig, run_dpo
     from palm_rlhf.pretrain import PretrainConfig
@@ -47,6 +48,12 @@ def _stages() -> dict[str, tuple[str, type, Callable]]:
             run_dpo,
         ),
         "coh": ("Chain of Hindsight fine-tuning on comparisons", CoHConfig, run_coh),
+        "sample": ("print continuations of a prompt", SampleConfig, run_sample),
+        "chat": (
+            "talk to a model in the terminal (answers stream; Ctrl-D quits)",
+            ChatConfig,
+            run_chat,
+        ),
     }
 
 
