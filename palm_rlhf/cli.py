@@ -26,6 +26,7 @@ def _stages() -> dict[str, tuple[str, type, Callable]]:
     from palm_rlhf.chat import ChatConfig, SampleConfig, run_chat, run_sample
     from palm_rlhf.coh import CoHConfig, run_coh
     from palm_rlhf.dpo import DPOConfig, run_dpo
+    from palm_rlhf.ppo_stage import PPOStageConfig, run_ppo
     from palm_rlhf.pretrain import PretrainConfig
     from palm_rlhf.reward_training import RewardTrainConfig, run_reward
     from palm_rlhf.sft import SFTConfig, run_sft
@@ -42,6 +43,11 @@ def _stages() -> dict[str, tuple[str, type, Callable]]:
             run_sft,
         ),
         "reward": ("train a reward model on comparisons or ratings", RewardTrainConfig, run_reward),
+        "ppo": (
+            "PPO against a reward model, with a KL penalty to the starting policy",
+            PPOStageConfig,
+            run_ppo,
+        ),
         "dpo": (
             "direct preference optimisation on comparisons (no reward model)",
             DPOConfig,

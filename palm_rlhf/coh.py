@@ -45,7 +45,9 @@ HINDSIGHT, PRETRAINING = 0, 1  # TokenExample.kind
 
 @dataclass
 class CoHConfig(FinetuneConfig):
-    train_file: Optional[str] = option(None, "comparison data: pairs, ranked lists or HH-RLHF")
+    data: Optional[str] = option(
+        None, "comparison data: pairs, ranked lists or HH-RLHF", required=True
+    )
     out_dir: str = option("checkpoints/coh", "where step-N checkpoint folders are written")
     mode: str = option("both", "which answers each sequence holds, in which order", choices=MODES)
     positive_phrase: str = option(POSITIVE, "feedback phrase before a preferred answer")

@@ -37,7 +37,9 @@ from palm_rlhf.sft import sft_example, shifted_log_probs
 
 @dataclass
 class DPOConfig(FinetuneConfig):
-    train_file: Optional[str] = option(None, "comparison data: pairs, ranked lists or HH-RLHF")
+    data: Optional[str] = option(
+        None, "comparison data: pairs, ranked lists or HH-RLHF", required=True
+    )
     out_dir: str = option("checkpoints/dpo", "where step-N checkpoint folders are written")
     beta: float = option(0.1, "β: strength of the implicit KL constraint to the reference")
     label_smoothing: float = option(0.0, "assumed share of flipped labels (conservative DPO)")

@@ -13,7 +13,7 @@ Decisions:
 - batch_size is GLOBAL. Each process collates its own slice of a step's rows, and a loss is a
   sum normalised by the global count of items (tokens, or pairs for DPO), so N processes get
   the gradient one process gets from the whole batch.
-- Validation runs every `validate_every` steps and at the end, on `valid_file`, or on
+- Validation runs every `validate_every` steps and at the end, on `valid_data`, or on
   `valid_fraction` of the training records held out (whole records, so a ranked list never
   straddles the split).
 - LoRA: a stage trains one scope named after it ("sft", "coh", "dpo") on frozen base weights.
@@ -55,10 +55,14 @@ from palm_rlhf.training import (
 
 @dataclass
 class FinetuneConfig:
-    base: Optional[str] = option(None, "checkpoint folder (or .safetensors file) to start from")
-    train_file: Optional[str] = option(None, "training data, JSON Lines (.jsonl or gzipped)")
-    valid_file: Optional[str] = option(None, "validation data (default: valid_fraction held out)")
-    valid_fraction: float = option(0.0, "share of train_file records held out when no valid_file")
+    base: Optional[str] = option(
+        None, "checkpoint folder (or .safetensors file) to start from", required=True
+    )
+    data: Optional[str] = option(
+        None, "training data, JSON Lines (.jsonl or gzipped)", required=True
+    )
+    valid_data: Optional[str] = option(None, "validation data (default: valid_fraction held out)")
+    valid_fraction: float = option(0.0, "share of data records held out when no valid_data")
     tokenizer: Optional[str] = option(
         None, "folder with tokenizer.json to encode with; must match the base checkpoint's"
     )
@@ -226,7 +230,7 @@ def run_stage(
 
     `build(model, tokenizer)` runs before LoRA is added and before Accelerate sees the model.
     """
-    for required in ("base", "train_file"):
+    for required in ("base", "data"):
         if getattr(config, required) is None:
             raise ValueError(f"--{required.replace('_', '-')} is required for {name}")
     accelerator = make_accelerator(
@@ -242,7 +246,7 @@ def run_stage(
         )
     stage = build(model, tokenizer)
     if not stage.train:
-        raise ValueError(f"{config.train_file}: no training examples left after the split")
+        raise ValueError(f"{config.data}: no training examples left after the split")
     log(f"{name}: {len(stage.train)} training / {len(stage.valid)} validation examples")
 
     scope = name if config.lora else None

@@ -62,15 +62,15 @@ def split_groups(groups: list[list], fraction: float, seed: int) -> tuple[list, 
 
 
 def load_examples(config, read: Callable, encode: Callable, what: str):
-    """(train, valid) examples of a FinetuneConfig's train_file and valid_file (or held-out share)."""
+    """(train, valid) examples of a FinetuneConfig's data and valid_data (or held-out share)."""
     train_groups = encode_file(
-        config.train_file, read(config.train_file, on_error=config.on_error), encode,
+        config.data, read(config.data, on_error=config.on_error), encode,
         config.on_error, what,
     )  # fmt: skip
-    if config.valid_file is None:
+    if config.valid_data is None:
         return split_groups(train_groups, config.valid_fraction, config.seed)
-    valid_records = read(config.valid_file, on_error=config.on_error)
-    valid_groups = encode_file(config.valid_file, valid_records, encode, config.on_error, what)
+    valid_records = read(config.valid_data, on_error=config.on_error)
+    valid_groups = encode_file(config.valid_data, valid_records, encode, config.on_error, what)
     return [ex for g in train_groups for ex in g], [ex for g in valid_groups for ex in g]
 
 

@@ -325,3 +325,18 @@ def read_comparisons(path: PathLike, on_error: str = "raise") -> list[Comparison
     Pairs become ``ComparisonRecord(prompt, [chosen, rejected], [0, 1])``.
     """
     return _read(path, _parse_comparison, on_error, "comparison")
+
+
+def _parse_prompt(obj: dict) -> str:
+    if "prompt" in obj:
+        return _str_field(obj, "prompt")
+    if "chosen" in obj and "rejected" in obj:  # HH-RLHF dialogues: the shared prefix
+        return _parse_comparison(obj).prompt
+    raise _LineError('missing key "prompt" (or an HH-RLHF "chosen"/"rejected" pair)')
+
+
+@beartype
+def read_prompts(path: PathLike, on_error: str = "raise") -> list[str]:
+    """Read the prompts of any of the formats above (PPO rolls out from them): the "prompt" of
+    each record, or the shared prefix of an HH-RLHF pair."""
+    return _read(path, _parse_prompt, on_error, "prompt")

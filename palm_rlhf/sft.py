@@ -27,7 +27,9 @@ from palm_rlhf.rl_math import log_probs_from_logits, masked_sum
 
 @dataclass
 class SFTConfig(FinetuneConfig):
-    train_file: Optional[str] = option(None, 'SFT data: {"prompt": ..., "response": ...} lines')
+    data: Optional[str] = option(
+        None, 'SFT data: {"prompt": ..., "response": ...} lines', required=True
+    )
     out_dir: str = option("checkpoints/sft", "where step-N checkpoint folders are written")
     pack: bool = option(False, "pack several examples into each max_len row instead of padding")
 
@@ -123,7 +125,7 @@ def pack_examples(examples: list[TokenExample], max_len: int) -> list[TokenExamp
 
 @beartype
 def train_sft(config: SFTConfig) -> FinetuneResult:
-    """Fine-tune `config.base` on `config.train_file`; returns history, metrics, checkpoint."""
+    """Fine-tune `config.base` on `config.data`; returns history, metrics, checkpoint."""
 
     def build(model, tokenizer) -> Stage:
         def encode(record: SFTRecord) -> list[TokenExample]:

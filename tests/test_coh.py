@@ -105,7 +105,7 @@ def test_pretraining_chunks_are_seeded_windows_trained_everywhere(tmp_path):
 def test_train_coh_learns_the_feedback_and_generation_follows_the_phrase(base, tmp_path):
     data = toy_comparisons(tmp_path / "toy.jsonl")
     result = train_coh(
-        CoHConfig(base=str(base), train_file=str(data), valid_fraction=0.25, out_dir=str(tmp_path / "out"),
+        CoHConfig(base=str(base), data=str(data), valid_fraction=0.25, out_dir=str(tmp_path / "out"),
                   num_epochs=20, validate_every=1000, **QUICK)
     )  # fmt: skip
     losses = [r["loss"] for r in result.history]
@@ -125,7 +125,7 @@ def test_train_coh_learns_the_feedback_and_generation_follows_the_phrase(base, t
 
 def test_hh_rlhf_dialogues_train_end_to_end_with_lora(tmp_path):
     base = make_base(tmp_path / "base", max_seq_len=128)
-    config = CoHConfig(base=str(base), train_file=str(FIXTURES / "hh_rlhf.jsonl"), lora=True, mode="p",
+    config = CoHConfig(base=str(base), data=str(FIXTURES / "hh_rlhf.jsonl"), lora=True, mode="p",
                        out_dir=str(tmp_path / "out"), **{**QUICK, "max_len": 128})  # fmt: skip
     result = train_coh(config)
     assert result.checkpoint.name == "step-0000001" and result.model.finetune_scopes == ()
@@ -136,7 +136,7 @@ def test_pretraining_mix_reports_both_losses(base, tmp_path):
     data = toy_comparisons(tmp_path / "toy.jsonl", count=8)
     text = tmp_path / "corpus.txt"
     text.write_text("In the beginning was the word. " * 40)
-    config = CoHConfig(base=str(base), train_file=str(data), ptx_file=str(text), ptx_ratio=0.5, mode="p",
+    config = CoHConfig(base=str(base), data=str(data), ptx_file=str(text), ptx_ratio=0.5, mode="p",
                        out_dir=str(tmp_path / "out"), **QUICK)  # fmt: skip
     result = train_coh(config)
     assert len(result.history) == 2  # 8 hindsight + 8 pretraining sequences, batch 8
@@ -155,7 +155,7 @@ def test_a_tokenizer_mismatch_with_the_base_is_refused(tmp_path):
     corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
     sp = SentencePieceTokenizer.train([corpus], tmp_path / "sp", vocab_size=300)
     base = make_base(tmp_path / "base", tokenizer=sp, num_tokens=300)
-    config = CoHConfig(base=str(base), train_file=str(FIXTURES / "comparisons.jsonl"),
+    config = CoHConfig(base=str(base), data=str(FIXTURES / "comparisons.jsonl"),
                        tokenizer=str(_byte_dir(tmp_path)), out_dir=str(tmp_path / "out"), **QUICK)  # fmt: skip
     with pytest.raises(TokenizerMismatchError, match="SentencePiece.*ByteTokenizer"):
         train_coh(config)
@@ -169,13 +169,13 @@ def _byte_dir(tmp_path):
 def test_malformed_line_is_reported_with_file_and_line(base, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"},
                                                {"prompt": "a", "chosen": "b", "rejected": "b"}])  # fmt: skip
-    config = CoHConfig(base=str(base), train_file=str(bad), out_dir=str(tmp_path / "out"), **QUICK)
+    config = CoHConfig(base=str(base), data=str(bad), out_dir=str(tmp_path / "out"), **QUICK)
     with pytest.raises(RecordError, match=f"{bad}:2: chosen and rejected responses are identical"):
         train_coh(config)
 
 
 def test_command_line_runs_and_prints_a_summary(base, tmp_path, capsys):
-    args = ["--base", str(base), "--train-file", str(FIXTURES / "comparisons.jsonl"), "--out-dir",
+    args = ["--base", str(base), "--data", str(FIXTURES / "comparisons.jsonl"), "--out-dir",
             str(tmp_path / "out"), "--max-len", "64", "--batch-size", "2", "--mode", "np"]  # fmt: skip
     assert main(args) == 0
     assert "coh: train loss" in capsys.readouterr().out

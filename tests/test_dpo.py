@@ -118,7 +118,7 @@ def test_only_the_policy_gets_gradients():
 @pytest.mark.parametrize("lora", [False, True])
 def test_train_dpo_learns_the_preference(base, tmp_path, lora):
     data = toy_comparisons(tmp_path / "toy.jsonl")
-    config = DPOConfig(base=str(base), train_file=str(data), valid_fraction=0.25, out_dir=str(tmp_path / "out"),
+    config = DPOConfig(base=str(base), data=str(data), valid_fraction=0.25, out_dir=str(tmp_path / "out"),
                        num_epochs=10, beta=0.5, lora=lora, lr=1e-2 if lora else 1e-3, merge_lora=False,
                        validate_every=1000, **QUICK)  # fmt: skip
     result = train_dpo(config)
@@ -139,7 +139,7 @@ def test_resume_gives_the_same_next_losses(base, tmp_path):
     data = toy_comparisons(tmp_path / "toy.jsonl", count=24)
     common = dict(
         base=str(base),
-        train_file=str(data),
+        data=str(data),
         num_epochs=2,
         save_every=2,
         keep_last=5,
@@ -165,7 +165,7 @@ def test_a_tokenizer_mismatch_with_the_base_is_refused(base, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
     SentencePieceTokenizer.train([corpus], tmp_path / "sp", vocab_size=300)
-    config = DPOConfig(base=str(base), train_file=str(FIXTURES / "comparisons.jsonl"),
+    config = DPOConfig(base=str(base), data=str(FIXTURES / "comparisons.jsonl"),
                        tokenizer=str(tmp_path / "sp"), out_dir=str(tmp_path / "out"), **QUICK)  # fmt: skip
     with pytest.raises(TokenizerMismatchError, match="tokenizer mismatch"):
         train_dpo(config)
@@ -176,20 +176,20 @@ def test_malformed_hh_record_is_reported_with_file_and_line(base, tmp_path):
     bad = write_jsonl(
         tmp_path / "hh.jsonl", [good, "", good, {"chosen": "Human: hi", "rejected": "Human: yo"}]
     )
-    config = DPOConfig(base=str(base), train_file=str(bad), out_dir=str(tmp_path / "out"), **QUICK)
+    config = DPOConfig(base=str(base), data=str(bad), out_dir=str(tmp_path / "out"), **QUICK)
     with pytest.raises(RecordError, match=f"{bad}:4: HH-RLHF record without a prompt"):
         train_dpo(config)
 
 
 def test_validation_file_and_command_line(base, tmp_path, capsys):
     comparisons = str(FIXTURES / "comparisons.jsonl")
-    args = ["--base", str(base), "--train-file", comparisons, "--valid-file", str(FIXTURES / "hh_rlhf.jsonl"),
+    args = ["--base", str(base), "--data", comparisons, "--valid-data", str(FIXTURES / "hh_rlhf.jsonl"),
             "--out-dir", str(tmp_path / "out"), "--max-len", "128", "--batch-size", "4", "--beta", "0.2",
             "--lora"]  # fmt: skip
     with pytest.raises(ValueError, match="max_len 128 exceeds the model's max_seq_len 64"):
         main(args)
     args[args.index("128")] = "64"
-    args[args.index("--valid-file") + 1] = comparisons
+    args[args.index("--valid-data") + 1] = comparisons
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "dpo: train loss" in out and "valid loss" in out and "accuracy" in out

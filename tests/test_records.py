@@ -437,3 +437,18 @@ def test_tokenizer_without_pad_id_is_refused():
 
     with pytest.raises(BeartypeCallHintParamViolation):
         collate_prompt_response(NoPad(), [("p", "r")], max_len=8)
+
+
+def test_read_prompts_from_every_format(tmp_path):
+    from palm_rlhf.records import read_prompts
+
+    assert read_prompts(FIXTURES / "sft.jsonl") == [
+        r.prompt for r in read_sft(FIXTURES / "sft.jsonl")
+    ]
+    assert (
+        read_prompts(FIXTURES / "hh_rlhf.jsonl")[1]
+        == f"{H} Hi there.{A} Hello! How can I help?{H} Recommend a book.{A}"
+    )
+    path = write_lines(tmp_path / "p.jsonl", [j(prompt="a"), j(text="b")])
+    with pytest.raises(RecordError, match=r'p\.jsonl:2: missing key "prompt"'):
+        read_prompts(path)

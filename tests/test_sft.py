@@ -117,7 +117,7 @@ def test_pack_examples_fills_rows_in_order():
 def test_train_sft_learns_and_writes_a_self_describing_checkpoint(base, tmp_path):
     data = toy_sft(tmp_path / "toy.jsonl", count=16)
     result = train_sft(
-        SFTConfig(base=str(base), train_file=str(data), valid_file=str(data), out_dir=str(tmp_path / "out"),
+        SFTConfig(base=str(base), data=str(data), valid_data=str(data), out_dir=str(tmp_path / "out"),
                   num_epochs=12, validate_every=100, **QUICK)
     )  # fmt: skip
     losses = [record["loss"] for record in result.history]
@@ -134,7 +134,7 @@ def test_train_sft_learns_and_writes_a_self_describing_checkpoint(base, tmp_path
 def test_packing_trains_on_fewer_rows(base, tmp_path):
     data = toy_sft(tmp_path / "toy.jsonl", count=16)
     config = SFTConfig(
-        base=str(base), train_file=str(data), out_dir=str(tmp_path / "out"), pack=True, **QUICK
+        base=str(base), data=str(data), out_dir=str(tmp_path / "out"), pack=True, **QUICK
     )
     result = train_sft(config)
     # 16 examples of 11 tokens, 5 to a 64-token row -> 4 rows -> one step of batch 4
@@ -145,7 +145,7 @@ def test_lora_checkpoints_unmerged_then_merged_at_the_end(base, tmp_path):
     data = toy_sft(tmp_path / "toy.jsonl")
     common = dict(
         base=str(base),
-        train_file=str(data),
+        data=str(data),
         lora=True,
         save_every=2,
         keep_last=5,
@@ -176,7 +176,7 @@ def test_resume_gives_the_same_next_losses(base, tmp_path, lora):
     data = toy_sft(tmp_path / "toy.jsonl")
     common = dict(
         base=str(base),
-        train_file=str(data),
+        data=str(data),
         lora=lora,
         num_epochs=2,
         max_steps=6,
@@ -200,7 +200,7 @@ def test_resuming_a_merged_run_is_refused(base, tmp_path):
     data = toy_sft(tmp_path / "toy.jsonl")
     common = dict(
         base=str(base),
-        train_file=str(data),
+        data=str(data),
         lora=True,
         max_steps=1,
         out_dir=str(tmp_path / "a"),
@@ -218,7 +218,7 @@ def test_a_tokenizer_mismatch_with_the_base_is_refused(base, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
     SentencePieceTokenizer.train([corpus], tmp_path / "sp", vocab_size=300)
-    config = SFTConfig(base=str(base), train_file=str(FIXTURES / "sft.jsonl"), tokenizer=str(tmp_path / "sp"),
+    config = SFTConfig(base=str(base), data=str(FIXTURES / "sft.jsonl"), tokenizer=str(tmp_path / "sp"),
                        out_dir=str(tmp_path / "out"), **QUICK)  # fmt: skip
     with pytest.raises(
         TokenizerMismatchError, match="tokenizer mismatch.*ByteTokenizer.*SentencePiece"
@@ -229,7 +229,7 @@ def test_a_tokenizer_mismatch_with_the_base_is_refused(base, tmp_path):
 
 def test_the_same_tokenizer_given_explicitly_is_accepted(base, tmp_path):
     ByteTokenizer().save(tmp_path / "tok")
-    config = SFTConfig(base=str(base), train_file=str(FIXTURES / "sft.jsonl"), tokenizer=str(tmp_path / "tok"),
+    config = SFTConfig(base=str(base), data=str(FIXTURES / "sft.jsonl"), tokenizer=str(tmp_path / "tok"),
                        out_dir=str(tmp_path / "out"), max_steps=1, **QUICK)  # fmt: skip
     assert train_sft(config).checkpoint is not None
 
@@ -245,7 +245,7 @@ def test_malformed_line_is_reported_with_file_and_line(base, tmp_path):
     bad = write_jsonl(
         tmp_path / "bad.jsonl", [{"prompt": "a", "response": "b"}, "", '{"prompt": "c"}']
     )
-    config = SFTConfig(base=str(base), train_file=str(bad), out_dir=str(tmp_path / "out"), **QUICK)
+    config = SFTConfig(base=str(base), data=str(bad), out_dir=str(tmp_path / "out"), **QUICK)
     with pytest.raises(RecordError, match=f'{bad}:3: missing key "response"'):
         train_sft(config)
 
@@ -253,7 +253,7 @@ def test_malformed_line_is_reported_with_file_and_line(base, tmp_path):
 def test_over_long_response_is_reported_with_its_line_or_skipped(base, tmp_path):
     records = [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "x" * 80}]
     data = write_jsonl(tmp_path / "long.jsonl", records)
-    config = SFTConfig(base=str(base), train_file=str(data), out_dir=str(tmp_path / "out"), **QUICK)
+    config = SFTConfig(base=str(base), data=str(data), out_dir=str(tmp_path / "out"), **QUICK)
     with pytest.raises(RecordError, match=f"{data}:2: the response takes 81 tokens"):
         train_sft(config)
     with pytest.warns(RecordWarning, match="skipped 1 SFT record"):
@@ -262,8 +262,8 @@ def test_over_long_response_is_reported_with_its_line_or_skipped(base, tmp_path)
 
 
 def test_command_line_runs_and_prints_a_summary(base, tmp_path, capsys):
-    args = ["--base", str(base), "--train-file", str(FIXTURES / "sft.jsonl"), "--out-dir", str(tmp_path / "out"),
-            "--max-len", "64", "--batch-size", "2", "--max-steps", "2", "--lora", "--valid-file",
+    args = ["--base", str(base), "--data", str(FIXTURES / "sft.jsonl"), "--out-dir", str(tmp_path / "out"),
+            "--max-len", "64", "--batch-size", "2", "--max-steps", "2", "--lora", "--valid-data",
             str(FIXTURES / "sft.jsonl")]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -277,7 +277,7 @@ import json, sys, torch
 torch.set_num_threads(1)
 from palm_rlhf.sft import SFTConfig, train_sft
 base, data, out = sys.argv[1:4]
-result = train_sft(SFTConfig(base=base, train_file=data, valid_file=data, out_dir=out, **{kwargs}))
+result = train_sft(SFTConfig(base=base, data=data, valid_data=data, out_dir=out, **{kwargs}))
 if result.checkpoint is not None:
     (result.checkpoint.parent / "history.json").write_text(json.dumps(result.history))
 """
@@ -308,8 +308,8 @@ def test_two_processes_give_the_one_process_result(base, tmp_path):
     one = train_sft(
         SFTConfig(
             base=str(base),
-            train_file=data,
-            valid_file=data,
+            data=data,
+            valid_data=data,
             out_dir=str(tmp_path / "one"),
             **PARITY,
         )
@@ -322,7 +322,7 @@ def test_two_processes_give_the_one_process_result(base, tmp_path):
 
 def test_resuming_a_finished_run_trains_nothing_and_reports_it(base, tmp_path):
     data = toy_sft(tmp_path / "toy.jsonl")
-    config = SFTConfig(base=str(base), train_file=str(data), valid_file=str(data), max_steps=2,
+    config = SFTConfig(base=str(base), data=str(data), valid_data=str(data), max_steps=2,
                        out_dir=str(tmp_path / "a"), **QUICK)  # fmt: skip
     done = train_sft(config)
     again = train_sft(SFTConfig(**{**config.__dict__, "resume": "latest"}))

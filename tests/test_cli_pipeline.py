@@ -1,0 +1,76 @@
+"""Every `palm-rlhf` subcommand end to end on tiny fixture data, each stage loading the
+previous stage's checkpoint by path: pretrain -> sft -> reward -> ppo, and dpo, coh, sample."""
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from palm_rlhf.cli import main
+from palm_rlhf.loading import TokenizerMismatchError
+from palm_rlhf.palm import PaLM
+from palm_rlhf.tokenizer import SentencePieceTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    data = root / "data"
+    data.mkdir()
+    text = gzip.decompress((REPO / "data" / "corpus.txt.gz").read_bytes())[:50_000]
+    (data / "corpus.txt.gz").write_bytes(gzip.compress(text))
+    tiny = ["--dim", "32", "--depth", "1", "--heads", "2", "--dim-head", "16"]
+    assert main(["pretrain", "--data-dir", str(data), "--out-dir", str(root / "pre"), "--num-steps", "3", "--seq-len", "128",
+                 "--batch-size", "2", "--val-batches", "1", "--generate-every", "0", *tiny]) == 0  # fmt: skip
+    common = ["--max-steps", "2", "--batch-size", "2", "--max-len", "128"]
+    assert main(["sft", "--base", str(root / "pre"), "--data", str(FIXTURES / "sft.jsonl"), "--out-dir", str(root / "sft"), *common]) == 0  # fmt: skip
+    assert main(["reward", "--base", str(root / "sft"), "--data", str(FIXTURES / "comparisons.jsonl"), "--out-dir",
+                 str(root / "rm"), "--num-train", "2", *common, "--no-progress"]) == 0  # fmt: skip
+    return root
+
+
+def test_every_stage_writes_a_checkpoint_the_next_one_loads(pipeline, capsys):
+    root = pipeline
+    main(["ppo", "--policy", str(root / "sft"), "--reward", str(root / "rm"), "--prompts", str(FIXTURES / "sft.jsonl"),
+          "--out-dir", str(root / "ppo"), "--num-episodes", "4", "--update-timesteps", "2", "--max-timesteps", "4",
+          "--rollout-batch-size", "2", "--minibatch-size", "2", "--no-progress"])  # fmt: skip
+    assert "ppo: reward" in capsys.readouterr().out
+    final = PaLM.from_pretrained(root / "ppo" / "final")
+    assert final.finetune_scopes == ()  # the actor's adapters are folded into a standalone model
+    for stage in ("dpo", "coh"):
+        assert main([stage, "--base", str(root / "ppo" / "final"), "--data", str(FIXTURES / "comparisons.jsonl"),
+                     "--out-dir", str(root / stage), "--max-steps", "2", "--batch-size", "2", "--max-len", "128"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(root / "coh"),
+                "--prompt",
+                "In the",
+                "--max-new-tokens",
+                "5",
+            ]
+        )
+        == 0
+    )
+    assert "--- sample 1 ---" in capsys.readouterr().out
+
+
+def test_a_mismatched_tokenizer_is_refused_between_stages(pipeline, tmp_path):
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("\n".join(f"word{i % 50} other{i % 7} and more{i % 13}" for i in range(3000)))
+    SentencePieceTokenizer.train([corpus], tmp_path / "sp", vocab_size=300)
+    with pytest.raises(TokenizerMismatchError, match="tokenizer mismatch"):
+        main(["sft", "--base", str(pipeline / "pre"), "--data", str(FIXTURES / "sft.jsonl"), "--tokenizer",
+              str(tmp_path / "sp"), "--out-dir", str(tmp_path / "o"), "--max-steps", "1", "--max-len", "128"])  # fmt: skip
+
+
+def test_malformed_data_is_reported_with_file_and_line(pipeline, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: missing key \"response\""):
+        main(["sft", "--base", str(pipeline / "pre"), "--data", str(bad), "--out-dir", str(tmp_path / "o"), "--max-steps", "1", "--max-len", "128"])  # fmt: skip
