@@ -17,3 +17,31 @@ def randomize_lora(model: PaLM, scope: str, std: float = 0.1) -> None:
     with torch.no_grad():
         for param in model.finetune_parameters(scope):
             param.normal_(0, std)
+
+
+def launch(args: list[str], num_processes: int = 2, cwd=None, timeout: int = 300):
+    """Run `python ARGS` in `num_processes` processes with `accelerate launch --multi_gpu`,
+    which on a machine without GPUs starts gloo CPU processes (our Accelerator goes to the CPU
+    by itself). One process runs plain python. A clash on the rendezvous port is retried."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for _ in range(3):
+        if num_processes == 1:
+            command = [sys.executable, *args]
+        else:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = str(sock.getsockname()[1])
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                       "--num_processes", str(num_processes), "--main_process_port", port, *args]  # fmt: skip
+        run = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
+        )
+        if run.returncode == 0 or "address already in use" not in run.stderr.lower():
+            break
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run

@@ -8,10 +8,6 @@ so its (tied) output logits can move far enough under LoRA, as a pretrained mode
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +21,7 @@ from palm_rlhf.kl_controller import KLController, adaptive_kl_coef
 from palm_rlhf.palm import PaLM
 from palm_rlhf.ppo import RLHFTrainer
 from palm_rlhf.rl_math import log_probs_from_logits, masked_mean
+from tests.helpers import launch
 
 TARGET = 3
 PROMPTS = [torch.tensor([5, 6, 7]), torch.tensor([8, 9]), torch.tensor([4, 5, 6, 7, 8])]
@@ -411,14 +408,7 @@ def test_two_processes_train_one_policy_with_identical_weights(tmp_path):
     script.write_text(
         TWO_PROCESS_SCRIPT.format(tests=str(tests), repo=str(tests.parent), out=str(tmp_path))
     )
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-               "--num_processes", "2", "--main_process_port", str(port), str(script)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
+    launch([str(script)])
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world"] == 2 and ranks[0]["episodes"] == 128  # global episode count
     # DDP averaged the gradients: both processes hold the same actor and critic

@@ -19,6 +19,7 @@ from palm_rlhf.sft import (
 )
 from palm_rlhf.tokenizer import ByteTokenizer, SentencePieceTokenizer, load_tokenizer
 from tests.finetune_helpers import FIXTURES, make_base, toy_sft, write_jsonl
+from tests.helpers import launch
 
 QUICK = dict(max_len=64, batch_size=4, warmup_steps=1, log_every=1, lr=3e-3)
 
@@ -288,22 +289,11 @@ def test_two_processes_give_the_one_process_result(base, tmp_path):
     """batch 3 splits 2 + 1 rows of unequal token counts: the global token normalisation
     must still give one process's losses (and so its gradients)."""
     import json
-    import os
-    import socket
-    import subprocess
-    import sys
 
     script = tmp_path / "parity.py"
     script.write_text(PARITY_SCRIPT.replace("{kwargs}", repr(PARITY)))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
     data = str(FIXTURES / "sft.jsonl")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--main_process_port", port, str(script), str(base), data, str(tmp_path / "two")]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
+    launch([str(script), str(base), data, str(tmp_path / "two")])
     two = json.loads((tmp_path / "two" / "history.json").read_text())
     one = train_sft(
         SFTConfig(
