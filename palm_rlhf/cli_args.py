@@ -22,9 +22,21 @@ def _base_type(annotation):
     return annotation, False
 
 
+def _own_fields_first(cls) -> list:
+    """A stage's own options before the ones it inherits (e.g. RunOptions' seed, cpu...)."""
+
+    def defined_in(field) -> int:
+        definers = [
+            i for i, k in enumerate(cls.__mro__) if field.name in getattr(k, "__annotations__", {})
+        ]
+        return max(definers)
+
+    return sorted(dataclasses.fields(cls), key=defined_in)
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
     hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
+    for field in _own_fields_first(cls):
         kind, optional = _base_type(hints[field.name])
         flag = "--" + field.name.replace("_", "-")
         help_text = field.metadata.get("help", "")

@@ -44,6 +44,7 @@ from palm_rlhf.lora import DEFAULT_LORA_TARGETS
 from palm_rlhf.palm import PaLM
 from palm_rlhf.pretrain import make_optimizer
 from palm_rlhf.training import (
+    RunOptions,
     cosine_schedule,
     guard_loss,
     load_training_checkpoint,
@@ -54,7 +55,7 @@ from palm_rlhf.training import (
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(RunOptions):
     base: Optional[str] = option(
         None, "checkpoint folder (or .safetensors file) to start from", required=True
     )
@@ -92,17 +93,8 @@ class FinetuneConfig:
     max_norm: Optional[float] = option(1.0, "gradient clipping norm ('none' disables)")
     validate_every: int = option(100, "steps between validation runs")
     save_every: int = option(200, "steps between checkpoints")
-    keep_last: int = option(2, "checkpoint folders to keep")
     log_every: int = option(10, "steps between history entries")
     resume: Optional[str] = option(None, "'latest' or a checkpoint folder to continue from")
-    seed: int = option(0, "random seed (example order, held-out split, initialisation)")
-    mixed_precision: str = option(
-        "no", "Accelerate mixed precision", choices=("no", "bf16", "fp16")
-    )
-    cpu: bool = option(False, "force the CPU even when a GPU is present")
-    nan_policy: str = option(
-        "raise", "on a NaN/Inf loss: stop, or skip the step", choices=("raise", "skip")
-    )
 
     def __post_init__(self):
         for name in ("max_len", "lora_r", "batch_size", "grad_accum", "num_epochs"):

@@ -22,6 +22,7 @@ from palm_rlhf.palm import PaLM
 from palm_rlhf.sampling import sample_tokens
 from palm_rlhf.tokenizer import ByteTokenizer
 from palm_rlhf.training import (
+    RunOptions,
     cosine_schedule,
     guard_loss,
     load_training_checkpoint,
@@ -32,7 +33,7 @@ from palm_rlhf.training import (
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(RunOptions):
     data_dir: str = option("data", "folder with enwik8.gz, else the embedded corpus.txt.gz is used")
     out_dir: str = option("checkpoints/pretrain", "where step-N checkpoint folders are written")
     dim: int = option(256, "model width")
@@ -57,16 +58,7 @@ class PretrainConfig:
     generate_every: int = option(500, "steps between text samples (0 disables)")
     generate_length: int = option(200, "bytes to sample")
     save_every: int = option(500, "steps between checkpoints")
-    keep_last: int = option(2, "checkpoint folders to keep")
     resume: Optional[str] = option(None, "'latest' or a checkpoint folder to continue from")
-    seed: int = option(0, "random seed (data order, init, dropout)")
-    mixed_precision: str = option(
-        "no", "Accelerate mixed precision", choices=("no", "bf16", "fp16")
-    )
-    cpu: bool = option(False, "force the CPU even when a GPU is present")
-    nan_policy: str = option(
-        "raise", "on a NaN/Inf loss: stop, or skip the step", choices=("raise", "skip")
-    )
     log_every: int = option(10, "steps between history entries")
 
 

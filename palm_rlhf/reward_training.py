@@ -37,6 +37,7 @@ from palm_rlhf.reward import RewardModel, expected_rating, score_comparisons
 from palm_rlhf.rl_math import ranking_loss_from_scores
 from palm_rlhf.tokenizer import CONFIG_NAME, ByteTokenizer, load_tokenizer
 from palm_rlhf.training import (
+    RunOptions,
     cosine_schedule,
     guard_loss,
     load_training_checkpoint,
@@ -49,7 +50,7 @@ KINDS = ("comparisons", "ratings")
 
 
 @dataclass
-class RewardTrainConfig:
+class RewardTrainConfig(RunOptions):
     data: str = option(
         "", "JSON Lines file of comparisons or ratings (.jsonl or .jsonl.gz)", required=True
     )
@@ -86,12 +87,7 @@ class RewardTrainConfig:
     out_dir: Optional[str] = option("checkpoints/reward", "checkpoint folder ('none': no saving)")
     save_every: int = option(0, "steps between checkpoints (0: at the end only)")
     eval_every: int = option(0, "steps between held-out evaluations (0: at the end only)")
-    keep_last: int = option(2, "checkpoint folders to keep")
     resume: Optional[str] = option(None, "'latest' or a checkpoint folder to continue from")
-    seed: int = option(0, "random seed (init, data order, dropout)")
-    mixed_precision: str = option("no", "Accelerate mixed precision", choices=("no", "bf16", "fp16"))  # fmt: skip
-    cpu: bool = option(False, "force the CPU even when a GPU is present")
-    nan_policy: str = option("raise", "on a NaN/Inf loss: stop, or skip the step", choices=("raise", "skip"))  # fmt: skip
     on_error: str = option("raise", "malformed records: stop, or skip with a warning", choices=("raise", "skip"))  # fmt: skip
     log_every: int = option(10, "steps between history entries")
     progress: bool = option(True, "show a progress bar")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -29,8 +30,24 @@ from palm_rlhf.checkpoint import (
     save_json,
     save_state,
 )
+from palm_rlhf.cli_args import option
 
 PathLike = Union[str, Path]
+
+
+@dataclass
+class RunOptions:
+    """Options every trainer shares; the stage configs inherit them (and so their CLI flags)."""
+
+    keep_last: int = option(2, "checkpoint folders to keep")
+    seed: int = option(0, "random seed (initialisation, data order, dropout)")
+    mixed_precision: str = option(
+        "no", "Accelerate mixed precision", choices=("no", "bf16", "fp16")
+    )
+    cpu: bool = option(False, "force the CPU even when a GPU is present")
+    nan_policy: str = option(
+        "raise", "on a NaN/Inf loss: stop, or skip the step", choices=("raise", "skip")
+    )
 
 
 class NonFiniteLossError(FloatingPointError):
