@@ -47,9 +47,8 @@ from palm_rlhf.training import (
     RunOptions,
     cosine_schedule,
     guard_loss,
-    load_training_checkpoint,
     make_accelerator,
-    resume_folder,
+    resume_training,
     save_training_checkpoint,
 )
 
@@ -257,15 +256,10 @@ def run_stage(
     for module in stage.frozen:
         module.to(accelerator.device).eval().requires_grad_(False)
 
-    step, history = 0, []
-    folder = resume_folder(config.out_dir, config.resume)
-    if config.resume and folder is None:
-        log(f"no checkpoint under {config.out_dir}: starting from scratch")
-    if folder is not None:
-        _check_resume(folder, config, stage, tokenizer)
-        state = load_training_checkpoint(folder, unwrapped, optimizer, scheduler)
-        step, history = state["step"], state.get("history", [])
-        log(f"resumed from {folder} at step {step}")
+    step, history, state, folder = resume_training(
+        config.out_dir, config.resume, unwrapped, optimizer, scheduler, log,
+        check=lambda folder: _check_resume(folder, config, stage, tokenizer),
+    )  # fmt: skip
 
     def checkpoint(final: bool) -> Optional[Path]:
         merged = final and scope is not None and config.merge_lora
@@ -329,7 +323,7 @@ def run_stage(
         if step % config.save_every == 0 or last:
             saved = checkpoint(final=last)
     bar.close()
-    if folder is not None and step == state["step"]:  # resumed a finished run: nothing ran
+    if state is not None and step == state["step"]:  # resumed a finished run: nothing ran
         last_record = history[-1] if history else {}
         train_metrics = {k: v for k, v in last_record.items() if k in _train_names(last_record)}
         valid_metrics, saved = evaluate(stage, unwrapped, accelerator, config.batch_size), folder

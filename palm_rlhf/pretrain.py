@@ -25,9 +25,8 @@ from palm_rlhf.training import (
     RunOptions,
     cosine_schedule,
     guard_loss,
-    load_training_checkpoint,
     make_accelerator,
-    resume_folder,
+    resume_training,
     save_training_checkpoint,
 )
 
@@ -129,14 +128,10 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     )
     unwrapped = accelerator.unwrap_model(model)
 
-    step, history = 0, []
-    folder = resume_folder(config.out_dir, config.resume)
-    if config.resume and folder is None:
-        log(f"no checkpoint under {config.out_dir}: starting from scratch")
-    if folder is not None:
-        state = load_training_checkpoint(folder, unwrapped, optimizer, scheduler)
-        step, history = state["step"], state.get("history", [])
-        log(f"resumed from {folder} at step {step}")
+    step, history, *_ = resume_training(
+        config.out_dir, config.resume, unwrapped, optimizer, scheduler, log
+    )
+    if step:
         train_loader = accelerator.skip_first_batches(train_loader, step * config.grad_accum)
 
     def checkpoint() -> Optional[Path]:

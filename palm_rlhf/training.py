@@ -15,7 +15,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 from accelerate import Accelerator
@@ -182,6 +182,41 @@ def resume_folder(root: PathLike, resume: Union[bool, str, None]) -> Optional[Pa
     if resume is True or resume == "latest":
         return latest_checkpoint(root)
     return Path(resume)
+
+
+class Resumed(NamedTuple):
+    step: int
+    history: list
+    state: Optional[dict]  # the checkpoint's trainer_state.json
+    folder: Optional[Path]
+
+
+def resume_training(
+    out_dir: Optional[PathLike],
+    resume: Union[bool, str, None],
+    model,
+    optimizer=None,
+    scheduler=None,
+    log=print,
+    check=None,
+) -> Resumed:
+    """Restore `resume` ('latest' under out_dir, or a folder) into model/optimizer/scheduler/RNG.
+
+    Returns Resumed(step, history, trainer_state, folder); step 0 when there is nothing to resume.
+    `check(folder)` may refuse a folder (e.g. one written with another tokenizer) first.
+    """
+    if resume and out_dir is None and resume in (True, "latest"):
+        raise ValueError("resume needs out_dir, where the checkpoints are")
+    folder = resume_folder(out_dir, resume) if resume else None
+    if resume and folder is None:
+        log(f"no checkpoint under {out_dir}: starting from scratch")
+    if folder is None:
+        return Resumed(0, [], None, None)
+    if check is not None:
+        check(folder)
+    state = load_training_checkpoint(folder, model, optimizer, scheduler)
+    log(f"resumed from {folder} at step {state['step']}")
+    return Resumed(state["step"], state.get("history", []), state, folder)
 
 
 def _prune(root: Path, keep_last: int) -> None:
