@@ -43,7 +43,7 @@ class PretrainConfig(RunOptions):
     seq_len: int = option(256, "training context length in bytes (also the model's max_seq_len)")
     batch_size: int = option(16, "GLOBAL batch size per optimizer step (split over processes)")
     grad_accum: int = option(1, "gradient accumulation steps (each a batch of batch_size)")
-    num_steps: int = option(1000, "optimizer steps (the default takes about 10 minutes on 2 CPU cores)")
+    num_steps: int = option(800, "optimizer steps (the default takes about 10 minutes on 2 CPU cores)")
     max_minutes: Optional[float] = option(None, "stop (validate and save) after this many minutes")
     lr: float = option(2e-3, "peak learning rate (AdamW)")
     min_lr_ratio: float = option(
