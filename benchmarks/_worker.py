@@ -222,6 +222,8 @@ def task_sample(args, cfg) -> dict:
     import torch
 
     model = build_model(args.impl, cfg).eval()
+    if args.dtype == "bf16":  # weights stored in bf16 for inference (no autocast re-casting)
+        model = model.to(torch.bfloat16)
     prompt = random_tokens(args.batch, args.prompt_len, cfg["num_tokens"], args.generator)
     total = args.prompt_len + args.new_tokens
     shapes = []

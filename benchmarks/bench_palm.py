@@ -38,7 +38,7 @@ IMPLS = ("ours", "reference")
 FULL = {
     "model": "--num-tokens 256 --dim 512 --depth 8 --heads 8 --dim-head 64 --seq-len 512",
     "train": "--batch 4 --warmup 2 --iters 10",
-    "sample": "--prompt-len 64 --new-tokens 256 --warmup 1 --iters 3",
+    "sample": "--prompt-len 64 --new-tokens 256 --warmup 1 --iters 1",  # the reference needs minutes per call
     "matmul": "--matmul-size 2048 --warmup 3 --iters 20",
     "memory": "--batch 4",
 }
@@ -58,6 +58,7 @@ JOBS = (
     ("train-bf16", "train", "--dtype bf16"),
     ("sample-b1", "sample", "--batch 1"),
     ("sample-b8", "sample", "--batch 8"),
+    ("sample-b1-bf16", "sample", "--batch 1 --dtype bf16"),
     ("memory-float32", "memory", "--dtype float32"),
     ("memory-bf16", "memory", "--dtype bf16"),
 )
@@ -148,6 +149,7 @@ def build_rows(raw: dict) -> tuple[list[dict], dict]:
         ("train bf16-autocast MFU", "train-bf16", lambda r: mfu(r, "bf16"), True),
         ("sample batch 1 new tokens/s", "sample-b1", "new_tokens_per_s", True),
         ("sample batch 8 new tokens/s", "sample-b8", "new_tokens_per_s", True),
+        ("sample batch 1, bf16 weights, new tokens/s", "sample-b1-bf16", "new_tokens_per_s", True),
         ("train step peak memory float32 MiB", "memory-float32", "step_peak_mib", False),
         ("train step peak memory bf16 MiB", "memory-bf16", "step_peak_mib", False),
         (

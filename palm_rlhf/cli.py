@@ -7,9 +7,34 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from typing import Callable, Optional
 
-from palm_rlhf.cli_args import add_dataclass_arguments, config_from_args
+from palm_rlhf.cli_args import add_dataclass_arguments, config_from_args, option
+
+
+@dataclass
+class TokenizerConfig:
+    text: tuple[str, ...] = option(
+        (), "text files (.txt or .gz) to learn the vocabulary from", required=True
+    )
+    out_dir: str = option("tokenizer", "folder for tokenizer.model + tokenizer.json")
+    vocab_size: int = option(8000, "vocabulary size (ids 0-3: pad, unk, bos, eos; bytes fall back)")
+    model_type: str = option("bpe", "sentencepiece algorithm", choices=("bpe", "unigram"))
+
+
+def _tokenizer(config: TokenizerConfig):
+    from palm_rlhf.tokenizer import SentencePieceTokenizer
+
+    tokenizer = SentencePieceTokenizer.train(
+        list(config.text),
+        config.out_dir,
+        vocab_size=config.vocab_size,
+        model_type=config.model_type,
+    )
+    print(
+        f"trained {tokenizer!r} into {config.out_dir}; pass --tokenizer {config.out_dir} to pretrain"
+    )
 
 
 def _pretrain(config):
@@ -32,6 +57,11 @@ def _stages() -> dict[str, tuple[str, type, Callable]]:
     from palm_rlhf.sft import SFTConfig, run_sft
 
     return {
+        "tokenizer": (
+            "train a sentencepiece tokenizer on your text, offline",
+            TokenizerConfig,
+            _tokenizer,
+        ),
         "pretrain": (
             "pretrain a byte-level PaLM on enwik8 or the embedded corpus",
             PretrainConfig,

@@ -17,10 +17,10 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from palm_rlhf.cli_args import option
-from palm_rlhf.data import RandomChunkDataset, SequentialChunkDataset, load_pretraining_data
+from palm_rlhf.data import RandomChunkDataset, SequentialChunkDataset, Splits, load_pretraining_data
 from palm_rlhf.palm import PaLM
 from palm_rlhf.sampling import sample_tokens
-from palm_rlhf.tokenizer import ByteTokenizer
+from palm_rlhf.tokenizer import ByteTokenizer, load_tokenizer
 from palm_rlhf.training import (
     RunOptions,
     cosine_schedule,
@@ -34,6 +34,9 @@ from palm_rlhf.training import (
 @dataclass
 class PretrainConfig(RunOptions):
     data_dir: str = option("data", "folder with enwik8.gz, else the embedded corpus.txt.gz is used")
+    tokenizer: Optional[str] = option(
+        None, "sentencepiece tokenizer folder (palm-rlhf tokenizer); default: bytes"
+    )
     out_dir: str = option("checkpoints/pretrain", "where step-N checkpoint folders are written")
     dim: int = option(256, "model width")
     depth: int = option(4, "number of parallel transformer blocks")
@@ -43,7 +46,9 @@ class PretrainConfig(RunOptions):
     seq_len: int = option(256, "training context length in bytes (also the model's max_seq_len)")
     batch_size: int = option(16, "GLOBAL batch size per optimizer step (split over processes)")
     grad_accum: int = option(1, "gradient accumulation steps (each a batch of batch_size)")
-    num_steps: int = option(800, "optimizer steps (the default takes about 10 minutes on 2 CPU cores)")
+    num_steps: int = option(
+        800, "optimizer steps (the default takes about 10 minutes on 2 CPU cores)"
+    )
     max_minutes: Optional[float] = option(None, "stop (validate and save) after this many minutes")
     lr: float = option(2e-3, "peak learning rate (AdamW)")
     min_lr_ratio: float = option(
@@ -68,9 +73,9 @@ class PretrainResult(NamedTuple):
     checkpoint: Optional[Path]
 
 
-def build_model(config: PretrainConfig) -> PaLM:
+def build_model(config: PretrainConfig, num_tokens: int = 256) -> PaLM:
     return PaLM(
-        num_tokens=256, dim=config.dim, depth=config.depth, heads=config.heads,
+        num_tokens=num_tokens, dim=config.dim, depth=config.depth, heads=config.heads,
         dim_head=config.dim_head, ff_mult=config.ff_mult, max_seq_len=config.seq_len,
     )  # fmt: skip
 
@@ -104,8 +109,12 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     log = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     splits, source = load_pretraining_data(config.data_dir)
     log(f"data: {source}; {accelerator.num_processes} process(es) on {accelerator.device}")
+    tokenizer = ByteTokenizer() if config.tokenizer is None else load_tokenizer(config.tokenizer)
+    # bits per character are bits per byte of text: a token-level loss is scaled by the
+    # validation split's bytes per token (1 for the byte tokenizer)
+    splits, bytes_per_token = tokenize_splits(splits, tokenizer)
 
-    model = build_model(config)
+    model = build_model(config, tokenizer.vocab_size)
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {model.config}")
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     scheduler = cosine_schedule(
@@ -141,7 +150,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
                 config.out_dir, step, unwrapped, optimizer, scheduler,
                 trainer_state={"config": asdict(config), "history": history},
                 keep_last=config.keep_last,
-                extra_files={"tokenizer.json": lambda p: ByteTokenizer().save(p.parent)},
+                extra_files={"tokenizer.json": lambda p: tokenizer.save(p.parent)},
             )  # fmt: skip
         accelerator.wait_for_everyone()
         return path
@@ -178,7 +187,9 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         last = step == config.num_steps or out_of_time
         if step % config.validate_every == 0 or last:
             valid_loss = evaluate(model, val_loader, accelerator)
-            record.update(valid_loss=valid_loss, valid_bpc=valid_loss / math.log(2))
+            record.update(
+                valid_loss=valid_loss, valid_bpc=valid_loss / math.log(2) / bytes_per_token
+            )
             log(
                 f"step {step}: train loss {record['loss']:.4f}, valid loss {valid_loss:.4f}, bpc {record['valid_bpc']:.4f}"
             )
@@ -190,17 +201,28 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
             and (step % config.generate_every == 0 or last)
             and accelerator.is_main_process
         ):
-            log(sample_text(unwrapped, splits.valid, config, seed=config.seed + step))
+            log(sample_text(unwrapped, splits.valid, config, tokenizer, seed=config.seed + step))
         if step % config.save_every == 0 or last:
             saved = checkpoint()
         if out_of_time:
             log(f"stopping after {config.max_minutes} minutes at step {step}")
             break
     bar.close()
-    return PretrainResult(history, valid_loss, valid_loss / math.log(2), saved)
+    return PretrainResult(history, valid_loss, valid_loss / math.log(2) / bytes_per_token, saved)
 
 
-def sample_text(model: PaLM, data: torch.Tensor, config: PretrainConfig, seed: int) -> str:
+def tokenize_splits(splits: Splits, tokenizer) -> tuple[Splits, float]:
+    """Byte splits as the tokenizer's ids (unchanged for bytes), and the validation split's
+    bytes per token."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return splits, 1.0
+    encoded = Splits(*(torch.tensor(tokenizer.encode(bytes(split.tolist()).decode("utf-8", "replace")), dtype=torch.long) for split in splits))  # fmt: skip
+    return encoded, len(splits.valid) / max(1, len(encoded.valid))
+
+
+def sample_text(
+    model: PaLM, data: torch.Tensor, config: PretrainConfig, tokenizer, seed: int
+) -> str:
     """Continue a stretch of validation text; a private generator keeps training RNG untouched."""
     prime_len = min(64, config.seq_len // 2)
     generator = torch.Generator().manual_seed(seed)
@@ -208,5 +230,4 @@ def sample_text(model: PaLM, data: torch.Tensor, config: PretrainConfig, seed: i
     prime = data[start : start + prime_len].long()[None].to(model.device)
     new = min(config.generate_length, config.seq_len - prime_len)
     tokens = sample_tokens(model, prime, new, temperature=1.0, top_k=25, generator=generator).tokens
-    tokenizer = ByteTokenizer()
     return f"--- prime ---\n{tokenizer.decode(prime[0].tolist())}\n--- sample ---\n{tokenizer.decode(tokens[0].tolist())}"

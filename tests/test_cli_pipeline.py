@@ -74,3 +74,29 @@ def test_malformed_data_is_reported_with_file_and_line(pipeline, tmp_path):
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: missing key \"response\""):
         main(["sft", "--base", str(pipeline / "pre"), "--data", str(bad), "--out-dir", str(tmp_path / "o"), "--max-steps", "1", "--max-len", "128"])  # fmt: skip
+
+
+def test_sentencepiece_tokenizer_from_one_command_travels_with_the_checkpoints(tmp_path, capsys):
+    from palm_rlhf.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    data = tmp_path / "data"
+    data.mkdir()
+    text = gzip.decompress((REPO / "data" / "corpus.txt.gz").read_bytes())[:40_000]
+    (data / "corpus.txt.gz").write_bytes(gzip.compress(text))
+    assert main(["tokenizer", "--text", str(data / "corpus.txt.gz"), "--out-dir", str(tmp_path / "tok"), "--vocab-size", "400"]) == 0  # fmt: skip
+    main(["pretrain", "--data-dir", str(data), "--tokenizer", str(tmp_path / "tok"), "--out-dir", str(tmp_path / "pre"),
+          "--num-steps", "2", "--seq-len", "32", "--batch-size", "2", "--val-batches", "1", "--generate-every", "2",
+          "--generate-length", "4", "--dim", "32", "--depth", "1", "--heads", "2", "--dim-head", "16"])  # fmt: skip
+    out = capsys.readouterr().out
+    bpc = float(out.split("bpc ")[-1].split(";")[0])
+    loss = float(out.split("final valid loss ")[-1].split(",")[0])
+    # bits per character, not per token: a sentencepiece token covers several bytes
+    assert bpc < loss / 0.6931 / 1.5
+    folder = tmp_path / "pre" / (tmp_path / "pre" / "latest").read_text()
+    stored, trained = load_tokenizer(folder), load_tokenizer(tmp_path / "tok")
+    assert tokenizer_fingerprint(stored) == tokenizer_fingerprint(trained)
+    assert PaLM.from_pretrained(folder).num_tokens == trained.vocab_size == 400
+    # the next stage picks the tokenizer up from the checkpoint, no --tokenizer needed
+    assert main(["sft", "--base", str(tmp_path / "pre"), "--data", str(FIXTURES / "sft.jsonl"), "--out-dir",
+                 str(tmp_path / "sft"), "--max-steps", "1", "--batch-size", "2", "--max-len", "32"]) == 0  # fmt: skip
+    assert tokenizer_fingerprint(load_tokenizer(tmp_path / "sft" / (tmp_path / "sft" / "latest").read_text())) == tokenizer_fingerprint(trained)  # fmt: skip
