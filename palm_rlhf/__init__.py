@@ -1,6 +1,6 @@
 """palm-rlhf: a pure-PyTorch PaLM with the InstructGPT alignment stages.
 
-    from palm_rlhf import PaLM, RewardModel, RLHFTrainer
+from palm_rlhf import PaLM, RewardModel, RLHFTrainer
 """
 
 __version__ = "0.1.0"
