@@ -188,3 +188,19 @@ def test_generation_keeps_prompts_within_the_context_window(base):
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     with pytest.raises(ValueError, match="no room"):
         coh_generate(model, TOKENS, "hi", max_new_tokens=60)
+
+
+def test_resume_with_a_pretraining_mix_gives_the_same_next_losses(base, tmp_path):
+    """CoH draws pretraining windows as well as examples: both must continue exactly."""
+    data = toy_comparisons(tmp_path / "toy.jsonl", count=8)
+    text = tmp_path / "corpus.txt"
+    text.write_text("In the beginning was the word. " * 40)
+    common = dict(base=str(base), data=str(data), ptx_file=str(text), ptx_ratio=0.5, mode="pn",
+                  num_epochs=4, max_steps=6, save_every=3, keep_last=5, **QUICK)  # fmt: skip
+    full = train_coh(CoHConfig(out_dir=str(tmp_path / "a"), **common))
+    resumed = train_coh(CoHConfig(out_dir=str(tmp_path / "b"), resume=str(tmp_path / "a" / "step-0000003"), **common))  # fmt: skip
+    before = {r["step"]: r["loss"] for r in full.history}
+    after = {r["step"]: r["loss"] for r in resumed.history}
+    assert len(before) == 6
+    for step in (4, 5, 6):
+        assert after[step] == pytest.approx(before[step], abs=1e-6)
