@@ -45,11 +45,11 @@ from palm_rlhf.palm import PaLM
 from palm_rlhf.pretrain import make_optimizer
 from palm_rlhf.training import (
     RunOptions,
+    checkpoint_on_main,
     cosine_schedule,
     guard_loss,
     make_accelerator,
     resume_training,
-    save_training_checkpoint,
 )
 
 
@@ -265,17 +265,12 @@ def run_stage(
         merged = final and scope is not None and config.merge_lora
         if merged:
             unwrapped.merge_finetune_params(scope)  # training is over: fold the adapters in
-        path = None
-        if accelerator.is_main_process:
-            path = save_training_checkpoint(
-                config.out_dir, step, unwrapped, optimizer, scheduler,
-                trainer_state={"config": asdict(config), "history": history, "stage": name,
-                               "lora_merged": merged, "num_steps": num_steps},
-                keep_last=config.keep_last,
-                extra_files={"tokenizer.json": lambda p: tokenizer.save(p.parent)},
-            )  # fmt: skip
-        accelerator.wait_for_everyone()
-        return path
+        trainer_state = {"config": asdict(config), "history": history, "stage": name,
+                         "lora_merged": merged, "num_steps": num_steps}  # fmt: skip
+        return checkpoint_on_main(
+            accelerator, config.out_dir, step, unwrapped, optimizer, scheduler, trainer_state,
+            config.keep_last, tokenizer,
+        )  # fmt: skip
 
     train_metrics, valid_metrics, saved = {}, {}, None
     bar = tqdm(total=num_steps, initial=step, disable=not accelerator.is_main_process, desc=name)

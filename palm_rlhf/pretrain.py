@@ -23,11 +23,11 @@ from palm_rlhf.sampling import sample_tokens
 from palm_rlhf.tokenizer import ByteTokenizer, load_tokenizer
 from palm_rlhf.training import (
     RunOptions,
+    checkpoint_on_main,
     cosine_schedule,
-    guard_loss,
+    guarded_step,
     make_accelerator,
     resume_training,
-    save_training_checkpoint,
 )
 
 
@@ -144,16 +144,11 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         train_loader = accelerator.skip_first_batches(train_loader, step * config.grad_accum)
 
     def checkpoint() -> Optional[Path]:
-        path = None
-        if accelerator.is_main_process:
-            path = save_training_checkpoint(
-                config.out_dir, step, unwrapped, optimizer, scheduler,
-                trainer_state={"config": asdict(config), "history": history},
-                keep_last=config.keep_last,
-                extra_files={"tokenizer.json": lambda p: tokenizer.save(p.parent)},
-            )  # fmt: skip
-        accelerator.wait_for_everyone()
-        return path
+        trainer_state = {"config": asdict(config), "history": history}
+        return checkpoint_on_main(
+            accelerator, config.out_dir, step, unwrapped, optimizer, scheduler, trainer_state,
+            config.keep_last, tokenizer,
+        )  # fmt: skip
 
     valid_loss, saved, start = math.nan, None, time.monotonic()
     bar = tqdm(
@@ -169,14 +164,10 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
             batch = next(batches)
             with accelerator.accumulate(model):
                 loss = model(batch, return_loss=True)
-                mean_loss = accelerator.reduce(loss.detach(), "mean")
-                # the loss is reduced over processes, so every process takes the same branch
-                if guard_loss(mean_loss, step, config.nan_policy):
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.max_norm is not None:
-                        accelerator.clip_grad_norm_(model.parameters(), config.max_norm)
-                    optimizer.step()
-                optimizer.zero_grad()
+                mean_loss = guarded_step(
+                    accelerator, loss, step, model.parameters(), optimizer, config.max_norm,
+                    config.nan_policy,
+                )  # fmt: skip
         scheduler.step()
         step += 1
         bar.update(1)

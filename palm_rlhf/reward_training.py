@@ -35,14 +35,14 @@ from palm_rlhf.palm import PaLM
 from palm_rlhf.records import read_comparisons, read_ratings
 from palm_rlhf.reward import RewardModel, expected_rating, score_comparisons
 from palm_rlhf.rl_math import ranking_loss_from_scores
-from palm_rlhf.tokenizer import CONFIG_NAME, ByteTokenizer, load_tokenizer
+from palm_rlhf.tokenizer import ByteTokenizer, load_tokenizer
 from palm_rlhf.training import (
     RunOptions,
+    checkpoint_on_main,
     cosine_schedule,
-    guard_loss,
+    guarded_step,
     make_accelerator,
     resume_training,
-    save_training_checkpoint,
 )
 
 KINDS = ("comparisons", "ratings")
@@ -354,16 +354,13 @@ def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
         train_loader = accelerator.skip_first_batches(train_loader, step * config.grad_accum)
 
     def checkpoint() -> Optional[Path]:
-        path = None
-        if accelerator.is_main_process and config.out_dir is not None:
-            path = save_training_checkpoint(
-                config.out_dir, step, unwrapped, optimizer, scheduler,
-                trainer_state={"config": asdict(config), "history": history},
-                keep_last=config.keep_last,
-                extra_files={CONFIG_NAME: lambda p: tokenizer.save(p.parent)},
-            )  # fmt: skip
-        accelerator.wait_for_everyone()
-        return path
+        if config.out_dir is None:
+            return None
+        trainer_state = {"config": asdict(config), "history": history}
+        return checkpoint_on_main(
+            accelerator, config.out_dir, step, unwrapped, optimizer, scheduler, trainer_state,
+            config.keep_last, tokenizer,
+        )  # fmt: skip
 
     metrics, saved, start = {}, None, time.monotonic()
     bar = tqdm(total=total_steps, initial=step, desc="reward",
@@ -375,13 +372,10 @@ def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
             batch = next(batches)
             with accelerator.accumulate(model):
                 loss = batch_loss(model, batch, config.kind, config.margin)
-                mean_loss = accelerator.reduce(loss.detach(), "mean")
-                if guard_loss(mean_loss, step, config.nan_policy):
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.max_norm is not None:
-                        accelerator.clip_grad_norm_(trainable, config.max_norm)
-                    optimizer.step()
-                optimizer.zero_grad()
+                mean_loss = guarded_step(
+                    accelerator, loss, step, trainable, optimizer, config.max_norm,
+                    config.nan_policy,
+                )  # fmt: skip
         scheduler.step()
         step += 1
         bar.update(1)

@@ -31,6 +31,7 @@ from palm_rlhf.checkpoint import (
     save_state,
 )
 from palm_rlhf.cli_args import option
+from palm_rlhf.tokenizer import CONFIG_NAME
 
 PathLike = Union[str, Path]
 
@@ -153,6 +154,43 @@ def save_training_checkpoint(
     folder = save_checkpoint_dir(root, name, writers)
     _prune(Path(root), keep_last)
     return folder
+
+
+def checkpoint_on_main(
+    accelerator,
+    root: PathLike,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    trainer_state: dict,
+    keep_last: int,
+    tokenizer,
+) -> Optional[Path]:
+    """The main process writes a training checkpoint with the tokenizer beside the weights;
+    every process waits for it. Returns the folder on the main process, None elsewhere."""
+    path = None
+    if accelerator.is_main_process:
+        path = save_training_checkpoint(
+            root, step, model, optimizer, scheduler, trainer_state=trainer_state,
+            keep_last=keep_last, extra_files={CONFIG_NAME: lambda p: tokenizer.save(p.parent)},
+        )  # fmt: skip
+    accelerator.wait_for_everyone()
+    return path
+
+
+def guarded_step(accelerator, loss, step: int, params, optimizer, max_norm, nan_policy: str):
+    """One micro-step inside `accelerator.accumulate`: the loss is reduced over processes first,
+    so every process takes the same branch; a non-finite loss (policy "skip") runs no backward
+    and no step. Returns the reduced loss."""
+    mean_loss = accelerator.reduce(loss.detach(), "mean")
+    if guard_loss(mean_loss, step, nan_policy):
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and max_norm is not None:
+            accelerator.clip_grad_norm_(params, max_norm)
+        optimizer.step()
+    optimizer.zero_grad()
+    return mean_loss
 
 
 def load_training_checkpoint(
