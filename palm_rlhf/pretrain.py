@@ -207,7 +207,7 @@ def tokenize_splits(splits: Splits, tokenizer) -> tuple[Splits, float]:
     bytes per token."""
     if isinstance(tokenizer, ByteTokenizer):
         return splits, 1.0
-    encoded = Splits(*(torch.tensor(tokenizer.encode(bytes(split.tolist()).decode("utf-8", "replace")), dtype=torch.long) for split in splits))  # fmt: skip
+    encoded = Splits(*(torch.tensor(tokenizer.encode(split.numpy().tobytes().decode("utf-8", "replace")), dtype=torch.long) for split in splits))  # fmt: skip
     return encoded, len(splits.valid) / max(1, len(encoded.valid))
 
 
