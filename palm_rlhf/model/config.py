@@ -10,6 +10,13 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
+import torch
+from torch import Tensor
+
+# the fields that decide which weights a model has (and what they mean); a checkpoint saved
+# with other values cannot be loaded into the model
+SHAPE_FIELDS = ("num_tokens", "dim", "depth", "dim_head", "heads", "ff_mult", "qk_rmsnorm")
+
 
 @dataclass(frozen=True)
 class PaLMConfig:
@@ -24,9 +31,7 @@ class PaLMConfig:
     attn_dropout: float = 0.0
     ff_dropout: float = 0.0
     qk_rmsnorm: bool = False
-    qk_scale: float = (
-        8.0  # attention temperature when qk_rmsnorm is on (queries/keys are unit norm)
-    )
+    qk_scale: float = 8.0  # attention temperature when qk_rmsnorm is on (unit-norm q, k)
     lora_r: int = 8  # default rank of add_finetune_params, as in the reference project
     rotary_base: float = 10000.0
     max_seq_len: Optional[int] = None  # context window; None means no limit is enforced
@@ -49,6 +54,15 @@ class PaLMConfig:
             raise ValueError(
                 f"PaLMConfig.max_seq_len must be at least 2 or None, got {self.max_seq_len}"
             )
+
+    def shape_mismatch(self, other: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """{field: (other's value, ours)} for every field that decides the weights' shapes or
+        meaning and differs in `other` (a saved config's dict); empty when weights fit."""
+        return {
+            name: (other[name], getattr(self, name))
+            for name in SHAPE_FIELDS
+            if name in other and other[name] != getattr(self, name)
+        }
 
     @property
     def attn_inner_dim(self) -> int:
@@ -77,3 +91,26 @@ class PaLMConfig:
     @classmethod
     def from_json(cls, text: str) -> PaLMConfig:
         return cls.from_dict(json.loads(text))
+
+
+def check_token_ids(tokens: Tensor, num_tokens: int, name: str = "seq") -> None:
+    """Refuse token tensors a model cannot embed, naming the offending value and position."""
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(tokens).__name__}")
+    if tokens.dtype not in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(
+            f"{name} must hold integer token ids (torch.long), got dtype {tokens.dtype}"
+        )
+    if tokens.dim() != 2:
+        raise ValueError(
+            f"{name} must have shape (batch, seq_len), got shape {tuple(tokens.shape)}"
+        )
+    if tokens.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(tokens.shape)})")
+    bad = (tokens < 0) | (tokens >= num_tokens)
+    if bad.any():
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name}[{row}, {col}] = {int(tokens[row, col])} is not a valid token id: "
+            f"ids must be in [0, {num_tokens})"
+        )

@@ -27,12 +27,12 @@ from beartype import beartype
 from einops import rearrange
 from torch import Tensor
 
-from palm_rlhf.cli_args import option, parse_config
-from palm_rlhf.finetune import FinetuneConfig, FinetuneResult, LossTerms, Stage, run_stage
-from palm_rlhf.finetune_data import TokenExample, collate_token_examples, load_examples
-from palm_rlhf.records import ComparisonRecord, read_comparisons
+from palm_rlhf.data.examples import TokenExample, collate_token_examples, load_examples
+from palm_rlhf.data.records import ComparisonRecord, read_comparisons
+from palm_rlhf.options import option, parse_config
 from palm_rlhf.rl_math import dpo_loss, sequence_log_probs
-from palm_rlhf.sft import sft_example, shifted_log_probs
+from palm_rlhf.train.finetune import FinetuneConfig, FinetuneResult, LossTerms, Stage, run_stage
+from palm_rlhf.train.sft import sft_example, shifted_log_probs
 
 
 @dataclass
@@ -147,8 +147,8 @@ def train_dpo(config: DPOConfig) -> FinetuneResult:
             ]
 
         train, valid = load_examples(config, read_comparisons, encode, "comparison")
-        reference = None if config.lora else copy.deepcopy(model).requires_grad_(False)
-        scope = "dpo" if config.lora else None
+        reference = None if config.use_lora else copy.deepcopy(model).requires_grad_(False)
+        scope = "dpo" if config.use_lora else None
         return Stage(
             "dpo", train, valid, lambda b: collate_pairs(b, tokenizer.pad_id),
             dpo_loss_fn(config.beta, config.label_smoothing, scope, reference),

@@ -12,7 +12,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from palm_rlhf.experience import Experience
+from palm_rlhf.rl.rollout import Experience
 from palm_rlhf.rl_math import (
     entropy_from_logits,
     log_probs_from_logits,
@@ -20,15 +20,6 @@ from palm_rlhf.rl_math import (
     ppo_policy_loss,
     value_loss,
 )
-
-
-def tempered_logits(logits: Tensor, temperature: float) -> Tensor:
-    """The distribution responses were sampled from: float32 logits / T (T = 0, greedy: as is).
-
-    Old, reference and new log-probs all use it, so the PPO ratio and the KL compare the
-    policy that actually acted."""
-    logits = logits.float()
-    return logits / temperature if temperature > 0 else logits
 
 
 def ppo_objective(

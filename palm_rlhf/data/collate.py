@@ -20,7 +20,7 @@ import torch
 from beartype import beartype
 from einops import rearrange
 
-from palm_rlhf.records import ComparisonRecord, RatingRecord
+from palm_rlhf.data.records import ComparisonRecord, RatingRecord
 
 MISSING_RANK = -1  # ranking entry of a padding response (response_mask False)
 

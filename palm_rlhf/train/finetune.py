@@ -13,7 +13,7 @@ Decisions:
 - batch_size is GLOBAL. Each process collates its own slice of a step's rows, and a loss is a
   sum normalised by the global count of items (tokens, or pairs for DPO), so N processes get
   the gradient one process gets from the whole batch.
-- Validation runs every `validate_every` steps and at the end, on `valid_data`, or on
+- Validation runs every `eval_every` steps and at the end, on `valid_data`, or on
   `valid_fraction` of the training records held out (whole records, so a ranked list never
   straddles the split).
 - LoRA: a stage trains one scope named after it ("sft", "coh", "dpo") on frozen base weights.
@@ -37,13 +37,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from palm_rlhf.checkpoint import CheckpointError, load_json
-from palm_rlhf.cli_args import option
-from palm_rlhf.finetune_data import step_rows
-from palm_rlhf.loading import check_tokenizer, load_base
-from palm_rlhf.lora import DEFAULT_LORA_TARGETS
-from palm_rlhf.palm import PaLM
-from palm_rlhf.pretrain import make_optimizer
-from palm_rlhf.training import (
+from palm_rlhf.data.examples import step_rows
+from palm_rlhf.model.lora import DEFAULT_LORA_TARGETS
+from palm_rlhf.model.palm import PaLM
+from palm_rlhf.options import option
+from palm_rlhf.train.loading import check_tokenizer, load_base
+from palm_rlhf.train.pretrain import make_optimizer
+from palm_rlhf.train.run import (
     RunOptions,
     checkpoint_on_main,
     cosine_schedule,
@@ -73,7 +73,9 @@ class FinetuneConfig(RunOptions):
     on_error: str = option(
         "raise", "a malformed or over-long record: stop, or skip it", choices=("raise", "skip")
     )
-    lora: bool = option(False, "train a LoRA scope on frozen base weights instead of all weights")
+    use_lora: bool = option(
+        False, "train a LoRA scope on frozen base weights instead of all weights"
+    )
     lora_r: int = option(8, "LoRA rank")
     lora_alpha: Optional[float] = option(None, "LoRA alpha; the update is scaled by alpha / r")
     lora_targets: tuple[str, ...] = option(
@@ -83,23 +85,25 @@ class FinetuneConfig(RunOptions):
     base_scope: Optional[str] = option(None, "LoRA scope to fold in when the base carries several")
     batch_size: int = option(8, "GLOBAL batch size per micro-step (split over processes)")
     grad_accum: int = option(1, "micro-steps of batch_size per optimizer step")
-    num_epochs: int = option(1, "passes over the training examples")
+    epochs: float = option(1.0, "passes over the training examples")
     max_steps: Optional[int] = option(None, "stop after this many optimizer steps")
     lr: float = option(1e-4, "peak learning rate (AdamW); LoRA usually wants about 10x more")
     min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak")
     warmup_steps: int = option(10, "linear warm-up steps")
     weight_decay: float = option(0.0, "AdamW weight decay on matrices")
     max_norm: Optional[float] = option(1.0, "gradient clipping norm ('none' disables)")
-    validate_every: int = option(100, "steps between validation runs")
+    eval_every: int = option(100, "steps between validation runs")
     save_every: int = option(200, "steps between checkpoints")
     log_every: int = option(10, "steps between history entries")
     resume: Optional[str] = option(None, "'latest' or a checkpoint folder to continue from")
 
     def __post_init__(self):
-        for name in ("max_len", "lora_r", "batch_size", "grad_accum", "num_epochs"):
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
+        for name in ("max_len", "lora_r", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("validate_every", "save_every", "log_every"):
+        for name in ("eval_every", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -209,8 +213,10 @@ def _check_resume(folder: Path, config: FinetuneConfig, stage: Stage, tokenizer)
             f"{folder} is a finished run whose LoRA scope was merged; start a new run with "
             f"--base {folder} instead of resuming it"
         )
-    if saved.get("config", {}).get("lora") != config.lora:
-        raise CheckpointError(f"{folder} was trained with lora={not config.lora}; pass the same")
+    if saved.get("config", {}).get("use_lora") != config.use_lora:
+        raise CheckpointError(
+            f"{folder} was trained with use_lora={not config.use_lora}; pass the same"
+        )
     check_tokenizer(folder, tokenizer, f"the base {config.base}")
 
 
@@ -240,14 +246,14 @@ def run_stage(
         raise ValueError(f"{config.data}: no training examples left after the split")
     log(f"{name}: {len(stage.train)} training / {len(stage.valid)} validation examples")
 
-    scope = name if config.lora else None
+    scope = name if config.use_lora else None
     if scope is not None:
         model.requires_grad_(False)
         model.add_finetune_params(scope, config.lora_r, config.lora_alpha, config.lora_targets)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"{name}: training {trainable:,} parameters ({'LoRA scope ' + scope if scope else 'all'})")
     per_step = config.batch_size * config.grad_accum
-    num_steps = max(1, math.ceil(config.num_epochs * len(stage.train) / per_step))
+    num_steps = max(1, math.ceil(config.epochs * len(stage.train) / per_step))
     num_steps = min(num_steps, config.max_steps or num_steps)
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     scheduler = cosine_schedule(optimizer, config.warmup_steps, num_steps, config.min_lr_ratio)
@@ -273,7 +279,12 @@ def run_stage(
         )  # fmt: skip
 
     train_metrics, valid_metrics, saved = {}, {}, None
-    bar = tqdm(total=num_steps, initial=step, disable=not accelerator.is_main_process, desc=name)
+    bar = tqdm(
+        total=num_steps,
+        initial=step,
+        disable=not (config.progress and accelerator.is_main_process),
+        desc=name,
+    )
     model.train()
     while step < num_steps:
         rows, totals, step_ok = step_rows(step, per_step, len(stage.train), config.seed), {}, True
@@ -307,7 +318,7 @@ def run_stage(
         train_metrics = _means(totals)
         record = {"step": step, "lr": scheduler.get_last_lr()[0], **train_metrics}
         last = step == num_steps
-        if step % config.validate_every == 0 or last:
+        if step % config.eval_every == 0 or last:
             valid_metrics = evaluate(stage, unwrapped, accelerator, config.batch_size)
             record.update({f"valid_{k}": v for k, v in valid_metrics.items()})
             shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step")

@@ -85,11 +85,15 @@ def config_from_args(parser: argparse.ArgumentParser, cls, args: argparse.Namesp
         parser.error(str(error))
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option; the description keeps its own line breaks."""
+
+
 def parse_config(
     cls, argv: Optional[list[str]] = None, description: str = "", prog: Optional[str] = None
 ):
     parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog=prog, description=description, formatter_class=HelpFormatter
     )
     add_dataclass_arguments(parser, cls)
     return config_from_args(parser, cls, parser.parse_args(argv))

@@ -18,25 +18,31 @@ import warnings
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from accelerate import PartialState
 from einops import rearrange
+from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from palm_rlhf.cli_args import option, parse_config
-from palm_rlhf.collate import collate_comparisons, collate_ratings, encode_prompt_response
-from palm_rlhf.loading import load_base as load_base_model
-from palm_rlhf.loading import weights_file
-from palm_rlhf.palm import PaLM
-from palm_rlhf.records import read_comparisons, read_ratings
-from palm_rlhf.reward import RewardModel, expected_rating, score_comparisons
+from palm_rlhf.data.collate import (
+    ComparisonBatch,
+    collate_comparisons,
+    collate_ratings,
+    encode_prompt_response,
+)
+from palm_rlhf.data.records import read_comparisons, read_ratings
+from palm_rlhf.data.tokenizer import ByteTokenizer, load_tokenizer
+from palm_rlhf.model.palm import PaLM
+from palm_rlhf.model.reward import RewardModel, expected_rating
+from palm_rlhf.options import option, parse_config
 from palm_rlhf.rl_math import ranking_loss_from_scores
-from palm_rlhf.tokenizer import ByteTokenizer, load_tokenizer
-from palm_rlhf.training import (
+from palm_rlhf.train.loading import load_base as load_base_model
+from palm_rlhf.train.loading import weights_file
+from palm_rlhf.train.run import (
     RunOptions,
     checkpoint_on_main,
     cosine_schedule,
@@ -89,7 +95,6 @@ class RewardTrainConfig(RunOptions):
     resume: Optional[str] = option(None, "'latest' or a checkpoint folder to continue from")
     on_error: str = option("raise", "malformed records: stop, or skip with a warning", choices=("raise", "skip"))  # fmt: skip
     log_every: int = option(10, "steps between history entries")
-    progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self):
         if not self.data or self.kind not in KINDS:
@@ -422,3 +427,23 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def score_comparisons(reward_fn: Callable[..., Tensor], batch: ComparisonBatch) -> Tensor:
+    """Scores (b, K) of a ComparisonBatch: ONE call of `reward_fn` (a RewardModel, or one
+    wrapped by Accelerate/DDP) on the (b K, n) flattened present responses; missing
+    responses (response_mask False) are not run and score 0 (the ranking losses mask them)."""
+    tokens, mask, prompt_mask, _, present = batch
+    if tokens.dim() != 3 or mask.shape != tokens.shape or prompt_mask.shape != tokens.shape:
+        raise ValueError(
+            f"a ComparisonBatch holds tokens, mask and prompt_mask of one shape (b, K, n); got "
+            f"{tuple(tokens.shape)}, {tuple(mask.shape)}, {tuple(prompt_mask.shape)}"
+        )
+    if present.shape != tokens.shape[:2]:
+        raise ValueError(f"response_mask must be (b, K) = {tuple(tokens.shape[:2])}")
+    num_responses = tokens.shape[1]
+    keep = rearrange(present, "b k -> (b k)")
+    flat = [rearrange(t, "b k n -> (b k) n")[keep] for t in (tokens, mask, prompt_mask)]
+    rewards = reward_fn(flat[0], mask=flat[1], prompt_mask=flat[2])
+    scores = rewards.new_zeros(keep.shape[0]).masked_scatter(keep, rewards)
+    return rearrange(scores, "(b k) -> b k", k=num_responses)

@@ -8,12 +8,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Protocol
 
 import torch
 from torch import Tensor
 
-from palm_rlhf.palm import PaLM, check_token_ids
+from palm_rlhf.model.config import check_token_ids
+
+
+class Decoder(Protocol):
+    """What sampling needs of a model (PaLM has it): embeddings with an optional KV cache, the
+    output head, and its config. Sampling never imports the model class; the model imports it."""
+
+    num_tokens: int
+    config: Any
+    training: bool
+    device: torch.device
+
+    def init_cache(self, batch: int, max_len: int) -> Any: ...
+    def embed(self, x: Tensor, **kwargs) -> Tensor: ...
+    def to_logits(self, hidden: Tensor) -> Tensor: ...
+    def eval(self) -> Any: ...
+    def train(self, mode: bool = True) -> Any: ...
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
@@ -76,7 +92,7 @@ class Samples(NamedTuple):
 
 
 def _check_sampling_inputs(
-    model: PaLM, prompt: Tensor, prompt_mask: Optional[Tensor], max_new_tokens: int
+    model: Decoder, prompt: Tensor, prompt_mask: Optional[Tensor], max_new_tokens: int
 ):
     check_token_ids(prompt, model.num_tokens, "prompt")
     if prompt_mask is not None and (
@@ -99,7 +115,7 @@ def _check_sampling_inputs(
 
 @torch.no_grad()
 def iter_sample(
-    model: PaLM,
+    model: Decoder,
     prompt: Tensor,
     max_new_tokens: int,
     prompt_mask: Optional[Tensor] = None,
@@ -151,7 +167,7 @@ def iter_sample(
         model.train(was_training)
 
 
-def sample_tokens(model: PaLM, prompt: Tensor, max_new_tokens: int, **kwargs) -> Samples:
+def sample_tokens(model: Decoder, prompt: Tensor, max_new_tokens: int, **kwargs) -> Samples:
     """Sample up to `max_new_tokens` after `prompt` (b, n); see `iter_sample` for the options.
 
     Returns the tokens trimmed to the last step any row was still running, and a mask that is
@@ -167,7 +183,7 @@ def sample_tokens(model: PaLM, prompt: Tensor, max_new_tokens: int, **kwargs) ->
 
 
 def generate(
-    model: PaLM,
+    model: Decoder,
     seq_len: int,
     prompt: Optional[Tensor] = None,
     temperature: float = 1.0,

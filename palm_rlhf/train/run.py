@@ -26,12 +26,13 @@ from palm_rlhf.checkpoint import (
     latest_checkpoint,
     load_json,
     load_state,
+    remove_tree,
     save_checkpoint_dir,
     save_json,
     save_state,
 )
-from palm_rlhf.cli_args import option
-from palm_rlhf.tokenizer import CONFIG_NAME
+from palm_rlhf.data.tokenizer import CONFIG_NAME
+from palm_rlhf.options import option
 
 PathLike = Union[str, Path]
 
@@ -49,6 +50,7 @@ class RunOptions:
     nan_policy: str = option(
         "raise", "on a NaN/Inf loss: stop, or skip the step", choices=("raise", "skip")
     )
+    progress: bool = option(True, "show a progress bar (--no-progress for log files)")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -258,13 +260,11 @@ def resume_training(
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    from palm_rlhf.checkpoint import _remove_tree
-
     current = latest_checkpoint(root)
     folders = sorted(p for p in root.glob("step-*") if p.is_dir())
     for folder in folders[:-keep_last] if keep_last > 0 else []:
         if folder != current:
-            _remove_tree(folder)
+            remove_tree(folder)
 
 
 def cosine_schedule(optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.1):

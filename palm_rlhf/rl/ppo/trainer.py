@@ -11,14 +11,8 @@ One PPO iteration (`step`) reads like the algorithm box of Ouyang et al. 2022 / 
     5. log         metrics gathered across processes into `trainer.history` (and trackers)
     6. checkpoint  `save` / `load` of everything needed to resume
 
-Episodes. An episode is one prompt rolled out into one response; its timesteps are the
-response tokens. `train(num_episodes, max_timesteps, update_timesteps, max_seq_len)` rolls out
-`num_episodes` episodes in total, each response at most `max_timesteps` tokens long (and prompt
-+ response at most `max_seq_len`), and runs one PPO update per `update_timesteps` episodes
-collected (the reference project also updated every `update_timesteps` rollouts). Episodes are
-sampled `rollout_batch_size` prompts at a time. All counts are global over processes.
-
-The trainer is a plain object, not an `nn.Module`: it owns modules, optimisers and the
+An episode is one prompt rolled out into one response (see `train` for the counts, global
+over processes). The trainer is a plain object, not an `nn.Module`: it owns modules, optimisers and the
 Accelerator, and `train` is a training loop, not `Module.train`.
 """
 
@@ -26,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import Optional, Union
 
@@ -34,40 +27,38 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from palm_rlhf.actor_critic import (
+from palm_rlhf.checkpoint import CheckpointError
+from palm_rlhf.model.palm import PaLM
+from palm_rlhf.rl.advantages import (
+    gae_advantages,
+    mean_return_shift,
+    per_token_rewards,
+    rollout_stats,
+    shape_scores,
+)
+from palm_rlhf.rl.best_of_n import BestOfN, best_of_n
+from palm_rlhf.rl.kl_controller import KLController
+from palm_rlhf.rl.policies import (
     build_actor_critic,
     evaluation_mode,
     only_these_require_grad,
+    prepare_each,
 )
-from palm_rlhf.best_of_n import BestOfN, best_of_n
-from palm_rlhf.experience import (
+from palm_rlhf.rl.ppo.checkpoint import check_compatible, read_trainer_state, write_trainer_state
+from palm_rlhf.rl.ppo.config import PPOConfig
+from palm_rlhf.rl.ppo.objective import ppo_objective
+from palm_rlhf.rl.prompts import PromptBank, PromptIds, PtxData, load_prompts
+from palm_rlhf.rl.rollout import (
     Experience,
-    PromptBank,
-    PromptIds,
-    PtxData,
+    collect,
     concat_experience,
-    join_prompt_response,
-    load_prompts,
     score_sequences,
+    tempered_logits,
 )
-from palm_rlhf.kl_controller import KLController
-from palm_rlhf.palm import PaLM
-from palm_rlhf.ppo_checkpoint import load_trainer_state, save_trainer_state
-from palm_rlhf.ppo_config import PPOConfig
-from palm_rlhf.ppo_objective import ppo_objective, tempered_logits
 from palm_rlhf.rl_math import (
-    explained_variance,
-    gae,
-    kl_per_token,
-    log_probs_from_logits,
-    masked_mean,
-    masked_sum,
-    masked_whiten,
-    rewards_with_kl,
     typechecked,
 )
-from palm_rlhf.sampling import sample_tokens
-from palm_rlhf.training import guard_loss, make_accelerator
+from palm_rlhf.train.run import guard_loss, make_accelerator
 
 # reward_fn(seq (b, n) long, mask (b, n) bool, prompt_mask (b, n) bool) -> (b,) float
 RewardFn = Callable[..., Tensor]
@@ -83,7 +74,6 @@ class RLHFTrainer:
     critic's real error rather than the scale of the reward. `value_head_init="zero"` keeps 0.
     """
 
-    # fmt: off
     @typechecked  # beartype, accepting ints where floats are annotated (kl_coef=0)
     def __init__(
         self,
@@ -95,45 +85,28 @@ class RLHFTrainer:
         prompts: Optional[list[str]] = None,
         prompts_path: Optional[Union[str, Path]] = None,
         tokenizer=None,
-        # optimisation
-        actor_lr: float = 1e-4, critic_lr: float = 1e-4,
-        actor_wd: float = 0.0, critic_wd: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        max_norm: Optional[float] = None,
-        # networks
-        actor_lora: bool = True, critic_lora: bool = True,
-        actor_lora_r: int = 8, critic_lora_r: int = 8,
-        actor_lora_scope: Optional[str] = None, critic_lora_scope: Optional[str] = None,
-        value_head_init: str = "mean_return",
-        # PPO losses
-        eps_clip: float = 0.2, value_clip: Optional[float] = 0.4, beta_s: float = 0.01,
-        minibatch_size: int = 16, epochs: int = 1,
-        # rewards and advantages
-        kl_coef: float = 0.1, target_kl: Optional[float] = None, kl_kind: str = "k1",
-        gamma: float = 1.0, lam: float = 0.95,
-        whiten_advantages: bool = True, whiten_rewards: bool = False,
-        reward_clip: Optional[float] = None, missing_eos_penalty: Optional[float] = None,
-        # PPO-ptx
-        ptx_coef: float = 0.0, ptx_data: Optional[Tensor] = None, ptx_seq_len: int = 128,
-        # rollouts
-        rollout_batch_size: int = 32, temperature: float = 1.0,
-        top_k: Optional[int] = None, top_p: Optional[float] = None, pad_value: Union[int, float] = 0,
-        # machinery
-        nan_policy: str = "raise",
+        ptx_data: Optional[Tensor] = None,
+        actor_lora_scope: Optional[str] = None,
+        critic_lora_scope: Optional[str] = None,
         accelerate_kwargs: Optional[dict] = None,
         tracker_project_name: str = "palm-rlhf-ppo",
-        seed: int = 0,
+        config: Optional[PPOConfig] = None,
+        **hyperparameters,  # any PPOConfig field: actor_lr=..., kl_coef=..., see config.py
     ):
-        # fmt: on
-        pad_value = int(pad_value)  # the reference project's default was the float 0.
-        args = locals()  # the hyperparameters, mirrored into a validated PPOConfig
-        self.config = PPOConfig(**{f.name: args[f.name] for f in fields(PPOConfig)})
-        if ptx_coef > 0 and ptx_data is None:
+        self.config = config = PPOConfig.from_keywords(config, **hyperparameters)
+        if config.ptx_coef > 0 and ptx_data is None:
             raise ValueError("ptx_coef > 0 needs ptx_data (token ids of pretraining text)")
-        self.accelerator = make_accelerator(seed=seed, **(accelerate_kwargs or {}))
+        self.accelerator = make_accelerator(
+            seed=config.seed,
+            **{
+                "mixed_precision": config.mixed_precision,
+                "cpu": config.cpu,
+                **(accelerate_kwargs or {}),
+            },
+        )
         device = self.accelerator.device
         self.pad_value = self.config.pad_value
-        self.kl_controller = KLController(kl_coef, target_kl)
+        self.kl_controller = KLController(config.kl_coef, config.target_kl)
 
         # prompts first: a bad prompt must fail before any scope is added to the user's PaLM
         prompt_list = load_prompts(
@@ -141,27 +114,24 @@ class RLHFTrainer:
         )
         self.prompts = PromptBank.build(prompt_list, self.pad_value)
         self.prompts = PromptBank(*(t.to(device) for t in self.prompts))
-        self.ptx_data = PtxData.build(ptx_data, palm.num_tokens, ptx_seq_len)
+        self.ptx_data = PtxData.build(ptx_data, palm.num_tokens, config.ptx_seq_len)
 
         # networks: actor and critic are scopes on `palm` or full copies; `palm` is the reference
         palm.to(device)
         actor, self.reference, critic = build_actor_critic(
-            palm, actor_lora, critic_lora, actor_lora_r, critic_lora_r,
-            actor_lora_scope, critic_lora_scope,
+            palm, config.actor_lora, config.critic_lora, config.actor_lora_r,
+            config.critic_lora_r, actor_lora_scope, critic_lora_scope,
         )  # fmt: skip
-        actor.to(device), critic.to(device)
+        actor.to(device), critic.to(device)  # the critic's value head is new
         self.actor_scope, self.critic_scope = actor.scope, critic.scope
-        actor_optim = torch.optim.AdamW(
-            actor.trainable_parameters(), lr=actor_lr, weight_decay=actor_wd, betas=betas
+        optimizers = [
+            torch.optim.AdamW(net.trainable_parameters(), lr, config.betas, weight_decay=wd)
+            for net, lr, wd in ((actor, config.actor_lr, config.actor_wd),
+                                (critic, config.critic_lr, config.critic_wd))
+        ]  # fmt: skip
+        (self.actor, self.actor_optim), (self.critic, self.critic_optim) = prepare_each(
+            self.accelerator, [actor, critic], optimizers
         )
-        critic_optim = torch.optim.AdamW(
-            critic.trainable_parameters(), lr=critic_lr, weight_decay=critic_wd, betas=betas
-        )
-        # wrap each with only its own parameters trainable, so DDP registers exactly those
-        with only_these_require_grad([actor, critic], actor.trainable_parameters()):
-            self.actor, self.actor_optim = self.accelerator.prepare(actor, actor_optim)
-        with only_these_require_grad([actor, critic], critic.trainable_parameters()):
-            self.critic, self.critic_optim = self.accelerator.prepare(critic, critic_optim)
 
         self.reward_model = reward_model
         if isinstance(reward_model, nn.Module):
@@ -170,10 +140,10 @@ class RLHFTrainer:
         # sampling draws from `generator` (on the device); prompt picks, shuffles and ptx
         # windows from `cpu_generator`; both are saved, so a resumed run continues identically
         rank = self.accelerator.process_index
-        self.generator = torch.Generator(device=device).manual_seed(seed + 1000 * rank)
-        self.cpu_generator = torch.Generator().manual_seed(seed + 1000 * rank + 1)
+        self.generator = torch.Generator(device=device).manual_seed(config.seed + 1000 * rank)
+        self.cpu_generator = torch.Generator().manual_seed(config.seed + 1000 * rank + 1)
         self.episodes, self.updates = 0, 0
-        self.value_head_initialised = value_head_init == "zero"
+        self.value_head_initialised = config.value_head_init == "zero"
         self.history: list[dict] = []
         if self.accelerator.log_with:
             self.accelerator.init_trackers(tracker_project_name, config=self.config.to_dict())
@@ -234,33 +204,14 @@ class RLHFTrainer:
                 f"{prompt.shape[1]} tokens; raise max_seq_len or shorten the prompts"
             )
         actor, critic = self.actor_module, self.critic_module
-        # mixed precision (accelerate_kwargs mixed_precision="bf16") covers sampling as well
+        # mixed precision (mixed_precision="bf16") covers sampling as well
         with evaluation_mode([actor, critic]), self.accelerator.autocast():
-            samples = sample_tokens(
-                actor.palm, prompt, new_tokens, prompt_mask=prompt_mask,
-                temperature=temperature, top_k=self.config.top_k, top_p=self.config.top_p,
-                eos_token=eos_token, pad_value=self.pad_value, use_cache=True,
-                finetune_scope=actor.scope, generator=self.generator,
+            return collect(
+                actor, self.reference, critic, self.reward_model, prompt, prompt_mask,
+                new_tokens, temperature=temperature, pad_value=self.pad_value,
+                eos_token=eos_token, generator=self.generator, top_k=self.config.top_k,
+                top_p=self.config.top_p,
             )  # fmt: skip
-            seqs = join_prompt_response(
-                prompt, prompt_mask, samples.tokens, samples.mask, self.pad_value
-            )
-            raw_scores = self.score(*seqs)
-            tokens, targets = seqs.tokens, seqs.tokens[:, 1:]
-            logits = actor(tokens)[:, :-1]
-            ref_logits = self.reference(tokens, disable_lora=True)[:, :-1]
-            values = critic(tokens)[:, :-1].float()
-        old_logprobs = log_probs_from_logits(tempered_logits(logits, temperature), targets)
-        ref_logprobs = log_probs_from_logits(tempered_logits(ref_logits, temperature), targets)
-        ended = torch.ones_like(raw_scores, dtype=torch.bool)
-        if eos_token is not None:
-            ended = ((samples.tokens == eos_token) & samples.mask).any(dim=-1)
-        zeros = torch.zeros_like(old_logprobs)
-        experience = Experience(
-            tokens, seqs.mask, seqs.prompt_mask, seqs.action_mask, old_logprobs, ref_logprobs,
-            values, zeros, zeros, raw_scores,
-        )  # fmt: skip
-        return experience, ended
 
     # ------------------------------------------------------------------ phases 2 and 3
 
@@ -269,40 +220,28 @@ class RLHFTrainer:
         self, experience: Experience, ended: Tensor
     ) -> tuple[Experience, dict[str, float]]:
         """Scores -> per-token rewards -> GAE advantages and returns (whitened as configured)."""
-        mask = experience.action_mask
-        scores = experience.scores
-        if self.config.missing_eos_penalty is not None:
-            scores = torch.where(ended, scores, scores - self.config.missing_eos_penalty)
-        if self.config.reward_clip is not None:
-            scores = scores.clamp(-self.config.reward_clip, self.config.reward_clip)
+        config, mask = self.config, experience.action_mask
+        scores = shape_scores(
+            experience.scores, ended, config.missing_eos_penalty, config.reward_clip
+        )
         kl_coef = self.kl_controller.kl_coef
         old, ref = experience.old_logprobs, experience.ref_logprobs
-        rewards = rewards_with_kl(scores, old, ref, mask, kl_coef, self.config.kl_kind)
-        if self.config.whiten_rewards and mask.sum() > 1:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
-
+        rewards = per_token_rewards(
+            scores, old, ref, mask, kl_coef, config.kl_kind, config.whiten_rewards
+        )
         values = experience.old_values
         if not self.value_head_initialised:
-            # the head's weight is 0, so V = bias everywhere: move the bias to the mean
-            # (gamma-discounted, lam = 1) return of this first rollout
-            _, returns = gae(rewards, torch.zeros_like(values), mask, self.config.gamma, 1.0)
-            shift = self.accelerator.reduce(masked_mean(returns - values, mask), "mean")
+            # the head's weight is 0, so V = bias everywhere: move the bias to the mean return
+            shift = mean_return_shift(rewards, values, mask, config.gamma)
+            shift = self.accelerator.reduce(shift, "mean")
             self.critic_module.value_head.bias.add_(shift)
             values = torch.where(mask, values + shift, 0)
             self.value_head_initialised = True
-
-        advantages, returns = gae(rewards, values, mask, self.config.gamma, self.config.lam)
-        if self.config.whiten_advantages and mask.sum() > 1:
-            advantages = masked_whiten(advantages, mask)
-
-        kl = kl_per_token(old, ref, self.config.kl_kind)
-        stats = dict(
-            score=float(scores.mean()),
-            kl=float(masked_sum(kl, mask, dim=-1).mean()),  # nats per response
-            kl_per_token=float(masked_mean(kl, mask)),
-            explained_variance=float(explained_variance(values, returns, mask)),
-            kl_coef=kl_coef,
+        advantages, returns = gae_advantages(
+            rewards, values, mask, config.gamma, config.lam, config.whiten_advantages
         )
+        stats = rollout_stats(scores, old, ref, mask, config.kl_kind, values, returns)
+        stats["kl_coef"] = kl_coef
         experience = experience._replace(
             old_values=values, advantages=advantages, returns=returns, scores=scores
         )
@@ -425,7 +364,7 @@ class RLHFTrainer:
         temperature: Optional[float] = None,
         checkpoint_every: Optional[int] = None,
         checkpoint_dir: Optional[Union[str, Path]] = None,
-        progress: bool = True,
+        progress: Optional[bool] = None,
         max_batch_size: Optional[int] = None,
     ) -> list[dict]:
         """Roll out `num_episodes` episodes, one PPO update per `update_timesteps` of them.
@@ -443,7 +382,10 @@ class RLHFTrainer:
         records = []
         bar = tqdm(
             total=num_episodes, desc="PPO episodes", unit="ep",
-            disable=not (progress and self.accelerator.is_local_main_process),
+            disable=not (
+                (self.config.progress if progress is None else progress)
+                and self.accelerator.is_local_main_process
+            ),
         )  # fmt: skip
         done = 0
         while done < num_episodes:
@@ -491,12 +433,63 @@ class RLHFTrainer:
             )  # fmt: skip
         return out if return_scores else out.sequence
 
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs: trained tensors (adapters or full weights, named
+        independently of the scope), both optimizers, both generators, counters, KL control,
+        history and the hyperparameters. Tensors and plain values only (no pickled code)."""
+        return {
+            "actor": self.actor_module.trainable_state(),
+            "critic": self.critic_module.trainable_state(),
+            "optimizers": {
+                "actor": self.actor_optim.state_dict(),
+                "critic": self.critic_optim.state_dict(),
+            },
+            "rng": {
+                "generator": self.generator.get_state(),
+                "cpu_generator": self.cpu_generator.get_state(),
+            },
+            "meta": {
+                "episodes": self.episodes,
+                "updates": self.updates,
+                "value_head_initialised": self.value_head_initialised,
+                "kl_controller": self.kl_controller.state_dict(),
+                "history": self.history,
+                "config": self.config.to_dict(),
+                "palm_config": self.reference.config.to_dict(),
+                "scopes": {"actor": self.actor_scope, "critic": self.critic_scope},
+            },
+        }
+
+    def load_state_dict(self, state: dict, source: str = "state") -> None:
+        """Restore `state_dict()`; refuses another PaLM shape or another actor/critic kind."""
+        meta = state["meta"]
+        check_compatible(meta, self.reference.config, self.config.to_dict(), source)
+        for name, module in (("actor", self.actor_module), ("critic", self.critic_module)):
+            try:
+                module.load_trainable_state(state[name])
+            except RuntimeError as err:  # missing/unexpected keys or shapes (e.g. another rank)
+                raise CheckpointError(f"{source}: the {name} does not fit: {err}") from err
+        self.actor_optim.load_state_dict(state["optimizers"]["actor"])
+        self.critic_optim.load_state_dict(state["optimizers"]["critic"])
+        self.generator.set_state(state["rng"]["generator"])
+        self.cpu_generator.set_state(state["rng"]["cpu_generator"])
+        self.episodes, self.updates = meta["episodes"], meta["updates"]
+        self.value_head_initialised = meta["value_head_initialised"]
+        self.kl_controller.load_state_dict(meta["kl_controller"])
+        self.history = list(meta["history"])
+
     def save(self, path: Union[str, Path]) -> Optional[Path]:
         """Write `path/update-XXXXXXX/` (and the `path/latest` pointer) atomically; see
-        `ppo_checkpoint.py`. Returns the folder (None on processes other than the main one)."""
-        return save_trainer_state(self, path)
+        `ppo/checkpoint.py`. Returns the folder (None on processes other than the main one)."""
+        self.accelerator.wait_for_everyone()
+        folder = None
+        if self.accelerator.is_main_process:
+            folder = write_trainer_state(path, f"update-{self.updates:07d}", self.state_dict())
+        self.accelerator.wait_for_everyone()
+        return folder
 
     def load(self, path: Union[str, Path]) -> RLHFTrainer:
         """Restore a `save`d state (a checkpoint root or one update folder) and continue."""
-        load_trainer_state(self, path)
+        folder, state = read_trainer_state(path, device=str(self.device))
+        self.load_state_dict(state, source=str(folder))
         return self

@@ -20,17 +20,7 @@ from typing import Optional
 from einops import rearrange
 from torch import Tensor, nn
 
-from palm_rlhf.palm import PaLM
-
-
-def unique_scope_name(palm: PaLM, base: str) -> str:
-    """`base` if the PaLM has no scope of that name yet, else the first free `base-k`, k >= 1
-    (the convention of the reward model's scopes)."""
-    name, k = base, 0
-    while name in palm.finetune_modules:
-        k += 1
-        name = f"{base}-{k}"
-    return name
+from palm_rlhf.model.palm import PaLM
 
 
 def claim_scope(palm: PaLM, requested: Optional[str], default: str, lora_r: int) -> str:
@@ -45,7 +35,7 @@ def claim_scope(palm: PaLM, requested: Optional[str], default: str, lora_r: int)
             f"LoRA scope {requested!r} already exists on this PaLM (another trainer or model "
             f"owns it); pass a different name, or None to get a fresh unique scope"
         )
-    name = requested if requested is not None else unique_scope_name(palm, default)
+    name = requested if requested is not None else palm.free_scope_name(default)
     palm.add_finetune_params(name, lora_r=lora_r)
     return name
 
@@ -142,6 +132,17 @@ def build_actor_critic(
     else:
         critic = Critic(bare_copy(palm), None)
     return actor, palm, critic
+
+
+def prepare_each(accelerator, nets: list[nn.Module], optimizers: list) -> list[tuple]:
+    """Accelerate-prepare each network with its optimizer, with only that network's own
+    parameters trainable at the time, so DDP registers exactly those (LoRA scopes of several
+    networks share one PaLM)."""
+    prepared = []
+    for net, optimizer in zip(nets, optimizers):
+        with only_these_require_grad(nets, net.trainable_parameters()):
+            prepared.append(accelerator.prepare(net, optimizer))
+    return prepared
 
 
 def all_parameters(modules: Iterable[nn.Module]) -> Iterator[nn.Parameter]:

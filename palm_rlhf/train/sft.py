@@ -17,12 +17,12 @@ import torch
 from beartype import beartype
 from torch import Tensor
 
-from palm_rlhf.cli_args import option, parse_config
-from palm_rlhf.collate import encode_prompt_response
-from palm_rlhf.finetune import FinetuneConfig, FinetuneResult, LossTerms, Stage, run_stage
-from palm_rlhf.finetune_data import TokenExample, collate_token_examples, load_examples
-from palm_rlhf.records import SFTRecord, read_sft
+from palm_rlhf.data.collate import encode_prompt_response
+from palm_rlhf.data.examples import TokenExample, collate_token_examples, load_examples
+from palm_rlhf.data.records import SFTRecord, read_sft
+from palm_rlhf.options import option, parse_config
 from palm_rlhf.rl_math import log_probs_from_logits, masked_sum
+from palm_rlhf.train.finetune import FinetuneConfig, FinetuneResult, LossTerms, Stage, run_stage
 
 
 @dataclass
@@ -137,7 +137,7 @@ def train_sft(config: SFTConfig) -> FinetuneResult:
                 pack_examples(train, config.max_len),
                 pack_examples(valid, config.max_len),
             )
-        scope = "sft" if config.lora else None
+        scope = "sft" if config.use_lora else None
         return Stage(
             "sft", train, valid, lambda b: collate_token_examples(b, tokenizer.pad_id),
             token_loss_fn(scope),

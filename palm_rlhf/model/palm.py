@@ -19,7 +19,7 @@ from beartype import beartype
 from einops import rearrange
 from torch import Tensor, nn
 
-from palm_rlhf.attention import (
+from palm_rlhf.model.attention import (
     KVCache,
     RotaryEmbedding,
     apply_rotary,
@@ -27,31 +27,10 @@ from palm_rlhf.attention import (
     reference_attention,
     sdpa_attention,
 )
-from palm_rlhf.config import PaLMConfig
-from palm_rlhf.lora import DEFAULT_LORA_TARGETS, make_scope
-
-
-def check_token_ids(tokens: Tensor, num_tokens: int, name: str = "seq") -> None:
-    """Refuse token tensors a model cannot embed, naming the offending value and position."""
-    if not isinstance(tokens, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(tokens).__name__}")
-    if tokens.dtype not in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(
-            f"{name} must hold integer token ids (torch.long), got dtype {tokens.dtype}"
-        )
-    if tokens.dim() != 2:
-        raise ValueError(
-            f"{name} must have shape (batch, seq_len), got shape {tuple(tokens.shape)}"
-        )
-    if tokens.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(tokens.shape)})")
-    bad = (tokens < 0) | (tokens >= num_tokens)
-    if bad.any():
-        row, col = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"{name}[{row}, {col}] = {int(tokens[row, col])} is not a valid token id: "
-            f"ids must be in [0, {num_tokens})"
-        )
+from palm_rlhf.model.config import PaLMConfig, check_token_ids
+from palm_rlhf.model.lora import DEFAULT_LORA_TARGETS, make_scope
+from palm_rlhf.model.sampling import generate
+from palm_rlhf.model.weights import load_palm_into, palm_from_pretrained, save_palm
 
 
 class ParallelBlock(nn.Module):
@@ -285,6 +264,14 @@ class PaLM(nn.Module):
     def finetune_scopes(self) -> tuple[str, ...]:
         return tuple(self.finetune_modules.keys())
 
+    def free_scope_name(self, wanted: str) -> str:
+        """`wanted` if no scope has that name yet, else the first free `wanted-k`, k >= 1."""
+        name, k = wanted, 0
+        while name in self.finetune_modules:
+            k += 1
+            name = f"{wanted}-{k}"
+        return name
+
     def _scope_layers(self, scope: Optional[str]):
         if scope is None:
             return None
@@ -361,26 +348,18 @@ class PaLM(nn.Module):
     # ---------------------------------------------------------------- sampling and saving
 
     def generate(self, seq_len: int, prompt: Optional[Tensor] = None, **kwargs) -> Tensor:
-        """Sample until `seq_len` total tokens (prompt included); see `palm_rlhf.sampling.generate`."""
-        from palm_rlhf.sampling import generate
-
+        """Sample until `seq_len` total tokens (prompt included); see `palm_rlhf.model.sampling.generate`."""
         return generate(self, seq_len, prompt, **kwargs)
 
     def save(self, path: Union[str, Path], scopes: Optional[tuple[str, ...]] = None) -> Path:
         """Write weights + config (+ LoRA scope specs) atomically to one safetensors file."""
-        from palm_rlhf.checkpoint import save_palm
-
         return save_palm(self, path, scopes=scopes)
 
     def load(self, path: Union[str, Path], strict: bool = True) -> PaLM:
         """Load weights saved by `save`, refusing a different config or a corrupt file."""
-        from palm_rlhf.checkpoint import load_palm_into
-
         load_palm_into(self, path, strict=strict)
         return self
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], map_location: str = "cpu") -> PaLM:
-        from palm_rlhf.checkpoint import palm_from_pretrained
-
-        return palm_from_pretrained(path, map_location=map_location)
+        return palm_from_pretrained(cls, path, map_location=map_location)

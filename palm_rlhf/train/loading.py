@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from palm_rlhf.checkpoint import latest_checkpoint
-from palm_rlhf.palm import PaLM
-from palm_rlhf.tokenizer import load_tokenizer, tokenizer_fingerprint
+from palm_rlhf.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from palm_rlhf.model.palm import PaLM
 
 
 class TokenizerMismatchError(ValueError):

@@ -14,8 +14,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from palm_rlhf.collate import pad_sequences
-from palm_rlhf.records import RecordError, RecordWarning, iter_jsonl
+from palm_rlhf.data.collate import pad_sequences
+from palm_rlhf.data.records import RecordError, RecordWarning, iter_jsonl
 
 
 class TokenExample(NamedTuple):

@@ -16,12 +16,17 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from palm_rlhf.cli_args import option
-from palm_rlhf.data import RandomChunkDataset, SequentialChunkDataset, Splits, load_pretraining_data
-from palm_rlhf.palm import PaLM
-from palm_rlhf.sampling import sample_tokens
-from palm_rlhf.tokenizer import ByteTokenizer, load_tokenizer
-from palm_rlhf.training import (
+from palm_rlhf.data.corpus import (
+    RandomChunkDataset,
+    SequentialChunkDataset,
+    Splits,
+    load_pretraining_data,
+)
+from palm_rlhf.data.tokenizer import ByteTokenizer, load_tokenizer
+from palm_rlhf.model.palm import PaLM
+from palm_rlhf.model.sampling import sample_tokens
+from palm_rlhf.options import option
+from palm_rlhf.train.run import (
     RunOptions,
     checkpoint_on_main,
     cosine_schedule,
@@ -57,7 +62,7 @@ class PretrainConfig(RunOptions):
     warmup_steps: int = option(100, "linear warm-up steps")
     weight_decay: float = option(0.1, "AdamW weight decay on matrices (not norms)")
     max_norm: Optional[float] = option(1.0, "gradient clipping norm ('none' disables)")
-    validate_every: int = option(250, "steps between validation runs")
+    eval_every: int = option(250, "steps between validation runs")
     val_batches: int = option(8, "validation batches per run (the same batches every time)")
     generate_every: int = option(500, "steps between text samples (0 disables)")
     generate_length: int = option(200, "bytes to sample")
@@ -154,7 +159,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     bar = tqdm(
         total=config.num_steps,
         initial=step,
-        disable=not accelerator.is_main_process,
+        disable=not (config.progress and accelerator.is_main_process),
         desc="pretrain",
     )
     model.train()
@@ -176,7 +181,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
             config.max_minutes is not None and time.monotonic() - start > 60 * config.max_minutes
         )
         last = step == config.num_steps or out_of_time
-        if step % config.validate_every == 0 or last:
+        if step % config.eval_every == 0 or last:
             valid_loss = evaluate(model, val_loader, accelerator)
             record.update(
                 valid_loss=valid_loss, valid_bpc=valid_loss / math.log(2) / bytes_per_token

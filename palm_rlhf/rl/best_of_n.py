@@ -12,9 +12,9 @@ import torch
 from einops import repeat
 from torch import Tensor
 
-from palm_rlhf.experience import join_prompt_response, score_sequences
-from palm_rlhf.palm import PaLM
-from palm_rlhf.sampling import sample_tokens
+from palm_rlhf.model.palm import PaLM
+from palm_rlhf.model.sampling import sample_tokens
+from palm_rlhf.rl.rollout import join_prompt_response, score_sequences
 
 
 class BestOfN(NamedTuple):

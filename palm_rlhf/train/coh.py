@@ -28,15 +28,15 @@ from typing import Optional, Union
 import torch
 from beartype import beartype
 
-from palm_rlhf.cli_args import option, parse_config
-from palm_rlhf.collate import left_pad_prompts
-from palm_rlhf.finetune import FinetuneConfig, FinetuneResult, Stage, run_stage
-from palm_rlhf.finetune_data import TokenExample, collate_token_examples, load_examples
-from palm_rlhf.palm import PaLM
-from palm_rlhf.records import ComparisonRecord, read_comparisons
-from palm_rlhf.sampling import sample_tokens
-from palm_rlhf.sft import token_loss_fn
-from palm_rlhf.tokenizer import ByteTokenizer
+from palm_rlhf.data.collate import left_pad_prompts
+from palm_rlhf.data.examples import TokenExample, collate_token_examples, load_examples
+from palm_rlhf.data.records import ComparisonRecord, read_comparisons
+from palm_rlhf.data.tokenizer import ByteTokenizer
+from palm_rlhf.model.palm import PaLM
+from palm_rlhf.model.sampling import sample_tokens
+from palm_rlhf.options import option, parse_config
+from palm_rlhf.train.finetune import FinetuneConfig, FinetuneResult, Stage, run_stage
+from palm_rlhf.train.sft import token_loss_fn
 
 MODES = ("p", "n", "pn", "np", "both")
 POSITIVE, NEGATIVE = "A good answer:", "A bad answer:"
@@ -159,7 +159,7 @@ def train_coh(config: CoHConfig) -> FinetuneResult:
             )
         mixed = config.ptx_ratio > 0  # then the loss is reported for each kind too
         metrics = {HINDSIGHT: "answer_loss", PRETRAINING: "ptx_loss"} if mixed else {}
-        scope = "coh" if config.lora else None
+        scope = "coh" if config.use_lora else None
         return Stage(
             "coh", train, valid, lambda b: collate_token_examples(b, tokenizer.pad_id),
             token_loss_fn(scope, metrics),

@@ -15,7 +15,7 @@ from typing import Literal, Protocol, Union, runtime_checkable
 import sentencepiece as spm
 from beartype import beartype
 
-from palm_rlhf.fileio import atomic_write_bytes
+from palm_rlhf.checkpoint import atomic_write_bytes
 
 PathLike = Union[str, Path]
 CONFIG_NAME = "tokenizer.json"

@@ -37,7 +37,6 @@ import copy
 import hashlib
 import json
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -49,10 +48,9 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from palm_rlhf.checkpoint import WEIGHTS_NAME, CheckpointError, load_tensors, save_tensors
-from palm_rlhf.collate import ComparisonBatch
-from palm_rlhf.config import PaLMConfig
-from palm_rlhf.lora import DEFAULT_LORA_TARGETS
-from palm_rlhf.palm import PaLM, check_token_ids
+from palm_rlhf.model.config import PaLMConfig
+from palm_rlhf.model.lora import DEFAULT_LORA_TARGETS
+from palm_rlhf.model.palm import PaLM, check_token_ids
 from palm_rlhf.rl_math import masked_mean
 
 PathLike = Union[str, Path]
@@ -126,15 +124,6 @@ def pool_hidden(hidden: Tensor, mask: Tensor, response_mask: Tensor, pooling: st
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
-def _free_scope_name(palm: PaLM, wanted: str) -> str:
-    if wanted not in palm.finetune_modules:
-        return wanted
-    index = 1
-    while f"{wanted}-{index}" in palm.finetune_modules:
-        index += 1
-    return f"{wanted}-{index}"
-
-
 def base_fingerprint(palm: PaLM) -> str:
     """A short hash of the base's token embeddings: adapters loaded onto another base warn."""
     weight = palm.token_emb.weight.detach().float().cpu().contiguous()
@@ -173,7 +162,7 @@ class RewardModel(nn.Module):
         self.palm = palm if use_lora else copy.deepcopy(palm)
         self.reward_lora_scope: Optional[str] = None
         if use_lora:
-            self.reward_lora_scope = _free_scope_name(palm, reward_lora_scope)
+            self.reward_lora_scope = palm.free_scope_name(reward_lora_scope)
             palm.add_finetune_params(
                 self.reward_lora_scope, lora_r=lora_r, lora_alpha=lora_alpha, targets=lora_targets
             )
@@ -395,15 +384,10 @@ class RewardModel(nn.Module):
             palm = palm.to(map_location)  # a given PaLM (maybe shared) stays where it is
         return cls(palm, **asdict(config)).load(path)
 
-    def score_comparisons(self, batch: ComparisonBatch) -> Tensor:
-        """Scores (b, K) of a ComparisonBatch with one forward; see `score_comparisons`."""
-        return score_comparisons(self, batch)
-
 
 def _palm_diffs(saved: PaLMConfig, palm: PaLM) -> list[str]:
-    shape = ("num_tokens", "dim", "depth", "dim_head", "heads", "ff_mult")
-    return [f"palm.{k}: file {getattr(saved, k)!r} vs model {getattr(palm.config, k)!r}"
-            for k in shape if getattr(saved, k) != getattr(palm.config, k)]  # fmt: skip
+    mismatched = palm.config.shape_mismatch(saved.to_dict())
+    return [f"palm.{k}: file {a!r} vs model {b!r}" for k, (a, b) in mismatched.items()]
 
 
 def _read(path: PathLike, device: str):
@@ -421,26 +405,3 @@ def _read(path: PathLike, device: str):
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path} has invalid metadata: {err}") from err
     return path, config, palm_config, metadata, tensors
-
-
-# ----------------------------------------------------------------------------- comparisons
-
-
-def score_comparisons(reward_fn: Callable[..., Tensor], batch: ComparisonBatch) -> Tensor:
-    """Scores (b, K) of a ComparisonBatch: ONE call of `reward_fn` (a RewardModel, or one
-    wrapped by Accelerate/DDP) on the (b K, n) flattened present responses; missing
-    responses (response_mask False) are not run and score 0 (the ranking losses mask them)."""
-    tokens, mask, prompt_mask, _, present = batch
-    if tokens.dim() != 3 or mask.shape != tokens.shape or prompt_mask.shape != tokens.shape:
-        raise ValueError(
-            f"a ComparisonBatch holds tokens, mask and prompt_mask of one shape (b, K, n); got "
-            f"{tuple(tokens.shape)}, {tuple(mask.shape)}, {tuple(prompt_mask.shape)}"
-        )
-    if present.shape != tokens.shape[:2]:
-        raise ValueError(f"response_mask must be (b, K) = {tuple(tokens.shape[:2])}")
-    num_responses = tokens.shape[1]
-    keep = rearrange(present, "b k -> (b k)")
-    flat = [rearrange(t, "b k n -> (b k) n")[keep] for t in (tokens, mask, prompt_mask)]
-    rewards = reward_fn(flat[0], mask=flat[1], prompt_mask=flat[2])
-    scores = rewards.new_zeros(keep.shape[0]).masked_scatter(keep, rewards)
-    return rearrange(scores, "(b k) -> b k", k=num_responses)
