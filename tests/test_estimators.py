@@ -231,6 +231,8 @@ def test_score_centering_cancels_drift_and_is_reinforce_on_policy():
     # top-k = v - 1 leaves a one-token tail, which the tail correction models exactly
     full = _centering_grad(logits, mu, 1, 1.5)
     assert_close(_centering_grad(logits, mu, 1, 1.5, topk=3), full, **TIGHT)
+    # on policy, a two-token head plus a two-token tail is still exactly REINFORCE
+    assert_close(_centering_grad(logits, pi, 0, 2.0, topk=2), -2.0 * (onehots[0] - pi), **TIGHT)
 
 
 # ----------------------------------------------------------------------------- FlowRL

@@ -41,13 +41,14 @@ def reduce_token_losses(
 
       "sequence": mean over sequences of each sequence's token mean (GRPO, Shao et al. 2024
                   eq. 3): a token of a short answer weighs more than one of a long answer.
-      "token":    sum over all masked tokens / their number (DAPO, Yu et al. 2025, "token-level loss"):
-                  every token weighs the same.
+      "token":    sum over all masked tokens / their number (DAPO, Yu et al. 2025, token-level
+                  policy gradient loss): every token weighs the same.
       "constant": sum over all masked tokens / (b * max_length) (Dr. GRPO, Liu et al.
                   2025): no length bias at all; `max_length` defaults to n.
 
     Across processes "sequence" and "constant" average exactly (equal per-process b); "token"
-    is a per-shard mean, as in DAPO's and the reference's code.
+    is the mean of this shard's tokens (the reference trainer's masked mean is per minibatch),
+    not of the global batch's, unless every shard holds the same number of tokens.
     """
     if mask.dtype != torch.bool or mask.shape != losses.shape:
         raise ValueError(f"need a bool mask shaped like the losses {tuple(losses.shape)}")
@@ -176,11 +177,12 @@ def flowrl_loss(
         w     = sg[clip(pi(y|x) / pi_old(y|x), 1 - eps, 1 + eps)]     (whole-sequence ratio)
         loss  = mean_b(w * delta^2)
 
-    Minimising it drives pi(y|x) toward ref(y|x) * exp(beta * r_hat) / Z(x) (length-normalised
-    log-probs), i.e. matches the reward distribution instead of maximising it; log Z(x) comes
-    from a learned head and gets its gradient from the same loss. r_hat is the reward
-    normalised within the prompt's group (`group_normalized_advantages`, as the reference
-    does). beta = 15 and eps = 0.2 are the reference's defaults. |y| counts masked tokens.
+    At delta = 0, (1/|y|) log pi = (1/|y|) log ref + beta * r_hat - log Z: the policy matches
+    the reward-tilted reference distribution (per token) instead of maximising reward.
+    log Z(x) comes from a learned head and gets its gradient from the same loss. r_hat is the
+    reward normalised within the prompt's group (`group_normalized_advantages`, as the
+    reference does). beta = 15 and eps = 0.2 are the reference's defaults. |y| counts masked
+    tokens.
     """
     if not (logprobs.shape == ref_logprobs.shape == old_logprobs.shape == mask.shape):
         raise ValueError(
