@@ -17,8 +17,10 @@ from palm_rlhf.model.config import check_token_ids
 
 
 class Decoder(Protocol):
-    """What sampling needs of a model (PaLM has it): embeddings with an optional KV cache, the
-    output head, and its config. Sampling never imports the model class; the model imports it."""
+    """What sampling needs of a model (PaLM has it): a forward returning logits, with an
+    optional KV cache, and its config. Sampling never imports the model class; the model imports
+    it. Every step is a call of the model itself (not of its submodules), so a wrapped model
+    (FSDP2 shards gathered by forward hooks) samples like a plain one."""
 
     num_tokens: int
     config: Any
@@ -26,8 +28,7 @@ class Decoder(Protocol):
     device: torch.device
 
     def init_cache(self, batch: int, max_len: int) -> Any: ...
-    def embed(self, x: Tensor, **kwargs) -> Tensor: ...
-    def to_logits(self, hidden: Tensor) -> Tensor: ...
+    def __call__(self, x: Tensor, **kwargs) -> Tensor: ...
     def eval(self) -> Any: ...
     def train(self, mode: bool = True) -> Any: ...
 
@@ -145,9 +146,8 @@ def iter_sample(
     try:
         cache = model.init_cache(batch, prompt.shape[1] + max_new_tokens) if use_cache else None
         seq, seq_mask = prompt, prompt_mask
-        hidden = model.embed(seq, mask=seq_mask, finetune_scope=finetune_scope, cache=cache)
+        logits = model(seq, mask=seq_mask, finetune_scope=finetune_scope, cache=cache)[:, -1]
         for step in range(max_new_tokens):
-            logits = model.to_logits(hidden[:, -1])
             token = sample_from_logits(logits, temperature, generator, **filters).masked_fill(
                 done, pad_value
             )
@@ -157,12 +157,12 @@ def iter_sample(
             if bool(done.all()) or step == max_new_tokens - 1:
                 return
             if cache is not None:
-                hidden = model.embed(token[:, None], finetune_scope=finetune_scope, cache=cache)
+                logits = model(token[:, None], finetune_scope=finetune_scope, cache=cache)[:, -1]
             else:
                 seq = torch.cat((seq, token[:, None]), dim=1)
                 if seq_mask is not None:
                     seq_mask = torch.cat((seq_mask, seq_mask.new_ones(batch, 1)), dim=1)
-                hidden = model.embed(seq, mask=seq_mask, finetune_scope=finetune_scope)
+                logits = model(seq, mask=seq_mask, finetune_scope=finetune_scope)[:, -1]
     finally:
         model.train(was_training)
 

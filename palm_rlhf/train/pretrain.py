@@ -26,6 +26,7 @@ from palm_rlhf.data.tokenizer import ByteTokenizer, load_tokenizer
 from palm_rlhf.model.palm import PaLM
 from palm_rlhf.model.sampling import sample_tokens
 from palm_rlhf.options import option
+from palm_rlhf.train import sharding
 from palm_rlhf.train.run import (
     RunOptions,
     checkpoint_on_main,
@@ -109,7 +110,7 @@ def evaluate(model, loader, accelerator) -> float:
 
 def pretrain(config: PretrainConfig) -> PretrainResult:
     accelerator = make_accelerator(
-        config.mixed_precision, config.cpu, config.grad_accum, config.seed
+        config.mixed_precision, config.cpu, config.grad_accum, config.seed, fsdp=config.fsdp
     )
     log = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     splits, source = load_pretraining_data(config.data_dir)
@@ -121,6 +122,8 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
 
     model = build_model(config, tokenizer.vocab_size)
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {model.config}")
+    # sharded (--fsdp): split before the optimizer is made, so it holds the shards
+    template = sharding.shard(model, accelerator, config.fsdp)
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     scheduler = cosine_schedule(
         optimizer, config.warmup_steps, config.num_steps, config.min_lr_ratio
@@ -137,13 +140,16 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     # resumed run (RNG restored, then iterator made) would drift from the uninterrupted one
     train_loader = DataLoader(train_set, batch_size=config.batch_size, generator=torch.Generator())
     val_loader = DataLoader(val_set, batch_size=config.batch_size, generator=torch.Generator())
-    model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, scheduler
+    model, optimizer, train_loader, val_loader, scheduler = sharding.prepare(
+        accelerator, model, optimizer, train_loader, val_loader, scheduler
     )
     unwrapped = accelerator.unwrap_model(model)
+    sharded = sharding.is_sharded(unwrapped)
+    if config.fsdp:
+        log(f"fsdp: {'sharded over ' + str(accelerator.num_processes) + ' processes' if sharded else 'one process, nothing to shard'}")  # fmt: skip
 
     step, history, *_ = resume_training(
-        config.out_dir, config.resume, unwrapped, optimizer, scheduler, log
+        config.out_dir, config.resume, unwrapped, optimizer, scheduler, log, template=template
     )
     if step:
         train_loader = accelerator.skip_first_batches(train_loader, step * config.grad_accum)
@@ -152,7 +158,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         trainer_state = {"config": asdict(config), "history": history}
         return checkpoint_on_main(
             accelerator, config.out_dir, step, unwrapped, optimizer, scheduler, trainer_state,
-            config.keep_last, tokenizer,
+            config.keep_last, tokenizer, template,
         )  # fmt: skip
 
     valid_loss, saved, start = math.nan, None, time.monotonic()
@@ -183,6 +189,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         last = step == config.num_steps or out_of_time
         if step % config.eval_every == 0 or last:
             valid_loss = evaluate(model, val_loader, accelerator)
+            sharding.settle(unwrapped)
             record.update(
                 valid_loss=valid_loss, valid_bpc=valid_loss / math.log(2) / bytes_per_token
             )
@@ -192,12 +199,14 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         if step % config.log_every == 0 or "valid_loss" in record:
             history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
+        # a sharded model samples on every process together (each holds a part of the weights)
         if (
             config.generate_every
             and (step % config.generate_every == 0 or last)
-            and accelerator.is_main_process
+            and (accelerator.is_main_process or sharded)
         ):
             log(sample_text(unwrapped, splits.valid, config, tokenizer, seed=config.seed + step))
+            sharding.settle(unwrapped)
         if step % config.save_every == 0 or last:
             saved = checkpoint()
         if out_of_time:

@@ -33,6 +33,7 @@ from palm_rlhf.checkpoint import (
 )
 from palm_rlhf.data.tokenizer import CONFIG_NAME
 from palm_rlhf.options import option
+from palm_rlhf.train import sharding
 
 PathLike = Union[str, Path]
 
@@ -51,6 +52,11 @@ class RunOptions:
         "raise", "on a NaN/Inf loss: stop, or skip the step", choices=("raise", "skip")
     )
     progress: bool = option(True, "show a progress bar (--no-progress for log files)")
+    fsdp: bool = option(
+        False,
+        "shard parameters, gradients and optimizer state over the processes (FSDP2, one unit "
+        "per ParallelBlock); checkpoints stay full",
+    )
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -62,16 +68,22 @@ def make_accelerator(
     cpu: bool = False,
     gradient_accumulation_steps: int = 1,
     seed: int = 0,
+    fsdp: bool = False,
     **accelerate_kwargs,
 ) -> Accelerator:
     """An Accelerator whose batch size means the GLOBAL batch: each process gets its slice
-    (`split_batches=True`), so one process and N processes see the same data per step."""
+    (`split_batches=True`), so one process and N processes see the same data per step.
+
+    `fsdp` on GPUs hands Accelerate its FSDP2 plugin; on CPU processes Accelerate cannot shard,
+    and the trainer shards the model itself with `sharding.shard` (see `train/sharding.py`)."""
     from accelerate.utils import DataLoaderConfiguration
 
     accelerate_kwargs.setdefault("dataloader_config", DataLoaderConfiguration(split_batches=True))
     # Accelerate only sets up multi-process CPU training (gloo) when told it is on the CPU, so a
     # machine without an accelerator says so itself: `accelerate launch` / torchrun just work.
     cpu = cpu or not _has_accelerator()
+    if fsdp and not cpu:
+        accelerate_kwargs.setdefault("fsdp_plugin", sharding.fsdp_plugin())
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         cpu=cpu,
@@ -133,11 +145,13 @@ def save_training_checkpoint(
     keep_last: int = 2,
     extra_states: Optional[dict[str, Any]] = None,
     extra_files: Optional[dict[str, Any]] = None,
+    optimizer_state: Optional[dict] = None,
 ) -> Path:
     """Write `root/step-XXXXXXX` atomically, point `root/latest` at it, prune old ones.
 
     `model` is the unwrapped PaLM (or any module with `save(path, scopes=...)`); `scopes` saves
     adapters only. `extra_states` are more tensor dicts (e.g. a value head), saved as .pt files.
+    `optimizer_state` replaces `optimizer.state_dict()` (a sharded run's gathered full state).
     """
     name = f"step-{step:07d}"
     writers = {
@@ -146,7 +160,7 @@ def save_training_checkpoint(
         "trainer_state.json": lambda p: save_json(p, {"step": step, **(trainer_state or {})}),
     }
     if optimizer is not None:
-        states = {"optimizer": optimizer.state_dict()}
+        states = {"optimizer": optimizer_state or optimizer.state_dict()}
         if scheduler is not None:
             states["scheduler"] = scheduler.state_dict()
         writers["optimizer.pt"] = lambda p: save_state(p, states)
@@ -168,14 +182,22 @@ def checkpoint_on_main(
     trainer_state: dict,
     keep_last: int,
     tokenizer,
+    template=None,
 ) -> Optional[Path]:
     """The main process writes a training checkpoint with the tokenizer beside the weights;
-    every process waits for it. Returns the folder on the main process, None elsewhere."""
-    path = None
+    every process waits for it. Returns the folder on the main process, None elsewhere.
+
+    A sharded model's full weights and optimizer state are gathered first (every process takes
+    part) into `template`, its unsharded twin on the main process, which is what gets written."""
+    path, optimizer_state = None, None
+    if sharding.is_sharded(model):
+        optimizer_state = sharding.full_optimizer_state(model, optimizer)
+        model = sharding.gather_weights(model, template)
     if accelerator.is_main_process:
         path = save_training_checkpoint(
             root, step, model, optimizer, scheduler, trainer_state=trainer_state,
             keep_last=keep_last, extra_files={CONFIG_NAME: lambda p: tokenizer.save(p.parent)},
+            optimizer_state=optimizer_state,
         )  # fmt: skip
     accelerator.wait_for_everyone()
     return path
@@ -196,18 +218,32 @@ def guarded_step(accelerator, loss, step: int, params, optimizer, max_norm, nan_
 
 
 def load_training_checkpoint(
-    folder: PathLike, model=None, optimizer=None, scheduler=None, restore_rng: bool = True
+    folder: PathLike,
+    model=None,
+    optimizer=None,
+    scheduler=None,
+    restore_rng: bool = True,
+    template=None,
 ) -> dict:
-    """Restore what `save_training_checkpoint` wrote; returns the trainer_state dict."""
+    """Restore what `save_training_checkpoint` wrote; returns the trainer_state dict.
+
+    A sharded model (every process calls this) loads the full weights through `template`, its
+    unsharded twin on the main process, and its optimizer from the full name-keyed state."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
     state = load_json(folder / "trainer_state.json")
-    if model is not None:
+    sharded = model is not None and sharding.is_sharded(model)
+    if sharded:
+        sharding.load_weights(model, template, folder / "model.safetensors")
+    elif model is not None:
         model.load(folder / "model.safetensors")
     if optimizer is not None:
         states = load_state(folder / "optimizer.pt")
-        optimizer.load_state_dict(states["optimizer"])
+        if sharded:
+            sharding.load_optimizer_state(model, optimizer, states["optimizer"])
+        else:
+            optimizer.load_state_dict(states["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(states["scheduler"])
     if restore_rng:
@@ -239,6 +275,7 @@ def resume_training(
     scheduler=None,
     log=print,
     check=None,
+    template=None,
 ) -> Resumed:
     """Restore `resume` ('latest' under out_dir, or a folder) into model/optimizer/scheduler/RNG.
 
@@ -254,7 +291,7 @@ def resume_training(
         return Resumed(0, [], None, None)
     if check is not None:
         check(folder)
-    state = load_training_checkpoint(folder, model, optimizer, scheduler)
+    state = load_training_checkpoint(folder, model, optimizer, scheduler, template=template)
     log(f"resumed from {folder} at step {state['step']}")
     return Resumed(state["step"], state.get("history", []), state, folder)
 
