@@ -41,6 +41,7 @@ from palm_rlhf.data.examples import step_rows
 from palm_rlhf.model.lora import DEFAULT_LORA_TARGETS
 from palm_rlhf.model.palm import PaLM
 from palm_rlhf.options import option
+from palm_rlhf.train import sharding
 from palm_rlhf.train.loading import check_tokenizer, load_base
 from palm_rlhf.train.pretrain import make_optimizer
 from palm_rlhf.train.run import (
@@ -231,7 +232,7 @@ def run_stage(
         if getattr(config, required) is None:
             raise ValueError(f"--{required.replace('_', '-')} is required for {name}")
     accelerator = make_accelerator(
-        config.mixed_precision, config.cpu, config.grad_accum, config.seed
+        config.mixed_precision, config.cpu, config.grad_accum, config.seed, fsdp=config.fsdp
     )
     log = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     if config.batch_size < accelerator.num_processes:
@@ -255,27 +256,31 @@ def run_stage(
     per_step = config.batch_size * config.grad_accum
     num_steps = max(1, math.ceil(config.epochs * len(stage.train) / per_step))
     num_steps = min(num_steps, config.max_steps or num_steps)
+    # sharded (--fsdp): split before the optimizer is made, so it holds the shards
+    template = sharding.shard(model, accelerator, config.fsdp)
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     scheduler = cosine_schedule(optimizer, config.warmup_steps, num_steps, config.min_lr_ratio)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = sharding.prepare(accelerator, model, optimizer, scheduler)
     unwrapped = accelerator.unwrap_model(model)
     for module in stage.frozen:
         module.to(accelerator.device).eval().requires_grad_(False)
 
     step, history, state, folder = resume_training(
         config.out_dir, config.resume, unwrapped, optimizer, scheduler, log,
-        check=lambda folder: _check_resume(folder, config, stage, tokenizer),
+        check=lambda folder: _check_resume(folder, config, stage, tokenizer), template=template,
     )  # fmt: skip
 
     def checkpoint(final: bool) -> Optional[Path]:
         merged = final and scope is not None and config.merge_lora
-        if merged:
-            unwrapped.merge_finetune_params(scope)  # training is over: fold the adapters in
+        fold = (lambda module: module.merge_finetune_params(scope)) if merged else None
+        if fold is not None and not sharding.is_sharded(unwrapped):
+            fold(unwrapped)  # training is over: fold the adapters in
+            fold = None  # (sharded: folded into the gathered copy the checkpoint is written from)
         trainer_state = {"config": asdict(config), "history": history, "stage": name,
                          "lora_merged": merged, "num_steps": num_steps}  # fmt: skip
         return checkpoint_on_main(
             accelerator, config.out_dir, step, unwrapped, optimizer, scheduler, trainer_state,
-            config.keep_last, tokenizer,
+            config.keep_last, tokenizer, template, before_save=fold,
         )  # fmt: skip
 
     train_metrics, valid_metrics, saved = {}, {}, None
@@ -320,6 +325,7 @@ def run_stage(
         last = step == num_steps
         if step % config.eval_every == 0 or last:
             valid_metrics = evaluate(stage, unwrapped, accelerator, config.batch_size)
+            sharding.settle(unwrapped)
             record.update({f"valid_{k}": v for k, v in valid_metrics.items()})
             shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step")
             log(f"{name} step {step}: {shown}")

@@ -40,6 +40,7 @@ from palm_rlhf.model.palm import PaLM
 from palm_rlhf.model.reward import RewardModel, expected_rating
 from palm_rlhf.options import option, parse_config
 from palm_rlhf.rl_math import ranking_loss_from_scores
+from palm_rlhf.train import sharding
 from palm_rlhf.train.loading import load_base as load_base_model
 from palm_rlhf.train.loading import weights_file
 from palm_rlhf.train.run import (
@@ -289,6 +290,8 @@ def evaluate(model, loader, accelerator, kind: str, margin: float = 0.0) -> dict
     unwrapped = accelerator.unwrap_model(model)
     was_training = unwrapped.training
     unwrapped.eval()
+    if sharding.is_sharded(unwrapped):
+        unwrapped.unshard()  # `logits` is not the forward: gather the root's own shards for it
     totals: dict[str, float] = {}
     for batch in loader:
         with accelerator.autocast():
@@ -303,6 +306,7 @@ def evaluate(model, loader, accelerator, kind: str, margin: float = 0.0) -> dict
             gathered = accelerator.gather_for_metrics(value.float())
             totals[key] = totals.get(key, 0.0) + float(gathered.sum())
     unwrapped.train(was_training)
+    sharding.settle(unwrapped)
     metrics = {
         "valid_accuracy": totals["right"] / max(totals["count"], 1.0),
         "valid_loss": totals["loss"] / max(totals["records"], 1.0),
@@ -319,7 +323,7 @@ def evaluate(model, loader, accelerator, kind: str, margin: float = 0.0) -> dict
 def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
     """Train a reward model as `config` says; see the module docstring for data and phases."""
     accelerator = make_accelerator(
-        config.mixed_precision, config.cpu, config.grad_accum, config.seed
+        config.mixed_precision, config.cpu, config.grad_accum, config.seed, fsdp=config.fsdp
     )
     log = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     palm, tokenizer, base_path = load_base(config)
@@ -331,6 +335,9 @@ def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
     wanted = {id(p) for p in trainable}
     for param in model.parameters():  # the trainer owns this model: freeze all it does not train
         param.requires_grad_(id(param) in wanted)
+    # sharded (--fsdp): split before the optimizer is made; sharding replaces the parameters
+    template = sharding.shard(model, accelerator, config.fsdp)
+    trainable = model.trainable_parameters()
     log(f"reward model: {len(train)} training / {len(valid)} held-out {config.kind} records, "
         f"{sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,} parameters trained")  # fmt: skip
 
@@ -348,12 +355,12 @@ def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
     )
     eval_size = config.eval_batch_size or config.batch_size
     valid_loader = DataLoader(valid, batch_size=eval_size, collate_fn=collate) if valid else None
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)  # fmt: skip
+    model, optimizer, train_loader, scheduler = sharding.prepare(accelerator, model, optimizer, train_loader, scheduler)  # fmt: skip
     valid_loader = accelerator.prepare(valid_loader) if valid_loader is not None else None
     unwrapped = accelerator.unwrap_model(model)
 
     step, history, *_ = resume_training(
-        config.out_dir, config.resume, unwrapped, optimizer, scheduler, log
+        config.out_dir, config.resume, unwrapped, optimizer, scheduler, log, template=template
     )
     if step:
         train_loader = accelerator.skip_first_batches(train_loader, step * config.grad_accum)
@@ -364,7 +371,7 @@ def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
         trainer_state = {"config": asdict(config), "history": history}
         return checkpoint_on_main(
             accelerator, config.out_dir, step, unwrapped, optimizer, scheduler, trainer_state,
-            config.keep_last, tokenizer,
+            config.keep_last, tokenizer, template,
         )  # fmt: skip
 
     metrics, saved, start = {}, None, time.monotonic()

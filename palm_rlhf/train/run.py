@@ -183,17 +183,21 @@ def checkpoint_on_main(
     keep_last: int,
     tokenizer,
     template=None,
+    before_save=None,
 ) -> Optional[Path]:
     """The main process writes a training checkpoint with the tokenizer beside the weights;
     every process waits for it. Returns the folder on the main process, None elsewhere.
 
     A sharded model's full weights and optimizer state are gathered first (every process takes
-    part) into `template`, its unsharded twin on the main process, which is what gets written."""
+    part) into `template`, its unsharded twin on the main process, which is what gets written.
+    `before_save(module)` runs on the module about to be written (e.g. folding a LoRA scope)."""
     path, optimizer_state = None, None
     if sharding.is_sharded(model):
         optimizer_state = sharding.full_optimizer_state(model, optimizer)
         model = sharding.gather_weights(model, template)
     if accelerator.is_main_process:
+        if before_save is not None:
+            before_save(model)
         path = save_training_checkpoint(
             root, step, model, optimizer, scheduler, trainer_state=trainer_state,
             keep_last=keep_last, extra_files={CONFIG_NAME: lambda p: tokenizer.save(p.parent)},
