@@ -4,24 +4,56 @@ The rollout (`rollout.collect`) and the per-token KL are algorithm-neutral; an a
 chooses how scores become per-token rewards and advantages. PPO uses GAE over a critic's
 values (`gae_advantages`); critic-free estimators (group-normalised, leave-one-out, global
 batch normalisation) are pure functions of the same inputs and plug in beside it.
+
+Whitening under several processes: each process holds a shard of the experience, so the mean
+and variance must be those of the GLOBAL batch, or N processes would compute other advantages
+than one process on the same episodes. `whiten` takes an `all_reduce` (sum over processes) and
+sums count, sum and sum of squares (float64 `estimators.masked_moments`) before normalising.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from palm_rlhf.rl.estimators import Moments, global_normalized_advantages, masked_moments
 from palm_rlhf.rl_math import (
     explained_variance,
     gae,
     kl_per_token,
     masked_mean,
     masked_sum,
-    masked_whiten,
     rewards_with_kl,
 )
+
+# all_reduce(t) -> the elementwise sum of t over every process (identity for one process)
+AllReduce = Callable[[Tensor], Tensor]
+
+
+def whiten(
+    x: Tensor, mask: Tensor, shift_mean: bool = True, all_reduce: Optional[AllReduce] = None
+) -> Tensor:
+    """(x - mean) / sqrt(var + 1e-8) over the masked entries of the GLOBAL batch: (b, n) -> (b, n).
+
+    mean and Bessel-corrected var come from count, sum and sum of squares accumulated in float64
+    and summed over processes by `all_reduce` (None: this tensor alone, as `rl_math.masked_whiten`
+    computes). With `shift_mean=False` the mean is added back (only the scale is normalised).
+    Fewer than 2 masked entries in the whole batch: x is returned unchanged. 0 outside the mask.
+    """
+    moments = masked_moments(x, mask)
+    if all_reduce is not None:
+        count, total, total_sq = all_reduce(torch.stack(moments[:3])).unbind()
+        moments = Moments(count, total, total_sq)
+    if moments.count < 2:  # every process sees the same global count: all take this branch
+        return x
+    whitened = global_normalized_advantages(x, mask, moments)
+    if not shift_mean:
+        mean = (moments.total / moments.count).to(x.dtype)
+        whitened = torch.where(mask, whitened + mean, 0)
+    return whitened
 
 
 def shape_scores(
@@ -40,13 +72,20 @@ def shape_scores(
 
 
 def gae_advantages(
-    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float, whiten: bool
+    rewards: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    gamma: float,
+    lam: float,
+    whiten_advantages: bool,
+    all_reduce: Optional[AllReduce] = None,
 ) -> tuple[Tensor, Tensor]:
     """(advantages, returns), both (b, n): GAE(gamma, lam) (Schulman et al. 2016) over
-    per-token rewards and the critic's values, advantages whitened over the masked tokens."""
+    per-token rewards and the critic's values, advantages whitened over the masked tokens of
+    the global batch (`all_reduce` sums over processes; see `whiten`)."""
     advantages, returns = gae(rewards, values, mask, gamma, lam)
-    if whiten and mask.sum() > 1:
-        advantages = masked_whiten(advantages, mask)
+    if whiten_advantages:
+        advantages = whiten(advantages, mask, all_reduce=all_reduce)
     return advantages, returns
 
 
@@ -57,13 +96,15 @@ def per_token_rewards(
     mask: Tensor,
     kl_coef: float,
     kl_kind: str,
-    whiten: bool = False,
+    whiten_rewards: bool = False,
+    all_reduce: Optional[AllReduce] = None,
 ) -> Tensor:
     """(b, n) rewards: -kl_coef * KL_t(policy || reference) on every response token, plus the
-    sequence score at the last one (Ziegler et al. 2019); optionally scaled to unit variance."""
+    sequence score at the last one (Ziegler et al. 2019); optionally scaled to unit variance
+    over the global batch (`all_reduce` sums over processes; see `whiten`)."""
     rewards = rewards_with_kl(scores, logprobs, ref_logprobs, mask, kl_coef, kl_kind)
-    if whiten and mask.sum() > 1:
-        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    if whiten_rewards:
+        rewards = whiten(rewards, mask, shift_mean=False, all_reduce=all_reduce)
     return rewards
 
 

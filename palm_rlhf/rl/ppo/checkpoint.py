@@ -6,7 +6,8 @@ owns its state (`state_dict` / `load_state_dict`); this writes and reads it.
                               weights ("palm.*"), under names independent of the scope's name
         critic.safetensors    the same for the critic, plus "value_head.*"
         optimizer.pt          both AdamW states (read back with weights_only=True)
-        rng.pt                the trainer's two generators (sampling; prompts/shuffles/ptx)
+        rng.pt                the trainer's two generators (sampling; prompts/shuffles/ptx),
+                              rank 0's at the top level and every rank's under "ranks"
         trainer_state.json    counters, KL controller, history, hyperparameters, PaLM config
     root/latest               the name of the newest complete folder
 
@@ -16,7 +17,11 @@ the user's pretrained model, and the checkpoint refuses to load into a PaLM of a
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+
+import torch
+from accelerate.utils import gather_object
 
 from palm_rlhf.checkpoint import (
     CheckpointError,
@@ -59,8 +64,11 @@ def resolve(path: PathLike) -> Path:
     return latest
 
 
-def read_trainer_state(path: PathLike, device: str = "cpu") -> tuple[Path, dict]:
+def read_trainer_state(path: PathLike, device="cpu") -> tuple[Path, dict]:
     """(folder, state) of a saved trainer, in the layout `state_dict()` returns."""
+    # safetensors refuses "cpu:0", the name Accelerate gives the CPU of a gloo process
+    device = torch.device(device)
+    device = "cpu" if device.type == "cpu" else str(device)
     folder = resolve(path)
     meta = load_json(folder / "trainer_state.json")
     if meta.pop("format", None) != FORMAT:
@@ -86,3 +94,36 @@ def check_compatible(meta: dict, palm_config, config: dict, source: str) -> None
             raise CheckpointError(
                 f"{source} was saved with {role}={saved}, this trainer has {role}={ours}"
             )
+
+
+def gather_generator_states(generators: dict, world: int) -> dict:
+    """{name: state} of this rank's generators at the top level of rank 0 (what one process
+    reads) and every rank's under "ranks", in rank order. A collective when world > 1."""
+    own = {name: generator.get_state() for name, generator in generators.items()}
+    ranks = gather_object([own]) if world > 1 else [own]
+    return {**ranks[0], "ranks": ranks}
+
+
+def restore_generator_states(
+    rng: dict, generators: dict, rank: int, world: int, source: str
+) -> None:
+    """Set this rank's generators from a saved "rng": its own entry when the checkpoint was
+    written by as many processes. Otherwise (another world size, or a checkpoint from before
+    per-rank states) rank 0 takes the top-level states and the other ranks keep their fresh
+    seeds, with a warning: the run continues, but not bit for bit."""
+    ranks = rng.get("ranks")
+    if ranks is not None and len(ranks) == world:
+        mine = ranks[rank]
+    else:
+        if world > 1 or (ranks is not None and len(ranks) > 1):
+            saved = len(ranks) if ranks is not None else "an unknown number of"
+            warnings.warn(
+                f"{source} was saved by {saved} process(es), this run has {world}: only rank "
+                f"0's sampling generators are restored, so sampling will not continue exactly "
+                f"as the saved run would have",
+                stacklevel=3,
+            )
+        mine = rng if rank == 0 else {}
+    for name, generator in generators.items():
+        if name in mine:
+            generator.set_state(mine[name])

@@ -93,6 +93,23 @@ class PPOConfig(RunOptions):
         failed = [name for name, ok in checks.items() if not ok]
         if failed:
             raise ValueError(f"invalid PPO hyperparameters: need {'; '.join(failed)}")
+        if self.mixed_precision == "fp16":
+            # Accelerate keeps ONE gradient scaler and steps and updates it inside every prepared
+            # optimizer's step(); with the actor's and the critic's two optimizers per backward,
+            # the scale would move twice per step and the second clip would unscale gradients
+            # the first had already unscaled. bf16 needs no scaler.
+            raise ValueError(
+                "mixed_precision='fp16' is refused for PPO: its actor and critic optimizers would "
+                "share one gradient scaler that Accelerate steps once per optimizer, not once per "
+                "update; use mixed_precision='bf16' (or 'no')"
+            )
+        if self.fsdp:
+            raise ValueError(
+                "fsdp=True is not supported for PPO yet: the actor and critic are LoRA scopes on "
+                "one PaLM that both networks (and the frozen reference) call, which FSDP2 would "
+                "have to shard once and unshard for three callers; use data parallelism (the "
+                "default) for RLHFTrainer, and --fsdp for pretraining, SFT, CoH, DPO and reward"
+            )
 
     @classmethod
     def from_keywords(cls, base: Optional[PPOConfig] = None, **keywords: Any) -> PPOConfig:

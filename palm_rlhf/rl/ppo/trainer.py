@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Optional, Union
 
@@ -44,7 +45,13 @@ from palm_rlhf.rl.policies import (
     only_these_require_grad,
     prepare_each,
 )
-from palm_rlhf.rl.ppo.checkpoint import check_compatible, read_trainer_state, write_trainer_state
+from palm_rlhf.rl.ppo.checkpoint import (
+    check_compatible,
+    gather_generator_states,
+    read_trainer_state,
+    restore_generator_states,
+    write_trainer_state,
+)
 from palm_rlhf.rl.ppo.config import PPOConfig
 from palm_rlhf.rl.ppo.objective import ppo_objective
 from palm_rlhf.rl.prompts import PromptBank, PromptIds, PtxData, load_prompts
@@ -55,9 +62,7 @@ from palm_rlhf.rl.rollout import (
     score_sequences,
     tempered_logits,
 )
-from palm_rlhf.rl_math import (
-    typechecked,
-)
+from palm_rlhf.rl_math import typechecked
 from palm_rlhf.train.run import guard_loss, make_accelerator
 
 # reward_fn(seq (b, n) long, mask (b, n) bool, prompt_mask (b, n) bool) -> (b,) float
@@ -96,13 +101,9 @@ class RLHFTrainer:
         self.config = config = PPOConfig.from_keywords(config, **hyperparameters)
         if config.ptx_coef > 0 and ptx_data is None:
             raise ValueError("ptx_coef > 0 needs ptx_data (token ids of pretraining text)")
+        accelerate = dict(mixed_precision=config.mixed_precision, cpu=config.cpu)
         self.accelerator = make_accelerator(
-            seed=config.seed,
-            **{
-                "mixed_precision": config.mixed_precision,
-                "cpu": config.cpu,
-                **(accelerate_kwargs or {}),
-            },
+            seed=config.seed, **accelerate, **(accelerate_kwargs or {})
         )
         device = self.accelerator.device
         self.pad_value = self.config.pad_value
@@ -167,6 +168,9 @@ class RLHFTrainer:
     def critic_module(self):
         return self.accelerator.unwrap_model(self.critic)
 
+    def _generators(self) -> dict[str, torch.Generator]:
+        return {"generator": self.generator, "cpu_generator": self.cpu_generator}
+
     def print(self, *args) -> None:
         self.accelerator.print(*args)
 
@@ -226,8 +230,9 @@ class RLHFTrainer:
         )
         kl_coef = self.kl_controller.kl_coef
         old, ref = experience.old_logprobs, experience.ref_logprobs
+        all_reduce = partial(self.accelerator.reduce, reduction="sum")  # global whitening
         rewards = per_token_rewards(
-            scores, old, ref, mask, kl_coef, config.kl_kind, config.whiten_rewards
+            scores, old, ref, mask, kl_coef, config.kl_kind, config.whiten_rewards, all_reduce
         )
         values = experience.old_values
         if not self.value_head_initialised:
@@ -238,7 +243,7 @@ class RLHFTrainer:
             values = torch.where(mask, values + shift, 0)
             self.value_head_initialised = True
         advantages, returns = gae_advantages(
-            rewards, values, mask, config.gamma, config.lam, config.whiten_advantages
+            rewards, values, mask, config.gamma, config.lam, config.whiten_advantages, all_reduce
         )
         stats = rollout_stats(scores, old, ref, mask, config.kl_kind, values, returns)
         stats["kl_coef"] = kl_coef
@@ -436,7 +441,8 @@ class RLHFTrainer:
     def state_dict(self) -> dict:
         """Everything a resumed run needs: trained tensors (adapters or full weights, named
         independently of the scope), both optimizers, both generators, counters, KL control,
-        history and the hyperparameters. Tensors and plain values only (no pickled code)."""
+        history and the hyperparameters. Tensors and plain values only (no pickled code). A
+        collective under several processes: every rank's generator states are gathered."""
         return {
             "actor": self.actor_module.trainable_state(),
             "critic": self.critic_module.trainable_state(),
@@ -444,10 +450,7 @@ class RLHFTrainer:
                 "actor": self.actor_optim.state_dict(),
                 "critic": self.critic_optim.state_dict(),
             },
-            "rng": {
-                "generator": self.generator.get_state(),
-                "cpu_generator": self.cpu_generator.get_state(),
-            },
+            "rng": gather_generator_states(self._generators(), self.accelerator.num_processes),
             "meta": {
                 "episodes": self.episodes,
                 "updates": self.updates,
@@ -471,8 +474,8 @@ class RLHFTrainer:
                 raise CheckpointError(f"{source}: the {name} does not fit: {err}") from err
         self.actor_optim.load_state_dict(state["optimizers"]["actor"])
         self.critic_optim.load_state_dict(state["optimizers"]["critic"])
-        self.generator.set_state(state["rng"]["generator"])
-        self.cpu_generator.set_state(state["rng"]["cpu_generator"])
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        restore_generator_states(state["rng"], self._generators(), rank, world, source)
         self.episodes, self.updates = meta["episodes"], meta["updates"]
         self.value_head_initialised = meta["value_head_initialised"]
         self.kl_controller.load_state_dict(meta["kl_controller"])
@@ -480,16 +483,17 @@ class RLHFTrainer:
 
     def save(self, path: Union[str, Path]) -> Optional[Path]:
         """Write `path/update-XXXXXXX/` (and the `path/latest` pointer) atomically; see
-        `ppo/checkpoint.py`. Returns the folder (None on processes other than the main one)."""
+        `ppo/checkpoint.py`. Every process takes part; the main process writes. Returns the
+        folder (None on the others)."""
         self.accelerator.wait_for_everyone()
-        folder = None
+        folder, state = None, self.state_dict()
         if self.accelerator.is_main_process:
-            folder = write_trainer_state(path, f"update-{self.updates:07d}", self.state_dict())
+            folder = write_trainer_state(path, f"update-{self.updates:07d}", state)
         self.accelerator.wait_for_everyone()
         return folder
 
     def load(self, path: Union[str, Path]) -> RLHFTrainer:
         """Restore a `save`d state (a checkpoint root or one update folder) and continue."""
-        folder, state = read_trainer_state(path, device=str(self.device))
+        folder, state = read_trainer_state(path, device=self.device)
         self.load_state_dict(state, source=str(folder))
         return self

@@ -1,0 +1,83 @@
+"""Run by tests/test_ppo_processes.py in 2 gloo processes. Writes OUT/rank-<i>.json with
+- this rank's half of a fixed experience, whitened with global statistics;
+- an uninterrupted PPO run's update-2 record, and the record of a fresh trainer that loaded
+  the update-1 checkpoint and ran update 2."""
+
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from palm_rlhf.model.palm import PaLM
+from palm_rlhf.rl.advantages import gae_advantages, per_token_rewards, whiten
+from palm_rlhf.rl.ppo.trainer import RLHFTrainer
+from palm_rlhf.rl_math import masked_mean
+
+PROMPTS = [torch.tensor([5, 6, 7]), torch.tensor([8, 9]), torch.tensor([4, 5, 6, 7, 8])]
+
+
+def fixed_experience():
+    """(x, values, mask) (8, 6): a ragged mask, every row with at least one token."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 6, generator=generator) * 3 + 1
+    values = torch.randn(8, 6, generator=generator)
+    lengths = torch.randint(1, 7, (8,), generator=generator)
+    mask = torch.arange(6)[None] < lengths[:, None]
+    return x, values, mask
+
+
+def reward(seq, mask, prompt_mask):
+    return masked_mean((seq == 3).float(), mask & ~prompt_mask, dim=-1)
+
+
+def trainer() -> RLHFTrainer:
+    torch.manual_seed(1)
+    palm = PaLM(num_tokens=12, dim=32, depth=2, heads=2, dim_head=16, ff_mult=2)
+    with torch.no_grad():
+        palm.token_emb.weight.normal_(0, 0.2)
+    return RLHFTrainer(
+        palm=palm, reward_model=reward, prompt_token_ids=PROMPTS, actor_lr=3e-3, critic_lr=3e-3,
+        actor_lora_r=4, critic_lora_r=4, minibatch_size=8, epochs=1, rollout_batch_size=16,
+        kl_coef=0.1, seed=1, whiten_rewards=True, progress=False,
+    )  # fmt: skip
+
+
+def main(out: Path) -> None:
+    first = trainer()
+    accelerator = first.accelerator
+    rank, world = accelerator.process_index, accelerator.num_processes
+    x, values, mask = fixed_experience()
+    mine = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    all_reduce = partial(accelerator.reduce, reduction="sum")
+    shard = dict(
+        whiten=whiten(x[mine], mask[mine], all_reduce=all_reduce),
+        scale_only=whiten(x[mine], mask[mine], shift_mean=False, all_reduce=all_reduce),
+        gae=gae_advantages(x[mine], values[mine], mask[mine], 0.9, 0.95, True, all_reduce)[0],
+        rewards=per_token_rewards(
+            x[mine, 0], values[mine], values[mine] * 0.5, mask[mine], 0.1, "k1", True, all_reduce
+        ),
+    )  # fmt: skip
+
+    run = dict(max_timesteps=6, update_timesteps=16, progress=False)
+    first.train(num_episodes=16, checkpoint_every=1, checkpoint_dir=out / "ckpt", **run)
+    uninterrupted = first.train(num_episodes=16, **run)[0]
+    resumed = trainer().load(out / "ckpt" / "update-0000001")
+    continued = resumed.train(num_episodes=16, **run)[0]
+    rng = torch.load(out / "ckpt" / "update-0000001" / "rng.pt", weights_only=True)
+    record = {
+        "world": world,
+        "shard": {k: v.tolist() for k, v in shard.items()},
+        "uninterrupted": uninterrupted,
+        "continued": continued,
+        "saved_ranks": len(rng["ranks"]),
+        "ranks_differ": not torch.equal(
+            rng["ranks"][0]["generator"], rng["ranks"][-1]["generator"]
+        ),
+    }
+    (out / f"rank-{rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,92 @@
+"""PPO under several processes, exactly: whitening with global statistics, every rank's
+sampling generators saved and restored, and fp16 (two optimizers, one scaler) refused."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.testing import assert_close
+
+from palm_rlhf.rl.advantages import gae_advantages, per_token_rewards, whiten
+from palm_rlhf.rl.estimators import masked_moments
+from palm_rlhf.rl.ppo.config import PPOConfig
+from palm_rlhf.rl.ppo.trainer import RLHFTrainer
+from palm_rlhf.rl_math import masked_whiten
+from tests.helpers import launch
+from tests.ppo_worker import PROMPTS, fixed_experience, reward
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_whiten_alone_equals_masked_whiten_and_shards_with_summed_moments_equal_the_whole():
+    x, _, mask = fixed_experience()
+    assert_close(whiten(x, mask), masked_whiten(x, mask), atol=1e-6, rtol=1e-6)
+    assert_close(
+        whiten(x, mask, shift_mean=False),
+        masked_whiten(x, mask, shift_mean=False),
+        atol=1e-6,
+        rtol=1e-6,
+    )
+    # an all-reduce over two shards, played by hand: the sum of both shards' moments
+    shards = (slice(0, 3), slice(3, 8))
+    summed = sum(torch.stack(masked_moments(x[s], mask[s])[:3]) for s in shards)
+    parts = [whiten(x[s], mask[s], all_reduce=lambda _: summed) for s in shards]
+    assert_close(torch.cat(parts), whiten(x, mask), atol=1e-6, rtol=1e-6)
+    # local statistics would NOT agree: the shards' means differ
+    local = torch.cat([whiten(x[s], mask[s]) for s in shards])
+    assert (local - whiten(x, mask)).abs().max() > 0.1
+
+
+def test_whiten_leaves_a_batch_with_fewer_than_two_tokens_alone():
+    x, mask = torch.tensor([[2.0, 5.0]]), torch.tensor([[True, False]])
+    assert_close(whiten(x, mask), x, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU gloo test")
+def test_two_processes_whiten_globally_and_resume_with_every_ranks_generators(tmp_path):
+    launch([str(REPO / "tests" / "ppo_worker.py"), str(tmp_path)], 2, cwd=REPO)
+    ranks = [json.loads((tmp_path / f"rank-{i}.json").read_text()) for i in (0, 1)]
+    assert ranks[0]["world"] == 2
+
+    # 1. the fixed experience split over 2 processes is whitened as one process whitens it
+    x, values, mask = fixed_experience()
+    whole = dict(
+        whiten=whiten(x, mask),
+        scale_only=whiten(x, mask, shift_mean=False),
+        gae=gae_advantages(x, values, mask, 0.9, 0.95, True)[0],
+        rewards=per_token_rewards(x[:, 0], values, values * 0.5, mask, 0.1, "k1", True),
+    )
+    for key, expected in whole.items():
+        got = torch.tensor(ranks[0]["shard"][key] + ranks[1]["shard"][key])
+        assert_close(got, expected, atol=1e-6, rtol=1e-6, msg=key)
+
+    # 2. resumed from update 1, update 2 is the uninterrupted run's update 2 on both ranks,
+    # because each rank got its own generators back (and they really are different streams)
+    for record in ranks:
+        assert record["saved_ranks"] == 2 and record["ranks_differ"]
+        expected, got = record["uninterrupted"], record["continued"]
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert got[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-8), key
+    assert ranks[0]["continued"] == ranks[1]["continued"]  # metrics are gathered
+
+
+def test_fp16_is_refused_for_ppo_with_the_reason():
+    with pytest.raises(ValueError, match="fp16.*one gradient scaler.*bf16"):
+        PPOConfig(mixed_precision="fp16")
+    with pytest.raises(ValueError, match="fp16"):
+        RLHFTrainer(
+            palm=__import__("tests.helpers").helpers.tiny_palm(num_tokens=12),
+            reward_model=reward,
+            prompt_token_ids=PROMPTS,
+            mixed_precision="fp16",
+        )
+    assert PPOConfig(mixed_precision="bf16").mixed_precision == "bf16"
+
+
+def test_fsdp_is_refused_for_ppo_until_supported():
+    with pytest.raises(ValueError, match="fsdp=True is not supported for PPO"):
+        PPOConfig(fsdp=True)
