@@ -71,10 +71,11 @@ def shard(model: nn.Module, accelerator, enabled: bool) -> Optional[nn.Module]:
     """Prepare `model` for sharded training; returns the main process's unsharded CPU twin.
 
     Call before the optimizer is made. On CPU processes the model is sharded here, in place;
-    under Accelerate's plugin `accelerator.prepare` shards it later. None when not sharding
-    (`enabled` False, or a single process: there is nothing to split).
+    under Accelerate's plugin `accelerator.prepare` shards it later (also when the plugin came
+    from an `accelerate launch` FSDP config rather than `enabled`). None when not sharding
+    (`enabled` False without such a config, or a single process: there is nothing to split).
     """
-    if not enabled or accelerator.num_processes == 1:
+    if not (enabled or by_accelerate(accelerator)) or accelerator.num_processes == 1:
         return None
     template = copy.deepcopy(model).cpu() if accelerator.is_main_process else None
     if not by_accelerate(accelerator):
