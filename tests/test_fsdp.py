@@ -54,20 +54,25 @@ PRETRAIN = ["--data-dir", str(REPO / "data"), "--num-steps", "4", "--dim", "32",
             "--log-every", "1", "--eval-every", "2", "--save-every", "2", "--no-progress"]  # fmt: skip
 
 
-def _run(tmp_path, name, processes, *extra):
-    out = tmp_path / name
+def _run(root, name, processes, *extra):
+    out = root / name
     result = launch([str(REPO / "train.py"), *PRETRAIN, "--out-dir", str(out), *extra], processes,
-                    cwd=tmp_path)  # fmt: skip
+                    cwd=root)  # fmt: skip
     folder = out / "step-0000004"
     state = json.loads((folder / "trainer_state.json").read_text())
     return out, result, state["history"], load_file(str(folder / "model.safetensors"))
 
 
-def test_pretraining_sharded_matches_one_process_checkpoints_and_resumes(tmp_path):
-    _, _, history_1, weights_1 = _run(tmp_path, "one", 1)
-    out, result, history_2, weights_2 = _run(tmp_path, "sharded", 2, "--fsdp")
-    assert "fsdp: sharded over 2 processes" in result.stderr + result.stdout
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """4 steps of pretraining on 1 plain process and on 2 sharded ones (checkpoints at 2, 4)."""
+    root = tmp_path_factory.mktemp("pretrain")
+    return root, _run(root, "one", 1), _run(root, "sharded", 2, "--fsdp")
 
+
+def test_pretraining_sharded_matches_one_process(pretrained):
+    _, (_, _, history_1, weights_1), (_, result, history_2, weights_2) = pretrained
+    assert "fsdp: sharded over 2 processes" in result.stderr + result.stdout
     # the same training: losses, validation and final weights of one unsharded process
     assert [r["step"] for r in history_2] == [1, 2, 3, 4]
     for key in ("loss", "valid_loss"):
@@ -77,28 +82,44 @@ def test_pretraining_sharded_matches_one_process_checkpoints_and_resumes(tmp_pat
     for name, tensor in weights_1.items():
         torch.testing.assert_close(weights_2[name], tensor, atol=1e-6, rtol=1e-5)
 
-    # the checkpoint is full, written once (no temporary left behind), and one plain process
-    # loads it into an unsharded PaLM with the same logits as the one-process run's
+
+def test_sharded_checkpoint_is_full_written_once_and_loads_in_one_plain_process(pretrained):
+    root, _, (out, *_) = pretrained
     assert sorted(p.name for p in out.iterdir()) == ["latest", "step-0000002", "step-0000004"]
     for folder in ("step-0000002", "step-0000004"):
         names = {p.name for p in (out / folder).iterdir()}
         assert {"model.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json"} <= names
         assert not any("tmp" in n or n.startswith(".") for n in names), names
+    # one plain process: an unsharded PaLM with the same logits as the one-process run's
     tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     sharded = PaLM.from_pretrained(out / "step-0000004" / "model.safetensors").eval()
-    single = PaLM.from_pretrained(tmp_path / "one" / "step-0000004" / "model.safetensors").eval()
+    single = PaLM.from_pretrained(root / "one" / "step-0000004" / "model.safetensors").eval()
     with torch.no_grad():
         torch.testing.assert_close(sharded(tokens), single(tokens), atol=1e-5, rtol=1e-4)
 
-    # --resume latest under sharding (weights and the full optimizer state loaded into the
-    # shards) continues with the identical next losses
-    resumed = tmp_path / "resumed"
-    shutil.copytree(out / "step-0000002", resumed / "step-0000002")
+
+@pytest.mark.parametrize(
+    "source, processes, extra",
+    [("sharded", 2, ("--fsdp",)), ("sharded", 1, ()), ("one", 2, ("--fsdp",))],
+    ids=["sharded-to-sharded", "sharded-to-one-process", "one-process-to-sharded"],
+)
+def test_resume_latest_continues_with_the_identical_next_losses(
+    pretrained, source, processes, extra
+):
+    """From the step-2 checkpoint: weights and the full optimizer state (by name from a sharded
+    run, by position from a plain one) go into shards or into one plain process alike."""
+    root, (_, _, history_1, weights_1), (_, _, history_2, _) = pretrained
+    resumed = root / f"resumed-{source}-{processes}"
+    shutil.copytree(root / source / "step-0000002", resumed / "step-0000002")
     (resumed / "latest").write_text("step-0000002")
-    _, _, history_3, weights_3 = _run(tmp_path, "resumed", 2, "--fsdp", "--resume", "latest")
-    assert [r["loss"] for r in history_3] == pytest.approx([r["loss"] for r in history_2], abs=1e-6)
-    for name, tensor in weights_2.items():
-        torch.testing.assert_close(weights_3[name], tensor, atol=1e-6, rtol=1e-5)
+    _, _, history, weights = _run(root, resumed.name, processes, *extra, "--resume", "latest")
+    expected = history_2 if source == "sharded" else history_1
+    tolerance = 1e-6 if processes == 2 and source == "sharded" else 1e-5
+    assert [r["loss"] for r in history] == pytest.approx(
+        [r["loss"] for r in expected], abs=tolerance
+    )
+    for name, tensor in weights_1.items():
+        torch.testing.assert_close(weights[name], tensor, atol=1e-6, rtol=1e-5)
 
 
 def _stage_runs(tmp_path, args, name):
@@ -163,3 +184,23 @@ def test_lora_reward_training_sharded_matches_one_process(tmp_path):
     assert history_2[-1]["valid_accuracy"] == history_1[-1]["valid_accuracy"]
     assert history_2[-1]["valid_loss"] == pytest.approx(history_1[-1]["valid_loss"], abs=1e-5)
     assert any(k.startswith("lora.") for k in runs[2][1])  # adapters + head only
+
+
+def test_gpu_route_plugin_is_fsdp2_per_parallel_block_with_full_state_dicts():
+    """What GPUs get (not run here): Accelerate's FSDP2 plugin, built the same on any host."""
+    from palm_rlhf.train.sharding import fsdp_plugin
+
+    plugin = fsdp_plugin()
+    assert plugin.fsdp_version == 2
+    assert plugin.transformer_cls_names_to_wrap == ["ParallelBlock"]
+    assert "FULL_STATE_DICT" in str(plugin.state_dict_type)
+
+
+def test_every_stage_has_the_fsdp_option():
+    from palm_rlhf.rl.ppo.config import PPOConfig
+    from palm_rlhf.train.pretrain import PretrainConfig
+    from palm_rlhf.train.reward import RewardTrainConfig
+    from palm_rlhf.train.sft import SFTConfig
+
+    for config in (PretrainConfig, RewardTrainConfig, SFTConfig, PPOConfig):
+        assert config.__dataclass_fields__["fsdp"].default is False, config

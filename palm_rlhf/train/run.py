@@ -244,7 +244,8 @@ def load_training_checkpoint(
         model.load(folder / "model.safetensors")
     if optimizer is not None:
         states = load_state(folder / "optimizer.pt")
-        if sharded:
+        # either kind of run resumes either kind of checkpoint (by name or by position)
+        if model is not None:
             sharding.load_optimizer_state(model, optimizer, states["optimizer"])
         else:
             optimizer.load_state_dict(states["optimizer"])

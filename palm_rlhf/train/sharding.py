@@ -147,10 +147,38 @@ def full_optimizer_state(model: nn.Module, optimizer) -> dict:
 
 
 def load_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
-    """Restore `full_optimizer_state` output into the sharded optimizer (collective)."""
+    """Restore an optimizer state written by either kind of run into either kind of model.
+
+    A sharded run writes the full state keyed by parameter name (`full_optimizer_state`), an
+    unsharded one `optimizer.state_dict()` keyed by position. Positions are turned into names
+    (the optimizer lists parameters in the same order either way), and the named state goes in
+    through `set_optimizer_state_dict`, which splits it into shards (collective when sharded)
+    or loads it whole into an unsharded model."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, _inner(optimizer), state, options=_full(cpu_offload=False))
+    inner = _inner(optimizer)
+    if not _name_keyed(state):
+        if not is_sharded(model):
+            inner.load_state_dict(state)
+            return
+        state = _by_name(state, model, inner)
+    set_optimizer_state_dict(model, inner, state, options=_full(cpu_offload=False))
+
+
+def _name_keyed(state: dict) -> bool:
+    groups = state.get("param_groups", [])
+    return any(isinstance(key, str) for group in groups for key in group.get("params", []))
+
+
+def _by_name(state: dict, model: nn.Module, optimizer) -> dict:
+    """A position-keyed optimizer state re-keyed by parameter name."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    ordered = [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+    position = iter(ordered)
+    groups = [{**group, "params": [next(position) for _ in group["params"]]}
+              for group in state["param_groups"]]  # fmt: skip
+    return {"state": {ordered[i]: value for i, value in state["state"].items()},
+            "param_groups": groups}  # fmt: skip
 
 
 def local_shapes(model: nn.Module) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
