@@ -4,7 +4,9 @@ Trainers (pretraining, SFT, reward model, PPO, DPO, CoH) own Accelerate; models 
 A training checkpoint is a folder written atomically by `save_checkpoint_dir`:
 
     model.safetensors     weights + config (only the trained LoRA scopes when adapters_only)
-    optimizer.pt          optimizer / scheduler state, read back with weights_only=True
+    optimizer.pt          optimizer / scheduler state, read back with weights_only=True (keyed
+                          by parameter position, or by name when written by a sharded run;
+                          either kind of run resumes either: see train/sharding.py)
     rng.pt                torch (and CUDA) generator states
     trainer_state.json    step counters, the training config, metrics history
 """

@@ -159,7 +159,7 @@ def load_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
     inner = _inner(optimizer)
     if not _name_keyed(state):
         if not is_sharded(model):
-            inner.load_state_dict(state)
+            optimizer.load_state_dict(state)  # the plain path, through Accelerate's wrapper
             return
         state = _by_name(state, model, inner)
     set_optimizer_state_dict(model, inner, state, options=_full(cpu_offload=False))
