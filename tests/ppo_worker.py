@@ -32,7 +32,7 @@ def reward(seq, mask, prompt_mask):
     return masked_mean((seq == 3).float(), mask & ~prompt_mask, dim=-1)
 
 
-def trainer() -> RLHFTrainer:
+def trainer(**overrides) -> RLHFTrainer:
     torch.manual_seed(1)
     palm = PaLM(num_tokens=12, dim=32, depth=2, heads=2, dim_head=16, ff_mult=2)
     with torch.no_grad():
@@ -40,8 +40,32 @@ def trainer() -> RLHFTrainer:
     return RLHFTrainer(
         palm=palm, reward_model=reward, prompt_token_ids=PROMPTS, actor_lr=3e-3, critic_lr=3e-3,
         actor_lora_r=4, critic_lora_r=4, minibatch_size=8, epochs=1, rollout_batch_size=16,
-        kl_coef=0.1, seed=1, whiten_rewards=True, progress=False,
+        kl_coef=0.1, seed=1, whiten_rewards=True, progress=False, **overrides,
     )  # fmt: skip
+
+
+def sharded(out: Path) -> None:
+    """PPO with LoRA actor and critic on one sharded PaLM, responses ending at EOS (so ranks
+    finish sampling at different steps), saved and loaded into a fresh sharded trainer."""
+    first = trainer(fsdp=True)
+    run = dict(max_timesteps=6, update_timesteps=16, progress=False, eos_token=2)
+    records = first.train(num_episodes=32, **run)
+    saved = first.save(out / "ckpt")
+    state = {k: v.tolist() for k, v in {**first.actor_module.trainable_state(),
+             **first.critic_module.trainable_state()}.items()}  # fmt: skip
+    loaded = trainer(fsdp=True).load(out / "ckpt")
+    again = {k: v.tolist() for k, v in {**loaded.actor_module.trainable_state(),
+             **loaded.critic_module.trainable_state()}.items()}  # fmt: skip
+    more = loaded.train(num_episodes=16, **run)  # a loaded sharded trainer keeps training
+    params = first.actor_module.palm.named_parameters()
+    record = {
+        "world": first.accelerator.num_processes,
+        "types": sorted({type(p).__name__ for _, p in params}),
+        "records": records, "more": more, "state": state, "loaded": again,
+        "saved": saved is not None,
+    }  # fmt: skip
+    rank = first.accelerator.process_index
+    (out / f"rank-{rank}.json").write_text(json.dumps(record))
 
 
 def main(out: Path) -> None:
@@ -80,4 +104,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    (sharded if sys.argv[2:] == ["fsdp"] else main)(Path(sys.argv[1]))

@@ -87,6 +87,21 @@ def test_fp16_is_refused_for_ppo_with_the_reason():
     assert PPOConfig(mixed_precision="bf16").mixed_precision == "bf16"
 
 
-def test_fsdp_is_refused_for_ppo_until_supported():
-    with pytest.raises(ValueError, match="fsdp=True is not supported for PPO"):
-        PPOConfig(fsdp=True)
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU gloo test")
+def test_sharded_ppo_with_lora_scopes_on_one_palm(tmp_path):
+    launch([str(REPO / "tests" / "ppo_worker.py"), str(tmp_path), "fsdp"], 2, cwd=REPO)
+    ranks = [json.loads((tmp_path / f"rank-{i}.json").read_text()) for i in (0, 1)]
+    for record in ranks:
+        assert record["world"] == 2 and record["types"] == ["DTensor"]  # every PaLM weight
+        # the actor starts as the reference (LoRA B = 0): KL exactly 0 on the first rollout
+        assert record["records"][0]["kl"] == 0.0
+        assert len(record["records"]) == 2 and len(record["more"]) == 1
+        # the adapters trained, and a fresh sharded trainer loads exactly what was saved
+        assert any(abs(x) > 0 for k, v in record["state"].items() if k.endswith(".B")
+                   for row in v for x in row)  # fmt: skip
+        assert record["loaded"] == record["state"]
+    assert ranks[0]["saved"] and not ranks[1]["saved"]  # written once, by the main process
+    # both ranks end with identical gathered weights, and log identical (gathered) records
+    assert ranks[0]["state"] == ranks[1]["state"]
+    assert ranks[0]["records"] == ranks[1]["records"]

@@ -129,6 +129,7 @@ def iter_sample(
     use_cache: bool = True,
     finetune_scope: Optional[str] = None,
     generator: Optional[torch.Generator] = None,
+    stop_early: bool = True,
 ) -> Iterator[Tensor]:
     """Yield each step's sampled tokens (b,) as soon as they exist (streaming).
 
@@ -136,6 +137,8 @@ def iter_sample(
     rotary positions skip the padding, so a row samples the same as it would alone. A row that
     has produced `eos_token` yields `pad_value` from then on; iteration ends when every row has.
     The model is in eval mode while iterating and gets its previous mode back afterwards.
+    `stop_early=False` runs all `max_new_tokens` steps even when every row has ended (yielding
+    `pad_value`): processes that decode together through a sharded model take equal steps.
     """
     _check_sampling_inputs(model, prompt, prompt_mask, max_new_tokens)
     filters = dict(top_k=top_k, top_p=top_p, filter_thres=filter_thres)
@@ -154,7 +157,7 @@ def iter_sample(
             yield token
             if eos_token is not None:
                 done = done | (token == eos_token)
-            if bool(done.all()) or step == max_new_tokens - 1:
+            if (stop_early and bool(done.all())) or step == max_new_tokens - 1:
                 return
             if cache is not None:
                 logits = model(token[:, None], finetune_scope=finetune_scope, cache=cache)[:, -1]

@@ -21,6 +21,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from palm_rlhf.model.palm import PaLM
+from palm_rlhf.train import sharding
 
 
 def claim_scope(palm: PaLM, requested: Optional[str], default: str, lora_r: int) -> str:
@@ -65,17 +66,18 @@ class Actor(nn.Module):
 
     def trainable_state(self) -> dict[str, Tensor]:
         """The trained tensors under role-generic names (independent of the scope's name)."""
+        sharding.settle(self.palm)  # under FSDP2: gathered from the shards (collective)
         if self.scope is None:
-            return {f"palm.{k}": v for k, v in self.palm.state_dict().items()}
-        return {
-            f"lora.{k}": v for k, v in self.palm.finetune_modules[self.scope].state_dict().items()
-        }
+            return {f"palm.{k}": v for k, v in sharding.full_state(self.palm).items()}
+        scope = sharding.full_state(self.palm.finetune_modules[self.scope])
+        return {f"lora.{k}": v for k, v in scope.items()}
 
     def load_trainable_state(self, state: dict[str, Tensor]) -> None:
         prefix = "palm." if self.scope is None else "lora."
         own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         target = self.palm if self.scope is None else self.palm.finetune_modules[self.scope]
-        target.load_state_dict(own, strict=True)
+        sharding.settle(self.palm)
+        sharding.load_full_state(target, own)  # each rank takes its slice when sharded
 
 
 class Critic(Actor):
@@ -100,13 +102,15 @@ class Critic(Actor):
         return [*super().trainable_parameters(), *self.value_head.parameters()]
 
     def trainable_state(self) -> dict[str, Tensor]:
-        head = {f"value_head.{k}": v for k, v in self.value_head.state_dict().items()}
+        sharding.settle(self.value_head)
+        head = {f"value_head.{k}": v for k, v in sharding.full_state(self.value_head).items()}
         return {**super().trainable_state(), **head}
 
     def load_trainable_state(self, state: dict[str, Tensor]) -> None:
         super().load_trainable_state(state)
         head = {k[len("value_head.") :]: v for k, v in state.items() if k.startswith("value_head.")}
-        self.value_head.load_state_dict(head, strict=True)
+        sharding.settle(self.value_head)
+        sharding.load_full_state(self.value_head, head)
 
 
 def build_actor_critic(
@@ -134,10 +138,25 @@ def build_actor_critic(
     return actor, palm, critic
 
 
-def prepare_each(accelerator, nets: list[nn.Module], optimizers: list) -> list[tuple]:
+def shard_networks(accelerator, actor: Actor, reference: PaLM, critic: Critic, fsdp: bool) -> bool:
+    """With `fsdp` and several processes, FSDP2 over the three networks: every distinct PaLM
+    (one, shared, with LoRA actor and critic; copies otherwise) and the value head, each a root
+    of its own shards. Returns whether it sharded."""
+    if not fsdp or accelerator.num_processes == 1:
+        return False
+    palms = {id(net): net for net in (actor.palm, reference, critic.palm)}
+    sharding.shard_modules([*palms.values(), critic.value_head], accelerator)
+    return True
+
+
+def prepare_each(
+    accelerator, nets: list[nn.Module], optimizers: list, sharded: bool = False
+) -> list[tuple]:
     """Accelerate-prepare each network with its optimizer, with only that network's own
     parameters trainable at the time, so DDP registers exactly those (LoRA scopes of several
-    networks share one PaLM)."""
+    networks share one PaLM). Sharded networks stay out of Accelerate (no DDP on top)."""
+    if sharded:
+        return [(net, accelerator.prepare(optimizer)) for net, optimizer in zip(nets, optimizers)]
     prepared = []
     for net, optimizer in zip(nets, optimizers):
         with only_these_require_grad(nets, net.trainable_parameters()):
@@ -177,7 +196,8 @@ def only_these_require_grad(modules: Iterable[nn.Module], trainable: Iterable[nn
 @contextmanager
 def evaluation_mode(modules: Iterable[nn.Module]):
     """Dropout off for the block (PPO samples, scores and updates without it, so the PPO ratio
-    is exactly 1 before the first step); every submodule's own mode is restored on exit."""
+    is exactly 1 before the first step); every submodule's own mode is restored on exit, and
+    sharded (FSDP2) modules return to their shards (`sharding.settle`) after no-grad passes."""
     submodules = {id(sub): sub for module in modules for sub in module.modules()}
     flags = {key: sub.training for key, sub in submodules.items()}
     try:
@@ -187,3 +207,4 @@ def evaluation_mode(modules: Iterable[nn.Module]):
     finally:
         for key, sub in submodules.items():
             sub.training = flags[key]
+            sharding.settle(sub)

@@ -79,15 +79,60 @@ def shard(model: nn.Module, accelerator, enabled: bool) -> Optional[nn.Module]:
         return None
     template = copy.deepcopy(model).cpu() if accelerator.is_main_process else None
     if not by_accelerate(accelerator):
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh("cpu", (accelerator.num_processes,))
-        for module in model.modules():
-            if isinstance(module, ParallelBlock):
-                fully_shard(module, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        shard_modules([model], accelerator)
     return template
+
+
+def shard_modules(roots: list[nn.Module], accelerator) -> None:
+    """`fully_shard` every ParallelBlock inside `roots`, then each root, on one device mesh
+    over all processes. Roots may share nothing; a PaLM shared by several networks is one root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    for root in roots:
+        for module in root.modules():
+            if isinstance(module, ParallelBlock) and not is_sharded(module):
+                fully_shard(module, mesh=mesh)
+        fully_shard(root, mesh=mesh)
+
+
+def holds_shards(module: nn.Module) -> bool:
+    """True when any parameter of `module` is a DTensor shard (the module or a part sharded)."""
+    return any(hasattr(param, "device_mesh") for param in module.parameters())
+
+
+def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """`module.state_dict()` with every shard gathered into its full tensor (collective when
+    sharded: every rank calls it, in the same order)."""
+    return {name: gathered_tensor(value) for name, value in module.state_dict().items()}
+
+
+@torch.no_grad()
+def load_full_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """`module.load_state_dict(state, strict=True)` for full tensors into a possibly sharded
+    module: each rank copies in its own slice (no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    for name, target in own.items():
+        full = state[name].to(device=target.device, dtype=target.dtype)
+        if hasattr(target, "device_mesh"):
+            piece = distribute_tensor(
+                full, target.device_mesh, target.placements, src_data_rank=None
+            )
+            target.to_local().copy_(piece.to_local())
+        else:
+            target.copy_(full)
+
+
+def optimizer_state(model: nn.Module, optimizer) -> dict:
+    """What a checkpoint stores: the full state by name when `model` holds shards (collective;
+    the main process gets it, the others {}), else `optimizer.state_dict()`."""
+    return full_optimizer_state(model, optimizer) if holds_shards(model) else optimizer.state_dict()
 
 
 def prepare(accelerator, model: nn.Module, *objects):
@@ -158,7 +203,7 @@ def load_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
 
     inner = _inner(optimizer)
     if not _name_keyed(state):
-        if not is_sharded(model):
+        if not holds_shards(model):
             optimizer.load_state_dict(state)  # the plain path, through Accelerate's wrapper
             return
         state = _by_name(state, model, inner)

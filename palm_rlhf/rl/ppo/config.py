@@ -103,13 +103,6 @@ class PPOConfig(RunOptions):
                 "share one gradient scaler that Accelerate steps once per optimizer, not once per "
                 "update; use mixed_precision='bf16' (or 'no')"
             )
-        if self.fsdp:
-            raise ValueError(
-                "fsdp=True is not supported for PPO yet: the actor and critic are LoRA scopes on "
-                "one PaLM that both networks (and the frozen reference) call, which FSDP2 would "
-                "have to shard once and unshard for three callers; use data parallelism (the "
-                "default) for RLHFTrainer, and --fsdp for pretraining, SFT, CoH, DPO and reward"
-            )
 
     @classmethod
     def from_keywords(cls, base: Optional[PPOConfig] = None, **keywords: Any) -> PPOConfig:

@@ -11,9 +11,8 @@ One PPO iteration (`step`) reads like the algorithm box of Ouyang et al. 2022 / 
     5. log         metrics gathered across processes into `trainer.history` (and trackers)
     6. checkpoint  `save` / `load` of everything needed to resume
 
-An episode is one prompt rolled out into one response (see `train` for the counts, global
-over processes). The trainer is a plain object, not an `nn.Module`: it owns modules, optimisers and the
-Accelerator, and `train` is a training loop, not `Module.train`.
+An episode is one prompt rolled out into one response (see `train` for the counts, global over
+processes). The trainer is a plain object, not an `nn.Module`; `train` is not `Module.train`.
 """
 
 from __future__ import annotations
@@ -44,6 +43,7 @@ from palm_rlhf.rl.policies import (
     evaluation_mode,
     only_these_require_grad,
     prepare_each,
+    shard_networks,
 )
 from palm_rlhf.rl.ppo.checkpoint import (
     check_compatible,
@@ -64,6 +64,7 @@ from palm_rlhf.rl.rollout import (
 )
 from palm_rlhf.rl_math import typechecked
 from palm_rlhf.train.run import guard_loss, make_accelerator
+from palm_rlhf.train.sharding import load_optimizer_state, optimizer_state
 
 # reward_fn(seq (b, n) long, mask (b, n) bool, prompt_mask (b, n) bool) -> (b,) float
 RewardFn = Callable[..., Tensor]
@@ -125,13 +126,15 @@ class RLHFTrainer:
         )  # fmt: skip
         actor.to(device), critic.to(device)  # the critic's value head is new
         self.actor_scope, self.critic_scope = actor.scope, critic.scope
+        # --fsdp: shards before the optimizers exist (they must hold the DTensor parameters)
+        self.sharded = shard_networks(self.accelerator, actor, self.reference, critic, config.fsdp)
         optimizers = [
             torch.optim.AdamW(net.trainable_parameters(), lr, config.betas, weight_decay=wd)
             for net, lr, wd in ((actor, config.actor_lr, config.actor_wd),
                                 (critic, config.critic_lr, config.critic_wd))
         ]  # fmt: skip
         (self.actor, self.actor_optim), (self.critic, self.critic_optim) = prepare_each(
-            self.accelerator, [actor, critic], optimizers
+            self.accelerator, [actor, critic], optimizers, self.sharded
         )
 
         self.reward_model = reward_model
@@ -143,6 +146,7 @@ class RLHFTrainer:
         rank = self.accelerator.process_index
         self.generator = torch.Generator(device=device).manual_seed(config.seed + 1000 * rank)
         self.cpu_generator = torch.Generator().manual_seed(config.seed + 1000 * rank + 1)
+        self.generators = {"generator": self.generator, "cpu_generator": self.cpu_generator}
         self.episodes, self.updates = 0, 0
         self.value_head_initialised = config.value_head_init == "zero"
         self.history: list[dict] = []
@@ -167,9 +171,6 @@ class RLHFTrainer:
     @property
     def critic_module(self):
         return self.accelerator.unwrap_model(self.critic)
-
-    def _generators(self) -> dict[str, torch.Generator]:
-        return {"generator": self.generator, "cpu_generator": self.cpu_generator}
 
     def print(self, *args) -> None:
         self.accelerator.print(*args)
@@ -209,12 +210,12 @@ class RLHFTrainer:
             )
         actor, critic = self.actor_module, self.critic_module
         # mixed precision (mixed_precision="bf16") covers sampling as well
-        with evaluation_mode([actor, critic]), self.accelerator.autocast():
+        with evaluation_mode([actor, critic, self.reference]), self.accelerator.autocast():
             return collect(
                 actor, self.reference, critic, self.reward_model, prompt, prompt_mask,
                 new_tokens, temperature=temperature, pad_value=self.pad_value,
                 eos_token=eos_token, generator=self.generator, top_k=self.config.top_k,
-                top_p=self.config.top_p,
+                top_p=self.config.top_p, stop_early=not self.sharded,
             )  # fmt: skip
 
     # ------------------------------------------------------------------ phases 2 and 3
@@ -239,7 +240,7 @@ class RLHFTrainer:
             # the head's weight is 0, so V = bias everywhere: move the bias to the mean return
             shift = mean_return_shift(rewards, values, mask, config.gamma)
             shift = self.accelerator.reduce(shift, "mean")
-            self.critic_module.value_head.bias.add_(shift)
+            self.critic_module.value_head.bias.add_(float(shift))
             values = torch.where(mask, values + shift, 0)
             self.value_head_initialised = True
         advantages, returns = gae_advantages(
@@ -447,10 +448,10 @@ class RLHFTrainer:
             "actor": self.actor_module.trainable_state(),
             "critic": self.critic_module.trainable_state(),
             "optimizers": {
-                "actor": self.actor_optim.state_dict(),
-                "critic": self.critic_optim.state_dict(),
+                "actor": optimizer_state(self.actor_module, self.actor_optim),
+                "critic": optimizer_state(self.critic_module, self.critic_optim),
             },
-            "rng": gather_generator_states(self._generators(), self.accelerator.num_processes),
+            "rng": gather_generator_states(self.generators, self.accelerator.num_processes),
             "meta": {
                 "episodes": self.episodes,
                 "updates": self.updates,
@@ -472,10 +473,10 @@ class RLHFTrainer:
                 module.load_trainable_state(state[name])
             except RuntimeError as err:  # missing/unexpected keys or shapes (e.g. another rank)
                 raise CheckpointError(f"{source}: the {name} does not fit: {err}") from err
-        self.actor_optim.load_state_dict(state["optimizers"]["actor"])
-        self.critic_optim.load_state_dict(state["optimizers"]["critic"])
+        load_optimizer_state(self.actor_module, self.actor_optim, state["optimizers"]["actor"])
+        load_optimizer_state(self.critic_module, self.critic_optim, state["optimizers"]["critic"])
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        restore_generator_states(state["rng"], self._generators(), rank, world, source)
+        restore_generator_states(state["rng"], self.generators, rank, world, source)
         self.episodes, self.updates = meta["episodes"], meta["updates"]
         self.value_head_initialised = meta["value_head_initialised"]
         self.kl_controller.load_state_dict(meta["kl_controller"])
