@@ -19,6 +19,12 @@ state is gathered and restored as a full, parameter-name-keyed dict (`full_optim
 
 Sampling goes through the model's forward (see `model/sampling.py`), so FSDP's hooks gather each
 unit's parameters for the step, the KV cache included; every rank must sample together.
+
+Costs and limits: the twin is one full copy of the model in the main process's CPU memory (the
+gathered checkpoint needs that much there anyway). PPO, whose actor, critic and reference share
+one PaLM, shards with `shard_modules` on every device type (Accelerate prepares one model per
+call and cannot express the sharing), and saves only trained tensors, gathered with
+`full_state` and restored slice by slice with `load_full_state`.
 """
 
 from __future__ import annotations
