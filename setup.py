@@ -9,7 +9,9 @@ version = {"__version__": re.search(r'__version__ = "([^"]+)"', init_text).group
 setup(
     name="palm-rlhf",
     version=version["__version__"],
-    description="PaLM + RLHF in pure PyTorch: pretraining, SFT, reward models, PPO, DPO, Chain of Hindsight",
+    description=(
+        "PaLM + RLHF in pure PyTorch: pretraining, SFT, reward models, PPO, DPO, Chain of Hindsight"
+    ),
     long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",

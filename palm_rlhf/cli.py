@@ -33,7 +33,8 @@ def _tokenizer(config: TokenizerConfig):
         model_type=config.model_type,
     )
     print(
-        f"trained {tokenizer!r} into {config.out_dir}; pass --tokenizer {config.out_dir} to pretrain"
+        f"trained {tokenizer!r} into {config.out_dir}; pass --tokenizer {config.out_dir} "
+        "to pretrain"
     )
 
 
@@ -42,7 +43,8 @@ def _pretrain(config):
 
     result = pretrain(config)
     print(
-        f"final valid loss {result.valid_loss:.4f}, bpc {result.valid_bpc:.4f}; checkpoint {result.checkpoint}"
+        f"final valid loss {result.valid_loss:.4f}, bpc {result.valid_bpc:.4f}; "
+        f"checkpoint {result.checkpoint}"
     )
 
 

@@ -134,7 +134,7 @@ class KVCache:
         self.has_padding = False
 
     def positions(self, new_mask: Optional[Tensor], num_new: int) -> Tensor:
-        """Rotary positions (b, n) of the next `num_new` tokens; padding gets the next position too."""
+        """Rotary positions (b, n) of the next `num_new` tokens (padding gets the next one too)."""
         if new_mask is None:
             steps = torch.arange(num_new, device=self.num_real.device)
             return self.num_real[:, None] + steps
@@ -143,7 +143,8 @@ class KVCache:
     def register(self, new_mask: Optional[Tensor], num_new: int):
         if self.length + num_new > self.max_len:
             raise ValueError(
-                f"KV cache overflow: {self.length} cached + {num_new} new tokens > max_len {self.max_len}"
+                f"KV cache overflow: {self.length} cached + {num_new} new tokens > "
+                f"max_len {self.max_len}"
             )
         if new_mask is not None:
             self.key_mask[:, self.length : self.length + num_new] = new_mask

@@ -126,12 +126,23 @@ class PaLM(nn.Module):
     ):
         super().__init__()
         self.config = PaLMConfig(
-            num_tokens=num_tokens, dim=dim, depth=depth, dim_head=dim_head, heads=heads,
-            ff_mult=ff_mult, causal=causal, flash_attn=flash_attn, attn_dropout=attn_dropout,
-            ff_dropout=ff_dropout, qk_rmsnorm=qk_rmsnorm, qk_scale=qk_scale, lora_r=lora_r,
-            rotary_base=rotary_base, max_seq_len=max_seq_len,
+            num_tokens=num_tokens,
+            dim=dim,
+            depth=depth,
+            dim_head=dim_head,
+            heads=heads,
+            ff_mult=ff_mult,
+            causal=causal,
+            flash_attn=flash_attn,
+            attn_dropout=attn_dropout,
+            ff_dropout=ff_dropout,
+            qk_rmsnorm=qk_rmsnorm,
+            qk_scale=qk_scale,
+            lora_r=lora_r,
+            rotary_base=rotary_base,
+            max_seq_len=max_seq_len,
             cross_entropy_ignore_index=cross_entropy_ignore_index,
-        )  # fmt: skip
+        )
         self.num_tokens, self.dim, self.causal = num_tokens, dim, causal
         self.token_emb = nn.Embedding(num_tokens, dim)
         nn.init.normal_(self.token_emb.weight, std=0.02)
@@ -348,7 +359,7 @@ class PaLM(nn.Module):
     # ---------------------------------------------------------------- sampling and saving
 
     def generate(self, seq_len: int, prompt: Optional[Tensor] = None, **kwargs) -> Tensor:
-        """Sample until `seq_len` total tokens (prompt included); see `palm_rlhf.model.sampling.generate`."""
+        """Sample until `seq_len` total tokens, prompt included; see `model.sampling.generate`."""
         return generate(self, seq_len, prompt, **kwargs)
 
     def save(self, path: Union[str, Path], scopes: Optional[tuple[str, ...]] = None) -> Path:

@@ -11,13 +11,15 @@ from typing import Optional
 
 from torch import Tensor
 
-from palm_rlhf.checkpoint import WEIGHTS_NAME, CheckpointError, PathLike, load_tensors, save_tensors
+from palm_rlhf.checkpoint import (
+    CheckpointError,
+    PathLike,
+    find_weights,
+    load_tensors,
+    save_tensors,
+    weights_path,
+)
 from palm_rlhf.model.config import PaLMConfig
-
-
-def _weights_path(path: PathLike) -> Path:
-    path = Path(path)
-    return path / WEIGHTS_NAME if path.is_dir() or path.suffix == "" else path
 
 
 def palm_state(model, scopes: Optional[tuple[str, ...]] = None) -> dict[str, Tensor]:
@@ -32,7 +34,7 @@ def palm_state(model, scopes: Optional[tuple[str, ...]] = None) -> dict[str, Ten
 
 
 def save_palm(model, path: PathLike, scopes: Optional[tuple[str, ...]] = None) -> Path:
-    path = _weights_path(path)
+    path = weights_path(path)
     kept = model.lora_specs if scopes is None else {s: model.lora_specs[s] for s in scopes}
     metadata = {
         "format": "palm_rlhf",
@@ -46,7 +48,7 @@ def save_palm(model, path: PathLike, scopes: Optional[tuple[str, ...]] = None) -
 
 def _read_palm_file(path: PathLike, map_location: str = "cpu"):
 
-    path = _weights_path(path)
+    path = find_weights(path)
     tensors, metadata = load_tensors(path, device=map_location)
     if "palm_config" not in metadata:
         raise CheckpointError(
