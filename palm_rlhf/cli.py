@@ -51,6 +51,8 @@ def _stages() -> dict[str, tuple[str, type, Callable]]:
     from palm_rlhf.chat import ChatConfig, SampleConfig, run_chat, run_sample
     from palm_rlhf.coh import CoHConfig, run_coh
     from palm_rlhf.dpo import DPOConfig, run_dpo
+    from palm_rlhf.label.config import LabelConfig
+    from palm_rlhf.label.stage import run_label
     from palm_rlhf.ppo_stage import PPOStageConfig, run_ppo
     from palm_rlhf.pretrain import PretrainConfig
     from palm_rlhf.reward_training import RewardTrainConfig, run_reward
@@ -90,6 +92,7 @@ def _stages() -> dict[str, tuple[str, type, Callable]]:
             ChatConfig,
             run_chat,
         ),
+        "label": ("serve a page where you rank, rate or compare samples", LabelConfig, run_label),
     }
 
 
