@@ -12,7 +12,9 @@ import hashlib
 import queue
 import random
 import threading
-from typing import Callable, NamedTuple, Optional
+import time
+from collections.abc import Callable
+from typing import NamedTuple, Optional
 
 from beartype import beartype
 
@@ -113,10 +115,13 @@ class Prefetcher:
 
     def take(self, timeout: float) -> Optional[Item]:
         """The next generated item, waiting up to `timeout` seconds; None if none is ready."""
-        try:
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self._queue.get(timeout=0.05)
+            except queue.Empty:
+                if self._finished.is_set() or time.monotonic() >= deadline:
+                    return self._queue.get_nowait() if not self._queue.empty() else None
 
     def exhausted(self) -> bool:
         """Every item was generated (or left out) and handed out."""

@@ -41,6 +41,12 @@ def build_session(
     return LabelSession(specs, store, prefetcher, scale=config.scale, **session_options)
 
 
+def choose_token(token: Optional[str], loopback: bool) -> Optional[str]:
+    """--token if given; else none on loopback, where only this machine can connect, and a
+    fresh unguessable one on any other address, where anyone on the network could."""
+    return token or (None if loopback else secrets.token_urlsafe(24))
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -66,7 +72,7 @@ def run_label(config: LabelConfig) -> None:
     from palm_rlhf.label.backend import model_generator, read_prompts
 
     loopback = is_loopback(config.host)
-    token = config.token or (None if loopback else secrets.token_urlsafe(24))
+    token = choose_token(config.token, loopback)
     sock = _bind(config.host, config.port)
     try:
         prompts = read_prompts(config.prompts)
