@@ -1,5 +1,7 @@
 """Shared by the label tests: a fake generator (no model) and a session/app over it."""
 
+import threading
+import time
 from pathlib import Path
 
 from palm_rlhf.label.config import LabelConfig
@@ -29,3 +31,31 @@ def make_session(tmp_path: Path, prompts=PROMPTS, generate=fake_generate, **opti
     generate_b = fake_generate_b if config.mode == "arena" else None
     session = build_session(config, list(prompts), generate, generate_b, log=lambda *_: None, **session_options)  # fmt: skip
     return session, config
+
+
+class ThreadServer:
+    """A uvicorn server for `app` on a free loopback port, in a thread (for a real browser)."""
+
+    def __init__(self, app):
+        import socket
+
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]})
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()

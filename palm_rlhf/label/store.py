@@ -122,6 +122,7 @@ class LabelStore:
     @beartype
     def __init__(self, out, mode: str):
         self.mode = mode
+        Path(out).parent.mkdir(parents=True, exist_ok=True)  # --out runs/labels.jsonl just works
         self.labels = JsonlLog(Path(out))
         self.ties: Optional[JsonlLog] = JsonlLog(ties_path(Path(out))) if mode == "arena" else None
         for record in self.labels.records.values():

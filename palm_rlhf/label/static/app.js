@@ -198,7 +198,12 @@ function label() {
 async function act(work) {
   if (state.busy) return;
   state.busy = true;
-  try { await work(); } catch (error) { say(error.message); } finally { state.busy = false; }
+  document.body.dataset.busy = "1";
+  if (document.activeElement && document.activeElement.blur) document.activeElement.blur();
+  try { await work(); } catch (error) { say(error.message); } finally {
+    state.busy = false;
+    document.body.dataset.busy = "0";
+  }
 }
 
 async function loadNext() {
@@ -242,7 +247,8 @@ $("undo").addEventListener("click", undo);
 $("undo-waiting").addEventListener("click", undo);
 
 document.addEventListener("keydown", (e) => {
-  if (e.ctrlKey || e.metaKey || e.altKey || e.target.tagName === "INPUT") return;
+  // keys pressed while a request is in flight would land on the item being replaced
+  if (state.busy || e.ctrlKey || e.metaKey || e.altKey || e.target.tagName === "INPUT") return;
   const key = e.key.toLowerCase();
   if (key === "u") return undo();
   if (!state.item) return;
