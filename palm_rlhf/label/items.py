@@ -79,6 +79,7 @@ class Prefetcher:
     nobody waits on the model. A failed item is logged and left out; it costs one item, not
     the server."""
 
+    @beartype
     def __init__(self, specs: list, build: Callable[[ItemSpec], Item], ahead: int, log=print):
         self._specs, self._build, self._log = list(specs), build, log
         self._queue: queue.Queue = queue.Queue(maxsize=ahead)

@@ -15,7 +15,8 @@ import re
 import threading
 import time
 from collections import deque
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple, Optional
 
 from palm_rlhf.label.items import Item, Prefetcher
 from palm_rlhf.label.modes import LabelError, make_record
