@@ -10,11 +10,11 @@ pytest.importorskip("starlette", reason="the label extra (starlette, uvicorn, ht
 pytest.importorskip("httpx", reason="Starlette's TestClient needs httpx")
 from starlette.testclient import TestClient  # noqa: E402
 
+from palm_rlhf.data.records import read_comparisons, read_ratings  # noqa: E402
 from palm_rlhf.label.app import create_app  # noqa: E402
 from palm_rlhf.label.session import wilson_interval  # noqa: E402
 from palm_rlhf.label.stage import choose_token  # noqa: E402
 from palm_rlhf.label.store import LabelFileError, ties_path  # noqa: E402
-from palm_rlhf.records import read_comparisons, read_ratings  # noqa: E402
 from tests.label_helpers import PROMPTS, make_session  # noqa: E402
 
 BASE = "http://127.0.0.1:8000"

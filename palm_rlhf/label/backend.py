@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from palm_rlhf.loading import load_base
-from palm_rlhf.records import read_prompts
-from palm_rlhf.sampling import sample_tokens
+from palm_rlhf.data.records import read_prompts
+from palm_rlhf.model.sampling import sample_tokens
+from palm_rlhf.train.loading import load_base
 
 __all__ = ["model_generator", "read_prompts"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from palm_rlhf.cli_args import option
+from palm_rlhf.options import option
 
 MODES = ("rank", "rate", "arena")
 MAX_CHOICES = 9  # number keys 1..9 pick a response or a rating
