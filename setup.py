@@ -16,6 +16,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["palm_rlhf", "palm_rlhf.*"]),
+    # the labelling page's HTML/CSS/JS, served from the installed package
+    package_data={"palm_rlhf.label": ["static/*.html", "static/*.css", "static/*.js"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1",
@@ -27,7 +29,16 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "ruff>=0.5"],
+        "test": [
+            "pytest>=7",
+            "hypothesis>=6",
+            "ruff>=0.5",
+            "starlette>=0.37",
+            "uvicorn>=0.29",
+            "httpx",
+            "playwright",
+        ],
+        "label": ["starlette>=0.37", "uvicorn>=0.29"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["palm-rlhf = palm_rlhf.cli:main"]},

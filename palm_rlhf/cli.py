@@ -51,6 +51,8 @@ def _pretrain(config):
 def _stages() -> dict[str, tuple[str, type, Callable]]:
     """name -> (help, config dataclass, function that runs the stage on a config)."""
     from palm_rlhf.chat import ChatConfig, SampleConfig, run_chat, run_sample
+    from palm_rlhf.label.config import LabelConfig
+    from palm_rlhf.label.stage import run_label
     from palm_rlhf.rl.ppo.stage import PPOStageConfig, run_ppo
     from palm_rlhf.train.coh import CoHConfig, run_coh
     from palm_rlhf.train.dpo import DPOConfig, run_dpo
@@ -92,6 +94,7 @@ def _stages() -> dict[str, tuple[str, type, Callable]]:
             ChatConfig,
             run_chat,
         ),
+        "label": ("serve a page where you rank, rate or compare samples", LabelConfig, run_label),
     }
 
 
