@@ -53,6 +53,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, unsafe, or made for another model."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint where one was named (also a FileNotFoundError, as callers expect)."""
+
+
 def weights_path(path: PathLike) -> Path:
     """Where to write weights: a folder (or a name without a suffix) gets `model.safetensors`."""
     path = Path(path)
@@ -70,7 +74,7 @@ def find_weights(path: PathLike) -> Path:
     latest = latest_checkpoint(path) if path.is_dir() else None
     if latest is not None and (latest / WEIGHTS_NAME).is_file():
         return latest / WEIGHTS_NAME
-    raise CheckpointError(
+    raise CheckpointNotFoundError(
         f"no model at {path}: expected a .safetensors file, a checkpoint folder holding "
         f"{WEIGHTS_NAME}, or a run folder with a 'latest' checkpoint"
     )

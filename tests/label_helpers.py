@@ -29,7 +29,9 @@ def make_session(tmp_path: Path, prompts=PROMPTS, generate=fake_generate, **opti
         options.setdefault("checkpoint_b", "fake-b")
     config = LabelConfig(checkpoint="fake", prompts="fake.jsonl", **options)
     generate_b = fake_generate_b if config.mode == "arena" else None
-    session = build_session(config, list(prompts), generate, generate_b, log=lambda *_: None, **session_options)  # fmt: skip
+    session = build_session(
+        config, list(prompts), generate, generate_b, log=lambda *_: None, **session_options
+    )
     return session, config
 
 

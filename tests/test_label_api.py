@@ -6,7 +6,9 @@ import threading
 
 import pytest
 
-pytest.importorskip("starlette", reason="the label extra (starlette, uvicorn, httpx) is not installed")  # fmt: skip
+pytest.importorskip(
+    "starlette", reason="the label extra (starlette, uvicorn, httpx) is not installed"
+)
 pytest.importorskip("httpx", reason="Starlette's TestClient needs httpx")
 from starlette.testclient import TestClient  # noqa: E402
 
@@ -49,12 +51,17 @@ def test_rank_labels_are_the_records_palm_rlhf_reward_reads(tmp_path):
         item = post(client, "/api/next").json()["item"]
         assert len(item["responses"]) == 3 and item["prompt"] in PROMPTS
         assert post(client, "/api/submit", {"id": item["id"], "ranking": ranking}).json()["ok"]
-    assert post(client, "/api/next").json() == {"item": None, "done": True, "progress": {
-        "labelled": 4, "total": 4, "skipped": 0, "failed": 0, "leased": 0}}  # fmt: skip
+    assert post(client, "/api/next").json() == {
+        "item": None,
+        "done": True,
+        "progress": {"labelled": 4, "total": 4, "skipped": 0, "failed": 0, "leased": 0},
+    }
     records = read_comparisons(config.out)
     assert [r.ranking for r in records] == rankings
     assert [r.prompt for r in records] == PROMPTS
-    assert all(set(line) == {"prompt", "responses", "ranking", "id", "mode"} for line in lines(config))  # fmt: skip
+    assert all(
+        set(line) == {"prompt", "responses", "ranking", "id", "mode"} for line in lines(config)
+    )
 
 
 def test_rate_mode_writes_ratings_on_the_scale(tmp_path):
@@ -77,7 +84,9 @@ def test_arena_hides_the_order_writes_comparisons_and_keeps_ties_apart(tmp_path)
     assert 0 < sum(shown) < len(shown)  # checkpoint B is sometimes left, sometimes right
     records = read_comparisons(config.out)
     assert len(records) == 5  # the tie is no comparison record
-    ties = [json.loads(line) for line in ties_path(tmp_path / "labels.jsonl").read_text().splitlines()]  # fmt: skip
+    ties = [
+        json.loads(line) for line in ties_path(tmp_path / "labels.jsonl").read_text().splitlines()
+    ]
     assert len(ties) == 1 and ties[0]["winner"] == "tie" and ties[0]["b"].startswith("B says")
     winners = [line["winner"] for line in lines(config)]
     for line in lines(config):  # "winner" names the checkpoint whose text was chosen
@@ -112,10 +121,15 @@ BAD_SUBMISSIONS = [
 
 
 @pytest.mark.parametrize(("body", "status", "message"), BAD_SUBMISSIONS)
-def test_a_bad_rank_label_is_a_4xx_naming_the_problem_and_writes_nothing(tmp_path, body, status, message):  # fmt: skip
+def test_a_bad_rank_label_is_a_4xx_naming_the_problem_and_writes_nothing(
+    tmp_path, body, status, message
+):
     client, session, config = serve(tmp_path, responses=3)
     item_id = next_id(client)
-    body = {"client": "tab1", **{k: (item_id if k == "id" and v is None else v) for k, v in body.items()}}  # fmt: skip
+    body = {
+        "client": "tab1",
+        **{k: (item_id if k == "id" and v is None else v) for k, v in body.items()},
+    }
     response = client.post("/api/submit", json=body)
     assert response.status_code == status and message in response.json()["error"]
     assert not (tmp_path / "labels.jsonl").exists()
@@ -126,10 +140,16 @@ def test_a_bad_rank_label_is_a_4xx_naming_the_problem_and_writes_nothing(tmp_pat
 
 @pytest.mark.parametrize(
     ("label", "status", "message"),
-    [({"rating": 0}, 422, "outside the scale 1..5"), ({"rating": 6}, 422, "outside the scale"),
-     ({"rating": 3.5}, 400, "must be an integer"), ({"rating": "4"}, 400, "must be an integer")],
-)  # fmt: skip
-def test_a_rating_outside_the_scale_or_of_the_wrong_type_is_refused(tmp_path, label, status, message):  # fmt: skip
+    [
+        ({"rating": 0}, 422, "outside the scale 1..5"),
+        ({"rating": 6}, 422, "outside the scale"),
+        ({"rating": 3.5}, 400, "must be an integer"),
+        ({"rating": "4"}, 400, "must be an integer"),
+    ],
+)
+def test_a_rating_outside_the_scale_or_of_the_wrong_type_is_refused(
+    tmp_path, label, status, message
+):
     client, session, config = serve(tmp_path, mode="rate")
     response = post(client, "/api/submit", {"id": next_id(client), **label})
     assert response.status_code == status and message in response.json()["error"]
@@ -146,7 +166,7 @@ def test_malformed_requests_get_json_errors(tmp_path):
             ),
             400,
             "not valid JSON",
-        ),  # fmt: skip
+        ),
         (client.post("/api/submit", json=[1, 2]), 400, "must be a JSON object"),
         (
             client.post(
@@ -156,22 +176,22 @@ def test_malformed_requests_get_json_errors(tmp_path):
             ),
             415,
             "application/json",
-        ),  # fmt: skip
+        ),
         (
             client.post("/api/submit", content=b"{}", headers={"content-type": "text/plain"}),
             415,
             "application/json",
-        ),  # fmt: skip
+        ),
         (
             client.post("/api/submit", json={"client": "tab1", "id": item_id, "pad": "x" * 70_000}),
             413,
             "body over",
-        ),  # fmt: skip
+        ),
         (
             post(client, "/api/submit", {"id": item_id, "choice": "left"}),
             400,
             'missing key "ranking"',
-        ),  # fmt: skip
+        ),
         (post(client, "/api/skip", {"id": "nope"}), 404, "unknown item id"),
         (post(client, "/api/undo"), 409, "nothing to undo"),
         (client.get("/api/nothing-here"), 404, "Not Found"),
@@ -180,8 +200,11 @@ def test_malformed_requests_get_json_errors(tmp_path):
     for response, status, message in cases:
         assert response.status_code == status, (response.status_code, response.text)
         assert message in response.json()["error"]
-    chunked = client.post("/api/submit", content=iter([b"{" + b" " * 40_000, b" " * 40_000 + b"}"]),
-                          headers={"content-type": "application/json"})  # fmt: skip
+    chunked = client.post(
+        "/api/submit",
+        content=iter([b"{" + b" " * 40_000, b" " * 40_000 + b"}"]),
+        headers={"content-type": "application/json"},
+    )
     assert chunked.status_code == 413  # no Content-Length: refused while reading
     assert not (tmp_path / "labels.jsonl").exists()
 
@@ -216,7 +239,9 @@ def test_concurrent_tabs_never_share_an_item_and_every_label_lands(tmp_path):
                     return
                 continue
             seen.append(answer["item"]["id"])
-            response = post(client, "/api/submit", {"id": answer["item"]["id"], "ranking": [1, 0]}, who=name)  # fmt: skip
+            response = post(
+                client, "/api/submit", {"id": answer["item"]["id"], "ranking": [1, 0]}, who=name
+            )
             if response.status_code != 200:
                 errors.append(response.text)
 
@@ -305,7 +330,10 @@ def test_the_token_guards_page_assets_and_api(tmp_path):
     assert client.get("/static/app.js").status_code == 200  # the cookie carries the token
     assert post(client, "/api/next").json()["item"] is not None
     assert choose_token(None, loopback=True) is None
-    assert len(choose_token(None, loopback=False)) >= 32 and choose_token("given-token", False) == "given-token"  # fmt: skip
+    assert (
+        len(choose_token(None, loopback=False)) >= 32
+        and choose_token("given-token", False) == "given-token"
+    )
 
 
 def test_cross_site_posts_and_foreign_host_names_are_refused(tmp_path):

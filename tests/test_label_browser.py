@@ -14,7 +14,10 @@ import pytest
 CHROMIUM = Path("/usr/bin/chromium")
 if not os.environ.get("CI"):  # under CI a missing browser is a failure, not a skip
     if not CHROMIUM.exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium); CI runs this", allow_module_level=True)  # fmt: skip
+        pytest.skip(
+            f"no Chromium at {CHROMIUM} (apt-get install chromium); CI runs this",
+            allow_module_level=True,
+        )
     pytest.importorskip("playwright", reason="pip install playwright")
     pytest.importorskip("uvicorn", reason="the label extra is not installed")
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
@@ -22,8 +25,14 @@ from playwright.sync_api import expect, sync_playwright  # noqa: E402
 from palm_rlhf.label.app import create_app  # noqa: E402
 from tests.label_helpers import XSS, ThreadServer, make_session  # noqa: E402
 
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 PROMPTS = [
     "Write one line about the sea.",
     "What should I name my cat?",
@@ -33,10 +42,17 @@ PROMPTS = [
 
 
 def fake_generate(prompt: str, count: int, seed: int) -> list:
-    flavours = ["A short, plain answer.", "A longer answer that wanders a little before it "
-                "gets to the point, as samples do.", "An answer\nover two lines.",
-                "Yes.", "Perhaps."]  # fmt: skip
-    return [f"{flavours[(seed + i) % len(flavours)]} ({prompt.split()[0].lower()} #{i + 1})" for i in range(count)]  # fmt: skip
+    flavours = [
+        "A short, plain answer.",
+        "A longer answer that wanders a little before it gets to the point, as samples do.",
+        "An answer\nover two lines.",
+        "Yes.",
+        "Perhaps.",
+    ]
+    return [
+        f"{flavours[(seed + i) % len(flavours)]} ({prompt.split()[0].lower()} #{i + 1})"
+        for i in range(count)
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,11 @@ def start_server(args: list) -> tuple:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "palm_rlhf", "label", *args, "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     deadline, seen = time.monotonic() + 60, []
     while time.monotonic() < deadline:
         line = process.stdout.readline()
@@ -59,13 +62,30 @@ def label_until_killed(url: str, stop: threading.Event, ids: list, name: str) ->
 
 def test_kill_9_mid_labelling_loses_nothing_and_a_restart_continues(tmp_path):
     checkpoint = make_base(tmp_path / "ckpt")
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Question {i}:"} for i in range(40)])  # fmt: skip
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl", [{"prompt": f"Question {i}:"} for i in range(40)]
+    )
     out = tmp_path / "labels.jsonl"
-    args = ["--checkpoint", str(checkpoint), "--prompts", str(prompts), "--out", str(out),
-            "--responses", "2", "--max-new-tokens", "8", "--ahead", "4"]  # fmt: skip
+    args = [
+        "--checkpoint",
+        str(checkpoint),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--responses",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--ahead",
+        "4",
+    ]
     process, url, first_line = start_server(args)
     stop, acknowledged = threading.Event(), []
-    tabs = [threading.Thread(target=label_until_killed, args=(url, stop, acknowledged, f"tab{i}")) for i in range(3)]  # fmt: skip
+    tabs = [
+        threading.Thread(target=label_until_killed, args=(url, stop, acknowledged, f"tab{i}"))
+        for i in range(3)
+    ]
     try:
         for tab in tabs:
             tab.start()
@@ -96,17 +116,56 @@ def test_kill_9_mid_labelling_loses_nothing_and_a_restart_continues(tmp_path):
         process.wait(timeout=10)
 
     # the label file is training data as it is
-    assert main(["reward", "--base", str(checkpoint), "--data", str(out), "--out-dir", str(tmp_path / "rm"),
-                 "--max-steps", "2", "--batch-size", "2", "--max-len", "64", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "reward",
+                "--base",
+                str(checkpoint),
+                "--data",
+                str(out),
+                "--out-dir",
+                str(tmp_path / "rm"),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--max-len",
+                "64",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "rm").exists()
 
 
 def test_user_errors_are_one_line_not_a_traceback(tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Hi"}])
     with pytest.raises(SystemExit, match=r"^palm-rlhf label: no model at .*missing"):
-        main(["label", "--checkpoint", str(tmp_path / "missing"), "--prompts", str(prompts), "--port", "0"])  # fmt: skip
+        main(
+            [
+                "label",
+                "--checkpoint",
+                str(tmp_path / "missing"),
+                "--prompts",
+                str(prompts),
+                "--port",
+                "0",
+            ]
+        )
     with pytest.raises(SystemExit, match=r"palm-rlhf label: .*nothing\.jsonl"):
-        main(["label", "--checkpoint", str(tmp_path), "--prompts", str(tmp_path / "nothing.jsonl"), "--port", "0"])  # fmt: skip
+        main(
+            [
+                "label",
+                "--checkpoint",
+                str(tmp_path),
+                "--prompts",
+                str(tmp_path / "nothing.jsonl"),
+                "--port",
+                "0",
+            ]
+        )
     with pytest.raises(SystemExit) as exit_info:  # argparse: usage + one line, exit status 2
         main(["label", "--checkpoint", "x", "--prompts", str(prompts), "--mode", "arena"])
     assert exit_info.value.code == 2

@@ -29,16 +29,24 @@ def model_generator(
     model = model.to(device).eval()
     window = model.config.max_seq_len or DEFAULT_CONTEXT
     if max_new_tokens >= window:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room in the {window}-token context")  # fmt: skip
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} leaves no room in the {window}-token context"
+        )
 
     def generate(prompt: str, count: int, seed: int) -> list:
         ids = tokenizer.encode(prompt)[-(window - max_new_tokens) :]
         generator = torch.Generator(device=device).manual_seed(seed)
         samples = sample_tokens(
-            model, torch.tensor([ids] * count, device=device), max_new_tokens,
-            temperature=temperature, top_k=top_k, top_p=top_p, eos_token=tokenizer.eos_id,
-            pad_value=tokenizer.eos_id, generator=generator,
-        )  # fmt: skip
+            model,
+            torch.tensor([ids] * count, device=device),
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token=tokenizer.eos_id,
+            pad_value=tokenizer.eos_id,
+            generator=generator,
+        )
         texts = []
         for row, mask in zip(samples.tokens.tolist(), samples.mask.tolist()):
             kept = [t for t, m in zip(row, mask) if m and t != tokenizer.eos_id]

@@ -13,13 +13,23 @@ MAX_CHOICES = 9  # number keys 1..9 pick a response or a rating
 
 @dataclass
 class LabelConfig:
-    checkpoint: str = option("", "policy to sample from: a checkpoint folder, a run folder (its latest) or a .safetensors file", required=True)  # fmt: skip
-    prompts: str = option("", "prompts file (any format `palm-rlhf ppo --prompts` reads)", required=True)  # fmt: skip
+    checkpoint: str = option(
+        "",
+        "policy to sample from: a checkpoint folder, a run folder (its latest) or a weights file",
+        required=True,
+    )
+    prompts: str = option(
+        "", "prompts file (any format `palm-rlhf ppo --prompts` reads)", required=True
+    )
     out: str = option("labels.jsonl", "label file: appended to, and continued when it exists")
-    mode: str = option("rank", "rank K responses, rate one, or compare two checkpoints", choices=MODES)  # fmt: skip
+    mode: str = option(
+        "rank", "rank K responses, rate one, or compare two checkpoints", choices=MODES
+    )
     responses: int = option(4, "rank mode: responses per prompt (2..9)")
     scale: int = option(5, "rate mode: ratings run 1..scale (2..9)")
-    checkpoint_b: Optional[str] = option(None, "arena mode: the checkpoint compared with --checkpoint")  # fmt: skip
+    checkpoint_b: Optional[str] = option(
+        None, "arena mode: the checkpoint compared with --checkpoint"
+    )
     passes: int = option(1, "label each prompt this many times (fresh samples each pass)")
     seed: int = option(0, "seed of item ids and sampling; keep it to continue a label file")
     max_new_tokens: int = option(128, "longest response in tokens")
@@ -29,7 +39,9 @@ class LabelConfig:
     ahead: int = option(3, "items generated ahead in the background")
     host: str = option("127.0.0.1", "address to listen on; a non-loopback one needs the token")
     port: int = option(8000, "port to listen on (0: any free port)")
-    token: Optional[str] = option(None, "secret every request must carry (default: none on loopback, a fresh one otherwise)")  # fmt: skip
+    token: Optional[str] = option(
+        None, "secret every request must carry (default: none on loopback, a fresh one otherwise)"
+    )
 
     def __post_init__(self):
         if self.mode not in MODES:

@@ -69,12 +69,19 @@ def make_record(mode: str, body: dict, item: Item, scale: int) -> Outcome:
         return Outcome({**record, **base}, False)
     choice = _field(body, "choice")
     if choice not in CHOICES:
-        raise LabelError(422 if isinstance(choice, str) else 400, f'"choice" must be one of {CHOICES}, not {choice!r}')  # fmt: skip
+        raise LabelError(
+            422 if isinstance(choice, str) else 400,
+            f'"choice" must be one of {CHOICES}, not {choice!r}',
+        )
     left, right = item.responses
     if choice == "tie" or left == right:
         texts = dict(zip(item.sources, item.responses))
         tie = {"prompt": spec.prompt, "a": texts["a"], "b": texts["b"], "winner": "tie"}
         return Outcome({**tie, **base}, True)
     won = 0 if choice == "left" else 1
-    record = {"prompt": spec.prompt, "chosen": item.responses[won], "rejected": item.responses[1 - won]}  # fmt: skip
+    record = {
+        "prompt": spec.prompt,
+        "chosen": item.responses[won],
+        "rejected": item.responses[1 - won],
+    }
     return Outcome({**record, **base, "winner": item.sources[won]}, False)

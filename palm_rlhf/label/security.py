@@ -117,7 +117,9 @@ class Guard:
                 for name, value in SECURITY_HEADERS.items():
                     response_headers.setdefault(name, value)
                 if set_cookie:
-                    cookie = f"{self.cookie_name(scope)}={self.token}; HttpOnly; SameSite=Strict; Path=/"  # fmt: skip
+                    cookie = (
+                        f"{self.cookie_name(scope)}={self.token}; HttpOnly; SameSite=Strict; Path=/"
+                    )
                     response_headers.append("set-cookie", cookie)
             await send(message)
 

@@ -82,7 +82,12 @@ class LabelSession:
 
     def _view(self, item: Item) -> dict:
         spec = item.spec
-        return {"id": spec.id, "number": spec.number, "prompt": spec.prompt, "responses": item.responses}  # fmt: skip
+        return {
+            "id": spec.id,
+            "number": spec.number,
+            "prompt": spec.prompt,
+            "responses": item.responses,
+        }
 
     def _leased_to(self, client: str, item_id) -> Lease:
         if item_id is None:
@@ -105,8 +110,13 @@ class LabelSession:
 
     def progress(self) -> dict:
         labelled = len(self.store.done_ids() & self.spec_ids)
-        return {"labelled": labelled, "total": len(self.spec_ids), "skipped": self.skipped,
-                "failed": self.prefetcher.failed, "leased": len(self._leases)}  # fmt: skip
+        return {
+            "labelled": labelled,
+            "total": len(self.spec_ids),
+            "skipped": self.skipped,
+            "failed": self.prefetcher.failed,
+            "leased": len(self._leases),
+        }
 
     # ------------------------------------------------------------------ the API
 
@@ -168,6 +178,9 @@ class LabelSession:
                 counts = self.store.arena_counts()
                 decided = counts["a"] + counts["b"]
                 low, high = wilson_interval(counts["b"], decided)
-                stats["arena"] = {**counts, "b_win_rate": counts["b"] / decided if decided else None,
-                                  "b_win_rate_95": [low, high]}  # fmt: skip
+                stats["arena"] = {
+                    **counts,
+                    "b_win_rate": counts["b"] / decided if decided else None,
+                    "b_win_rate_95": [low, high],
+                }
             return stats

@@ -55,7 +55,9 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host.strip("[]"), port))
     except OSError as error:
         sock.close()
-        raise SystemExit(f"palm-rlhf label: cannot listen on {host}:{port}: {error.strerror}") from None  # fmt: skip
+        raise SystemExit(
+            f"palm-rlhf label: cannot listen on {host}:{port}: {error.strerror}"
+        ) from None
     return sock
 
 
@@ -76,10 +78,16 @@ def run_label(config: LabelConfig) -> None:
     sock = _bind(config.host, config.port)
     try:
         prompts = read_prompts(config.prompts)
-        sampling = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                        top_k=config.top_k, top_p=config.top_p)  # fmt: skip
+        sampling = dict(
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+        )
         generate = model_generator(config.checkpoint, **sampling)
-        generate_b = model_generator(config.checkpoint_b, **sampling) if config.checkpoint_b else None  # fmt: skip
+        generate_b = (
+            model_generator(config.checkpoint_b, **sampling) if config.checkpoint_b else None
+        )
         session = build_session(config, prompts, generate, generate_b)
     except (OSError, ValueError, LabelFileError) as error:  # missing files, bad records
         sock.close()
@@ -89,9 +97,15 @@ def run_label(config: LabelConfig) -> None:
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
     progress = session.progress()
-    print(f"labelling {progress['total'] - progress['labelled']} of {progress['total']} items "
-          f"({config.mode} mode) into {config.out}", flush=True)  # fmt: skip
-    print(f"open {url}" + ("  (the token is shown only now; keep it secret)" if token else ""), flush=True)  # fmt: skip
+    print(
+        f"labelling {progress['total'] - progress['labelled']} of {progress['total']} items "
+        f"({config.mode} mode) into {config.out}",
+        flush=True,
+    )
+    print(
+        f"open {url}" + ("  (the token is shown only now; keep it secret)" if token else ""),
+        flush=True,
+    )
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     try:
         server.run(sockets=[sock])
