@@ -21,6 +21,8 @@ What is written (all tiny):
   Weights are re-randomised (LayerNorm gammas too) so every tensor matters to the logits.
 - ``palm_lora.pt``: the same kind of model with ``rotary_xpos_scale_base=8`` (a strong xPos
   decay) and a LoRA scope ``"actor"`` (r=4) whose ``B`` is non-zero.
+- ``palm_qk_rmsnorm.pt``: a depth-1 reference PaLM with ``qk_rmsnorm=True`` (its attention
+  scale is ``dim_head ** -0.5`` even then: the block's ``qk_scale`` never reaches ``Attention``).
 - ``reward_scalar.pt``, ``reward_binned.pt``: ``torch.save(reward_model.state_dict())`` of
   reference ``RewardModel``s (LoRA scope ``"reward"``, r=4; the second with
   ``num_binned_output=5``) over a depth-1 PaLM; the reference's ``RewardModel.load`` reads it.
@@ -323,7 +325,18 @@ def build_palm_fixtures(out: Path, tensors: dict, facts: dict) -> None:
         tensors["palm_lora.logits_actor"] = lora(seq, finetune_scope="actor")
     torch.save(lora.state_dict(), out / "palm_lora.pt")
 
+    torch.manual_seed(2)
+    qk = PaLM(**REWARD_PALM_CONFIG, qk_rmsnorm=True)
+    _randomise(qk, 3)
+    qk.eval()
+    with torch.no_grad():
+        tensors["palm_qk_rmsnorm.logits"] = qk(seq)
+    torch.save(qk.state_dict(), out / "palm_qk_rmsnorm.pt")
+
     facts["palm.pt"] = dict(config=PALM_CONFIG, keys=sorted(palm.state_dict()))
+    facts["palm_qk_rmsnorm.pt"] = dict(
+        config=dict(REWARD_PALM_CONFIG, qk_rmsnorm=True), keys=sorted(qk.state_dict())
+    )
     facts["palm_lora.pt"] = dict(
         config=PALM_LORA_CONFIG, lora_scope="actor", lora_r=4, keys=sorted(lora.state_dict())
     )

@@ -69,6 +69,19 @@ def test_reference_lora_scope_and_xpos_scale_base(outputs):
     assert (outputs["palm_lora.logits_actor"] - outputs["palm_lora.logits"]).abs().max() > 0.1
 
 
+def test_reference_qk_rmsnorm_uses_the_plain_attention_scale(outputs):
+    palm = load_palm_checkpoint(FIXTURES / "palm_qk_rmsnorm.pt").eval()
+    assert palm.config.qk_rmsnorm and palm.config.qk_scale == 8**-0.5
+    with torch.no_grad():
+        torch.testing.assert_close(
+            palm(outputs["palm.seq"]), outputs["palm_qk_rmsnorm.logits"], **TOL
+        )
+    # our own qk_rmsnorm default (qk_scale=8) would not reproduce the reference
+    other = load_palm_checkpoint(FIXTURES / "palm_qk_rmsnorm.pt", qk_scale=8.0).eval()
+    with torch.no_grad():
+        assert (other(outputs["palm.seq"]) - outputs["palm_qk_rmsnorm.logits"]).abs().max() > 1e-3
+
+
 def test_plain_rotary_or_wrong_scale_base_does_not_match(outputs):
     """The fixtures are sensitive to xPos: without it (or with another base) logits differ."""
     seq = outputs["palm.seq"]
