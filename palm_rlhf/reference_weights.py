@@ -216,7 +216,7 @@ def map_reference_state_dict(state: dict[str, Tensor], config: PaLMConfig) -> di
         elif key == "to_logits.weight":
             _expect_equal(key, tensor, state["token_emb.weight"].float(), "tied to token_emb")
         elif key == "norm.gamma":
-            out["norm.weight"] = tensor + 1
+            out["norm.weight"] = tensor.float() + 1  # in float32: no rounding of the gain
         elif key.endswith("norm.beta"):
             _expect_equal(key, tensor, torch.zeros_like(tensor, dtype=torch.float32), "zero")
         elif m := re.fullmatch(r"layers\.(\d+)\.fn\.(.+)", key):
@@ -228,7 +228,7 @@ def map_reference_state_dict(state: dict[str, Tensor], config: PaLMConfig) -> di
             elif rest == "rotary_emb.scale":
                 _expect_equal(key, tensor, zeta, "the xPos scale of this head dimension")
             elif rest in layer_rules:
-                value = tensor + 1 if rest == "norm.gamma" else tensor
+                value = tensor.float() + 1 if rest == "norm.gamma" else tensor
                 out[f"layers.{index}.{layer_rules[rest]}"] = value
             else:
                 raise ReferenceCheckpointError(f"unknown reference PaLM tensor {key}")
