@@ -5,8 +5,8 @@ python train.py --help                # every option
 accelerate launch train.py --dim 512 --depth 8 --batch-size 64    # many GPUs, same code
 """
 
-from palm_rlhf.cli_args import parse_config
-from palm_rlhf.pretrain import PretrainConfig, pretrain
+from palm_rlhf.options import parse_config
+from palm_rlhf.train.pretrain import PretrainConfig, pretrain
 
 if __name__ == "__main__":
     pretrain(parse_config(PretrainConfig, description=__doc__))

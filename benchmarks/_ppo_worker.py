@@ -49,7 +49,7 @@ def make_palm(impl: str, args, embed_std=None):
     import torch
 
     PaLM = __import__(
-        "palm_rlhf.palm" if impl == "ours" else "palm_rlhf_pytorch", fromlist=["PaLM"]
+        "palm_rlhf.model.palm" if impl == "ours" else "palm_rlhf_pytorch", fromlist=["PaLM"]
     ).PaLM
     torch.manual_seed(0)
     palm = PaLM(
@@ -89,8 +89,8 @@ def throughput(impl: str, args) -> dict:
     common = dict(minibatch_size=16, epochs=1)
     bf16 = args.dtype == "bf16"
     if impl == "ours":
-        from palm_rlhf.ppo import RLHFTrainer
-        from palm_rlhf.reward import RewardModel
+        from palm_rlhf.model.reward import RewardModel
+        from palm_rlhf.rl.ppo.trainer import RLHFTrainer
 
         trainer = RLHFTrainer(
             palm=palm, reward_model=RewardModel(palm), prompt_token_ids=prompts,
@@ -141,7 +141,7 @@ def toy(impl: str, args) -> dict:
     eval_prompts = prompts.repeat(eval_rows // len(TOY_PROMPTS) + 1, 1)[:eval_rows]
     eval_mask = torch.ones_like(eval_prompts, dtype=torch.bool)
     if impl == "ours":
-        from palm_rlhf.ppo import RLHFTrainer
+        from palm_rlhf.rl.ppo.trainer import RLHFTrainer
 
         trainer = RLHFTrainer(
             palm=palm, reward_model=toy_fraction, prompt_token_ids=prompts,

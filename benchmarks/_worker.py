@@ -96,7 +96,7 @@ def model_flops_per_token(cfg: dict) -> dict:
 def import_palm(impl: str):
     """The PaLM class of one implementation (its import also loads the whole package)."""
     if impl == "ours":
-        from palm_rlhf.palm import PaLM
+        from palm_rlhf.model.palm import PaLM
 
         if not Path(module_file(impl)).resolve().is_relative_to(REPO_ROOT):
             raise SystemExit(f"ours resolved to {module_file(impl)}, outside {REPO_ROOT}")

@@ -30,8 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from palm_rlhf.records import read_comparisons  # noqa: E402
-from palm_rlhf.reward_training import (  # noqa: E402
+from palm_rlhf.data.records import read_comparisons  # noqa: E402
+from palm_rlhf.train.reward import (  # noqa: E402
     RewardTrainConfig,
     fit_records,
     load_base,
@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--max-steps", type=int, default=None, help="stop after this many steps (timing runs)")
     add("--max-minutes", type=float, default=9.0, help="training time limit")
     add("--lr", type=float, default=1e-3, help="peak learning rate")
-    add("--lora-r", type=int, default=8, help="LoRA rank")
+    add("--use-lora-r", type=int, default=8, help="LoRA rank")
     add("--full-finetune", action="store_true", help="train every weight instead of LoRA + head")
     add("--pooling", default="last", choices=("last", "mean"), help="what the score reads")
     add("--dropout", type=float, default=0.1, help="dropout before the reward head")

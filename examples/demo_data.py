@@ -22,7 +22,7 @@ dealt out, without overlap, to the SFT, comparison and PPO-prompt files (the sta
 InstructGPT used different prompts too). Everything is a pure function of the seed.
 
 Files written by `write_demo_data(out_dir, ...)`, JSON Lines in the formats of DESIGN.md
-(`palm_rlhf.records` reads them):
+(`palm_rlhf.data.records` reads them):
 
     sft_train.jsonl  sft_test.jsonl                  {"prompt", "response"}
     comparisons_train.jsonl  comparisons_test.jsonl  {"prompt", "chosen", "rejected"}

@@ -5,7 +5,7 @@
     python examples/pipeline_demo.py --help        # every option and each stage's budget
 
 pretrain -> SFT -> reward model -> PPO, plus DPO and Chain of Hindsight (CoH) from the same SFT
-model, each stage a library call (`palm_rlhf.pretrain.pretrain`, `sft.train_sft`,
+model, each stage a library call (`palm_rlhf.train.pretrain.pretrain`, `sft.train_sft`,
 `reward_training.train_reward_model`, `ppo_stage.train_ppo`, `dpo.train_dpo`, `coh.train_coh`)
 whose checkpoint folder is the next stage's base. The data is built at run time from the
 embedded King James Bible (see `demo_data.py`): "finish this verse" prompts in the HH-RLHF
@@ -73,15 +73,15 @@ from demo_metrics import (  # noqa: E402
     sampled_rewards,
 )
 
-from palm_rlhf.coh import CoHConfig, train_coh  # noqa: E402
-from palm_rlhf.dpo import DPOConfig, train_dpo  # noqa: E402
-from palm_rlhf.loading import load_base  # noqa: E402
-from palm_rlhf.ppo_stage import PPOStageConfig, train_ppo  # noqa: E402
-from palm_rlhf.pretrain import PretrainConfig, pretrain  # noqa: E402
-from palm_rlhf.records import read_prompts, read_sft  # noqa: E402
-from palm_rlhf.reward_training import RewardTrainConfig, train_reward_model  # noqa: E402
-from palm_rlhf.sft import SFTConfig, train_sft  # noqa: E402
-from palm_rlhf.tokenizer import ByteTokenizer  # noqa: E402
+from palm_rlhf.data.records import read_prompts, read_sft  # noqa: E402
+from palm_rlhf.data.tokenizer import ByteTokenizer  # noqa: E402
+from palm_rlhf.rl.ppo.stage import PPOStageConfig, train_ppo  # noqa: E402
+from palm_rlhf.train.coh import CoHConfig, train_coh  # noqa: E402
+from palm_rlhf.train.dpo import DPOConfig, train_dpo  # noqa: E402
+from palm_rlhf.train.loading import load_base  # noqa: E402
+from palm_rlhf.train.pretrain import PretrainConfig, pretrain  # noqa: E402
+from palm_rlhf.train.reward import RewardTrainConfig, train_reward_model  # noqa: E402
+from palm_rlhf.train.sft import SFTConfig, train_sft  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = ".palm-rlhf-demo"  # marks an --out-dir this script made, so a rerun may clear it
@@ -144,7 +144,7 @@ class Run(NamedTuple):
         """Options shared by the SFT, DPO and CoH configs (max_steps, not epochs, ends them)."""
         budget = self.budget
         return dict(max_len=budget.max_len, batch_size=budget.batch_size, seed=self.args.seed,
-                    num_epochs=NEVER, validate_every=NEVER, save_every=NEVER, keep_last=1)  # fmt: skip
+                    epochs=NEVER, eval_every=NEVER, save_every=NEVER, keep_last=1)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -177,7 +177,7 @@ def get_base(args, budget: Budget, out_dir: Path) -> tuple[str, dict]:
     config = PretrainConfig(
         data_dir=str(REPO / "data"), out_dir=str(out_dir / "pretrain"),
         num_steps=budget.pretrain_steps, max_minutes=budget.pretrain_minutes,
-        warmup_steps=min(30, budget.pretrain_steps // 5), validate_every=NEVER,
+        warmup_steps=min(30, budget.pretrain_steps // 5), eval_every=NEVER,
         generate_every=0, save_every=NEVER, keep_last=1, seed=args.seed,
         **(TINY_MODEL if args.tiny else {}),
     )  # fmt: skip

@@ -5,12 +5,12 @@ from palm_rlhf import PaLM, RewardModel, RLHFTrainer
 
 __version__ = "0.1.0"
 
-from palm_rlhf.config import PaLMConfig
-from palm_rlhf.palm import PaLM
-from palm_rlhf.ppo import RLHFTrainer
-from palm_rlhf.reward import RewardModel
-from palm_rlhf.sampling import sample_tokens
-from palm_rlhf.tokenizer import ByteTokenizer, SentencePieceTokenizer, load_tokenizer
+from palm_rlhf.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, load_tokenizer
+from palm_rlhf.model.config import PaLMConfig
+from palm_rlhf.model.palm import PaLM
+from palm_rlhf.model.reward import RewardModel
+from palm_rlhf.model.sampling import sample_tokens
+from palm_rlhf.rl.ppo.trainer import RLHFTrainer
 
 __all__ = [
     "PaLM",

@@ -15,9 +15,9 @@ from typing import Callable, Optional, TextIO
 
 import torch
 
-from palm_rlhf.cli_args import option
-from palm_rlhf.loading import load_base
-from palm_rlhf.sampling import iter_sample
+from palm_rlhf.model.sampling import iter_sample
+from palm_rlhf.options import option
+from palm_rlhf.train.loading import load_base
 
 DEFAULT_CONTEXT = 1024  # for a model saved without max_seq_len
 

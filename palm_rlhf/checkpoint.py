@@ -1,10 +1,11 @@
-"""Atomic, self-describing, pickle-free checkpoints.
+"""Checkpoint I/O: atomic files, safetensors + JSON, step folders. It knows no model class.
 
-Weights go to safetensors files whose string metadata carries the model config (and LoRA scope
-specs), so a file alone rebuilds its model. Other state (optimizer, scheduler, RNG) goes through
+Tensors go to safetensors files with string metadata (a model's config travels there, so a
+file alone can rebuild its model). Other state (optimizer, scheduler, RNG) goes through
 `torch.save` and is read back with `weights_only=True`, which refuses to execute pickled code.
-Every write lands in a temporary file in the target directory and is renamed into place, so a
-crash mid-write leaves the previous file intact.
+Every write lands in a temporary file in the target folder, is fsynced, then renamed into
+place (`os.replace` is atomic on POSIX and Windows), so a crash mid-write leaves the previous
+file intact and no half-written file under the final name.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -21,10 +23,30 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from palm_rlhf.fileio import atomic_path, atomic_write_bytes
-
 PathLike = Union[str, Path]
 WEIGHTS_NAME = "model.safetensors"
+
+
+@contextmanager
+def atomic_path(path: PathLike):
+    """Yield a temporary path beside `path`; on success fsync and rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 class CheckpointError(RuntimeError):
@@ -88,110 +110,6 @@ def load_state(path: PathLike) -> Any:
         ) from err
 
 
-# ------------------------------------------------------------------------ PaLM weights
-
-
-def _weights_path(path: PathLike) -> Path:
-    path = Path(path)
-    return path / WEIGHTS_NAME if path.is_dir() or path.suffix == "" else path
-
-
-def palm_state(model, scopes: Optional[tuple[str, ...]] = None) -> dict[str, Tensor]:
-    """The model's tensors; with `scopes`, only those LoRA scopes (an adapter-only checkpoint)."""
-    state = model.state_dict()
-    if scopes is None:
-        return state
-    prefixes = tuple(f"finetune_modules.{scope}." for scope in scopes)
-    for scope in scopes:
-        model._scope_layers(scope)  # raises a clear KeyError for an unknown scope
-    return {k: v for k, v in state.items() if k.startswith(prefixes)}
-
-
-def save_palm(model, path: PathLike, scopes: Optional[tuple[str, ...]] = None) -> Path:
-    path = _weights_path(path)
-    kept = model.lora_specs if scopes is None else {s: model.lora_specs[s] for s in scopes}
-    metadata = {
-        "format": "palm_rlhf",
-        "palm_config": model.config.to_json(),
-        "lora_specs": json.dumps(kept),
-        "adapters_only": json.dumps(scopes is not None),
-    }
-    save_tensors(path, palm_state(model, scopes), metadata)
-    return path
-
-
-def _read_palm_file(path: PathLike, map_location: str = "cpu"):
-    from palm_rlhf.config import PaLMConfig
-
-    path = _weights_path(path)
-    tensors, metadata = load_tensors(path, device=map_location)
-    if "palm_config" not in metadata:
-        raise CheckpointError(
-            f"{path} holds no palm_config metadata: not a palm_rlhf PaLM checkpoint"
-        )
-    try:
-        config = PaLMConfig.from_json(metadata["palm_config"])
-        specs = json.loads(metadata.get("lora_specs", "{}"))
-        adapters_only = json.loads(metadata.get("adapters_only", "false"))
-    except (ValueError, TypeError) as err:
-        raise CheckpointError(f"{path} has invalid metadata: {err}") from err
-    return path, config, specs, adapters_only, tensors
-
-
-def _add_missing_scopes(model, specs: dict) -> None:
-    for scope, spec in specs.items():
-        if scope not in model.finetune_modules:
-            model.add_finetune_params(
-                scope, lora_r=spec["r"], lora_alpha=spec["alpha"], targets=tuple(spec["targets"])
-            )
-
-
-def load_palm_into(model, path: PathLike, strict: bool = True) -> None:
-    """Load into an existing model. Everything is checked before any weight is touched."""
-    path, config, specs, adapters_only, tensors = _read_palm_file(
-        path, map_location=str(model.device)
-    )
-    mismatched = {
-        key: (value, getattr(model.config, key))
-        for key, value in config.to_dict().items()
-        if key in ("num_tokens", "dim", "depth", "dim_head", "heads", "ff_mult", "qk_rmsnorm")
-        and getattr(model.config, key) != value
-    }
-    if mismatched:
-        detail = ", ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in mismatched.items())
-        raise CheckpointError(f"{path} was saved for another model config ({detail})")
-    _add_missing_scopes(model, specs)
-    expected = model.state_dict()
-    if adapters_only:
-        expected = {k: v for k, v in expected.items() if k.startswith("finetune_modules.")}
-        expected = {k: v for k, v in expected.items() if k.split(".")[1] in specs}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if strict and (missing or unexpected):
-        raise CheckpointError(
-            f"{path}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}"
-        )
-    for key, tensor in tensors.items():
-        if key in expected and expected[key].shape != tensor.shape:
-            raise CheckpointError(
-                f"{path}: tensor {key} has shape {tuple(tensor.shape)}, model expects {tuple(expected[key].shape)}"
-            )
-    model.load_state_dict(tensors, strict=False)
-
-
-def palm_from_pretrained(path: PathLike, map_location: str = "cpu"):
-    from palm_rlhf.palm import PaLM
-
-    path, config, specs, adapters_only, _ = _read_palm_file(path, map_location)
-    if adapters_only:
-        raise CheckpointError(
-            f"{path} holds LoRA adapters only; load it into its base model with palm.load()"
-        )
-    model = PaLM.from_config(config).to(map_location)
-    load_palm_into(model, path)
-    return model
-
-
 # ------------------------------------------------------------------------ checkpoint folders
 
 
@@ -218,15 +136,15 @@ def save_checkpoint_dir(
             os.replace(final, stale)
         os.replace(staging, final)
         if stale.exists():
-            _remove_tree(stale)
+            remove_tree(stale)
     finally:
         if staging.exists():
-            _remove_tree(staging)
+            remove_tree(staging)
     atomic_write_bytes(root / "latest", name.encode())
     # staging folders left by a run killed mid-write are never read; clear them (one writer)
     for leftover in root.glob(".*.tmp"):
         if leftover.is_dir():
-            _remove_tree(leftover)
+            remove_tree(leftover)
     return final
 
 
@@ -239,7 +157,7 @@ def latest_checkpoint(root: PathLike) -> Optional[Path]:
     return folder if folder.is_dir() else None
 
 
-def _remove_tree(path: Path) -> None:
+def remove_tree(path: Path) -> None:
     for child in sorted(path.rglob("*"), reverse=True):
         child.rmdir() if child.is_dir() else child.unlink()
     path.rmdir()

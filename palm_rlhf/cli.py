@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from palm_rlhf.cli_args import add_dataclass_arguments, config_from_args, option
+from palm_rlhf.options import HelpFormatter, add_dataclass_arguments, config_from_args, option
 
 
 @dataclass
@@ -24,7 +24,7 @@ class TokenizerConfig:
 
 
 def _tokenizer(config: TokenizerConfig):
-    from palm_rlhf.tokenizer import SentencePieceTokenizer
+    from palm_rlhf.data.tokenizer import SentencePieceTokenizer
 
     tokenizer = SentencePieceTokenizer.train(
         list(config.text),
@@ -38,7 +38,7 @@ def _tokenizer(config: TokenizerConfig):
 
 
 def _pretrain(config):
-    from palm_rlhf.pretrain import pretrain
+    from palm_rlhf.train.pretrain import pretrain
 
     result = pretrain(config)
     print(
@@ -49,12 +49,12 @@ def _pretrain(config):
 def _stages() -> dict[str, tuple[str, type, Callable]]:
     """name -> (help, config dataclass, function that runs the stage on a config)."""
     from palm_rlhf.chat import ChatConfig, SampleConfig, run_chat, run_sample
-    from palm_rlhf.coh import CoHConfig, run_coh
-    from palm_rlhf.dpo import DPOConfig, run_dpo
-    from palm_rlhf.ppo_stage import PPOStageConfig, run_ppo
-    from palm_rlhf.pretrain import PretrainConfig
-    from palm_rlhf.reward_training import RewardTrainConfig, run_reward
-    from palm_rlhf.sft import SFTConfig, run_sft
+    from palm_rlhf.rl.ppo.stage import PPOStageConfig, run_ppo
+    from palm_rlhf.train.coh import CoHConfig, run_coh
+    from palm_rlhf.train.dpo import DPOConfig, run_dpo
+    from palm_rlhf.train.pretrain import PretrainConfig
+    from palm_rlhf.train.reward import RewardTrainConfig, run_reward
+    from palm_rlhf.train.sft import SFTConfig, run_sft
 
     return {
         "tokenizer": (
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=help_text,
             description=help_text,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         add_dataclass_arguments(sub, config_cls)
         sub.set_defaults(run=run, config_cls=config_cls, subparser=sub)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from palm_rlhf.palm import PaLM
-from palm_rlhf.tokenizer import ByteTokenizer
+from palm_rlhf.data.tokenizer import ByteTokenizer
+from palm_rlhf.model.palm import PaLM
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_MODEL = dict(num_tokens=256, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=64)

@@ -2,7 +2,7 @@
 
 import torch
 
-from palm_rlhf.palm import PaLM
+from palm_rlhf.model.palm import PaLM
 
 
 def tiny_palm(**overrides) -> PaLM:

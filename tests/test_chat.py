@@ -18,8 +18,8 @@ from palm_rlhf.chat import (
     run_sample,
     visible_text,
 )
-from palm_rlhf.palm import PaLM
-from palm_rlhf.tokenizer import ByteTokenizer
+from palm_rlhf.data.tokenizer import ByteTokenizer
+from palm_rlhf.model.palm import PaLM
 
 REPO = Path(__file__).resolve().parents[1]
 

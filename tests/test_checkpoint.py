@@ -11,7 +11,7 @@ from palm_rlhf.checkpoint import (
     save_checkpoint_dir,
     save_state,
 )
-from palm_rlhf.palm import PaLM
+from palm_rlhf.model.palm import PaLM
 from tests.helpers import randomize_lora, tiny_palm
 
 

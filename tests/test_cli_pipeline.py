@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from palm_rlhf.cli import main
-from palm_rlhf.loading import TokenizerMismatchError
-from palm_rlhf.palm import PaLM
-from palm_rlhf.tokenizer import SentencePieceTokenizer
+from palm_rlhf.data.tokenizer import SentencePieceTokenizer
+from palm_rlhf.model.palm import PaLM
+from palm_rlhf.train.loading import TokenizerMismatchError
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -77,7 +77,7 @@ def test_malformed_data_is_reported_with_file_and_line(pipeline, tmp_path):
 
 
 def test_sentencepiece_tokenizer_from_one_command_travels_with_the_checkpoints(tmp_path, capsys):
-    from palm_rlhf.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from palm_rlhf.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     data = tmp_path / "data"
     data.mkdir()

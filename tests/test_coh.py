@@ -1,7 +1,10 @@
 import pytest
 import torch
 
-from palm_rlhf.coh import (
+from palm_rlhf.data.records import ComparisonRecord, RecordError, read_comparisons
+from palm_rlhf.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
+from palm_rlhf.model.palm import PaLM
+from palm_rlhf.train.coh import (
     CoHConfig,
     coh_generate,
     hindsight_sequences,
@@ -9,10 +12,7 @@ from palm_rlhf.coh import (
     pretraining_chunks,
     train_coh,
 )
-from palm_rlhf.loading import TokenizerMismatchError
-from palm_rlhf.palm import PaLM
-from palm_rlhf.records import ComparisonRecord, RecordError, read_comparisons
-from palm_rlhf.tokenizer import ByteTokenizer, SentencePieceTokenizer
+from palm_rlhf.train.loading import TokenizerMismatchError
 from tests.finetune_helpers import FIXTURES, make_base, toy_comparisons, write_jsonl
 
 QUICK = dict(max_len=64, batch_size=8, warmup_steps=1, log_every=1, lr=3e-3)
@@ -106,7 +106,7 @@ def test_train_coh_learns_the_feedback_and_generation_follows_the_phrase(base, t
     data = toy_comparisons(tmp_path / "toy.jsonl")
     result = train_coh(
         CoHConfig(base=str(base), data=str(data), valid_fraction=0.25, out_dir=str(tmp_path / "out"),
-                  num_epochs=20, validate_every=1000, **QUICK)
+                  epochs=20, eval_every=1000, **QUICK)
     )  # fmt: skip
     losses = [r["loss"] for r in result.history]
     assert losses[-1] < 0.1 * losses[0] and result.valid["loss"] < 0.1 * losses[0]
@@ -125,7 +125,7 @@ def test_train_coh_learns_the_feedback_and_generation_follows_the_phrase(base, t
 
 def test_hh_rlhf_dialogues_train_end_to_end_with_lora(tmp_path):
     base = make_base(tmp_path / "base", max_seq_len=128)
-    config = CoHConfig(base=str(base), data=str(FIXTURES / "hh_rlhf.jsonl"), lora=True, mode="p",
+    config = CoHConfig(base=str(base), data=str(FIXTURES / "hh_rlhf.jsonl"), use_lora=True, mode="p",
                        out_dir=str(tmp_path / "out"), **{**QUICK, "max_len": 128})  # fmt: skip
     result = train_coh(config)
     assert result.checkpoint.name == "step-0000001" and result.model.finetune_scopes == ()
@@ -196,7 +196,7 @@ def test_resume_with_a_pretraining_mix_gives_the_same_next_losses(base, tmp_path
     text = tmp_path / "corpus.txt"
     text.write_text("In the beginning was the word. " * 40)
     common = dict(base=str(base), data=str(data), ptx_file=str(text), ptx_ratio=0.5, mode="pn",
-                  num_epochs=4, max_steps=6, save_every=3, keep_last=5, **QUICK)  # fmt: skip
+                  epochs=4, max_steps=6, save_every=3, keep_last=5, **QUICK)  # fmt: skip
     full = train_coh(CoHConfig(out_dir=str(tmp_path / "a"), **common))
     resumed = train_coh(CoHConfig(out_dir=str(tmp_path / "b"), resume=str(tmp_path / "a" / "step-0000003"), **common))  # fmt: skip
     before = {r["step"]: r["loss"] for r in full.history}

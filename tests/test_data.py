@@ -3,7 +3,7 @@ import gzip
 import pytest
 import torch
 
-from palm_rlhf.data import (
+from palm_rlhf.data.corpus import (
     RandomChunkDataset,
     SequentialChunkDataset,
     Splits,

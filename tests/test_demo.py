@@ -108,7 +108,7 @@ def test_the_ppo_plot_is_a_png_when_matplotlib_is_installed(tiny_run):
 
 def test_bits_per_byte_is_train_py_s_measurement(tiny_run):
     """The demo's bpc of a reused checkpoint equals what pretraining reported for it."""
-    from palm_rlhf.loading import load_base
+    from palm_rlhf.train.loading import load_base
 
     out_dir, results, _ = tiny_run
     model, _ = load_base(out_dir / "pretrain", log=lambda *_: None)

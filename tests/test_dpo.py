@@ -5,7 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from palm_rlhf.dpo import (
+from palm_rlhf.data.examples import split_groups
+from palm_rlhf.data.records import RecordError, read_comparisons
+from palm_rlhf.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
+from palm_rlhf.model.palm import PaLM
+from palm_rlhf.train.dpo import (
     DPOConfig,
     collate_pairs,
     dpo_forward,
@@ -14,11 +18,7 @@ from palm_rlhf.dpo import (
     ordered_pairs,
     train_dpo,
 )
-from palm_rlhf.finetune_data import split_groups
-from palm_rlhf.loading import TokenizerMismatchError
-from palm_rlhf.palm import PaLM
-from palm_rlhf.records import RecordError, read_comparisons
-from palm_rlhf.tokenizer import ByteTokenizer, SentencePieceTokenizer
+from palm_rlhf.train.loading import TokenizerMismatchError
 from tests.finetune_helpers import FIXTURES, make_base, toy_comparisons, write_jsonl
 from tests.helpers import randomize_lora
 
@@ -119,8 +119,8 @@ def test_only_the_policy_gets_gradients():
 def test_train_dpo_learns_the_preference(base, tmp_path, lora):
     data = toy_comparisons(tmp_path / "toy.jsonl")
     config = DPOConfig(base=str(base), data=str(data), valid_fraction=0.25, out_dir=str(tmp_path / "out"),
-                       num_epochs=10, beta=0.5, lora=lora, lr=1e-2 if lora else 1e-3, merge_lora=False,
-                       validate_every=1000, **QUICK)  # fmt: skip
+                       epochs=10, beta=0.5, use_lora=lora, lr=1e-2 if lora else 1e-3, merge_lora=False,
+                       eval_every=1000, **QUICK)  # fmt: skip
     result = train_dpo(config)
     first, last = result.history[0], result.history[-1]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["accuracy"] == 0.0
@@ -140,7 +140,7 @@ def test_resume_gives_the_same_next_losses(base, tmp_path):
     common = dict(
         base=str(base),
         data=str(data),
-        num_epochs=2,
+        epochs=2,
         save_every=2,
         keep_last=5,
         lr=1e-3,
@@ -185,7 +185,7 @@ def test_validation_file_and_command_line(base, tmp_path, capsys):
     comparisons = str(FIXTURES / "comparisons.jsonl")
     args = ["--base", str(base), "--data", comparisons, "--valid-data", str(FIXTURES / "hh_rlhf.jsonl"),
             "--out-dir", str(tmp_path / "out"), "--max-len", "128", "--batch-size", "4", "--beta", "0.2",
-            "--lora"]  # fmt: skip
+            "--use-lora"]  # fmt: skip
     with pytest.raises(ValueError, match="max_len 128 exceeds the model's max_seq_len 64"):
         main(args)
     args[args.index("128")] = "64"

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from palm_rlhf.checkpoint import CheckpointError, latest_checkpoint
-from palm_rlhf.palm import PaLM
-from palm_rlhf.pretrain import PretrainConfig, pretrain
-from palm_rlhf.training import (
+from palm_rlhf.model.palm import PaLM
+from palm_rlhf.train.pretrain import PretrainConfig, pretrain
+from palm_rlhf.train.run import (
     NonFiniteLossError,
     load_training_checkpoint,
     save_training_checkpoint,
@@ -28,7 +28,7 @@ SLOW_WRITER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     sys.path.insert(0, {repo!r})
-    from palm_rlhf.training import save_training_checkpoint
+    from palm_rlhf.train.run import save_training_checkpoint
     from tests.helpers import tiny_palm
 
     root = Path(sys.argv[1])
@@ -97,7 +97,7 @@ def _tiny_pretrain(tmp_path, **overrides):
     config = dict(
         data_dir=str(REPO / "data"), out_dir=str(tmp_path / "run"), dim=32, depth=1, heads=2, dim_head=16,
         seq_len=32, batch_size=2, val_batches=1, generate_every=0, log_every=1, num_steps=4, save_every=2,
-        validate_every=2,
+        eval_every=2,
     )  # fmt: skip
     config.update(overrides)
     return PretrainConfig(**config)

@@ -11,9 +11,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from palm_rlhf.collate import encode_prompt_response
-from palm_rlhf.records import RecordError, read_comparisons, read_ratings, read_sft
-from palm_rlhf.tokenizer import ByteTokenizer
+from palm_rlhf.data.collate import encode_prompt_response
+from palm_rlhf.data.records import RecordError, read_comparisons, read_ratings, read_sft
+from palm_rlhf.data.tokenizer import ByteTokenizer
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from palm_rlhf.lora import LoRA
+from palm_rlhf.model.lora import LoRA
 from tests.helpers import randomize_lora, tiny_palm
 
 ALL_TARGETS = ("q", "k", "v", "o", "ff_in", "ff_out")

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_pretraining_two_processes_match_one(tmp_path):
     args = ["--data-dir", str(REPO / "data"), "--num-steps", "4", "--dim", "32", "--depth", "1", "--heads", "2",
             "--dim-head", "16", "--seq-len", "32", "--batch-size", "4", "--val-batches", "1", "--generate-every", "0",
-            "--log-every", "1", "--validate-every", "4", "--save-every", "4"]  # fmt: skip
+            "--log-every", "1", "--eval-every", "4", "--save-every", "4"]  # fmt: skip
     runs = {}
     for n in (1, 2):
         out = tmp_path / f"p{n}"

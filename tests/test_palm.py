@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from palm_rlhf.palm import PaLM
+from palm_rlhf.model.palm import PaLM
 from tests.helpers import tiny_palm
 
 

@@ -16,10 +16,11 @@ from torch import nn
 from torch.testing import assert_close
 
 from palm_rlhf.checkpoint import CheckpointError
-from palm_rlhf.experience import join_prompt_response, load_prompts
-from palm_rlhf.kl_controller import KLController, adaptive_kl_coef
-from palm_rlhf.palm import PaLM
-from palm_rlhf.ppo import RLHFTrainer
+from palm_rlhf.model.palm import PaLM
+from palm_rlhf.rl.kl_controller import KLController, adaptive_kl_coef
+from palm_rlhf.rl.ppo.trainer import RLHFTrainer
+from palm_rlhf.rl.prompts import load_prompts
+from palm_rlhf.rl.rollout import join_prompt_response
 from palm_rlhf.rl_math import log_probs_from_logits, masked_mean
 from tests.helpers import launch
 
@@ -230,7 +231,7 @@ def test_bad_reward_output_and_bad_prompts_fail_loudly(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("hello\n\nbad \x00 line\n")
 
-    from palm_rlhf.tokenizer import ByteTokenizer
+    from palm_rlhf.data.tokenizer import ByteTokenizer
 
     with pytest.raises(ValueError, match="prompts.txt:3"):
         load_prompts(256, prompts_path=path, tokenizer=ByteTokenizer())
@@ -345,7 +346,7 @@ def test_best_of_n_returns_the_highest_scoring_sample():
 
 
 def test_ppo_raises_the_score_of_a_real_reward_model_sharing_the_palm():
-    from palm_rlhf.reward import RewardModel
+    from palm_rlhf.model.reward import RewardModel
 
     palm = toy_palm()
     reward_model = RewardModel(palm, pooling="mean", dropout=0.1)  # LoRA scope on the same PaLM
@@ -446,7 +447,7 @@ def test_records_reach_accelerate_trackers_when_configured():
 
 
 def test_text_prompts_with_a_byte_tokenizer_and_eos_stopping():
-    from palm_rlhf.tokenizer import ByteTokenizer
+    from palm_rlhf.data.tokenizer import ByteTokenizer
 
     torch.manual_seed(0)
     palm = PaLM(num_tokens=256, dim=32, depth=1, heads=2, dim_head=16, ff_mult=2)

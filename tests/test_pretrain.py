@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from palm_rlhf.checkpoint import latest_checkpoint
-from palm_rlhf.palm import PaLM
-from palm_rlhf.pretrain import PretrainConfig, pretrain
-from palm_rlhf.tokenizer import load_tokenizer
+from palm_rlhf.data.tokenizer import load_tokenizer
+from palm_rlhf.model.palm import PaLM
+from palm_rlhf.train.pretrain import PretrainConfig, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -41,7 +41,7 @@ def test_resume_continues_with_the_same_losses(corpus_dir, tmp_path):
         num_steps=6,
         save_every=3,
         keep_last=5,
-        validate_every=3,
+        eval_every=3,
         **TINY,
     )
     uninterrupted = pretrain(full)
@@ -69,7 +69,7 @@ def test_checkpoint_is_self_describing(corpus_dir, tmp_path):
             out_dir=str(tmp_path / "run"),
             num_steps=2,
             save_every=2,
-            validate_every=2,
+            eval_every=2,
             **TINY,
         )
     )

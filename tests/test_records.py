@@ -8,7 +8,7 @@ import pytest
 import torch
 from beartype.roar import BeartypeCallHintParamViolation
 
-from palm_rlhf.collate import (
+from palm_rlhf.data.collate import (
     MISSING_RANK,
     collate_comparisons,
     collate_prompt_response,
@@ -17,7 +17,7 @@ from palm_rlhf.collate import (
     left_pad_prompts,
     pad_sequences,
 )
-from palm_rlhf.records import (
+from palm_rlhf.data.records import (
     ComparisonRecord,
     RatingRecord,
     RecordError,
@@ -440,7 +440,7 @@ def test_tokenizer_without_pad_id_is_refused():
 
 
 def test_read_prompts_from_every_format(tmp_path):
-    from palm_rlhf.records import read_prompts
+    from palm_rlhf.data.records import read_prompts
 
     assert read_prompts(FIXTURES / "sft.jsonl") == [
         r.prompt for r in read_sft(FIXTURES / "sft.jsonl")

@@ -8,18 +8,19 @@ import torch
 from torch.testing import assert_close
 
 from palm_rlhf.checkpoint import CheckpointError
-from palm_rlhf.cli_args import add_dataclass_arguments
-from palm_rlhf.collate import collate_comparisons
-from palm_rlhf.records import ComparisonRecord, RatingRecord
-from palm_rlhf.reward import RewardModel
-from palm_rlhf.reward_training import (
+from palm_rlhf.data.collate import collate_comparisons
+from palm_rlhf.data.records import ComparisonRecord, RatingRecord
+from palm_rlhf.data.tokenizer import ByteTokenizer
+from palm_rlhf.model.reward import RewardModel
+from palm_rlhf.options import add_dataclass_arguments
+from palm_rlhf.rl_math import pairwise_ranking_loss, ranking_loss_from_scores
+from palm_rlhf.train.reward import (
     RewardTrainConfig,
     fit_records,
     main,
+    score_comparisons,
     train_reward_model,
 )
-from palm_rlhf.rl_math import pairwise_ranking_loss, ranking_loss_from_scores
-from palm_rlhf.tokenizer import ByteTokenizer
 from tests.helpers import randomize_lora, tiny_palm
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -124,7 +125,7 @@ def test_ranking_losses_by_hand_with_one_forward_per_response():
     comparisons = collate_comparisons(Bytes32(), RECORDS, max_len=16)
     rows = []
     hook = model.palm.register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[0]))
-    scores = model.score_comparisons(comparisons)
+    scores = score_comparisons(model, comparisons)
     hook.remove()
     assert rows == [9]  # one forward over all 2 + 4 + 3 responses, not one per pair
     assert scores.shape == (3, 4) and scores[2, 3] == 0  # the missing response is not run

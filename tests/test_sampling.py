@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from palm_rlhf.sampling import (
+from palm_rlhf.model.sampling import (
     filter_logits,
     sample_from_logits,
     sample_tokens,

@@ -3,11 +3,12 @@ import math
 import pytest
 import torch
 
-from palm_rlhf.finetune_data import TokenExample, collate_token_examples
-from palm_rlhf.loading import TokenizerMismatchError, load_base
-from palm_rlhf.palm import PaLM
-from palm_rlhf.records import RecordError, RecordWarning
-from palm_rlhf.sft import (
+from palm_rlhf.data.examples import TokenExample, collate_token_examples
+from palm_rlhf.data.records import RecordError, RecordWarning
+from palm_rlhf.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, load_tokenizer
+from palm_rlhf.model.palm import PaLM
+from palm_rlhf.train.loading import TokenizerMismatchError, load_base
+from palm_rlhf.train.sft import (
     SFTConfig,
     main,
     pack_examples,
@@ -17,7 +18,6 @@ from palm_rlhf.sft import (
     token_loss_fn,
     train_sft,
 )
-from palm_rlhf.tokenizer import ByteTokenizer, SentencePieceTokenizer, load_tokenizer
 from tests.finetune_helpers import FIXTURES, make_base, toy_sft, write_jsonl
 from tests.helpers import launch
 
@@ -119,7 +119,7 @@ def test_train_sft_learns_and_writes_a_self_describing_checkpoint(base, tmp_path
     data = toy_sft(tmp_path / "toy.jsonl", count=16)
     result = train_sft(
         SFTConfig(base=str(base), data=str(data), valid_data=str(data), out_dir=str(tmp_path / "out"),
-                  num_epochs=12, validate_every=100, **QUICK)
+                  epochs=12, eval_every=100, **QUICK)
     )  # fmt: skip
     losses = [record["loss"] for record in result.history]
     assert len(losses) == 48 and losses[-1] < 0.5 * losses[0]
@@ -147,7 +147,7 @@ def test_lora_checkpoints_unmerged_then_merged_at_the_end(base, tmp_path):
     common = dict(
         base=str(base),
         data=str(data),
-        lora=True,
+        use_lora=True,
         save_every=2,
         keep_last=5,
         max_steps=4,
@@ -178,8 +178,8 @@ def test_resume_gives_the_same_next_losses(base, tmp_path, lora):
     common = dict(
         base=str(base),
         data=str(data),
-        lora=lora,
-        num_epochs=2,
+        use_lora=lora,
+        epochs=2,
         max_steps=6,
         save_every=3,
         keep_last=5,
@@ -202,7 +202,7 @@ def test_resuming_a_merged_run_is_refused(base, tmp_path):
     common = dict(
         base=str(base),
         data=str(data),
-        lora=True,
+        use_lora=True,
         max_steps=1,
         out_dir=str(tmp_path / "a"),
         **QUICK,
@@ -264,19 +264,19 @@ def test_over_long_response_is_reported_with_its_line_or_skipped(base, tmp_path)
 
 def test_command_line_runs_and_prints_a_summary(base, tmp_path, capsys):
     args = ["--base", str(base), "--data", str(FIXTURES / "sft.jsonl"), "--out-dir", str(tmp_path / "out"),
-            "--max-len", "64", "--batch-size", "2", "--max-steps", "2", "--lora", "--valid-data",
+            "--max-len", "64", "--batch-size", "2", "--max-steps", "2", "--use-lora", "--valid-data",
             str(FIXTURES / "sft.jsonl")]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "sft: train loss" in out and "valid loss" in out and "step-0000002" in out
 
 
-PARITY = dict(max_len=64, batch_size=3, grad_accum=2, num_epochs=4, lr=3e-3, warmup_steps=1,
-              log_every=1, validate_every=1)  # fmt: skip
+PARITY = dict(max_len=64, batch_size=3, grad_accum=2, epochs=4, lr=3e-3, warmup_steps=1,
+              log_every=1, eval_every=1)  # fmt: skip
 PARITY_SCRIPT = """
 import json, sys, torch
 torch.set_num_threads(1)
-from palm_rlhf.sft import SFTConfig, train_sft
+from palm_rlhf.train.sft import SFTConfig, train_sft
 base, data, out = sys.argv[1:4]
 result = train_sft(SFTConfig(base=base, data=data, valid_data=data, out_dir=out, **{kwargs}))
 if result.checkpoint is not None:

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from palm_rlhf.tokenizer import (
+from palm_rlhf.data.tokenizer import (
     ByteTokenizer,
     SentencePieceTokenizer,
     Tokenizer,

@@ -1,0 +1,110 @@
+"""PaLM weights on disk: one safetensors file holding the tensors, the config and the LoRA
+scope specs in its metadata, so a file alone rebuilds its model. The model's `save`, `load` and
+`from_pretrained` call these; `checkpoint.py` below does the byte-level I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from torch import Tensor
+
+from palm_rlhf.checkpoint import WEIGHTS_NAME, CheckpointError, PathLike, load_tensors, save_tensors
+from palm_rlhf.model.config import PaLMConfig
+
+
+def _weights_path(path: PathLike) -> Path:
+    path = Path(path)
+    return path / WEIGHTS_NAME if path.is_dir() or path.suffix == "" else path
+
+
+def palm_state(model, scopes: Optional[tuple[str, ...]] = None) -> dict[str, Tensor]:
+    """The model's tensors; with `scopes`, only those LoRA scopes (an adapter-only checkpoint)."""
+    state = model.state_dict()
+    if scopes is None:
+        return state
+    prefixes = tuple(f"finetune_modules.{scope}." for scope in scopes)
+    for scope in scopes:
+        model._scope_layers(scope)  # raises a clear KeyError for an unknown scope
+    return {k: v for k, v in state.items() if k.startswith(prefixes)}
+
+
+def save_palm(model, path: PathLike, scopes: Optional[tuple[str, ...]] = None) -> Path:
+    path = _weights_path(path)
+    kept = model.lora_specs if scopes is None else {s: model.lora_specs[s] for s in scopes}
+    metadata = {
+        "format": "palm_rlhf",
+        "palm_config": model.config.to_json(),
+        "lora_specs": json.dumps(kept),
+        "adapters_only": json.dumps(scopes is not None),
+    }
+    save_tensors(path, palm_state(model, scopes), metadata)
+    return path
+
+
+def _read_palm_file(path: PathLike, map_location: str = "cpu"):
+
+    path = _weights_path(path)
+    tensors, metadata = load_tensors(path, device=map_location)
+    if "palm_config" not in metadata:
+        raise CheckpointError(
+            f"{path} holds no palm_config metadata: not a palm_rlhf PaLM checkpoint"
+        )
+    try:
+        config = PaLMConfig.from_json(metadata["palm_config"])
+        specs = json.loads(metadata.get("lora_specs", "{}"))
+        adapters_only = json.loads(metadata.get("adapters_only", "false"))
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path} has invalid metadata: {err}") from err
+    return path, config, specs, adapters_only, tensors
+
+
+def _add_missing_scopes(model, specs: dict) -> None:
+    for scope, spec in specs.items():
+        if scope not in model.finetune_modules:
+            model.add_finetune_params(
+                scope, lora_r=spec["r"], lora_alpha=spec["alpha"], targets=tuple(spec["targets"])
+            )
+
+
+def load_palm_into(model, path: PathLike, strict: bool = True) -> None:
+    """Load into an existing model. Everything is checked before any weight is touched."""
+    path, config, specs, adapters_only, tensors = _read_palm_file(
+        path, map_location=str(model.device)
+    )
+    mismatched = model.config.shape_mismatch(config.to_dict())
+    if mismatched:
+        detail = ", ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in mismatched.items())
+        raise CheckpointError(f"{path} was saved for another model config ({detail})")
+    _add_missing_scopes(model, specs)
+    expected = model.state_dict()
+    if adapters_only:
+        expected = {k: v for k, v in expected.items() if k.startswith("finetune_modules.")}
+        expected = {k: v for k, v in expected.items() if k.split(".")[1] in specs}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"{path}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}"
+        )
+    for key, tensor in tensors.items():
+        if key in expected and expected[key].shape != tensor.shape:
+            raise CheckpointError(
+                f"{path}: tensor {key} has shape {tuple(tensor.shape)}, "
+                f"model expects {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict(tensors, strict=False)
+
+
+def palm_from_pretrained(cls, path: PathLike, map_location: str = "cpu"):
+    """A new `cls` (PaLM) built from the config stored in the file, with its weights."""
+    path, config, specs, adapters_only, _ = _read_palm_file(path, map_location)
+    if adapters_only:
+        raise CheckpointError(
+            f"{path} holds LoRA adapters only; load it into its base model with palm.load()"
+        )
+    model = cls.from_config(config).to(map_location)
+    load_palm_into(model, path)
+    return model

@@ -1,0 +1,99 @@
+"""Command-line options generated from config dataclasses, so every option has one source:
+the dataclass field (its default and its `help` metadata)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any, Optional, Union
+
+
+def option(default: Any, help: str, **metadata) -> Any:
+    """A dataclass field with command-line help text (metadata: `choices`, `required`)."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
+def _base_type(annotation):
+    """Optional[X] -> (X, True); X -> (X, False)."""
+    if typing.get_origin(annotation) is Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0], True
+    return annotation, False
+
+
+def _own_fields_first(cls) -> list:
+    """A stage's own options before the ones it inherits (e.g. RunOptions' seed, cpu...)."""
+
+    def defined_in(field) -> int:
+        definers = [
+            i for i, k in enumerate(cls.__mro__) if field.name in getattr(k, "__annotations__", {})
+        ]
+        return max(definers)
+
+    return sorted(dataclasses.fields(cls), key=defined_in)
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
+    hints = typing.get_type_hints(cls)
+    for field in _own_fields_first(cls):
+        kind, optional = _base_type(hints[field.name])
+        flag = "--" + field.name.replace("_", "-")
+        help_text = field.metadata.get("help", "")
+        default = field.default
+        if kind is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
+            continue
+        if typing.get_origin(kind) is tuple:
+            kind = typing.get_args(kind)[0]
+            parser.add_argument(
+                flag, type=kind, nargs="+", default=default, help=help_text,
+                required=field.metadata.get("required", False),
+            )  # fmt: skip
+            continue
+        choices = field.metadata.get("choices")
+        parser.add_argument(
+            flag,
+            required=field.metadata.get("required", False),
+            type=kind if kind in (int, float, str) else str,
+            default=default,
+            choices=choices,
+            help=help_text + (" ('none' for no value)" if optional else ""),
+        )
+    return parser
+
+
+def dataclass_from_args(cls, args: argparse.Namespace):
+    values = {}
+    for field in dataclasses.fields(cls):
+        value = getattr(args, field.name)
+        if isinstance(value, str) and value.lower() == "none":
+            value = None
+        if isinstance(value, list):
+            value = tuple(value)
+        values[field.name] = value
+    return cls(**values)
+
+
+def config_from_args(parser: argparse.ArgumentParser, cls, args: argparse.Namespace):
+    """Build the config; a value its validation refuses becomes a usage error, not a traceback."""
+    try:
+        return dataclass_from_args(cls, args)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option; the description keeps its own line breaks."""
+
+
+def parse_config(
+    cls, argv: Optional[list[str]] = None, description: str = "", prog: Optional[str] = None
+):
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=HelpFormatter
+    )
+    add_dataclass_arguments(parser, cls)
+    return config_from_args(parser, cls, parser.parse_args(argv))

@@ -1,0 +1,2 @@
+"""PPO (Schulman et al. 2017) the InstructGPT way: `RLHFTrainer`, its config, objective and
+command-line stage."""

@@ -1,0 +1,113 @@
+"""PPOConfig: the one place PPO's hyperparameters, defaults, validation and help text live.
+
+`RLHFTrainer(**keywords)` builds a PPOConfig from its keywords (names as in the reference
+project where one exists), `palm-rlhf ppo` builds its flags from the same fields, and the
+config is saved with every checkpoint. It inherits the run options every stage shares (seed,
+mixed precision, NaN policy, progress bar, checkpoints kept).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional, Union
+
+from palm_rlhf.options import option
+from palm_rlhf.rl_math import KL_KINDS, typechecked
+from palm_rlhf.train.run import RunOptions
+
+
+@typechecked  # the generated __init__ checks every hyperparameter's type
+@dataclass
+class PPOConfig(RunOptions):
+    # optimisation (AdamW for the actor and for the critic)
+    actor_lr: float = option(1e-4, "actor learning rate")
+    critic_lr: float = option(1e-4, "critic learning rate")
+    actor_wd: float = option(0.0, "actor weight decay")
+    critic_wd: float = option(0.0, "critic weight decay")
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
+    max_norm: Optional[float] = option(None, "gradient clipping norm of each network")
+    # networks
+    actor_lora: bool = option(True, "train the actor as a LoRA scope (else full weights)")
+    critic_lora: bool = option(True, "train the critic as a LoRA scope (else full weights)")
+    actor_lora_r: int = option(8, "actor LoRA rank")
+    critic_lora_r: int = option(8, "critic LoRA rank")
+    value_head_init: str = option(
+        "mean_return",
+        "value head bias: the first rollout's mean return, or zero",
+        choices=("mean_return", "zero"),
+    )
+    # PPO losses (Schulman et al. 2017)
+    eps_clip: float = option(0.2, "policy ratio clip")
+    value_clip: Optional[float] = option(0.4, "value clip around the rollout's values")
+    beta_s: float = option(0.01, "entropy bonus")
+    minibatch_size: int = option(16, "episodes per gradient step")
+    epochs: int = option(1, "passes over each rollout batch")
+    # rewards and advantages
+    kl_coef: float = option(0.1, "per-token KL penalty against the frozen reference policy")
+    target_kl: Optional[float] = option(None, "adapt kl_coef towards this KL per response")
+    kl_kind: str = option("k1", "per-token KL estimator", choices=KL_KINDS)
+    gamma: float = option(1.0, "GAE discount")
+    lam: float = option(0.95, "GAE lambda")
+    whiten_advantages: bool = option(True, "normalise advantages over the rollout")
+    whiten_rewards: bool = option(False, "scale per-token rewards to unit variance")
+    reward_clip: Optional[float] = option(None, "clip reward-model scores to +-this")
+    missing_eos_penalty: Optional[float] = option(
+        None, "subtracted from the score of a response that never ends"
+    )
+    # PPO-ptx (Ouyang et al. 2022): pretraining LM loss mixed into the actor's loss
+    ptx_coef: float = option(0.0, "weight of the pretraining loss (PPO-ptx; needs ptx_data)")
+    ptx_seq_len: int = option(128, "pretraining window length for PPO-ptx")
+    # rollouts
+    rollout_batch_size: int = option(32, "prompts sampled at once")
+    temperature: float = option(1.0, "sampling temperature of rollouts")
+    top_k: Optional[int] = option(None, "top-k filter of rollouts (off-policy if set)")
+    top_p: Optional[float] = option(None, "top-p filter of rollouts (off-policy if set)")
+    pad_value: Union[int, float] = option(0, "token id of padding")
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        self.pad_value = int(self.pad_value)  # the reference project's default was the float 0.
+        checks = {
+            "minibatch_size >= 1": self.minibatch_size >= 1,
+            "epochs >= 1": self.epochs >= 1,
+            "rollout_batch_size >= 1": self.rollout_batch_size >= 1,
+            "actor_lora_r >= 1 and critic_lora_r >= 1": min(self.actor_lora_r, self.critic_lora_r)
+            >= 1,
+            "eps_clip > 0": self.eps_clip > 0,
+            "value_clip > 0 or None": self.value_clip is None or self.value_clip > 0,
+            "max_norm > 0 or None": self.max_norm is None or self.max_norm > 0,
+            "0 <= gamma <= 1": 0 <= self.gamma <= 1,
+            "0 <= lam <= 1": 0 <= self.lam <= 1,
+            "kl_coef >= 0": self.kl_coef >= 0,
+            "target_kl > 0 or None": self.target_kl is None or self.target_kl > 0,
+            f"kl_kind in {KL_KINDS}": self.kl_kind in KL_KINDS,
+            "reward_clip > 0 or None": self.reward_clip is None or self.reward_clip > 0,
+            "ptx_coef >= 0": self.ptx_coef >= 0,
+            "ptx_seq_len >= 1": self.ptx_seq_len >= 1,
+            "temperature >= 0": self.temperature >= 0,
+            "value_head_init in ('mean_return', 'zero')": self.value_head_init
+            in ("mean_return", "zero"),
+            "nan_policy in ('raise', 'skip')": self.nan_policy in ("raise", "skip"),
+        }
+        failed = [name for name, ok in checks.items() if not ok]
+        if failed:
+            raise ValueError(f"invalid PPO hyperparameters: need {'; '.join(failed)}")
+
+    @classmethod
+    def from_keywords(cls, base: Optional[PPOConfig] = None, **keywords: Any) -> PPOConfig:
+        """`base` (default: the defaults) with `keywords` replaced; an unknown keyword is a
+        TypeError naming the closest known ones, never silently ignored."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(keywords) - known)
+        if unknown:
+            hints = {k: difflib.get_close_matches(k, known, n=2) for k in unknown}
+            detail = ", ".join(
+                f"{k!r}" + (f" (did you mean {v}?)" if v else "") for k, v in hints.items()
+            )
+            raise TypeError(f"RLHFTrainer got unknown keyword(s) {detail}")
+        values = asdict(base) if base is not None else {}
+        return cls(**{**values, **keywords})
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "betas": list(self.betas)}

@@ -1,0 +1,49 @@
+"""The PPO objective of one minibatch, from the networks' outputs to one scalar loss.
+
+    loss = L_clip(policy) + L_value(critic, clipped) - beta_s * H(policy)      (+ ptx, by caller)
+
+Shapes follow `experience.py`: logits (b, n - 1, v) and values (b, n - 1) in the shifted action
+frame, masked to response tokens everywhere. All the math is `rl_math`'s; this only wires it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from palm_rlhf.rl.rollout import Experience
+from palm_rlhf.rl_math import (
+    entropy_from_logits,
+    log_probs_from_logits,
+    masked_mean,
+    ppo_policy_loss,
+    value_loss,
+)
+
+
+def ppo_objective(
+    logits: Tensor,
+    values: Tensor,
+    batch: Experience,
+    eps_clip: float,
+    value_clip: Optional[float],
+    beta_s: float,
+) -> tuple[Tensor, dict[str, float]]:
+    """(loss, stats) for tempered actor logits (b, n - 1, v) and critic values (b, n - 1)."""
+    mask = batch.action_mask
+    logprobs = log_probs_from_logits(logits, batch.tokens[:, 1:])
+    entropy = masked_mean(entropy_from_logits(logits), mask)
+    policy_loss, policy_stats = ppo_policy_loss(
+        logprobs, batch.old_logprobs, batch.advantages, mask, eps_clip
+    )
+    critic_loss = value_loss(values.float(), batch.old_values, batch.returns, mask, value_clip)
+    loss = policy_loss - beta_s * entropy + critic_loss
+    stats = dict(
+        policy_loss=float(policy_loss.detach()),
+        value_loss=float(critic_loss.detach()),
+        entropy=float(entropy.detach()),
+        clip_fraction=float(policy_stats.clip_fraction),
+        approx_kl=float(policy_stats.approx_kl),
+    )
+    return loss, stats

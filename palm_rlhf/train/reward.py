@@ -1,0 +1,449 @@
+"""Training a RewardModel on ranked comparisons or on ratings: the loop behind `palm-rlhf reward`.
+
+Phases per step: batch -> scores (one forward per response) -> loss (ranking loss over all
+K-choose-2 pairs, or cross-entropy / MSE on ratings) -> guard -> backward -> clip -> step;
+now and then: held-out accuracy (+ MAE of the expected rating for ratings) and a checkpoint.
+
+Data: the file's records in order; the first `num_train` (else all but the last
+`valid_fraction`) train, the rest are held out, unless `valid_data` names a held-out file. The
+training stream is the records reshuffled every pass with `seed`, so a resumed run sees the
+same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from accelerate import PartialState
+from einops import rearrange
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from palm_rlhf.data.collate import (
+    ComparisonBatch,
+    collate_comparisons,
+    collate_ratings,
+    encode_prompt_response,
+)
+from palm_rlhf.data.records import read_comparisons, read_ratings
+from palm_rlhf.data.tokenizer import ByteTokenizer, load_tokenizer
+from palm_rlhf.model.palm import PaLM
+from palm_rlhf.model.reward import RewardModel, expected_rating
+from palm_rlhf.options import option, parse_config
+from palm_rlhf.rl_math import ranking_loss_from_scores
+from palm_rlhf.train.loading import load_base as load_base_model
+from palm_rlhf.train.loading import weights_file
+from palm_rlhf.train.run import (
+    RunOptions,
+    checkpoint_on_main,
+    cosine_schedule,
+    guarded_step,
+    make_accelerator,
+    resume_training,
+)
+
+KINDS = ("comparisons", "ratings")
+
+
+@dataclass
+class RewardTrainConfig(RunOptions):
+    data: str = option(
+        "", "JSON Lines file of comparisons or ratings (.jsonl or .jsonl.gz)", required=True
+    )
+    kind: str = option("comparisons", "what the file holds", choices=KINDS)
+    valid_data: Optional[str] = option(None, "held-out file (default: split --data, see below)")
+    num_train: Optional[int] = option(None, "train on the first N records; the rest are held out")
+    valid_fraction: float = option(0.1, "without --num-train: hold out this last fraction")
+    num_valid: Optional[int] = option(None, "use at most this many held-out records")
+    num_bins: Optional[int] = option(None, "K rating bins (reward = expected rating); 0 = scalar head; default 5 for ratings, 0 for comparisons")  # fmt: skip
+    base: Optional[str] = option(None, "pretrained PaLM: .safetensors file, checkpoint folder or train.py out_dir (its latest); none = random PaLM of these sizes:")  # fmt: skip
+    tokenizer: Optional[str] = option(None, "tokenizer folder (default: beside --base, else bytes)")
+    dim: int = option(64, "model width (random base only)")
+    depth: int = option(2, "blocks (random base only)")
+    heads: int = option(4, "query heads (random base only)")
+    dim_head: int = option(16, "head width (random base only)")
+    max_len: int = option(256, "longest sequence in tokens; prompts are cut from the left")
+    long_responses: str = option("skip", "a response longer than max_len allows: drop its record, cut its end, or stop", choices=("skip", "truncate", "raise"))  # fmt: skip
+    batch_size: int = option(16, "GLOBAL records per step (split over processes)")
+    eval_batch_size: Optional[int] = option(None, "records per held-out batch (default batch_size)")
+    grad_accum: int = option(1, "gradient accumulation steps (each a batch of batch_size)")
+    epochs: float = option(1.0, "passes over the training records")
+    max_steps: Optional[int] = option(None, "stop after this many optimizer steps")
+    max_minutes: Optional[float] = option(None, "stop (evaluate and save) after this many minutes")
+    lr: float = option(5e-4, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_steps: int = option(10, "linear warm-up steps")
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak (cosine)")
+    max_norm: Optional[float] = option(1.0, "gradient clipping norm ('none' disables)")
+    margin: float = option(0.0, "ranking loss margin: better responses must win by this much")
+    use_lora: bool = option(True, "train a LoRA scope + head (else fine-tune every weight)")
+    lora_r: int = option(8, "LoRA rank")
+    pooling: str = option("last", "score from the last token or the response mean", choices=("last", "mean"))  # fmt: skip
+    dropout: float = option(0.1, "dropout on the pooled features before the head")
+    out_dir: Optional[str] = option("checkpoints/reward", "checkpoint folder ('none': no saving)")
+    save_every: int = option(0, "steps between checkpoints (0: at the end only)")
+    eval_every: int = option(0, "steps between held-out evaluations (0: at the end only)")
+    resume: Optional[str] = option(None, "'latest' or a checkpoint folder to continue from")
+    on_error: str = option("raise", "malformed records: stop, or skip with a warning", choices=("raise", "skip"))  # fmt: skip
+    log_every: int = option(10, "steps between history entries")
+
+    def __post_init__(self):
+        if not self.data or self.kind not in KINDS:
+            raise ValueError(f"data (a JSON Lines file) is required and kind one of {KINDS}")
+        if self.num_bins is None:
+            self.num_bins = 5 if self.kind == "ratings" else 0
+        if self.num_bins == 1 or self.num_bins < 0:
+            raise ValueError(f"num_bins must be 0 (scalar) or >= 2, got {self.num_bins}")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ValueError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
+        for name in ("batch_size", "grad_accum", "max_len", "keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.epochs <= 0 and self.max_steps is None:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+
+
+class RewardTrainResult(NamedTuple):
+    model: RewardModel  # unwrapped, on the training device
+    history: list  # dicts: step, loss, lr (+ valid_* on evaluation steps)
+    metrics: dict  # final held-out metrics: valid_accuracy, valid_loss (+ valid_mae), valid_count
+    checkpoint: Optional[Path]
+    num_train: int
+    num_valid: int
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _fit_response(tokenizer, prompt: str, response: str, max_len: int) -> str:
+    """The longest prefix of `response` that, with its EOS and min(len(prompt), max_len // 4)
+    prompt tokens, fits in max_len tokens."""
+    budget = max_len - 1 - min(len(tokenizer.encode(prompt)), max_len // 4)
+    low, high = 0, len(response)  # binary search on characters: encodings grow with prefixes
+    while low < high:
+        middle = (low + high + 1) // 2
+        fits = len(tokenizer.encode(response[:middle])) <= budget
+        low, high = (middle, high) if fits else (low, middle - 1)
+    return response[:low]
+
+
+def fit_records(records: list, tokenizer, max_len: int, policy: str, kind: str) -> tuple[list, int]:
+    """Apply the `long_responses` policy; returns (records, number skipped or truncated)."""
+    kept, changed = [], 0
+    for index, record in enumerate(records):
+        responses = record.responses if kind == "comparisons" else [record.response]
+        fitted = []
+        for response in responses:
+            try:
+                encode_prompt_response(tokenizer, record.prompt, response, max_len)
+                fitted.append(response)
+            except ValueError as err:
+                if policy == "raise":
+                    raise ValueError(f"{kind} record {index}: {err}") from None
+                cut = policy == "truncate"
+                fitted.append(
+                    _fit_response(tokenizer, record.prompt, response, max_len) if cut else None
+                )
+        if any(r is None or r != o for r, o in zip(fitted, responses)):
+            changed += 1
+            if policy == "skip":
+                continue
+        fields = {"responses": fitted} if kind == "comparisons" else {"response": fitted[0]}
+        kept.append(record._replace(**fields))
+    return kept, changed
+
+
+def split_records(config: RewardTrainConfig, tokenizer) -> tuple[list, list]:
+    """(train, valid) records, read, split as the module docstring says, and fitted to max_len."""
+
+    def read(path):
+        if config.kind == "comparisons":
+            return read_comparisons(path, on_error=config.on_error)
+        return read_ratings(path, num_bins=config.num_bins or None, on_error=config.on_error)
+
+    records = read(config.data)
+    if config.valid_data is not None:
+        train, valid = records[: config.num_train], read(config.valid_data)
+    elif config.num_train is not None:
+        train, valid = records[: config.num_train], records[config.num_train :]
+    else:
+        num_valid = math.ceil(config.valid_fraction * len(records))
+        train, valid = records[: len(records) - num_valid], records[len(records) - num_valid :]
+    valid = valid[: config.num_valid] if config.num_valid is not None else valid
+    fitted = []
+    for name, part in (("training", train), ("held-out", valid)):
+        part, changed = fit_records(
+            part, tokenizer, config.max_len, config.long_responses, config.kind
+        )
+        if changed:
+            what = "skipped" if config.long_responses == "skip" else "truncated"
+            problem = f"a response is longer than max_len={config.max_len}"
+            warnings.warn(f"{changed} {name} record(s) {what}: {problem}", stacklevel=2)
+        fitted.append(part)
+    if not fitted[0]:
+        raise ValueError(f"no training records left in {config.data} (raise --max-len?)")
+    return fitted[0], fitted[1]
+
+
+def _collate(records: list, tokenizer, max_len: int, kind: str):
+    fn = collate_comparisons if kind == "comparisons" else collate_ratings
+    return fn(tokenizer, list(records), max_len)
+
+
+def training_stream(records: list, num_records: int, seed: int) -> list:
+    """`num_records` records: passes over `records`, each in a fresh seeded order."""
+    stream, epoch = [], 0
+    while len(stream) < num_records:
+        generator = torch.Generator().manual_seed(seed * 7919 + epoch)
+        order = torch.randperm(len(records), generator=generator)
+        stream += [records[i] for i in order.tolist()]
+        epoch += 1
+    return stream[:num_records]
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def load_base(config: RewardTrainConfig):
+    """(PaLM, tokenizer, base weights path) from `base`. Without one, a random PaLM is saved once
+    as out_dir/base-palm.safetensors (reused on resume) so adapter checkpoints name a real base."""
+    if config.base is not None:
+        # the same loader as every stage: latest of a run folder, LoRA scopes folded, and the
+        # tokenizer stored with the weights (a different --tokenizer is refused)
+        palm, tokenizer = load_base_model(config.base, config.tokenizer, log=lambda *_: None)
+        path = weights_file(Path(config.base))
+    else:
+        palm = PaLM(num_tokens=ByteTokenizer.vocab_size, dim=config.dim, depth=config.depth,
+                    heads=config.heads, dim_head=config.dim_head, max_seq_len=config.max_len)  # fmt: skip
+        path = None
+        if config.out_dir is not None:
+            path = Path(config.out_dir) / "base-palm.safetensors"
+            if config.resume and path.is_file():
+                palm = PaLM.from_pretrained(path)
+            elif PartialState().is_main_process:
+                palm.save(path)
+            PartialState().wait_for_everyone()
+        tokenizer = (
+            load_tokenizer(config.tokenizer) if config.tokenizer is not None else ByteTokenizer()
+        )
+    limit = palm.config.max_seq_len
+    if tokenizer.vocab_size > palm.num_tokens or (limit is not None and config.max_len > limit):
+        raise ValueError(
+            f"the PaLM (num_tokens={palm.num_tokens}, max_seq_len={limit}) cannot read "
+            f"{tokenizer.vocab_size}-id tokens or max_len={config.max_len}"
+        )
+    return palm, tokenizer, path
+
+
+def batch_loss(model, batch, kind: str, margin: float) -> torch.Tensor:
+    """The training loss of one batch through `model` (possibly wrapped by Accelerate)."""
+    if kind == "comparisons":
+        scores = score_comparisons(model, batch)
+        return ranking_loss_from_scores(scores, batch.ranking, batch.response_mask, margin)
+    return model(batch.tokens, mask=batch.mask, prompt_mask=batch.prompt_mask, labels=batch.ratings)
+
+
+def _pair_stats(scores, ranking, present, margin: float) -> dict:
+    """Per record (b,): ranked pairs, correctly ordered pairs, ranking loss."""
+    pairs = rearrange(ranking, "b i -> b i 1") < rearrange(ranking, "b j -> b 1 j")
+    pairs &= rearrange(present, "b i -> b i 1") & rearrange(present, "b j -> b 1 j")
+    diff = rearrange(scores, "b i -> b i 1") - rearrange(scores, "b j -> b 1 j")
+    count = pairs.sum((1, 2))
+    # per record, the InstructGPT loss: mean over its pairs of -log sigmoid(s_i - s_j - margin)
+    loss = torch.where(pairs, -F.logsigmoid(diff - margin), 0).sum((1, 2)) / count.clamp(min=1)
+    return {"count": count, "right": (pairs & (diff > 0)).sum((1, 2)), "loss": loss}
+
+
+def _rating_stats(logits, ratings, binned: bool) -> dict:
+    """Per record (b,): correct rating, |expected rating - rating|, loss."""
+    if binned:
+        reward, predicted = expected_rating(logits), logits.argmax(-1) + 1
+        loss = F.cross_entropy(logits.float(), ratings - 1, reduction="none")
+    else:
+        reward = logits.float()
+        predicted, loss = reward.round().long(), (reward - ratings) ** 2
+    return {"count": torch.ones_like(reward), "right": predicted == ratings,
+            "abs": (reward - ratings).abs(), "loss": loss}  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, kind: str, margin: float = 0.0) -> dict:
+    """Held-out metrics over the whole loader, exact across processes.
+
+    comparisons: valid_accuracy = correctly ordered pairs / ranked pairs (a tie in score counts
+    as wrong), valid_loss = mean ranking loss per record. ratings: valid_accuracy = the most
+    likely bin (scalar head: the rounded reward) equals the rating, valid_mae = mean |reward -
+    rating| with the reward the expected rating, valid_loss = cross-entropy (scalar: squared
+    error). valid_count = pairs (comparisons) or records (ratings)."""
+    if loader is None:
+        return {}
+    unwrapped = accelerator.unwrap_model(model)
+    was_training = unwrapped.training
+    unwrapped.eval()
+    totals: dict[str, float] = {}
+    for batch in loader:
+        with accelerator.autocast():
+            if kind == "comparisons":
+                scores = score_comparisons(unwrapped, batch).float()
+                stats = _pair_stats(scores, batch.ranking, batch.response_mask, margin)
+            else:
+                logits = unwrapped.logits(batch.tokens, mask=batch.mask, prompt_mask=batch.prompt_mask)  # fmt: skip
+                stats = _rating_stats(logits.float(), batch.ratings, unwrapped.binned_output)
+        stats["records"] = torch.ones(batch.tokens.shape[0], device=batch.tokens.device)
+        for key, value in stats.items():
+            gathered = accelerator.gather_for_metrics(value.float())
+            totals[key] = totals.get(key, 0.0) + float(gathered.sum())
+    unwrapped.train(was_training)
+    metrics = {
+        "valid_accuracy": totals["right"] / max(totals["count"], 1.0),
+        "valid_loss": totals["loss"] / max(totals["records"], 1.0),
+        "valid_count": int(totals["count"]),
+    }
+    if "abs" in totals:
+        metrics["valid_mae"] = totals["abs"] / max(totals["count"], 1.0)
+    return metrics
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
+    """Train a reward model as `config` says; see the module docstring for data and phases."""
+    accelerator = make_accelerator(
+        config.mixed_precision, config.cpu, config.grad_accum, config.seed
+    )
+    log = tqdm.write if accelerator.is_main_process else (lambda *_: None)
+    palm, tokenizer, base_path = load_base(config)
+    train, valid = split_records(config, tokenizer)
+    model = RewardModel(palm, dropout=config.dropout, num_binned_output=config.num_bins,
+                        use_lora=config.use_lora, lora_r=config.lora_r, pooling=config.pooling)  # fmt: skip
+    model.base_checkpoint = str(base_path.resolve()) if base_path is not None else None
+    trainable = model.trainable_parameters()
+    wanted = {id(p) for p in trainable}
+    for param in model.parameters():  # the trainer owns this model: freeze all it does not train
+        param.requires_grad_(id(param) in wanted)
+    log(f"reward model: {len(train)} training / {len(valid)} held-out {config.kind} records, "
+        f"{sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,} parameters trained")  # fmt: skip
+
+    per_step = config.batch_size * config.grad_accum
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * len(train) / per_step))
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = cosine_schedule(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
+    collate = partial(_collate, tokenizer=tokenizer, max_len=config.max_len, kind=config.kind)
+    stream = training_stream(train, total_steps * per_step, config.seed)
+    # a private generator: making a loader's iterator must not draw from the global RNG, or a
+    # resumed run (which makes its iterator after restoring the RNG) would drift from dropout's
+    loader_rng = torch.Generator().manual_seed(config.seed)
+    train_loader = DataLoader(
+        stream, batch_size=config.batch_size, collate_fn=collate, generator=loader_rng
+    )
+    eval_size = config.eval_batch_size or config.batch_size
+    valid_loader = DataLoader(valid, batch_size=eval_size, collate_fn=collate) if valid else None
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)  # fmt: skip
+    valid_loader = accelerator.prepare(valid_loader) if valid_loader is not None else None
+    unwrapped = accelerator.unwrap_model(model)
+
+    step, history, *_ = resume_training(
+        config.out_dir, config.resume, unwrapped, optimizer, scheduler, log
+    )
+    if step:
+        train_loader = accelerator.skip_first_batches(train_loader, step * config.grad_accum)
+
+    def checkpoint() -> Optional[Path]:
+        if config.out_dir is None:
+            return None
+        trainer_state = {"config": asdict(config), "history": history}
+        return checkpoint_on_main(
+            accelerator, config.out_dir, step, unwrapped, optimizer, scheduler, trainer_state,
+            config.keep_last, tokenizer,
+        )  # fmt: skip
+
+    metrics, saved, start = {}, None, time.monotonic()
+    bar = tqdm(total=total_steps, initial=step, desc="reward",
+               disable=not (config.progress and accelerator.is_main_process))  # fmt: skip
+    model.train()
+    batches = iter(train_loader)
+    while step < total_steps:
+        for _ in range(config.grad_accum):
+            batch = next(batches)
+            with accelerator.accumulate(model):
+                loss = batch_loss(model, batch, config.kind, config.margin)
+                mean_loss = guarded_step(
+                    accelerator, loss, step, trainable, optimizer, config.max_norm,
+                    config.nan_policy,
+                )  # fmt: skip
+        scheduler.step()
+        step += 1
+        bar.update(1)
+        record = {"step": step, "loss": float(mean_loss), "lr": scheduler.get_last_lr()[0]}
+        minutes = (time.monotonic() - start) / 60
+        last = step == total_steps or (
+            config.max_minutes is not None and minutes > config.max_minutes
+        )
+        if (config.eval_every and step % config.eval_every == 0) or last:
+            metrics = evaluate(model, valid_loader, accelerator, config.kind, config.margin)
+            record.update(metrics)
+            if metrics:
+                log(f"step {step}: loss {record['loss']:.4f}, held-out accuracy {metrics['valid_accuracy']:.4f}")  # fmt: skip
+        if step % config.log_every == 0 or "valid_accuracy" in record:
+            history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+        if (config.save_every and step % config.save_every == 0) or last:
+            saved = checkpoint()
+        if last:
+            break
+    bar.close()
+    return RewardTrainResult(unwrapped, history, metrics, saved, len(train), len(valid))
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def run_reward(config: RewardTrainConfig) -> RewardTrainResult:
+    """`palm-rlhf reward`: train, then print the held-out metrics and the checkpoint."""
+    result = train_reward_model(config)
+    if PartialState().is_main_process:
+        summary = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.metrics.items())  # fmt: skip
+        print(f"trained {result.num_train} records; held-out ({result.num_valid} records): {summary or 'none'}")  # fmt: skip
+        if result.checkpoint is not None:
+            print(f"checkpoint: {result.checkpoint}")
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    description = "Train a reward model on comparisons or ratings (JSON Lines)."
+    run_reward(parse_config(RewardTrainConfig, argv, description, prog="palm-rlhf reward"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+def score_comparisons(reward_fn: Callable[..., Tensor], batch: ComparisonBatch) -> Tensor:
+    """Scores (b, K) of a ComparisonBatch: ONE call of `reward_fn` (a RewardModel, or one
+    wrapped by Accelerate/DDP) on the (b K, n) flattened present responses; missing
+    responses (response_mask False) are not run and score 0 (the ranking losses mask them)."""
+    tokens, mask, prompt_mask, _, present = batch
+    if tokens.dim() != 3 or mask.shape != tokens.shape or prompt_mask.shape != tokens.shape:
+        raise ValueError(
+            f"a ComparisonBatch holds tokens, mask and prompt_mask of one shape (b, K, n); got "
+            f"{tuple(tokens.shape)}, {tuple(mask.shape)}, {tuple(prompt_mask.shape)}"
+        )
+    if present.shape != tokens.shape[:2]:
+        raise ValueError(f"response_mask must be (b, K) = {tuple(tokens.shape[:2])}")
+    num_responses = tokens.shape[1]
+    keep = rearrange(present, "b k -> (b k)")
+    flat = [rearrange(t, "b k n -> (b k) n")[keep] for t in (tokens, mask, prompt_mask)]
+    rewards = reward_fn(flat[0], mask=flat[1], prompt_mask=flat[2])
+    scores = rewards.new_zeros(keep.shape[0]).masked_scatter(keep, rewards)
+    return rearrange(scores, "(b k) -> b k", k=num_responses)

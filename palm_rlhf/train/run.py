@@ -1,0 +1,279 @@
+"""What every trainer shares: the Accelerator, resumable checkpoints, RNG state, loss guards.
+
+Trainers (pretraining, SFT, reward model, PPO, DPO, CoH) own Accelerate; models never see it.
+A training checkpoint is a folder written atomically by `save_checkpoint_dir`:
+
+    model.safetensors     weights + config (only the trained LoRA scopes when adapters_only)
+    optimizer.pt          optimizer / scheduler state, read back with weights_only=True
+    rng.pt                torch (and CUDA) generator states
+    trainer_state.json    step counters, the training config, metrics history
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Optional, Union
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from palm_rlhf.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_json,
+    load_state,
+    remove_tree,
+    save_checkpoint_dir,
+    save_json,
+    save_state,
+)
+from palm_rlhf.data.tokenizer import CONFIG_NAME
+from palm_rlhf.options import option
+
+PathLike = Union[str, Path]
+
+
+@dataclass
+class RunOptions:
+    """Options every trainer shares; the stage configs inherit them (and so their CLI flags)."""
+
+    keep_last: int = option(2, "checkpoint folders to keep")
+    seed: int = option(0, "random seed (initialisation, data order, dropout)")
+    mixed_precision: str = option(
+        "no", "Accelerate mixed precision", choices=("no", "bf16", "fp16")
+    )
+    cpu: bool = option(False, "force the CPU even when a GPU is present")
+    nan_policy: str = option(
+        "raise", "on a NaN/Inf loss: stop, or skip the step", choices=("raise", "skip")
+    )
+    progress: bool = option(True, "show a progress bar (--no-progress for log files)")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a loss is NaN or Inf and the trainer's policy is to stop."""
+
+
+def make_accelerator(
+    mixed_precision: str = "no",
+    cpu: bool = False,
+    gradient_accumulation_steps: int = 1,
+    seed: int = 0,
+    **accelerate_kwargs,
+) -> Accelerator:
+    """An Accelerator whose batch size means the GLOBAL batch: each process gets its slice
+    (`split_batches=True`), so one process and N processes see the same data per step."""
+    from accelerate.utils import DataLoaderConfiguration
+
+    accelerate_kwargs.setdefault("dataloader_config", DataLoaderConfiguration(split_batches=True))
+    # Accelerate only sets up multi-process CPU training (gloo) when told it is on the CPU, so a
+    # machine without an accelerator says so itself: `accelerate launch` / torchrun just work.
+    cpu = cpu or not _has_accelerator()
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=cpu,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        **accelerate_kwargs,
+    )
+    set_seed(seed)
+    return accelerator
+
+
+def _has_accelerator() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return (
+        torch.cuda.is_available()
+        or torch.backends.mps.is_available()
+        or bool(xpu is not None and xpu.is_available())
+    )
+
+
+def guard_loss(loss: torch.Tensor, step: int, policy: str = "raise") -> bool:
+    """True when the loss is finite. Otherwise raise (policy "raise") or return False ("skip")
+    so the caller drops the step; the last good checkpoint is never overwritten by NaN weights."""
+    if policy not in ("raise", "skip"):
+        raise ValueError(f"nan policy must be 'raise' or 'skip', got {policy!r}")
+    value = float(loss.detach())
+    if math.isfinite(value):
+        return True
+    if policy == "raise":
+        raise NonFiniteLossError(
+            f"loss is {value} at step {step}; stopping (the last checkpoint is kept). "
+            f"Lower the learning rate, or pass --nan-policy skip to drop such steps."
+        )
+    return False
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_checkpoint(
+    root: PathLike,
+    step: int,
+    model,
+    optimizer=None,
+    scheduler=None,
+    trainer_state: Optional[dict] = None,
+    scopes: Optional[tuple[str, ...]] = None,
+    keep_last: int = 2,
+    extra_states: Optional[dict[str, Any]] = None,
+    extra_files: Optional[dict[str, Any]] = None,
+) -> Path:
+    """Write `root/step-XXXXXXX` atomically, point `root/latest` at it, prune old ones.
+
+    `model` is the unwrapped PaLM (or any module with `save(path, scopes=...)`); `scopes` saves
+    adapters only. `extra_states` are more tensor dicts (e.g. a value head), saved as .pt files.
+    """
+    name = f"step-{step:07d}"
+    writers = {
+        "model.safetensors": lambda p: model.save(p, scopes=scopes),
+        "rng.pt": lambda p: save_state(p, rng_state()),
+        "trainer_state.json": lambda p: save_json(p, {"step": step, **(trainer_state or {})}),
+    }
+    if optimizer is not None:
+        states = {"optimizer": optimizer.state_dict()}
+        if scheduler is not None:
+            states["scheduler"] = scheduler.state_dict()
+        writers["optimizer.pt"] = lambda p: save_state(p, states)
+    for filename, state in (extra_states or {}).items():
+        writers[filename] = lambda p, state=state: save_state(p, state)
+    writers.update(extra_files or {})
+    folder = save_checkpoint_dir(root, name, writers)
+    _prune(Path(root), keep_last)
+    return folder
+
+
+def checkpoint_on_main(
+    accelerator,
+    root: PathLike,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    trainer_state: dict,
+    keep_last: int,
+    tokenizer,
+) -> Optional[Path]:
+    """The main process writes a training checkpoint with the tokenizer beside the weights;
+    every process waits for it. Returns the folder on the main process, None elsewhere."""
+    path = None
+    if accelerator.is_main_process:
+        path = save_training_checkpoint(
+            root, step, model, optimizer, scheduler, trainer_state=trainer_state,
+            keep_last=keep_last, extra_files={CONFIG_NAME: lambda p: tokenizer.save(p.parent)},
+        )  # fmt: skip
+    accelerator.wait_for_everyone()
+    return path
+
+
+def guarded_step(accelerator, loss, step: int, params, optimizer, max_norm, nan_policy: str):
+    """One micro-step inside `accelerator.accumulate`: the loss is reduced over processes first,
+    so every process takes the same branch; a non-finite loss (policy "skip") runs no backward
+    and no step. Returns the reduced loss."""
+    mean_loss = accelerator.reduce(loss.detach(), "mean")
+    if guard_loss(mean_loss, step, nan_policy):
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and max_norm is not None:
+            accelerator.clip_grad_norm_(params, max_norm)
+        optimizer.step()
+    optimizer.zero_grad()
+    return mean_loss
+
+
+def load_training_checkpoint(
+    folder: PathLike, model=None, optimizer=None, scheduler=None, restore_rng: bool = True
+) -> dict:
+    """Restore what `save_training_checkpoint` wrote; returns the trainer_state dict."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    state = load_json(folder / "trainer_state.json")
+    if model is not None:
+        model.load(folder / "model.safetensors")
+    if optimizer is not None:
+        states = load_state(folder / "optimizer.pt")
+        optimizer.load_state_dict(states["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(states["scheduler"])
+    if restore_rng:
+        set_rng_state(load_state(folder / "rng.pt"))
+    return state
+
+
+def resume_folder(root: PathLike, resume: Union[bool, str, None]) -> Optional[Path]:
+    """`resume=True` -> latest checkpoint under root (None if there is none); a path -> that folder."""
+    if not resume:
+        return None
+    if resume is True or resume == "latest":
+        return latest_checkpoint(root)
+    return Path(resume)
+
+
+class Resumed(NamedTuple):
+    step: int
+    history: list
+    state: Optional[dict]  # the checkpoint's trainer_state.json
+    folder: Optional[Path]
+
+
+def resume_training(
+    out_dir: Optional[PathLike],
+    resume: Union[bool, str, None],
+    model,
+    optimizer=None,
+    scheduler=None,
+    log=print,
+    check=None,
+) -> Resumed:
+    """Restore `resume` ('latest' under out_dir, or a folder) into model/optimizer/scheduler/RNG.
+
+    Returns Resumed(step, history, trainer_state, folder); step 0 when there is nothing to resume.
+    `check(folder)` may refuse a folder (e.g. one written with another tokenizer) first.
+    """
+    if resume and out_dir is None and resume in (True, "latest"):
+        raise ValueError("resume needs out_dir, where the checkpoints are")
+    folder = resume_folder(out_dir, resume) if resume else None
+    if resume and folder is None:
+        log(f"no checkpoint under {out_dir}: starting from scratch")
+    if folder is None:
+        return Resumed(0, [], None, None)
+    if check is not None:
+        check(folder)
+    state = load_training_checkpoint(folder, model, optimizer, scheduler)
+    log(f"resumed from {folder} at step {state['step']}")
+    return Resumed(state["step"], state.get("history", []), state, folder)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    current = latest_checkpoint(root)
+    folders = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for folder in folders[:-keep_last] if keep_last > 0 else []:
+        if folder != current:
+            remove_tree(folder)
+
+
+def cosine_schedule(optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
+    """Linear warm-up then cosine decay to `min_ratio` of the peak learning rate."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
