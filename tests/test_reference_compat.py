@@ -15,16 +15,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from palm_rlhf.config import PaLMConfig
-from palm_rlhf.palm import PaLM
-from palm_rlhf.reference_weights import (
+from palm_rlhf.model.config import PaLMConfig
+from palm_rlhf.model.palm import PaLM
+from palm_rlhf.model.reference_weights import (
     ReferenceCheckpointError,
     checkpoint_format,
-    load_palm_checkpoint,
+    palm_from_reference_state_dict,
     read_torch_state_dict,
     reference_reward_head,
 )
-from palm_rlhf.sampling import filter_logits
+from palm_rlhf.model.sampling import filter_logits
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference"
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -54,6 +54,26 @@ def test_reference_palm_gives_reference_logits(outputs, facts, flash_attn):
         torch.testing.assert_close(palm(outputs["palm.seq"]), outputs["palm.logits"], **TOL)
         loss = palm(outputs["palm.seq"], return_loss=True)
     torch.testing.assert_close(loss.reshape(1), outputs["palm.loss"], **TOL)
+
+
+def load_palm_checkpoint(path, **overrides):
+    """A reference .pt file as our PaLM, with explicit config overrides (xPos base...)."""
+    return palm_from_reference_state_dict(PaLM, read_torch_state_dict(path), **overrides)
+
+
+def test_palm_from_pretrained_and_load_read_reference_files(outputs):
+    """The porting user's path: `PaLM.from_pretrained("palm.pt")` and `palm.load("palm.pt")`
+    read a torch.save'd reference state dict safely and give the reference's logits."""
+    palm = PaLM.from_pretrained(FIXTURES / "palm.pt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(palm(outputs["palm.seq"]), outputs["palm.logits"], **TOL)
+    fresh = load_palm_checkpoint(FIXTURES / "palm.pt")
+    with torch.no_grad():
+        for param in fresh.parameters():
+            param.zero_()
+    fresh.load(FIXTURES / "palm.pt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(outputs["palm.seq"]), outputs["palm.logits"], **TOL)
 
 
 def test_reference_lora_scope_and_xpos_scale_base(outputs):

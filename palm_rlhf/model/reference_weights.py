@@ -41,8 +41,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from palm_rlhf.config import PaLMConfig
-from palm_rlhf.palm import PaLM
+from palm_rlhf.model.config import PaLMConfig
 
 PathLike = Union[str, Path]
 REFERENCE_XPOS_SCALE_BASE = 512  # palm-rlhf-pytorch's default rotary_xpos_scale_base
@@ -171,14 +170,14 @@ def infer_reference_config(
     )  # fmt: skip
     if qk_rmsnorm:
         values["qk_scale"] = dim_head**-0.5  # the reference's Attention ignores its qk_scale
-    ranks = {spec["r"] for spec in _lora_specs(state).values()}
+    ranks = {spec["r"] for spec in reference_lora_specs(state).values()}
     if len(ranks) == 1:
         values["lora_r"] = ranks.pop()
     values.update(overrides)
     return PaLMConfig(**values)
 
 
-def _lora_specs(state: dict[str, Tensor]) -> dict[str, dict]:
+def reference_lora_specs(state: dict[str, Tensor]) -> dict[str, dict]:
     specs = {}
     for key, tensor in state.items():
         match = re.fullmatch(r"finetune_modules\.([^.]+)\.0\.0\.A", key)
@@ -241,15 +240,17 @@ def map_reference_state_dict(state: dict[str, Tensor], config: PaLMConfig) -> di
 
 
 def palm_from_reference_state_dict(
+    cls,
     state: dict[str, Tensor],
     rotary_xpos_scale_base: Optional[int] = REFERENCE_XPOS_SCALE_BASE,
     **config_overrides,
-) -> PaLM:
-    """Build our PaLM (with the file's LoRA scopes) holding a reference state dict's weights."""
+):
+    """Build our PaLM (`cls`, with the file's LoRA scopes) holding a reference state dict's
+    weights. `cls` is passed in so this module never imports the model (the model imports it)."""
     config = infer_reference_config(state, rotary_xpos_scale_base, **config_overrides)
     mapped = map_reference_state_dict(state, config)
-    model = PaLM.from_config(config)
-    for scope, spec in _lora_specs(state).items():
+    model = cls.from_config(config)
+    for scope, spec in reference_lora_specs(state).items():
         model.add_finetune_params(scope, lora_r=spec["r"], targets=spec["targets"])
     expected = model.state_dict()
     missing = sorted(set(expected) - set(mapped))
@@ -262,26 +263,6 @@ def palm_from_reference_state_dict(
             )
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in mapped.items()})
     return model
-
-
-def load_palm_checkpoint(
-    path: PathLike,
-    prefix: str = "",
-    rotary_xpos_scale_base: Optional[int] = REFERENCE_XPOS_SCALE_BASE,
-    **config_overrides,
-) -> PaLM:
-    """A PaLM from either kind of file: ours (safetensors, self-describing) or the
-    reference's (torch.save state dict; `prefix` selects a sub-model, e.g. "palm." of a
-    RewardModel or "actor_palm." of an RLHFTrainer checkpoint)."""
-    if checkpoint_format(path) == "safetensors":
-        return PaLM.from_pretrained(path)
-    state = read_torch_state_dict(path)
-    if prefix:
-        state = strip_prefix(state, prefix)
-    try:
-        return palm_from_reference_state_dict(state, rotary_xpos_scale_base, **config_overrides)
-    except ReferenceCheckpointError as err:
-        raise ReferenceCheckpointError(f"{path}: {err}") from err
 
 
 def reference_reward_head(state: dict[str, Tensor]) -> dict[str, Tensor]:
