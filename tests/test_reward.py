@@ -61,12 +61,12 @@ def test_scalar_and_binned_outputs_shapes_and_types():
         assert reward.shape == (3,) and reward.dtype == torch.float32
     assert binned.logits(seq, prompt_mask=prompt_mask).shape == (3, 5)
     rewards = binned(seq, prompt_mask=prompt_mask)
-    assert ((rewards > 1) & (rewards < 5)).all()
+    assert ((rewards > 0) & (rewards < 4)).all()  # expected class index, the labels' scale
     assert scalar(seq, labels=torch.tensor([0.5, 1.0, 2.0])).shape == ()
-    assert binned(seq, labels=torch.tensor([1, 3, 5])).shape == ()
+    assert binned(seq, labels=torch.tensor([0, 2, 4])).shape == ()
 
 
-def test_expected_rating_and_losses_match_hand_computation():
+def test_expected_class_and_losses_match_hand_computation():
     seq, prompt_mask = batch()
     model = RewardModel(tiny_palm(), num_binned_output=4).eval()
     with torch.no_grad():
@@ -75,31 +75,59 @@ def test_expected_rating_and_losses_match_hand_computation():
     by_hand = []
     for row in logits.tolist():
         z = sum(math.exp(v) for v in row)
-        by_hand.append(sum(math.exp(v) / z * (k + 1) for k, v in enumerate(row)))
+        by_hand.append(sum(math.exp(v) / z * k for k, v in enumerate(row)))  # k = 0..K-1
     assert_close(model(seq, prompt_mask=prompt_mask), torch.tensor(by_hand), atol=1e-5, rtol=0)
 
-    ratings = torch.tensor([1, 4, 2])
+    labels = torch.tensor([0, 3, 1])  # class indices 0..K-1, as in the reference
     ce = (
         -sum(
-            row[r - 1] - math.log(sum(math.exp(v) for v in row))
-            for row, r in zip(logits.tolist(), ratings.tolist())
+            row[c] - math.log(sum(math.exp(v) for v in row))
+            for row, c in zip(logits.tolist(), labels.tolist())
         )
         / 3
     )
-    loss = model(seq, prompt_mask=prompt_mask, labels=ratings)
+    loss = model(seq, prompt_mask=prompt_mask, labels=labels)
     assert_close(loss, torch.tensor(ce), atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="ratings 1..4"):
-        model(seq, labels=torch.tensor([0, 1, 2]))  # class indices are not ratings
+    for bad in ([1, 2, 4], [-1, 0, 0]):  # K is out of range (a 1..K rating is not a label)
+        with pytest.raises(ValueError, match=r"class indices 0\.\.3 \(a 1\.\.4 rating r is class"):
+            model(seq, labels=torch.tensor(bad))
+    with pytest.raises(TypeError, match="integer class indices 0..3"):
+        model(seq, labels=torch.tensor([0.0, 1.0, 2.0]))
 
     sampler = RewardModel(tiny_palm(), num_binned_output=4, sample_from_bins=True).eval()
     with torch.no_grad():
         sampler.to_pred.bias.copy_(torch.tensor([0.0, 0.0, 30.0, 0.0]))
-    assert sampler(seq).tolist() == [3.0, 3.0, 3.0]  # the reference's sampled rating, 1..K
+    sampled = sampler(seq)
+    assert sampled.dtype == torch.long and sampled.tolist() == [2, 2, 2]  # a class index
     with torch.no_grad():
         sampler.to_pred.bias.zero_()
         sampler.to_pred.weight.zero_()
     samples = sampler(torch.randint(1, 32, (400, 5)))
-    assert set(samples.tolist()) == {1.0, 2.0, 3.0, 4.0}
+    assert set(samples.tolist()) == {0, 1, 2, 3}
+
+
+def test_sample_from_bins_keywords_mean_what_they_mean_in_the_reference():
+    """None (our default): expected class index; True: a Gumbel-sampled class index (the
+    reference's default); False: the bin logits. Settable as an attribute, as there."""
+    seq, prompt_mask = batch()
+    model = trained_looking(RewardModel(tiny_palm(), num_binned_output=5))
+    assert model.sample_from_bins is None
+    logits = model.logits(seq, prompt_mask=prompt_mask)
+    expected = (logits.softmax(-1) * torch.arange(5.0)).sum(-1)
+    assert_close(model(seq, prompt_mask=prompt_mask), expected, atol=1e-6, rtol=0)
+    assert_close(model(seq, prompt_mask=prompt_mask), model(seq, prompt_mask=prompt_mask))
+    model.sample_from_bins = False
+    assert_close(model(seq, prompt_mask=prompt_mask), logits, atol=0, rtol=0)
+    model.sample_from_bins = True
+    torch.manual_seed(0)
+    sampled = model(seq, prompt_mask=prompt_mask)
+    torch.manual_seed(0)
+    u = torch.rand(3, 5)
+    by_hand = (logits - torch.log(-torch.log(u + 1e-20) + 1e-20)).argmax(-1)
+    assert sampled.dtype == torch.long and torch.equal(sampled, by_hand)
+    # the scalar head ignores it: it always returns the reward
+    scalar = RewardModel(tiny_palm(), sample_from_bins=True).eval()
+    assert scalar(seq).dtype == torch.float32
 
     scalar = RewardModel(tiny_palm()).eval()
     targets = torch.tensor([0.5, -1.0, 2.0])
@@ -210,7 +238,7 @@ def test_the_score_reads_only_the_documented_positions():
         )
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean"])
+@pytest.mark.parametrize("pooling", ["last", "mean", "mean_all"])
 @pytest.mark.parametrize("bins", [0, 5])
 def test_padding_left_or_right_does_not_change_the_reward(pooling, bins):
     model = trained_looking(RewardModel(tiny_palm(), pooling=pooling, num_binned_output=bins))
@@ -277,7 +305,7 @@ def test_bad_inputs_fail_with_clear_messages():
 def adam_steps(model, steps=3):
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2, weight_decay=0.1)
     seq, prompt_mask = batch()
-    labels = torch.tensor([1, 3, 5]) if model.binned_output else torch.tensor([1.0, -1.0, 0.0])
+    labels = torch.tensor([0, 2, 4]) if model.binned_output else torch.tensor([1.0, -1.0, 0.0])
     for _ in range(steps):
         optimizer.zero_grad()
         model(seq, prompt_mask=prompt_mask, labels=labels).backward()
@@ -302,6 +330,50 @@ def test_lora_mode_trains_only_its_scope_and_head_on_a_shared_palm():
     for key, value in before.items():  # base and actor scope bit-identical
         assert torch.equal(after[key], value), key
     assert any(not torch.equal(p, torch.zeros_like(p)) for p in palm.finetune_parameters("reward"))
+
+
+def test_lora_mode_leaves_the_callers_palm_trainable():
+    """Issue #10: building a RewardModel on a PaLM must not freeze the PaLM. The caller's
+    `palm(seq, return_loss=True).backward()` still reaches every base weight, and the reward
+    loss still reaches only the reward model's own parameters."""
+    palm = tiny_palm()
+    assert all(p.requires_grad for p in palm.parameters())
+    model = RewardModel(palm)
+    assert model.palm is palm and all(p.requires_grad for p in palm.palm_parameters())
+    seq, prompt_mask = batch()
+    palm(seq, return_loss=True).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in palm.palm_parameters())
+    palm.zero_grad(set_to_none=True)
+    model(seq, prompt_mask=prompt_mask, labels=torch.zeros(3)).backward()
+    trained = {id(p) for p in model.trainable_parameters()}
+    for name, param in model.named_parameters():
+        assert (param.grad is not None) == (id(param) in trained), name
+    assert all(p.requires_grad for p in palm.palm_parameters())  # restored after the forward
+    base = {k: v.clone() for k, v in palm.state_dict().items() if "finetune" not in k}
+    adam_steps(model)
+    assert all(torch.equal(palm.state_dict()[k], v) for k, v in base.items())
+    # and the caller's own optimizer still trains the base afterwards
+    optimizer = torch.optim.SGD(palm.palm_parameters(), lr=0.1)
+    optimizer.zero_grad()
+    palm(seq, return_loss=True).backward()
+    optimizer.step()
+    assert not torch.equal(palm.token_emb.weight, base["token_emb.weight"])
+
+
+def test_mean_all_pooling_is_the_reference_mean_over_mask_prompt_included():
+    seq, prompt_mask = batch(b=2, n=9, prompt=3)
+    mask = torch.ones_like(prompt_mask)
+    mask[1, 7:] = False
+    model = RewardModel(tiny_palm(), pooling="mean_all").eval()
+    grad = hidden_grad(model, seq, mask, prompt_mask)
+    assert (grad[mask] > 0).all() and (grad[~mask] == 0).all()  # prompt tokens read too
+    extra = torch.where(prompt_mask[..., None], model.prompt_embed, model.response_embed)
+    hidden = model.palm(
+        seq, mask=mask, extra_embed=extra, finetune_scope="reward", return_only_embedding=True
+    )
+    pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    by_hand = (pooled @ model.to_pred.weight.T + model.to_pred.bias)[:, 0]
+    assert_close(model(seq, mask=mask, prompt_mask=prompt_mask), by_hand, atol=1e-6, rtol=1e-6)
 
 
 def test_full_finetuning_copies_the_palm_and_freeze_base_trains_the_head_only():
@@ -480,8 +552,10 @@ def test_train_reward_model_on_ratings(tmp_path):
             torch.tensor([prompt + response]), prompt_lengths=torch.tensor([len(prompt)])
         ).detach()
     )
-    assert result.metrics["valid_mae"] == pytest.approx(abs(reward - 2), abs=1e-5)
-    assert result.metrics["valid_accuracy"] == float(int(logits.argmax()) + 1 == 2)
+    # rating 2 in the file is class index 1: the reward (expected class index) is compared to it
+    assert 0 <= reward <= 4
+    assert result.metrics["valid_mae"] == pytest.approx(abs(reward - 1), abs=1e-5)
+    assert result.metrics["valid_accuracy"] == float(int(logits.argmax()) == 1)
 
 
 def test_command_line(tmp_path, capsys):

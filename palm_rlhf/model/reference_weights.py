@@ -289,3 +289,36 @@ def reference_reward_head(state: dict[str, Tensor]) -> dict[str, Tensor]:
         "prompt_embed": state["prompt_embed"],
         "response_embed": state["response_embed"],
     }
+
+
+def split_reference_reward_state(state: dict[str, Tensor]) -> dict:
+    """Pure: a reference RewardModel state dict -> the parts our RewardModel is built from.
+
+    Returns ``palm`` (the reference PaLM state dict without LoRA scopes: feed it to
+    `palm_from_reference_state_dict`), ``base`` (the same in our PaLM's names), ``tensors``
+    (head, prompt/response embeddings and LoRA scope in the names of our RewardModel's
+    checkpoints: "head.weight", "prompt_embed", "lora.0.q.A", ...), ``num_binned_output`` (0
+    for the scalar head), ``scope`` (the reward LoRA scope's name, or None) and ``lora_r``.
+    """
+    tensors = reference_reward_head(state)
+    palm_state = strip_prefix(state, "palm.")
+    specs = reference_lora_specs(palm_state)
+    if len(specs) > 1:
+        raise ReferenceCheckpointError(
+            f"a reference RewardModel has one LoRA scope; found {sorted(specs)}"
+        )
+    scope = next(iter(specs), None)
+    reference_base = {k: v for k, v in palm_state.items() if not k.startswith("finetune_")}
+    mapped = map_reference_state_dict(palm_state, infer_reference_config(reference_base))
+    if scope is not None:
+        lora = strip_prefix(mapped, f"finetune_modules.{scope}.")
+        tensors.update({f"lora.{k}": v for k, v in lora.items()})
+    bins = tensors["head.weight"].shape[0]
+    return {
+        "palm": reference_base,
+        "base": {k: v for k, v in mapped.items() if not k.startswith("finetune_")},
+        "tensors": tensors,
+        "num_binned_output": bins if bins > 1 else 0,
+        "scope": scope,
+        "lora_r": specs[scope]["r"] if scope is not None else None,
+    }

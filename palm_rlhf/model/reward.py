@@ -1,34 +1,42 @@
 """Reward model: a PaLM that reads a prompt and a response and returns one number per sequence.
 
 Which token(s) the score reads (`pooling`):
-    "last"  the final hidden state of the last real token (the last True of `mask`; with the
-            collators that is the EOS closing the response). The PaLM is causal, so that state
-            has attended to the whole prompt and response. Default.
-    "mean"  the mean of the final hidden states over RESPONSE tokens only (mask & ~prompt_mask).
-Either way prompt tokens are never read directly, but they are context: response tokens
-attend to them, so a different prompt gives a different score (as it should: a reward judges a
-response to *this* prompt). Padding is excluded from attention and from pooling, and positions
-count real tokens only, so padding (left or right) never changes a reward.
+    "last"      the final hidden state of the last real token (the last True of `mask`; with
+                the collators that is the EOS closing the response). The PaLM is causal, so
+                that state has attended to the whole prompt and response. Default.
+    "mean"      the mean of the final hidden states over RESPONSE tokens only (mask & ~prompt_mask).
+    "mean_all"  the reference project's pooling: the mean over every real token of `mask`,
+                prompt included (over all positions when no mask is given).
+With "last" and "mean" prompt tokens are never read directly, but they are context: response
+tokens attend to them, so a different prompt gives a different score (as it should: a reward
+judges a response to *this* prompt). Padding is excluded from attention and from pooling, and
+positions count real tokens only, so padding (left or right) never changes a reward.
 
 Heads (`num_binned_output`):
     0       scalar head: reward = w . h + b; with `labels` the loss is MSE against them.
-    K >= 2  K rating bins for ratings 1..K: logits over bins; reward = expected rating
-            sum_k softmax(logits)_k * k, in [1, K] and smooth, so PPO gets a graded signal.
-            With `labels` (ratings 1..K, class index = rating - 1) the loss is cross-entropy.
-            (The reference project took class indices 0..K-1 here; 0 is now an error.)
-            `sample_from_bins=True` returns a rating sampled from the bins instead (the
-            reference's default; noisy, so off here).
+    K >= 2  K bins, class indices 0..K-1 (a ratings file's 1..K star r is class r - 1).
+            With `labels` (class indices 0..K-1, as in the reference) the loss is
+            cross-entropy. Without, `sample_from_bins` picks the output:
+              None (default)  the expected class index sum_k softmax(logits)_k * k, a float in
+                              [0, K-1]: deterministic and graded, on the labels' scale;
+              True            a class index (long) drawn by Gumbel-max from the bins at
+                              `sample_temperature` (the reference's default, noisy);
+              False           the (b, K) bin logits (as in the reference).
 
 Like the reference, learned prompt and response embeddings (zero at init) are added to the
 token embeddings so the model knows which part it is judging. `dropout` is applied to the
-pooled features before the head (the PaLM's own dropout is part of its config).
+pooled features before the head (the reference instead sets the rate of every Dropout inside
+its PaLM copy; here the PaLM's own dropout is part of its config).
 
-LoRA mode (`use_lora=True`) adds its own scope to the *given* PaLM (shared, not copied) and
-freezes that PaLM's base weights in place (as PEFT does), so one base serves actor, critic
-and reward model; only the scope, the head and the two embeddings train. If the requested
-scope name is taken (say by a second reward model on the same PaLM), the next free name
-"reward-1", "reward-2", ... is used: see `reward_lora_scope`. `use_lora=False` deep-copies the
-PaLM, so training never touches the caller's model; `freeze_base=True` there trains the head only.
+LoRA mode (`use_lora=True`) adds its own scope to the *given* PaLM (shared, not copied, unlike
+the reference), so one base serves actor, critic and reward model. The caller's PaLM is not
+otherwise changed: its weights keep their `requires_grad`, so it still trains on its own. The
+reward model keeps gradients off the shared base by running it with its base weights
+temporarily excluded from autograd (`trainable_parameters()` is what an optimizer should get).
+If the requested scope name is taken (say by a second reward model on the same PaLM), the next
+free name "reward-1", "reward-2", ... is used: see `reward_lora_scope`. `use_lora=False`
+deep-copies the PaLM, so training never touches the caller's model; `freeze_base=True` there
+trains the head only.
 """
 
 from __future__ import annotations
@@ -37,9 +45,10 @@ import copy
 import hashlib
 import json
 import warnings
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -58,10 +67,19 @@ from palm_rlhf.checkpoint import (
 from palm_rlhf.model.config import PaLMConfig
 from palm_rlhf.model.lora import DEFAULT_LORA_TARGETS
 from palm_rlhf.model.palm import PaLM, check_token_ids
+from palm_rlhf.model.reference_weights import (
+    checkpoint_format,
+    palm_from_reference_state_dict,
+    read_torch_state_dict,
+    split_reference_reward_state,
+)
 from palm_rlhf.rl_math import masked_mean
 
-POOLINGS = ("last", "mean")
+POOLINGS = ("last", "mean", "mean_all")
 FORMAT = "palm_rlhf.reward_model"
+# 2: binned labels are class indices 0..K-1 and `sample_from_bins` is None/True/False (in
+# version-1 files False meant the expected rating, which is None now)
+FORMAT_VERSION = 2
 # fields that change the shapes or meaning of the saved tensors: they must match on load
 STRUCTURAL = (
     "num_binned_output",
@@ -86,7 +104,9 @@ class RewardConfig:
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     pooling: str = "last"
     freeze_base: bool = True
-    sample_from_bins: bool = False  # binned inference: sample a rating instead of its mean
+    sample_from_bins: Optional[bool] = (
+        None  # binned: None expected index, True sample, False logits
+    )
     sample_temperature: float = 1.0
 
     def __post_init__(self):
@@ -120,17 +140,28 @@ class RewardConfig:
 # ----------------------------------------------------------------------------- pure helpers
 
 
-def expected_rating(logits: Tensor) -> Tensor:
-    """(b, K) bin logits -> (b,) expected rating sum_k softmax(logits)_k * k, k = 1..K."""
-    ratings = torch.arange(1, logits.shape[-1] + 1, device=logits.device, dtype=torch.float32)
-    return logits.float().softmax(dim=-1) @ ratings
+def expected_class(logits: Tensor) -> Tensor:
+    """(b, K) bin logits -> (b,) expected class index sum_k softmax(logits)_k * k, k = 0..K-1."""
+    classes = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.float32)
+    return logits.float().softmax(dim=-1) @ classes
+
+
+def gumbel_sample_class(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """(b, K) logits -> (b,) long class index drawn by the Gumbel-max trick at `temperature`:
+    argmax(logits / T + g), g = -log(-log(u)), u ~ U(0, 1) (the reference's `gumbel_sample`,
+    so the same RNG state gives the same draw)."""
+    eps = 1e-20
+    noise = torch.zeros_like(logits).uniform_(0, 1)
+    gumbel = -torch.log(-torch.log(noise + eps) + eps)
+    return (logits / max(temperature, 1e-10) + gumbel).argmax(dim=-1)
 
 
 def pool_hidden(hidden: Tensor, mask: Tensor, response_mask: Tensor, pooling: str) -> Tensor:
-    """(b, n, d) hidden states -> (b, d): the last real token ("last") or the mean over
-    response tokens ("mean"). mask / response_mask: (b, n) bool."""
-    if pooling == "mean":
-        weights = rearrange(response_mask, "b n -> b n 1").expand_as(hidden)
+    """(b, n, d) hidden states -> (b, d): the last real token ("last"), the mean over response
+    tokens ("mean") or over all real tokens ("mean_all"). mask / response_mask: (b, n) bool."""
+    if pooling in ("mean", "mean_all"):
+        keep = response_mask if pooling == "mean" else mask
+        weights = rearrange(keep, "b n -> b n 1").expand_as(hidden)
         return masked_mean(hidden, weights, dim=1)
     n = mask.shape[1]
     last = n - 1 - mask.flip(-1).int().argmax(dim=-1)  # index of the last True in each row
@@ -162,7 +193,7 @@ class RewardModel(nn.Module):
         lora_alpha: Optional[float] = None,
         lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
         freeze_base: Optional[bool] = None,
-        sample_from_bins: bool = False,
+        sample_from_bins: Optional[bool] = None,
         sample_temperature: float = 1.0,
     ):
         super().__init__()
@@ -185,9 +216,15 @@ class RewardModel(nn.Module):
             palm.add_finetune_params(
                 self.reward_lora_scope, lora_r=lora_r, lora_alpha=lora_alpha, targets=lora_targets
             )
-        if self.config.freeze_base:
+        # the shared base (LoRA mode) is never frozen in place: that would stop the caller's
+        # PaLM from training. `forward` keeps gradients off it instead (`_base_grad_off`).
+        self.shares_base = use_lora
+        if self.config.freeze_base and not use_lora:  # our own copy: freeze it for good
             for param in self.palm.palm_parameters():
                 param.requires_grad_(False)
+        # read at every forward, so they can be set on the model as in the reference
+        self.sample_from_bins = sample_from_bins
+        self.sample_temperature = sample_temperature
 
         self.binned_output = num_binned_output > 1
         reference = palm.token_emb.weight
@@ -216,18 +253,19 @@ class RewardModel(nn.Module):
         """x: (b, n) token ids; mask: (b, n) bool, True on real tokens; prompt_mask: (b, n)
         bool, True on prompt tokens (or prompt_lengths: (b,), prompts starting at column 0).
 
-        Returns the reward (b,) float, or with `labels` the scalar loss: labels are ratings
-        1..K (long, cross-entropy) for a binned head, target rewards (b,) for a scalar one (MSE).
+        Returns the reward (b,) float, or with `labels` the scalar loss: labels are class
+        indices 0..K-1 (long, cross-entropy) for a binned head, target rewards (b,) for a scalar
+        one (MSE). A binned head's output depends on `sample_from_bins` (module docstring):
+        expected class index (None), sampled class index (True) or bin logits (False).
         """
         out = self.logits(x, mask, prompt_mask, prompt_lengths, disable_lora)
         if labels is not None:
             return self.loss_from_logits(out, labels)
-        if not self.binned_output:
+        if not self.binned_output or self.sample_from_bins is False:
             return out
-        if self.config.sample_from_bins:  # the reference's behaviour: a sampled rating
-            probs = (out.float() / self.config.sample_temperature).softmax(dim=-1)
-            return torch.multinomial(probs, 1).squeeze(-1).float() + 1
-        return expected_rating(out)
+        if self.sample_from_bins:  # the reference's default: a sampled class index
+            return gumbel_sample_class(out.float(), self.sample_temperature)
+        return expected_class(out)
 
     def logits(
         self,
@@ -242,17 +280,36 @@ class RewardModel(nn.Module):
         extra_embed = torch.where(
             rearrange(prompt_mask, "b n -> b n 1"), self.prompt_embed, self.response_embed
         )
-        hidden = self.palm(
-            x,
-            mask=mask,
-            finetune_scope=self.reward_lora_scope,
-            disable_lora=disable_lora,
-            extra_embed=extra_embed,
-            return_only_embedding=True,
-        )
+        with self._base_grad_off():
+            hidden = self.palm(
+                x,
+                mask=mask,
+                finetune_scope=self.reward_lora_scope,
+                disable_lora=disable_lora,
+                extra_embed=extra_embed,
+                return_only_embedding=True,
+            )
         pooled = pool_hidden(hidden, full_mask, full_mask & ~prompt_mask, self.config.pooling)
         out = self.to_pred(self.dropout(pooled))
         return out if self.binned_output else rearrange(out, "b 1 -> b")
+
+    @contextmanager
+    def _base_grad_off(self) -> Iterator[None]:
+        """While building the graph, the shared base's weights do not require grad, so a
+        reward loss's backward reaches only the LoRA scope, head and embeddings (no gradient
+        buffers on the caller's PaLM); their flags are restored right after. The caller's own
+        forward passes are untouched. A no-op when the base is ours or grad is off."""
+        if not (self.shares_base and self.config.freeze_base and torch.is_grad_enabled()):
+            yield
+            return
+        params = [p for p in self.palm.palm_parameters() if p.requires_grad]
+        try:
+            for param in params:
+                param.requires_grad_(False)
+            yield
+        finally:
+            for param in params:
+                param.requires_grad_(True)
 
     def loss_from_logits(self, out: Tensor, labels: Tensor) -> Tensor:
         if labels.shape != (out.shape[0],):
@@ -261,13 +318,16 @@ class RewardModel(nn.Module):
             return F.mse_loss(out.float(), labels.float())
         num_bins = self.config.num_binned_output
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise TypeError(f"labels for a binned head are integer ratings 1..{num_bins}")
-        if ((labels < 1) | (labels > num_bins)).any():
-            raise ValueError(
-                f"labels must be ratings 1..{num_bins} (class index = rating - 1), got "
-                f"{sorted(set(labels.tolist()))}"
+            raise TypeError(
+                f"labels for a binned head are integer class indices 0..{num_bins - 1}, "
+                f"got {labels.dtype}"
             )
-        return F.cross_entropy(out.float(), labels - 1)
+        if ((labels < 0) | (labels >= num_bins)).any():
+            raise ValueError(
+                f"labels must be class indices 0..{num_bins - 1} (a 1..{num_bins} rating r is "
+                f"class r - 1), got {sorted(set(labels.tolist()))}"
+            )
+        return F.cross_entropy(out.float(), labels)
 
     def _check_inputs(self, x, mask, prompt_mask, prompt_lengths) -> tuple[Tensor, Tensor]:
         """Validate and return (mask, prompt_mask), both (b, n) bool, filled in when None."""
@@ -342,7 +402,8 @@ class RewardModel(nn.Module):
         path = weights_path(path)
         metadata = {
             "format": FORMAT,
-            "reward_config": self.config.to_json(),
+            "format_version": str(FORMAT_VERSION),
+            "reward_config": self.current_config().to_json(),
             "palm_config": self.palm.config.to_json(),
             "base_included": json.dumps(not self.config.freeze_base),
             "base_fingerprint": base_fingerprint(self.palm),
@@ -351,8 +412,19 @@ class RewardModel(nn.Module):
         save_tensors(path, self._owned_tensors(), metadata)
         return path
 
+    def current_config(self) -> RewardConfig:
+        """The config with the inference settings as they are now (they may be reassigned)."""
+        return replace(
+            self.config,
+            sample_from_bins=self.sample_from_bins,
+            sample_temperature=self.sample_temperature,
+        )
+
     def load(self, path: PathLike) -> RewardModel:
-        """Load a `save`d file into this model, refusing another head, pooling or PaLM shape."""
+        """Load a `save`d file into this model, refusing another head, pooling or PaLM shape.
+        A reference `.pt` (torch.save of its state_dict) is read safely and mapped instead."""
+        if checkpoint_format(find_weights(path)) == "torch":
+            return self._load_reference(split_reference_reward_state(read_torch_state_dict(path)))
         path, config, palm_config, metadata, tensors = _read(path, str(self.device))
         diffs = [
             f"{k}: file {getattr(config, k)!r} vs model {getattr(self.config, k)!r}"
@@ -388,7 +460,12 @@ class RewardModel(nn.Module):
         cls, path: PathLike, palm: Optional[PaLM] = None, map_location: str = "cpu"
     ) -> RewardModel:
         """Rebuild a saved reward model. A LoRA (or head-only) file needs its base: `palm`,
-        else the `base_checkpoint` recorded at save time. Full fine-tunes need nothing."""
+        else the `base_checkpoint` recorded at save time. Full fine-tunes need nothing.
+
+        A reference `.pt` file (palm-rlhf-pytorch's `torch.save(reward_model.state_dict())`)
+        holds its whole PaLM: it is read safely and mapped (`from_reference`; `palm` unused)."""
+        if checkpoint_format(find_weights(path)) == "torch":
+            return cls.from_reference(path).to(map_location)
         path, config, palm_config, metadata, _ = _read(path, map_location)
         if palm is not None and _palm_diffs(palm_config, palm):  # before touching the PaLM
             detail = "; ".join(_palm_diffs(palm_config, palm))
@@ -408,6 +485,52 @@ class RewardModel(nn.Module):
             palm = palm.to(map_location)  # a given PaLM (maybe shared) stays where it is
         return cls(palm, **asdict(config)).load(path)
 
+    @classmethod
+    def from_reference(cls, path: PathLike, pooling: str = "mean_all", **kwargs) -> RewardModel:
+        """A RewardModel holding a reference `.pt` file's weights, pooling as the reference did
+        ("mean_all"; pass pooling= to change). Other keywords go to the constructor."""
+        parts = split_reference_reward_state(read_torch_state_dict(find_weights(path)))
+        palm = palm_from_reference_state_dict(PaLM, parts["palm"])
+        scope = parts["scope"]
+        model = cls(
+            palm,
+            num_binned_output=parts["num_binned_output"],
+            use_lora=scope is not None,
+            lora_r=parts["lora_r"] or 8,
+            reward_lora_scope=scope or "reward",
+            pooling=pooling,
+            **kwargs,
+        )
+        return model._load_reference(parts)
+
+    def _load_reference(self, parts: dict) -> RewardModel:
+        """Copy `split_reference_reward_state` parts in. The base PaLM's weights are copied
+        only into a PaLM of our own (use_lora=False); a shared base must already hold them."""
+        tensors, own = dict(parts["tensors"]), self.palm.state_dict()
+        if self.shares_base:
+            differs = [k for k, v in parts["base"].items() if not torch.equal(v.to(own[k]), own[k])]
+            if differs:
+                raise CheckpointError(
+                    f"the reference file's base PaLM differs from the shared one ({differs[:3]}); "
+                    "load never overwrites a shared PaLM: use RewardModel.from_pretrained(path)"
+                )
+        else:
+            tensors.update({f"palm.{k}": v for k, v in parts["base"].items()})
+        expected = {**self._owned_tensors(), **{f"palm.{k}": v for k, v in own.items()}}
+        lora = {k for k in self._owned_tensors() if k.startswith("lora.")}
+        bad = sorted(
+            k for k, v in tensors.items() if k not in expected or v.shape != expected[k].shape
+        )
+        if bad or not lora <= set(tensors):
+            raise CheckpointError(
+                f"the reference file was saved for another reward model: {bad[:3]} do not fit, "
+                f"{sorted(lora - set(tensors))[:3]} missing (head, bins, LoRA rank must match)"
+            )
+        with torch.no_grad():
+            for key, tensor in tensors.items():
+                expected[key].copy_(tensor)
+        return self
+
 
 def _palm_diffs(saved: PaLMConfig, palm: PaLM) -> list[str]:
     mismatched = palm.config.shape_mismatch(saved.to_dict())
@@ -425,6 +548,9 @@ def _read(path: PathLike, device: str):
     try:
         config = RewardConfig.from_json(metadata["reward_config"])
         palm_config = PaLMConfig.from_json(metadata["palm_config"])
+        version = int(metadata.get("format_version", "1"))
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path} has invalid metadata: {err}") from err
+    if version < 2 and config.sample_from_bins is False:  # v1's False: the expected rating
+        config = replace(config, sample_from_bins=None)
     return path, config, palm_config, metadata, tensors

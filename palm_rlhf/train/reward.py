@@ -4,6 +4,10 @@ Phases per step: batch -> scores (one forward per response) -> loss (ranking los
 K-choose-2 pairs, or cross-entropy / MSE on ratings) -> guard -> backward -> clip -> step;
 now and then: held-out accuracy (+ MAE of the expected rating for ratings) and a checkpoint.
 
+Ratings: a file's human 1..K `rating` r trains class index r - 1 (RewardModel's labels are
+0..K-1, as in the reference), so a binned model's reward, the expected class index, is the
+expected rating minus one (the log says so once).
+
 Data: the file's records in order; the first `num_train` (else all but the last
 `valid_fraction`) train, the rest are held out, unless `valid_data` names a held-out file. The
 training stream is the records reshuffled every pass with `seed`, so a resumed run sees the
@@ -62,8 +66,8 @@ class RewardTrainConfig(RunOptions):
     num_valid: Optional[int] = option(None, "use at most this many held-out records")
     num_bins: Optional[int] = option(
         None,
-        "K rating bins (reward = expected rating); 0 = scalar head; default 5 for "
-        "ratings, 0 for comparisons",
+        "K rating bins (ratings 1..K train class indices 0..K-1; reward = expected class "
+        "index); 0 = scalar head; default 5 for ratings, 0 for comparisons",
     )
     base: Optional[str] = option(
         None,
@@ -291,6 +295,11 @@ def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
         f"reward model: {len(train)} training / {len(valid)} held-out {config.kind} records, "
         f"{trained:,} of {total:,} parameters trained"
     )
+    if config.kind == "ratings":
+        log(
+            "ratings 1..K in the file train class indices 0..K-1 (label = rating - 1); the "
+            "reward model scores on that 0..K-1 scale"
+        )
 
     per_step = config.batch_size * config.grad_accum
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * len(train) / per_step))

@@ -11,7 +11,7 @@ from einops import rearrange
 from torch import Tensor
 
 from palm_rlhf.data.collate import ComparisonBatch
-from palm_rlhf.model.reward import expected_rating
+from palm_rlhf.model.reward import expected_class
 from palm_rlhf.rl_math import ranking_loss_from_scores
 
 
@@ -40,7 +40,7 @@ def batch_loss(model, batch, kind: str, margin: float) -> torch.Tensor:
     if kind == "comparisons":
         scores = score_comparisons(model, batch)
         return ranking_loss_from_scores(scores, batch.ranking, batch.response_mask, margin)
-    return model(batch.tokens, mask=batch.mask, prompt_mask=batch.prompt_mask, labels=batch.ratings)
+    return model(batch.tokens, mask=batch.mask, prompt_mask=batch.prompt_mask, labels=batch.labels)
 
 
 def _pair_stats(scores, ranking, present, margin: float) -> dict:
@@ -54,18 +54,19 @@ def _pair_stats(scores, ranking, present, margin: float) -> dict:
     return {"count": count, "right": (pairs & (diff > 0)).sum((1, 2)), "loss": loss}
 
 
-def _rating_stats(logits, ratings, binned: bool) -> dict:
-    """Per record (b,): correct rating, |expected rating - rating|, loss."""
+def _rating_stats(logits, labels, binned: bool) -> dict:
+    """Per record (b,): correct class, |expected class - label|, loss. labels: class indices
+    0..K-1 (rating - 1), so the error is the same in stars."""
     if binned:
-        reward, predicted = expected_rating(logits), logits.argmax(-1) + 1
-        loss = F.cross_entropy(logits.float(), ratings - 1, reduction="none")
+        reward, predicted = expected_class(logits), logits.argmax(-1)
+        loss = F.cross_entropy(logits.float(), labels, reduction="none")
     else:
         reward = logits.float()
-        predicted, loss = reward.round().long(), (reward - ratings) ** 2
+        predicted, loss = reward.round().long(), (reward - labels) ** 2
     return {
         "count": torch.ones_like(reward),
-        "right": predicted == ratings,
-        "abs": (reward - ratings).abs(),
+        "right": predicted == labels,
+        "abs": (reward - labels).abs(),
         "loss": loss,
     }
 
@@ -76,9 +77,10 @@ def evaluate_reward(model, loader, accelerator, kind: str, margin: float = 0.0) 
 
     comparisons: valid_accuracy = correctly ordered pairs / ranked pairs (a tie in score counts
     as wrong), valid_loss = mean ranking loss per record. ratings: valid_accuracy = the most
-    likely bin (scalar head: the rounded reward) equals the rating, valid_mae = mean |reward -
-    rating| with the reward the expected rating, valid_loss = cross-entropy (scalar: squared
-    error). valid_count = pairs (comparisons) or records (ratings)."""
+    likely class (scalar head: the rounded reward) equals the label (rating - 1), valid_mae =
+    mean |reward - label| with the reward the expected class index (the same error in stars),
+    valid_loss = cross-entropy (scalar: squared error). valid_count = pairs (comparisons) or
+    records (ratings)."""
     if loader is None:
         return {}
     unwrapped = accelerator.unwrap_model(model)
@@ -94,7 +96,7 @@ def evaluate_reward(model, loader, accelerator, kind: str, margin: float = 0.0) 
                 logits = unwrapped.logits(
                     batch.tokens, mask=batch.mask, prompt_mask=batch.prompt_mask
                 )
-                stats = _rating_stats(logits.float(), batch.ratings, unwrapped.binned_output)
+                stats = _rating_stats(logits.float(), batch.labels, unwrapped.binned_output)
         stats["records"] = torch.ones(batch.tokens.shape[0], device=batch.tokens.device)
         for key, value in stats.items():
             gathered = accelerator.gather_for_metrics(value.float())
