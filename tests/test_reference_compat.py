@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from palm_rlhf.checkpoint import CheckpointError
 from palm_rlhf.model.config import PaLMConfig
 from palm_rlhf.model.palm import PaLM
 from palm_rlhf.model.reference_weights import (
@@ -25,6 +26,7 @@ from palm_rlhf.model.reference_weights import (
     reference_reward_head,
     strip_prefix,
 )
+from palm_rlhf.model.reward import RewardModel
 from palm_rlhf.model.sampling import filter_logits
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference"
@@ -308,8 +310,7 @@ def test_a_pickle_of_something_else_is_refused(tmp_path):
 @pytest.mark.parametrize("kind", ["scalar", "binned"])
 def test_reference_reward_model_weights_reproduce_its_head_output(outputs, facts, kind):
     """Our PaLM with the mapped weights + the reference's pooling (mean over `mask`, prompt
-    included) + its head give the reference's head output. Our RewardModel pools differently
-    (last token, or mean over the response only), so it is not used here."""
+    included) + its head give the reference's head output: the mapping, by hand."""
     state = read_torch_state_dict(FIXTURES / f"reward_{kind}.pt")
     palm = load_palm_checkpoint(FIXTURES / f"reward_{kind}.pt", prefix="palm.").eval()
     assert palm.finetune_scopes == ("reward",)
@@ -331,6 +332,73 @@ def test_reference_reward_model_weights_reproduce_its_head_output(outputs, facts
         row = facts["reward_binned.pt"]
         assert row["loss_is_cross_entropy_with_class_indices"]
         assert row["label_equal_to_K"].startswith("IndexError")
+
+
+def reward_inputs(outputs):
+    return {k: outputs[f"reward.{k}"] for k in ("mask", "prompt_mask")}, outputs["reward.seq"]
+
+
+def test_reference_scalar_reward_file_through_our_reward_model(outputs, facts):
+    """`RewardModel.from_pretrained("reward.pt")`: pooling "mean_all" (the reference's), the
+    reference's outputs, with and without `mask` (no mask: the mean over all positions), and
+    its MSE loss for float labels."""
+    model = RewardModel.from_pretrained(FIXTURES / "reward_scalar.pt").eval()
+    row = facts["reward_scalar.pt"]
+    assert model.config.pooling == "mean_all" and model.reward_lora_scope == "reward"
+    assert model.config.lora_r == row["config"]["lora_r"] and not model.binned_output
+    masks, seq = reward_inputs(outputs)
+    with torch.no_grad():
+        reward = model(seq, **masks)
+        no_mask = model(seq, prompt_mask=masks["prompt_mask"])
+        loss = model(seq, **masks, labels=torch.tensor([0.5, -1.0, 2.0]))
+    torch.testing.assert_close(reward, outputs["reward_scalar.head_output"], **TOL)
+    torch.testing.assert_close(no_mask, outputs["reward_scalar.no_mask_output"], **TOL)
+    assert float(loss) == pytest.approx(row["loss_with_labels"], abs=1e-5)
+    assert list(reward.shape) == row["default_output_shape"]
+
+
+def test_reference_binned_reward_file_through_our_reward_model(outputs, facts):
+    """Binned: `sample_from_bins=False` gives the reference's logits; `True` the reference's
+    sampled class index (same Gumbel draw for the same seed); labels 0..K-1 give its
+    cross-entropy and K is refused. Our default (None) is the expected class index."""
+    model = RewardModel.from_pretrained(FIXTURES / "reward_binned.pt").eval()
+    row = facts["reward_binned.pt"]
+    assert model.config.num_binned_output == row["config"]["num_binned_output"] == 5
+    masks, seq = reward_inputs(outputs)
+    logits = outputs["reward_binned.head_output"]
+    with torch.no_grad():
+        model.sample_from_bins = False
+        torch.testing.assert_close(model(seq, **masks), logits, **TOL)
+        model.sample_from_bins = True
+        torch.manual_seed(5)  # the seed the reference's default output was drawn with
+        sampled = model(seq, **masks)
+        assert str(sampled.dtype) == row["default_output_dtype"] == "torch.int64"
+        assert torch.equal(sampled, outputs["reward_binned.default_output"])
+        model.sample_from_bins = None  # ours: deterministic, on the labels' 0..K-1 scale
+        expected = (logits.softmax(-1) * torch.arange(5.0)).sum(-1)
+        torch.testing.assert_close(model(seq, **masks), expected, **TOL)
+        loss = model(seq, **masks, labels=torch.tensor([0, 4, 2]))
+    assert float(loss) == pytest.approx(row["loss_with_class_index_labels_0_4_2"], abs=1e-5)
+    with pytest.raises(ValueError, match=r"class indices 0\.\.4"):
+        model(seq, **masks, labels=torch.tensor([1, 5, 2]))  # the reference: IndexError
+
+
+def test_reference_reward_file_loads_into_a_reward_model_on_its_base(outputs):
+    """`reward_model.load("reward.pt")` (the reference's call) into a RewardModel built on the
+    same base PaLM: adapters, head and embeddings are copied; a shared base is never
+    overwritten, so a file trained on another base is refused."""
+    palm = load_palm_checkpoint(FIXTURES / "reward_scalar.pt", prefix="palm.")
+    palm.remove_finetune_params("reward")
+    model = RewardModel(palm, lora_r=4, pooling="mean_all").eval()
+    model.load(FIXTURES / "reward_scalar.pt")
+    masks, seq = reward_inputs(outputs)
+    with torch.no_grad():
+        torch.testing.assert_close(model(seq, **masks), outputs["reward_scalar.head_output"], **TOL)
+    other = RewardModel(PaLM(num_tokens=32, dim=16, depth=1, heads=2, dim_head=8), lora_r=4)
+    with pytest.raises(CheckpointError, match="never overwrites a shared PaLM"):
+        other.load(FIXTURES / "reward_scalar.pt")
+    with pytest.raises(CheckpointError, match="another reward model"):
+        RewardModel(palm, lora_r=4, num_binned_output=5).load(FIXTURES / "reward_scalar.pt")
 
 
 # ----------------------------------------------------------------------------- measured facts
