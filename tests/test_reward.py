@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from palm_rlhf.checkpoint import CheckpointError
+from palm_rlhf.checkpoint import CheckpointError, load_tensors, save_tensors
 from palm_rlhf.cli import main as cli_main
 from palm_rlhf.data.collate import collate_comparisons
 from palm_rlhf.data.records import ComparisonRecord, RatingRecord
@@ -484,6 +484,24 @@ def test_save_load_round_trip(tmp_path):
         RewardModel(tiny_palm(seed=1), num_binned_output=5, pooling="mean").load(path)
 
 
+def test_inference_settings_round_trip_and_old_files_keep_their_meaning(tmp_path):
+    """`sample_from_bins` set as an attribute is saved; in a version-1 file (before issue #10)
+    `sample_from_bins: false` meant the expected rating, which is None now, never the logits."""
+    base = tiny_palm()
+    model = RewardModel(base, num_binned_output=5)
+    model.sample_from_bins, model.sample_temperature = True, 0.5
+    path = model.save(tmp_path / "rm.safetensors")
+    loaded = RewardModel.from_pretrained(path, palm=tiny_palm())
+    assert (loaded.sample_from_bins, loaded.sample_temperature) == (True, 0.5)
+
+    model.sample_from_bins = False
+    tensors, metadata = load_tensors(model.save(tmp_path / "v1.safetensors"))
+    del metadata["format_version"]
+    save_tensors(tmp_path / "v1.safetensors", tensors, metadata)
+    old = RewardModel.from_pretrained(tmp_path / "v1.safetensors", palm=tiny_palm())
+    assert old.sample_from_bins is None and old(batch()[0]).shape == (3,)
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 
@@ -535,10 +553,12 @@ def test_train_reward_model_checkpoints_and_resumes_exactly(tmp_path):
     assert_close(loaded(seq, prompt_mask=prompt_mask), a, atol=0, rtol=0)
 
 
-def test_train_reward_model_on_ratings(tmp_path):
+def test_train_reward_model_on_ratings(tmp_path, capsys):
     result = run(
         tmp_path, data=str(FIXTURES / "ratings.jsonl"), kind="ratings", num_train=3, max_steps=3
     )
+    out = capsys.readouterr().out  # the 1..K -> 0..K-1 mapping is said once
+    assert out.count("ratings 1..K in the file train class indices 0..K-1") == 1
     assert result.model.config.num_binned_output == 5 and result.num_valid == 1
     assert set(result.metrics) == {"valid_accuracy", "valid_loss", "valid_count", "valid_mae"}
     # the held-out record ("Say hello.", "Goodbye.", rated 2) scored by hand
