@@ -104,9 +104,8 @@ class RewardConfig:
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     pooling: str = "last"
     freeze_base: bool = True
-    sample_from_bins: Optional[bool] = (
-        None  # binned: None expected index, True sample, False logits
-    )
+    # binned inference: None the expected class index, True a sampled one, False the logits
+    sample_from_bins: Optional[bool] = None
     sample_temperature: float = 1.0
 
     def __post_init__(self):
@@ -379,7 +378,8 @@ class RewardModel(nn.Module):
         return params
 
     def finetune_parameters(self) -> list[nn.Parameter]:
-        """The reference project's name for `trainable_parameters`."""
+        """The reference project's name for `trainable_parameters`. Unlike there it includes
+        the prompt/response embeddings (the reference creates them but never trains them)."""
         return self.trainable_parameters()
 
     # ------------------------------------------------------------------------- save / load
@@ -424,7 +424,8 @@ class RewardModel(nn.Module):
         """Load a `save`d file into this model, refusing another head, pooling or PaLM shape.
         A reference `.pt` (torch.save of its state_dict) is read safely and mapped instead."""
         if checkpoint_format(find_weights(path)) == "torch":
-            return self._load_reference(split_reference_reward_state(read_torch_state_dict(path)))
+            state = read_torch_state_dict(find_weights(path))
+            return self._load_reference(split_reference_reward_state(state))
         path, config, palm_config, metadata, tensors = _read(path, str(self.device))
         diffs = [
             f"{k}: file {getattr(config, k)!r} vs model {getattr(self.config, k)!r}"
