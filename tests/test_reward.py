@@ -619,3 +619,22 @@ def test_readme_reward_model_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+
+
+def test_lora_reward_checkpoint_still_loads_after_its_folder_moves(tmp_path):
+    """The base is recorded relative to the reward file too: moving the run folder (base and
+    reward checkpoints together) keeps it loadable; a lost base gets an actionable message."""
+    palm = tiny_palm()
+    base = palm.save(tmp_path / "run" / "base" / "model.safetensors")
+    model = RewardModel(palm, use_lora=True)
+    randomize_lora(palm, model.reward_lora_scope)
+    model.base_checkpoint = str(base)
+    model.save(tmp_path / "run" / "reward" / "model.safetensors")
+    seq = torch.randint(1, 32, (2, 6))
+    expected = model.eval()(seq)
+    (tmp_path / "run").rename(tmp_path / "moved")
+    again = RewardModel.from_pretrained(tmp_path / "moved" / "reward").eval()
+    assert_close(again(seq), expected)
+    (tmp_path / "moved" / "base" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="keep the base checkpoint folder beside"):
+        RewardModel.from_pretrained(tmp_path / "moved" / "reward")

@@ -42,11 +42,8 @@ trains the head only.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -57,84 +54,18 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from palm_rlhf.checkpoint import (
-    CheckpointError,
     PathLike,
-    find_weights,
-    load_tensors,
-    save_tensors,
-    weights_path,
 )
-from palm_rlhf.model.config import PaLMConfig
 from palm_rlhf.model.lora import DEFAULT_LORA_TARGETS
 from palm_rlhf.model.palm import PaLM, check_token_ids
-from palm_rlhf.model.reference_weights import (
-    checkpoint_format,
-    palm_from_reference_state_dict,
-    read_torch_state_dict,
-    split_reference_reward_state,
+from palm_rlhf.model.reward_config import RewardConfig
+from palm_rlhf.model.reward_weights import (
+    load_reward_into,
+    reward_from_pretrained,
+    reward_from_reference,
+    save_reward,
 )
 from palm_rlhf.rl_math import masked_mean
-
-POOLINGS = ("last", "mean", "mean_all")
-FORMAT = "palm_rlhf.reward_model"
-# 2: binned labels are class indices 0..K-1 and `sample_from_bins` is None/True/False (in
-# version-1 files False meant the expected rating, which is None now)
-FORMAT_VERSION = 2
-# fields that change the shapes or meaning of the saved tensors: they must match on load
-STRUCTURAL = (
-    "num_binned_output",
-    "use_lora",
-    "lora_r",
-    "lora_alpha",
-    "lora_targets",
-    "pooling",
-    "freeze_base",
-)
-
-
-@dataclass(frozen=True)
-class RewardConfig:
-    """Everything besides the PaLM that rebuilds a RewardModel; saved as JSON with its weights."""
-
-    dropout: float = 0.1
-    num_binned_output: int = 0
-    use_lora: bool = True
-    lora_r: int = 8
-    lora_alpha: Optional[float] = None
-    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    pooling: str = "last"
-    freeze_base: bool = True
-    # binned inference: None the expected class index, True a sampled one, False the logits
-    sample_from_bins: Optional[bool] = None
-    sample_temperature: float = 1.0
-
-    def __post_init__(self):
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.num_binned_output == 1 or self.num_binned_output < 0:
-            raise ValueError(
-                f"num_binned_output must be 0 (scalar head) or K >= 2 rating bins, "
-                f"got {self.num_binned_output}"
-            )
-        if self.sample_temperature <= 0:
-            raise ValueError(f"sample_temperature must be > 0, got {self.sample_temperature}")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.use_lora and not self.freeze_base:
-            raise ValueError(
-                "LoRA mode trains its scope and the head only (the shared base stays frozen); "
-                "for full fine-tuning pass use_lora=False"
-            )
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> RewardConfig:
-        data = json.loads(text)
-        data["lora_targets"] = tuple(data["lora_targets"])
-        return cls(**data)
-
 
 # ----------------------------------------------------------------------------- pure helpers
 
@@ -165,12 +96,6 @@ def pool_hidden(hidden: Tensor, mask: Tensor, response_mask: Tensor, pooling: st
     n = mask.shape[1]
     last = n - 1 - mask.flip(-1).int().argmax(dim=-1)  # index of the last True in each row
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-
-
-def base_fingerprint(palm: PaLM) -> str:
-    """A short hash of the base's token embeddings: adapters loaded onto another base warn."""
-    weight = palm.token_emb.weight.detach().float().cpu().contiguous()
-    return hashlib.sha256(weight.numpy().tobytes()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- the model
@@ -396,22 +321,6 @@ class RewardModel(nn.Module):
             owned.update({f"palm.{k}": v for k, v in base.items() if not k.startswith("finetune_")})
         return owned
 
-    def save(self, path: PathLike) -> Path:
-        """Write head, config and adapters (LoRA) or all trained weights, atomically, to one
-        safetensors file (a folder gets model.safetensors)."""
-        path = weights_path(path)
-        metadata = {
-            "format": FORMAT,
-            "format_version": str(FORMAT_VERSION),
-            "reward_config": self.current_config().to_json(),
-            "palm_config": self.palm.config.to_json(),
-            "base_included": json.dumps(not self.config.freeze_base),
-            "base_fingerprint": base_fingerprint(self.palm),
-            "base_checkpoint": self.base_checkpoint or "",
-        }
-        save_tensors(path, self._owned_tensors(), metadata)
-        return path
-
     def current_config(self) -> RewardConfig:
         """The config with the inference settings as they are now (they may be reassigned)."""
         return replace(
@@ -420,138 +329,28 @@ class RewardModel(nn.Module):
             sample_temperature=self.sample_temperature,
         )
 
+    def save(self, path: PathLike) -> Path:
+        """Write head, config and adapters (LoRA) or all trained weights, atomically, to one
+        safetensors file (a folder gets model.safetensors); see `reward_weights.py`."""
+        return save_reward(self, path)
+
     def load(self, path: PathLike) -> RewardModel:
         """Load a `save`d file into this model, refusing another head, pooling or PaLM shape.
         A reference `.pt` (torch.save of its state_dict) is read safely and mapped instead."""
-        if checkpoint_format(find_weights(path)) == "torch":
-            state = read_torch_state_dict(find_weights(path))
-            return self._load_reference(split_reference_reward_state(state))
-        path, config, palm_config, metadata, tensors = _read(path, str(self.device))
-        diffs = [
-            f"{k}: file {getattr(config, k)!r} vs model {getattr(self.config, k)!r}"
-            for k in STRUCTURAL
-            if getattr(config, k) != getattr(self.config, k)
-        ]
-        diffs += _palm_diffs(palm_config, self.palm)
-        if diffs:
-            raise CheckpointError(f"{path} was saved for another reward model ({'; '.join(diffs)})")
-        expected = self._owned_tensors()
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise CheckpointError(f"{path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        for key, tensor in tensors.items():
-            if tensor.shape != expected[key].shape:
-                raise CheckpointError(
-                    f"{path}: {key} has shape {tuple(tensor.shape)}, model expects "
-                    f"{tuple(expected[key].shape)}"
-                )
-        same_base = metadata.get("base_fingerprint") == base_fingerprint(self.palm)
-        if self.config.freeze_base and not same_base:
-            message = "was trained on another base PaLM (its token embeddings differ)"
-            warnings.warn(f"{path} {message}; its adapters and head may not fit", stacklevel=2)
-        with torch.no_grad():
-            for key, tensor in tensors.items():
-                expected[key].copy_(tensor)
-        self.base_checkpoint = metadata.get("base_checkpoint") or self.base_checkpoint
-        return self
+        return load_reward_into(self, path)
 
     @classmethod
     def from_pretrained(
         cls, path: PathLike, palm: Optional[PaLM] = None, map_location: str = "cpu"
     ) -> RewardModel:
         """Rebuild a saved reward model. A LoRA (or head-only) file needs its base: `palm`,
-        else the `base_checkpoint` recorded at save time. Full fine-tunes need nothing.
-
-        A reference `.pt` file (palm-rlhf-pytorch's `torch.save(reward_model.state_dict())`)
-        holds its whole PaLM: it is read safely and mapped (`from_reference`; `palm` unused)."""
-        if checkpoint_format(find_weights(path)) == "torch":
-            return cls.from_reference(path).to(map_location)
-        path, config, palm_config, metadata, _ = _read(path, map_location)
-        if palm is not None and _palm_diffs(palm_config, palm):  # before touching the PaLM
-            detail = "; ".join(_palm_diffs(palm_config, palm))
-            raise CheckpointError(f"{path} was saved for another PaLM ({detail})")
-        if palm is None:
-            base = metadata.get("base_checkpoint", "")
-            if not config.freeze_base:
-                palm = PaLM.from_config(palm_config)
-            elif base and Path(base).exists():
-                palm = PaLM.from_pretrained(base)
-            else:
-                raise CheckpointError(
-                    f"{path} holds {'LoRA adapters and ' if config.use_lora else ''}a head only; "
-                    f"pass palm=PaLM.from_pretrained(<base checkpoint>)"
-                    + (f" (recorded base {base!r} does not exist)" if base else "")
-                )
-            palm = palm.to(map_location)  # a given PaLM (maybe shared) stays where it is
-        return cls(palm, **asdict(config)).load(path)
+        else the base checkpoint recorded at save time (found relative to the file first, so
+        checkpoint folders can move together). A reference `.pt` file holds its whole PaLM:
+        it is read safely and mapped (`from_reference`; `palm` unused)."""
+        return reward_from_pretrained(cls, path, palm, map_location)
 
     @classmethod
     def from_reference(cls, path: PathLike, pooling: str = "mean_all", **kwargs) -> RewardModel:
         """A RewardModel holding a reference `.pt` file's weights, pooling as the reference did
         ("mean_all"; pass pooling= to change). Other keywords go to the constructor."""
-        parts = split_reference_reward_state(read_torch_state_dict(find_weights(path)))
-        palm = palm_from_reference_state_dict(PaLM, parts["palm"])
-        scope = parts["scope"]
-        model = cls(
-            palm,
-            num_binned_output=parts["num_binned_output"],
-            use_lora=scope is not None,
-            lora_r=parts["lora_r"] or 8,
-            reward_lora_scope=scope or "reward",
-            pooling=pooling,
-            **kwargs,
-        )
-        return model._load_reference(parts)
-
-    def _load_reference(self, parts: dict) -> RewardModel:
-        """Copy `split_reference_reward_state` parts in. The base PaLM's weights are copied
-        only into a PaLM of our own (use_lora=False); a shared base must already hold them."""
-        tensors, own = dict(parts["tensors"]), self.palm.state_dict()
-        if self.shares_base:
-            differs = [k for k, v in parts["base"].items() if not torch.equal(v.to(own[k]), own[k])]
-            if differs:
-                raise CheckpointError(
-                    f"the reference file's base PaLM differs from the shared one ({differs[:3]}); "
-                    "load never overwrites a shared PaLM: use RewardModel.from_pretrained(path)"
-                )
-        else:
-            tensors.update({f"palm.{k}": v for k, v in parts["base"].items()})
-        expected = {**self._owned_tensors(), **{f"palm.{k}": v for k, v in own.items()}}
-        lora = {k for k in self._owned_tensors() if k.startswith("lora.")}
-        bad = sorted(
-            k for k, v in tensors.items() if k not in expected or v.shape != expected[k].shape
-        )
-        if bad or not lora <= set(tensors):
-            raise CheckpointError(
-                f"the reference file was saved for another reward model: {bad[:3]} do not fit, "
-                f"{sorted(lora - set(tensors))[:3]} missing (head, bins, LoRA rank must match)"
-            )
-        with torch.no_grad():
-            for key, tensor in tensors.items():
-                expected[key].copy_(tensor)
-        return self
-
-
-def _palm_diffs(saved: PaLMConfig, palm: PaLM) -> list[str]:
-    mismatched = palm.config.shape_mismatch(saved.to_dict())
-    return [f"palm.{k}: file {a!r} vs model {b!r}" for k, (a, b) in mismatched.items()]
-
-
-def _read(path: PathLike, device: str):
-    """(path, RewardConfig, PaLMConfig, metadata, tensors) of a reward checkpoint, or raise."""
-    path = find_weights(path)
-    tensors, metadata = load_tensors(path, device=device)
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path} is not a reward model checkpoint (format {metadata.get('format')!r})"
-        )
-    try:
-        config = RewardConfig.from_json(metadata["reward_config"])
-        palm_config = PaLMConfig.from_json(metadata["palm_config"])
-        version = int(metadata.get("format_version", "1"))
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path} has invalid metadata: {err}") from err
-    if version < 2 and config.sample_from_bins is False:  # v1's False: the expected rating
-        config = replace(config, sample_from_bins=None)
-    return path, config, palm_config, metadata, tensors
+        return reward_from_reference(cls, path, pooling, **kwargs)
