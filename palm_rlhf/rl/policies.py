@@ -117,17 +117,21 @@ def build_actor_critic(
     critic_lora_r: int,
     actor_lora_scope: Optional[str],
     critic_lora_scope: Optional[str],
-) -> tuple[Actor, PaLM, Critic]:
+    with_critic: bool = True,
+) -> tuple[Actor, PaLM, Optional[Critic]]:
     """(actor, reference PaLM, critic) as described in the module docstring.
 
     The reference is the user's PaLM in both cases; with a LoRA actor it is queried with
-    `disable_lora=True`, with a full-weight actor it is simply never trained.
+    `disable_lora=True`, with a full-weight actor it is simply never trained. With
+    `with_critic=False` (critic-free algorithms) no critic scope or copy is made: None.
     """
     if actor_lora:
         actor = Actor(palm, claim_scope(palm, actor_lora_scope, "actor", actor_lora_r))
     else:
         actor = Actor(bare_copy(palm), None)
-    if critic_lora:
+    if not with_critic:
+        critic = None
+    elif critic_lora:
         critic = Critic(palm, claim_scope(palm, critic_lora_scope, "critic", critic_lora_r))
     else:
         critic = Critic(bare_copy(palm), None)

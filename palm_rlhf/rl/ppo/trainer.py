@@ -1,4 +1,7 @@
-"""RLHFTrainer: PPO of a PaLM policy against a reward model, the InstructGPT way.
+"""RLHFTrainer: PPO of a PaLM policy against a reward model, the InstructGPT way, or one of
+the critic-free algorithms (`algorithm="grpo" | "rloo" | "reinforce++" | "flowrl" | "tpo"`) on
+the same phases, which then sample `group_size` responses per prompt, build no critic and
+dispatch phases 3 and 4 to `rl/critic_free.py`.
 
 One PPO iteration (`step`) reads like the algorithm box of Ouyang et al. 2022 / Ziegler et al.
 2019, each phase a method:
@@ -37,6 +40,8 @@ from palm_rlhf.rl.advantages import (
     shape_scores,
 )
 from palm_rlhf.rl.best_of_n import BestOfN, best_of_n
+from palm_rlhf.rl.critic_free import critic_free_advantages, critic_free_objective
+from palm_rlhf.rl.flowrl import LogPartition, prompt_features
 from palm_rlhf.rl.kl_controller import KLController
 from palm_rlhf.rl.policies import (
     build_actor_critic,
@@ -52,12 +57,12 @@ from palm_rlhf.rl.rollout import (
     Experience,
     collect,
     concat_experience,
+    group_minibatches,
     score_sequences,
     tempered_logits,
 )
-from palm_rlhf.rl_math import (
-    typechecked,
-)
+from palm_rlhf.rl.text_reward import TextReward, TextRewardFn
+from palm_rlhf.rl_math import typechecked
 from palm_rlhf.train.run import guard_loss, make_accelerator
 
 # reward_fn(seq (b, n) long, mask (b, n) bool, prompt_mask (b, n) bool) -> (b,) float
@@ -79,7 +84,8 @@ class RLHFTrainer:
         self,
         *,
         palm: PaLM,
-        reward_model: RewardFn,  # a RewardModel, or reward_fn(seq, mask, prompt_mask) -> (b,)
+        reward_model: Optional[RewardFn] = None,  # RewardModel or fn(seq, mask, prompt_mask)
+        text_reward_fn: Optional[TextRewardFn] = None,  # fn(prompts, responses) -> floats
         # prompts: exactly one of the three
         prompt_token_ids: Optional[PromptIds] = None,
         prompts: Optional[list[str]] = None,
@@ -94,6 +100,10 @@ class RLHFTrainer:
         **hyperparameters,  # any PPOConfig field: actor_lr=..., kl_coef=..., see config.py
     ):
         self.config = config = PPOConfig.from_keywords(config, **hyperparameters)
+        if (reward_model is None) == (text_reward_fn is None):
+            raise ValueError("pass exactly one of reward_model and text_reward_fn")
+        if text_reward_fn is not None:  # decoded text in, floats out
+            reward_model = TextReward(text_reward_fn, tokenizer)
         if config.ptx_coef > 0 and ptx_data is None:
             raise ValueError("ptx_coef > 0 needs ptx_data (token ids of pretraining text)")
         self.accelerator = make_accelerator(
@@ -116,22 +126,28 @@ class RLHFTrainer:
         self.prompts = PromptBank(*(t.to(device) for t in self.prompts))
         self.ptx_data = PtxData.build(ptx_data, palm.num_tokens, config.ptx_seq_len)
 
-        # networks: actor and critic are scopes on `palm` or full copies; `palm` is the reference
+        # networks: actor and critic are scopes on `palm` or full copies; `palm` is the reference.
+        # Critic-free algorithms build no critic; FlowRL trains a small log Z(x) head instead.
         palm.to(device)
         actor, self.reference, critic = build_actor_critic(
             palm, config.actor_lora, config.critic_lora, config.actor_lora_r,
-            config.critic_lora_r, actor_lora_scope, critic_lora_scope,
+            config.critic_lora_r, actor_lora_scope, critic_lora_scope, config.has_critic,
         )  # fmt: skip
-        actor.to(device), critic.to(device)  # the critic's value head is new
-        self.actor_scope, self.critic_scope = actor.scope, critic.scope
+        log_z = LogPartition(palm.dim) if config.algorithm == "flowrl" else None
+        self.actor_scope, self.critic_scope = actor.scope, critic and critic.scope
+        nets = {"actor": (actor, config.actor_lr, config.actor_wd)}
+        for name, net in (("critic", critic), ("log_z", log_z)):
+            if net is not None:  # the critic's value head and the log Z head are new
+                nets[name] = (net.to(device), config.critic_lr, config.critic_wd)
         optimizers = [
             torch.optim.AdamW(net.trainable_parameters(), lr, config.betas, weight_decay=wd)
-            for net, lr, wd in ((actor, config.actor_lr, config.actor_wd),
-                                (critic, config.critic_lr, config.critic_wd))
-        ]  # fmt: skip
-        (self.actor, self.actor_optim), (self.critic, self.critic_optim) = prepare_each(
-            self.accelerator, [actor, critic], optimizers
-        )
+            for net, lr, wd in nets.values()
+        ]
+        prepared = prepare_each(self.accelerator, [n for n, _, _ in nets.values()], optimizers)
+        self.networks = dict(zip(nets, prepared))  # name -> (prepared module, optimizer)
+        self.actor, self.actor_optim = self.networks["actor"]
+        self.critic, self.critic_optim = self.networks.get("critic", (None, None))
+        self.log_z = self.networks.get("log_z", (None, None))[0]
 
         self.reward_model = reward_model
         if isinstance(reward_model, nn.Module):
@@ -165,7 +181,13 @@ class RLHFTrainer:
 
     @property
     def critic_module(self):
-        return self.accelerator.unwrap_model(self.critic)
+        return None if self.critic is None else self.accelerator.unwrap_model(self.critic)
+
+    def modules(self) -> dict:
+        """The trained networks, unwrapped: name -> module (actor; critic or log_z if any)."""
+        return {
+            name: self.accelerator.unwrap_model(net) for name, (net, _) in self.networks.items()
+        }
 
     def print(self, *args) -> None:
         self.accelerator.print(*args)
@@ -176,10 +198,11 @@ class RLHFTrainer:
 
     # ------------------------------------------------------------------ phase 1: rollout
 
-    def sample_prompts(self, num_prompts: int) -> tuple[Tensor, Tensor]:
-        """`num_prompts` prompts drawn uniformly with replacement: left-padded (b, P) + mask."""
+    def sample_prompts(self, num_prompts: int, group_size: int = 1) -> tuple[Tensor, Tensor]:
+        """`num_prompts` prompts drawn uniformly with replacement, each repeated `group_size`
+        times in contiguous rows (one group per prompt): left-padded (b, P) + mask."""
         index = torch.randint(len(self.prompts), (num_prompts,), generator=self.cpu_generator)
-        return self.prompts.select(index.to(self.device))
+        return self.prompts.select(index.repeat_interleave(group_size).to(self.device))
 
     @torch.no_grad()
     def rollout(
@@ -205,7 +228,7 @@ class RLHFTrainer:
             )
         actor, critic = self.actor_module, self.critic_module
         # mixed precision (mixed_precision="bf16") covers sampling as well
-        with evaluation_mode([actor, critic]), self.accelerator.autocast():
+        with evaluation_mode([actor, critic or actor]), self.accelerator.autocast():
             return collect(
                 actor, self.reference, critic, self.reward_model, prompt, prompt_mask,
                 new_tokens, temperature=temperature, pad_value=self.pad_value,
@@ -219,12 +242,18 @@ class RLHFTrainer:
     def rewards_and_advantages(
         self, experience: Experience, ended: Tensor
     ) -> tuple[Experience, dict[str, float]]:
-        """Scores -> per-token rewards -> GAE advantages and returns (whitened as configured)."""
+        """Scores -> per-token rewards -> GAE advantages and returns (whitened as configured);
+        critic-free algorithms: `critic_free_advantages`."""
         config, mask = self.config, experience.action_mask
         scores = shape_scores(
             experience.scores, ended, config.missing_eos_penalty, config.reward_clip
         )
         kl_coef = self.kl_controller.kl_coef
+        if self.critic is None:
+            return critic_free_advantages(
+                experience._replace(scores=scores), config, kl_coef,
+                lambda t: self.accelerator.reduce(t, "sum"),
+            )  # fmt: skip
         old, ref = experience.old_logprobs, experience.ref_logprobs
         rewards = per_token_rewards(
             scores, old, ref, mask, kl_coef, config.kl_kind, config.whiten_rewards
@@ -249,20 +278,29 @@ class RLHFTrainer:
 
     # ------------------------------------------------------------------ phase 4: PPO epochs
 
-    def learn(self, experience: Experience, temperature: float) -> dict[str, float]:
-        """`epochs` passes of shuffled minibatches; returns the mean of each loss statistic."""
-        actor, critic = self.actor_module, self.critic_module
-        trainable = [*actor.trainable_parameters(), *critic.trainable_parameters()]
+    def learn(
+        self, experience: Experience, temperature: float, max_new_tokens: int = 1
+    ) -> dict[str, float]:
+        """`epochs` passes of shuffled minibatches (of whole groups); returns the mean of each
+        loss statistic. `max_new_tokens` is the constant of `length_norm="constant"`."""
+        modules = list(self.modules().values())
+        trainable = [p for module in modules for p in module.trainable_parameters()]
         per_process = max(1, self.config.minibatch_size // self.accelerator.num_processes)
+        rows = self._per_row_inputs(experience, temperature)
         totals: dict[str, float] = {}
         count = 0
-        with evaluation_mode([actor, critic]), only_these_require_grad([actor, critic], trainable):
+        with evaluation_mode(modules), only_these_require_grad(modules, trainable):
             for _ in range(self.config.epochs):
-                order = torch.randperm(experience.tokens.shape[0], generator=self.cpu_generator)
-                for index in order.split(per_process):
-                    stats = self._minibatch_step(
-                        experience.select(index.to(self.device)), temperature
-                    )
+                for index in group_minibatches(
+                    experience.tokens.shape[0], self.config.responses_per_prompt, per_process,
+                    self.cpu_generator,
+                ):  # fmt: skip
+                    index = index.to(self.device)
+                    batch = experience.select(index)
+                    width = batch.action_mask.shape[1]
+                    extras = {k: v[index][:, :width] if v.dim() > 2 else v[index]
+                              for k, v in rows.items()}  # fmt: skip
+                    stats = self._minibatch_step(batch, temperature, max_new_tokens, **extras)
                     if stats is None:
                         continue
                     for key, value in stats.items():
@@ -270,14 +308,40 @@ class RLHFTrainer:
                     count += 1
         return {key: value / max(count, 1) for key, value in totals.items()}
 
-    def _minibatch_step(self, batch: Experience, temperature: float) -> Optional[dict]:
+    @torch.no_grad()
+    def _per_row_inputs(self, experience: Experience, temperature: float) -> dict[str, Tensor]:
+        """Inputs the critic-free losses need beside the experience, fixed before any update:
+        FlowRL's prompt features, the rollout policy's probabilities for score centering."""
+        rows = {}
+        if self.log_z is not None:
+            rows["features"] = prompt_features(
+                self.reference, experience.tokens, experience.prompt_mask
+            )
+        if self.config.score_centering:
+            with evaluation_mode([self.actor_module]), self.accelerator.autocast():
+                logits = self.actor_module(experience.tokens)[:, :-1]
+            rows["sampler_probs"] = tempered_logits(logits, temperature).softmax(dim=-1)
+        return rows
+
+    def _minibatch_step(
+        self, batch: Experience, temperature: float, max_new_tokens: int = 1,
+        features: Optional[Tensor] = None, sampler_probs: Optional[Tensor] = None,
+    ) -> Optional[dict]:  # fmt: skip
+        config = self.config
         with self.accelerator.autocast():
             logits = tempered_logits(self.actor(batch.tokens)[:, :-1], temperature)
-            values = self.critic(batch.tokens)[:, :-1]
-        config = self.config
-        loss, stats = ppo_objective(
-            logits, values, batch, config.eps_clip, config.value_clip, config.beta_s
-        )
+            if self.critic is not None:
+                values = self.critic(batch.tokens)[:, :-1]
+            log_z = self.log_z(features) if self.log_z is not None else None
+        if self.critic is not None:
+            loss, stats = ppo_objective(
+                logits, values, batch, config.eps_clip, config.value_clip, config.beta_s
+            )
+        else:
+            loss, stats = critic_free_objective(
+                logits, batch, config, self.kl_controller.kl_coef, max_new_tokens, log_z,
+                sampler_probs,
+            )  # fmt: skip
         if self.config.ptx_coef > 0:
             ptx_loss = self._ptx_loss(batch.tokens.shape[0])
             loss = loss + self.config.ptx_coef * ptx_loss
@@ -285,10 +349,8 @@ class RLHFTrainer:
         if not guard_loss(loss, self.updates, self.config.nan_policy):
             return None
         self.accelerator.backward(loss)
-        for name, module, optim in (
-            ("actor", self.actor_module, self.actor_optim),
-            ("critic", self.critic_module, self.critic_optim),
-        ):
+        for name, module in self.modules().items():
+            optim = self.networks[name][1]
             # pre-clip gradient norm; with max_norm None the norm is measured, not clipped
             norm = self.accelerator.clip_grad_norm_(
                 module.trainable_parameters(), self.config.max_norm or math.inf
@@ -311,15 +373,19 @@ class RLHFTrainer:
         eos_token: Optional[int] = None, temperature: Optional[float] = None,
         batch_size: Optional[int] = None,
     ) -> dict:  # fmt: skip
-        """One PPO iteration over `num_episodes` fresh episodes (global), sampled `batch_size`
-        (default `rollout_batch_size`) prompts at a time; returns the iteration's record."""
+        """One iteration over `num_episodes` fresh episodes (global), sampled `batch_size`
+        (default `rollout_batch_size`) responses at a time; returns the iteration's record.
+        Critic-free algorithms sample whole groups of `group_size` responses per prompt on one
+        process (episodes rounded up to whole groups)."""
         temperature = self.config.temperature if temperature is None else temperature
         batch_size = batch_size or self.config.rollout_batch_size
-        world = self.accelerator.num_processes
-        local = max(1, math.ceil(num_episodes / world))
+        world, group = self.accelerator.num_processes, self.config.responses_per_prompt
+        local_prompts = max(1, math.ceil(num_episodes / world / group))
+        local, per_chunk = local_prompts * group, max(1, batch_size // group)
         parts, ended = [], []
-        for start in range(0, local, batch_size):  # 1. rollout
-            prompt, prompt_mask = self.sample_prompts(min(batch_size, local - start))
+        for start in range(0, local_prompts, per_chunk):  # 1. rollout
+            count = min(per_chunk, local_prompts - start)
+            prompt, prompt_mask = self.sample_prompts(count, group)
             part, part_ended = self.rollout(
                 prompt, prompt_mask, max_timesteps, max_seq_len, eos_token, temperature
             )
@@ -329,7 +395,7 @@ class RLHFTrainer:
         experience, rollout_stats = self.rewards_and_advantages(experience, ended)  # 2., 3.
         observed_kl = torch.tensor(rollout_stats["kl"], device=self.device)
         self.kl_controller.update(float(self.accelerator.reduce(observed_kl, "mean")))
-        update_stats = self.learn(experience, temperature)  # 4.
+        update_stats = self.learn(experience, temperature, max_timesteps)  # 4.
         self.episodes += local * world
         self.updates += 1
         record = dict(
@@ -381,7 +447,7 @@ class RLHFTrainer:
             raise ValueError("checkpoint_every needs a checkpoint_dir")
         records = []
         bar = tqdm(
-            total=num_episodes, desc="PPO episodes", unit="ep",
+            total=num_episodes, desc=f"{self.config.algorithm.upper()} episodes", unit="ep",
             disable=not (
                 (self.config.progress if progress is None else progress)
                 and self.accelerator.is_local_main_process
@@ -434,16 +500,13 @@ class RLHFTrainer:
         return out if return_scores else out.sequence
 
     def state_dict(self) -> dict:
-        """Everything a resumed run needs: trained tensors (adapters or full weights, named
-        independently of the scope), both optimizers, both generators, counters, KL control,
-        history and the hyperparameters. Tensors and plain values only (no pickled code)."""
+        """Everything a resumed run needs: trained tensors of each network (adapters or full
+        weights, named independently of the scope; no critic when the algorithm has none), its
+        optimizer, both generators, counters, KL control, history and the hyperparameters.
+        Tensors and plain values only (no pickled code)."""
         return {
-            "actor": self.actor_module.trainable_state(),
-            "critic": self.critic_module.trainable_state(),
-            "optimizers": {
-                "actor": self.actor_optim.state_dict(),
-                "critic": self.critic_optim.state_dict(),
-            },
+            **{name: module.trainable_state() for name, module in self.modules().items()},
+            "optimizers": {name: optim.state_dict() for name, (_, optim) in self.networks.items()},
             "rng": {
                 "generator": self.generator.get_state(),
                 "cpu_generator": self.cpu_generator.get_state(),
@@ -464,13 +527,12 @@ class RLHFTrainer:
         """Restore `state_dict()`; refuses another PaLM shape or another actor/critic kind."""
         meta = state["meta"]
         check_compatible(meta, self.reference.config, self.config.to_dict(), source)
-        for name, module in (("actor", self.actor_module), ("critic", self.critic_module)):
+        for name, module in self.modules().items():
             try:
                 module.load_trainable_state(state[name])
-            except RuntimeError as err:  # missing/unexpected keys or shapes (e.g. another rank)
+            except (RuntimeError, KeyError) as err:  # missing/unexpected keys or shapes
                 raise CheckpointError(f"{source}: the {name} does not fit: {err}") from err
-        self.actor_optim.load_state_dict(state["optimizers"]["actor"])
-        self.critic_optim.load_state_dict(state["optimizers"]["critic"])
+            self.networks[name][1].load_state_dict(state["optimizers"][name])
         self.generator.set_state(state["rng"]["generator"])
         self.cpu_generator.set_state(state["rng"]["cpu_generator"])
         self.episodes, self.updates = meta["episodes"], meta["updates"]
