@@ -36,6 +36,7 @@ from palm_rlhf.rl.estimators import (
     masked_moments,
     reinforce_pp_returns,
 )
+from palm_rlhf.rl.flowrl import prompt_features
 from palm_rlhf.rl.losses import (
     flowrl_loss,
     policy_gradient_loss,
@@ -44,7 +45,7 @@ from palm_rlhf.rl.losses import (
     tpo_loss,
     tpo_targets,
 )
-from palm_rlhf.rl.rollout import Experience
+from palm_rlhf.rl.rollout import Experience, tempered_logits
 from palm_rlhf.rl_math import (
     entropy_from_logits,
     kl_per_token,
@@ -97,6 +98,22 @@ def critic_free_advantages(
         advantage_abs=float(masked_mean(advantages.abs(), mask)),
     )
     return experience._replace(advantages=advantages, returns=returns), stats
+
+
+@torch.no_grad()
+def per_row_inputs(
+    experience: Experience, config, reference, actor, temperature: float
+) -> dict[str, Tensor]:
+    """Inputs the losses need beside the experience, fixed before any update: FlowRL's prompt
+    features (b, d), the rollout policy's probabilities (b, n - 1, v) for score centering
+    (memory: one float per vocabulary entry per token of the rollout)."""
+    rows = {}
+    if config.algorithm == "flowrl":
+        rows["features"] = prompt_features(reference, experience.tokens, experience.prompt_mask)
+    if config.score_centering:
+        logits = actor(experience.tokens)[:, :-1]
+        rows["sampler_probs"] = tempered_logits(logits, temperature).softmax(dim=-1)
+    return rows
 
 
 def critic_free_objective(

@@ -21,6 +21,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from palm_rlhf.model.palm import PaLM
+from palm_rlhf.rl.flowrl import LogPartition
 
 
 def claim_scope(palm: PaLM, requested: Optional[str], default: str, lora_r: int) -> str:
@@ -136,6 +137,21 @@ def build_actor_critic(
     else:
         critic = Critic(bare_copy(palm), None)
     return actor, palm, critic
+
+
+def build_networks(
+    palm: PaLM, config, actor_lora_scope: Optional[str], critic_lora_scope: Optional[str], device
+) -> tuple[PaLM, dict[str, nn.Module]]:
+    """(reference, trained networks by name) for a PPOConfig's algorithm: the actor; the
+    critic for PPO only; FlowRL's log-partition head (`flowrl.LogPartition`) for FlowRL."""
+    actor, reference, critic = build_actor_critic(
+        palm, config.actor_lora, config.critic_lora, config.actor_lora_r, config.critic_lora_r,
+        actor_lora_scope, critic_lora_scope, with_critic=config.has_critic,
+    )  # fmt: skip
+    nets = {"actor": actor, "critic": critic}
+    if config.algorithm == "flowrl":
+        nets["log_z"] = LogPartition(palm.dim)
+    return reference, {name: net.to(device) for name, net in nets.items() if net is not None}
 
 
 def prepare_each(accelerator, nets: list[nn.Module], optimizers: list) -> list[tuple]:

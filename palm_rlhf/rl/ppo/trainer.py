@@ -32,19 +32,16 @@ from tqdm.auto import tqdm
 
 from palm_rlhf.checkpoint import CheckpointError
 from palm_rlhf.model.palm import PaLM
-from palm_rlhf.rl.advantages import (
-    gae_advantages,
-    mean_return_shift,
-    per_token_rewards,
-    rollout_stats,
-    shape_scores,
-)
+from palm_rlhf.rl.advantages import ppo_advantages, shape_scores
 from palm_rlhf.rl.best_of_n import BestOfN, best_of_n
-from palm_rlhf.rl.critic_free import critic_free_advantages, critic_free_objective
-from palm_rlhf.rl.flowrl import LogPartition, prompt_features
+from palm_rlhf.rl.critic_free import (
+    critic_free_advantages,
+    critic_free_objective,
+    per_row_inputs,
+)
 from palm_rlhf.rl.kl_controller import KLController
 from palm_rlhf.rl.policies import (
-    build_actor_critic,
+    build_networks,
     evaluation_mode,
     only_these_require_grad,
     prepare_each,
@@ -106,14 +103,9 @@ class RLHFTrainer:
             reward_model = TextReward(text_reward_fn, tokenizer)
         if config.ptx_coef > 0 and ptx_data is None:
             raise ValueError("ptx_coef > 0 needs ptx_data (token ids of pretraining text)")
-        self.accelerator = make_accelerator(
-            seed=config.seed,
-            **{
-                "mixed_precision": config.mixed_precision,
-                "cpu": config.cpu,
-                **(accelerate_kwargs or {}),
-            },
-        )
+        options = dict(mixed_precision=config.mixed_precision, cpu=config.cpu)
+        options.update(accelerate_kwargs or {})  # the caller's Accelerate options win
+        self.accelerator = make_accelerator(seed=config.seed, **options)
         device = self.accelerator.device
         self.pad_value = self.config.pad_value
         self.kl_controller = KLController(config.kl_coef, config.target_kl)
@@ -129,25 +121,22 @@ class RLHFTrainer:
         # networks: actor and critic are scopes on `palm` or full copies; `palm` is the reference.
         # Critic-free algorithms build no critic; FlowRL trains a small log Z(x) head instead.
         palm.to(device)
-        actor, self.reference, critic = build_actor_critic(
-            palm, config.actor_lora, config.critic_lora, config.actor_lora_r,
-            config.critic_lora_r, actor_lora_scope, critic_lora_scope, config.has_critic,
-        )  # fmt: skip
-        log_z = LogPartition(palm.dim) if config.algorithm == "flowrl" else None
-        self.actor_scope, self.critic_scope = actor.scope, critic and critic.scope
-        nets = {"actor": (actor, config.actor_lr, config.actor_wd)}
-        for name, net in (("critic", critic), ("log_z", log_z)):
-            if net is not None:  # the critic's value head and the log Z head are new
-                nets[name] = (net.to(device), config.critic_lr, config.critic_wd)
-        optimizers = [
+        self.reference, nets = build_networks(
+            palm, config, actor_lora_scope, critic_lora_scope, device
+        )
+        self.actor_scope = nets["actor"].scope
+        self.critic_scope = nets["critic"].scope if "critic" in nets else None
+        optimizers = [  # the critic's optimizer settings also serve FlowRL's log Z head
             torch.optim.AdamW(net.trainable_parameters(), lr, config.betas, weight_decay=wd)
-            for net, lr, wd in nets.values()
-        ]
-        prepared = prepare_each(self.accelerator, [n for n, _, _ in nets.values()], optimizers)
+            for name, net in nets.items()
+            for lr, wd in [(config.actor_lr, config.actor_wd) if name == "actor"
+                           else (config.critic_lr, config.critic_wd)]
+        ]  # fmt: skip
+        prepared = prepare_each(self.accelerator, list(nets.values()), optimizers)
         self.networks = dict(zip(nets, prepared))  # name -> (prepared module, optimizer)
-        self.actor, self.actor_optim = self.networks["actor"]
-        self.critic, self.critic_optim = self.networks.get("critic", (None, None))
-        self.log_z = self.networks.get("log_z", (None, None))[0]
+        (self.actor, self.actor_optim), (self.critic, self.critic_optim), (self.log_z, _) = (
+            self.networks.get(name, (None, None)) for name in ("actor", "critic", "log_z")
+        )
 
         self.reward_model = reward_model
         if isinstance(reward_model, nn.Module):
@@ -244,37 +233,25 @@ class RLHFTrainer:
     ) -> tuple[Experience, dict[str, float]]:
         """Scores -> per-token rewards -> GAE advantages and returns (whitened as configured);
         critic-free algorithms: `critic_free_advantages`."""
-        config, mask = self.config, experience.action_mask
+        config, kl_coef = self.config, self.kl_controller.kl_coef
         scores = shape_scores(
             experience.scores, ended, config.missing_eos_penalty, config.reward_clip
         )
-        kl_coef = self.kl_controller.kl_coef
+        experience = experience._replace(scores=scores)
         if self.critic is None:
-            return critic_free_advantages(
-                experience._replace(scores=scores), config, kl_coef,
-                lambda t: self.accelerator.reduce(t, "sum"),
-            )  # fmt: skip
-        old, ref = experience.old_logprobs, experience.ref_logprobs
-        rewards = per_token_rewards(
-            scores, old, ref, mask, kl_coef, config.kl_kind, config.whiten_rewards
-        )
-        values = experience.old_values
-        if not self.value_head_initialised:
-            # the head's weight is 0, so V = bias everywhere: move the bias to the mean return
-            shift = mean_return_shift(rewards, values, mask, config.gamma)
-            shift = self.accelerator.reduce(shift, "mean")
-            self.critic_module.value_head.bias.add_(shift)
-            values = torch.where(mask, values + shift, 0)
-            self.value_head_initialised = True
-        advantages, returns = gae_advantages(
-            rewards, values, mask, config.gamma, config.lam, config.whiten_advantages
-        )
-        stats = rollout_stats(scores, old, ref, mask, config.kl_kind, values, returns)
-        stats["kl_coef"] = kl_coef
-        experience = experience._replace(
-            old_values=values, advantages=advantages, returns=returns, scores=scores
-        )
-        return experience, stats
+            reduce_sum = lambda t: self.accelerator.reduce(t, "sum")  # noqa: E731
+            return critic_free_advantages(experience, config, kl_coef, reduce_sum)
+        # a fresh value head moves to the first rollout's mean return
+        shift = None if self.value_head_initialised else self._init_value_head
+        experience, stats = ppo_advantages(experience, config, kl_coef, shift)
+        return experience, {**stats, "kl_coef": kl_coef}
+
+    def _init_value_head(self, local_shift: Tensor) -> Tensor:
+        """The head's weight is 0, so V = bias everywhere: add the (process-mean) shift."""
+        shift = self.accelerator.reduce(local_shift, "mean")
+        self.critic_module.value_head.bias.add_(shift)
+        self.value_head_initialised = True
+        return shift
 
     # ------------------------------------------------------------------ phase 4: PPO epochs
 
@@ -286,7 +263,10 @@ class RLHFTrainer:
         modules = list(self.modules().values())
         trainable = [p for module in modules for p in module.trainable_parameters()]
         per_process = max(1, self.config.minibatch_size // self.accelerator.num_processes)
-        rows = self._per_row_inputs(experience, temperature)
+        with evaluation_mode(modules), self.accelerator.autocast():
+            rows = per_row_inputs(
+                experience, self.config, self.reference, self.actor_module, temperature
+            )
         totals: dict[str, float] = {}
         count = 0
         with evaluation_mode(modules), only_these_require_grad(modules, trainable):
@@ -307,21 +287,6 @@ class RLHFTrainer:
                         totals[key] = totals.get(key, 0.0) + value
                     count += 1
         return {key: value / max(count, 1) for key, value in totals.items()}
-
-    @torch.no_grad()
-    def _per_row_inputs(self, experience: Experience, temperature: float) -> dict[str, Tensor]:
-        """Inputs the critic-free losses need beside the experience, fixed before any update:
-        FlowRL's prompt features, the rollout policy's probabilities for score centering."""
-        rows = {}
-        if self.log_z is not None:
-            rows["features"] = prompt_features(
-                self.reference, experience.tokens, experience.prompt_mask
-            )
-        if self.config.score_centering:
-            with evaluation_mode([self.actor_module]), self.accelerator.autocast():
-                logits = self.actor_module(experience.tokens)[:, :-1]
-            rows["sampler_probs"] = tempered_logits(logits, temperature).softmax(dim=-1)
-        return rows
 
     def _minibatch_step(
         self, batch: Experience, temperature: float, max_new_tokens: int = 1,
