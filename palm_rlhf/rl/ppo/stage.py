@@ -1,4 +1,5 @@
-"""`palm-rlhf ppo`: the PPO stage on files — a policy checkpoint (SFT or pretrained), a reward
+"""`palm-rlhf ppo`: the PPO stage (or, with `--algorithm`, GRPO, RLOO, REINFORCE++, FlowRL,
+TPO) on files — a policy checkpoint (SFT or pretrained), a reward
 model checkpoint and a prompts file in, a standalone aligned model out.
 
 The trained actor is saved with its adapters folded into the weights (`out_dir/final`), with
@@ -34,8 +35,10 @@ class PPOStageConfig(PPOConfig):
     out_dir: str = option(
         "checkpoints/ppo", "where trainer/ (resumable state) and final/ (the model) go"
     )
-    num_episodes: int = option(256, "prompts rolled out in total (one response each)")
-    update_timesteps: int = option(64, "episodes per PPO update")
+    num_episodes: int = option(
+        256, "responses rolled out in total (ppo: one per prompt; else group_size per prompt)"
+    )
+    update_timesteps: int = option(64, "episodes (responses) per update")
     max_timesteps: int = option(64, "longest response in tokens")
     checkpoint_every: int = option(4, "updates between trainer checkpoints")
     resume: Optional[str] = option(
