@@ -116,6 +116,11 @@ def per_row_inputs(
     return rows
 
 
+def select_rows(rows: dict[str, Tensor], index: Tensor, width: int) -> dict[str, Tensor]:
+    """`per_row_inputs` of a minibatch: rows `index`, per-token ones trimmed to `width`."""
+    return {k: v[index][:, :width] if v.dim() > 2 else v[index] for k, v in rows.items()}
+
+
 def critic_free_objective(
     logits: Tensor,
     batch: Experience,

@@ -1,7 +1,4 @@
-"""RLHFTrainer: PPO of a PaLM policy against a reward model, the InstructGPT way, or one of
-the critic-free algorithms (`algorithm="grpo" | "rloo" | "reinforce++" | "flowrl" | "tpo"`) on
-the same phases, which then sample `group_size` responses per prompt, build no critic and
-dispatch phases 3 and 4 to `rl/critic_free.py`.
+"""RLHFTrainer: PPO of a PaLM policy against a reward model, the InstructGPT way.
 
 One PPO iteration (`step`) reads like the algorithm box of Ouyang et al. 2022 / Ziegler et al.
 2019, each phase a method:
@@ -14,9 +11,10 @@ One PPO iteration (`step`) reads like the algorithm box of Ouyang et al. 2022 / 
     5. log         metrics gathered across processes into `trainer.history` (and trackers)
     6. checkpoint  `save` / `load` of everything needed to resume
 
-An episode is one prompt rolled out into one response (see `train` for the counts, global
-over processes). The trainer is a plain object, not an `nn.Module`: it owns modules, optimisers and the
-Accelerator, and `train` is a training loop, not `Module.train`.
+Critic-free algorithms (`algorithm="grpo" | "rloo" | "reinforce++" | "flowrl" | "tpo"`) run
+the same phases with `group_size` responses per prompt and no critic; phases 3 and 4 dispatch
+to `rl/critic_free.py`. An episode is one response (counts are global over processes). The
+trainer is a plain object, not an `nn.Module`; `train` is a training loop, not `Module.train`.
 """
 
 from __future__ import annotations
@@ -38,6 +36,7 @@ from palm_rlhf.rl.critic_free import (
     critic_free_advantages,
     critic_free_objective,
     per_row_inputs,
+    select_rows,
 )
 from palm_rlhf.rl.kl_controller import KLController
 from palm_rlhf.rl.policies import (
@@ -67,9 +66,10 @@ RewardFn = Callable[..., Tensor]
 
 
 class RLHFTrainer:
-    """Actor-critic PPO with GAE and a per-token KL penalty against the frozen start policy.
+    """Actor-critic PPO with GAE and a per-token KL penalty against the frozen start policy,
+    or a critic-free algorithm (`algorithm=`, see `critic_free.py`; no critic is built).
 
-    See the module docstring for the loop and `actor_critic.py` for the three networks. Values
+    See the module docstring for the loop and `policies.py` for the networks. PPO's values
     are per token (b, n); the value head starts with weight 0 and, with the default
     `value_head_init="mean_return"`, its bias is set on the first rollout to the mean return
     of that rollout (the best constant predictor), so the first value losses measure the
@@ -174,9 +174,7 @@ class RLHFTrainer:
 
     def modules(self) -> dict:
         """The trained networks, unwrapped: name -> module (actor; critic or log_z if any)."""
-        return {
-            name: self.accelerator.unwrap_model(net) for name, (net, _) in self.networks.items()
-        }
+        return {name: self.accelerator.unwrap_model(n) for name, (n, _) in self.networks.items()}
 
     def print(self, *args) -> None:
         self.accelerator.print(*args)
@@ -263,23 +261,17 @@ class RLHFTrainer:
         modules = list(self.modules().values())
         trainable = [p for module in modules for p in module.trainable_parameters()]
         per_process = max(1, self.config.minibatch_size // self.accelerator.num_processes)
-        with evaluation_mode(modules), self.accelerator.autocast():
-            rows = per_row_inputs(
-                experience, self.config, self.reference, self.actor_module, temperature
-            )
-        totals: dict[str, float] = {}
-        count = 0
+        with evaluation_mode(modules), self.accelerator.autocast():  # fixed before updates
+            rows = per_row_inputs(experience, self.config, self.reference, modules[0], temperature)
+        totals, count = {}, 0
         with evaluation_mode(modules), only_these_require_grad(modules, trainable):
             for _ in range(self.config.epochs):
                 for index in group_minibatches(
                     experience.tokens.shape[0], self.config.responses_per_prompt, per_process,
                     self.cpu_generator,
                 ):  # fmt: skip
-                    index = index.to(self.device)
-                    batch = experience.select(index)
-                    width = batch.action_mask.shape[1]
-                    extras = {k: v[index][:, :width] if v.dim() > 2 else v[index]
-                              for k, v in rows.items()}  # fmt: skip
+                    batch = experience.select(index := index.to(self.device))
+                    extras = select_rows(rows, index, batch.action_mask.shape[1])
                     stats = self._minibatch_step(batch, temperature, max_new_tokens, **extras)
                     if stats is None:
                         continue
@@ -295,8 +287,7 @@ class RLHFTrainer:
         config = self.config
         with self.accelerator.autocast():
             logits = tempered_logits(self.actor(batch.tokens)[:, :-1], temperature)
-            if self.critic is not None:
-                values = self.critic(batch.tokens)[:, :-1]
+            values = self.critic(batch.tokens)[:, :-1] if self.critic is not None else None
             log_z = self.log_z(features) if self.log_z is not None else None
         if self.critic is not None:
             loss, stats = ppo_objective(
@@ -314,8 +305,7 @@ class RLHFTrainer:
         if not guard_loss(loss, self.updates, self.config.nan_policy):
             return None
         self.accelerator.backward(loss)
-        for name, module in self.modules().items():
-            optim = self.networks[name][1]
+        for (name, module), (_, optim) in zip(self.modules().items(), self.networks.values()):
             # pre-clip gradient norm; with max_norm None the norm is measured, not clipped
             norm = self.accelerator.clip_grad_norm_(
                 module.trainable_parameters(), self.config.max_norm or math.inf
@@ -386,18 +376,12 @@ class RLHFTrainer:
         return record
 
     def train(
-        self,
-        num_episodes: int = 256,
-        max_timesteps: int = 64,
-        update_timesteps: int = 64,
-        max_seq_len: Optional[int] = None,
-        eos_token: Optional[int] = None,
-        temperature: Optional[float] = None,
-        checkpoint_every: Optional[int] = None,
-        checkpoint_dir: Optional[Union[str, Path]] = None,
-        progress: Optional[bool] = None,
+        self, num_episodes: int = 256, max_timesteps: int = 64, update_timesteps: int = 64,
+        max_seq_len: Optional[int] = None, eos_token: Optional[int] = None,
+        temperature: Optional[float] = None, checkpoint_every: Optional[int] = None,
+        checkpoint_dir: Optional[Union[str, Path]] = None, progress: Optional[bool] = None,
         max_batch_size: Optional[int] = None,
-    ) -> list[dict]:
+    ) -> list[dict]:  # fmt: skip
         """Roll out `num_episodes` episodes, one PPO update per `update_timesteps` of them.
 
         Responses stop at `eos_token` (None: never) and after `max_timesteps` tokens, and prompt
@@ -436,18 +420,11 @@ class RLHFTrainer:
     # ------------------------------------------------------------------ best of n, save, load
 
     def generate(
-        self,
-        max_seq_len: int,
-        *,
-        prompt: Tensor,
-        num_samples: int = 4,
-        eos_token: Optional[int] = None,
-        return_scores: bool = False,
-        temperature: Optional[float] = None,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        filter_thres: Optional[float] = None,
-    ) -> Union[Tensor, BestOfN]:
+        self, max_seq_len: int, *, prompt: Tensor, num_samples: int = 4,
+        eos_token: Optional[int] = None, return_scores: bool = False,
+        temperature: Optional[float] = None, top_k: Optional[int] = None,
+        top_p: Optional[float] = None, filter_thres: Optional[float] = None,
+    ) -> Union[Tensor, BestOfN]:  # fmt: skip
         """Sample `num_samples` responses to one prompt (n,), return the one the reward model
         scores highest: prompt + response up to EOS, (n_best,). `max_seq_len` counts the prompt.
         With `return_scores=True`, a `BestOfN` with every sample and score. Sampling options
