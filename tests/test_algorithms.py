@@ -68,7 +68,9 @@ def test_each_algorithm_raises_the_toy_reward_far_above_the_untrained_policy(
     trainer.train(num_episodes=10 * 64, **RUN)
     after = mean_reward(trainer, episodes=256)
     kl = final_kl(trainer)
-    # measured (seed 1, 10 updates of 64): see the report; the untrained policy scores 0.055
+    # measured (seed 1, torch 2.13 CPU, 10 updates of 64), reward 0.055 -> after, KL nats:
+    # grpo 0.85 (4.4), Dr. GRPO 0.67 (2.3), grpo + score centering 0.94 (6.1),
+    # rloo 0.70 (3.1), reinforce++ 0.81 (3.8), flowrl 0.97 (6.9), tpo 0.77 (4.1)
     assert before < 0.15
     assert after > 0.5 and after > before + 0.35, (before, after)
     assert 0.3 < kl < 10.0, kl  # moved away from the reference, but within a bounded distance
