@@ -82,12 +82,14 @@ def read_trainer_state(path: PathLike, device: str = "cpu") -> tuple[Path, dict]
 
 
 def check_compatible(meta: dict, palm_config, config: dict, source: str) -> None:
-    """Refuse a saved state for a PaLM of another shape or another actor/critic kind."""
+    """Refuse a saved state for a PaLM of another shape, another algorithm or another
+    actor/critic kind."""
     mismatched = palm_config.shape_mismatch(meta["palm_config"])
     if mismatched:
         raise CheckpointError(f"{source} was saved for another PaLM: {mismatched}")
+    saved_config = {"algorithm": "ppo", **meta["config"]}  # saved before there was a choice
     for role in ("algorithm", "actor_lora", "critic_lora"):
-        saved, ours = meta["config"].get(role, "ppo"), config[role]
+        saved, ours = saved_config[role], config[role]
         if saved != ours:
             raise CheckpointError(
                 f"{source} was saved with {role}={saved}, this trainer has {role}={ours}"
