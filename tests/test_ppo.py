@@ -153,13 +153,17 @@ def test_prompts_of_different_lengths_batch_like_single_prompts():
         assert not batch.mask[i, n:].any()
         row_mask = single.action_mask[0]
         assert_close(
-            batch.old_logprobs[i, : n - 1][row_mask], single.old_logprobs[0][row_mask],
-            atol=1e-5, rtol=1e-5,
-        )  # fmt: skip
+            batch.old_logprobs[i, : n - 1][row_mask],
+            single.old_logprobs[0][row_mask],
+            atol=1e-5,
+            rtol=1e-5,
+        )
         assert_close(
-            batch.old_values[i, : n - 1][row_mask], single.old_values[0][row_mask],
-            atol=1e-5, rtol=1e-5,
-        )  # fmt: skip
+            batch.old_values[i, : n - 1][row_mask],
+            single.old_values[0][row_mask],
+            atol=1e-5,
+            rtol=1e-5,
+        )
     # the stored old log-probs are those of the sampled tokens under the actor
     logits = trainer.actor_module(batch.tokens)[:, :-1]
     expected = log_probs_from_logits(logits, batch.tokens[:, 1:])
@@ -318,9 +322,14 @@ def test_save_load_resumes_with_identical_updates(tmp_path, lora):
 def test_ptx_loss_pulls_the_actor_towards_the_pretraining_text():
     stream = torch.full((400,), 5, dtype=torch.long)  # "text" that is all token 5
     trainer = toy_trainer(
-        reward=lambda s, m, p: torch.zeros(s.shape[0]), kl_coef=0.0, beta_s=0.0,
-        ptx_coef=1.0, ptx_data=stream, ptx_seq_len=16, actor_lr=1e-2,
-    )  # fmt: skip
+        reward=lambda s, m, p: torch.zeros(s.shape[0]),
+        kl_coef=0.0,
+        beta_s=0.0,
+        ptx_coef=1.0,
+        ptx_data=stream,
+        ptx_seq_len=16,
+        actor_lr=1e-2,
+    )
     trainer.train(num_episodes=4 * 64, max_timesteps=4, update_timesteps=64, progress=False)
     ptx = [r["ptx_loss"] for r in trainer.history]
     assert ptx[-1] < 0.5 * ptx[0]  # measured: 0.46 -> 0.029 nats per token (update means)
@@ -454,9 +463,13 @@ def test_text_prompts_with_a_byte_tokenizer_and_eos_stopping():
     with torch.no_grad():  # make EOS (id 0) likely, so some responses stop early
         palm.token_emb.weight[0].mul_(40.0)
     trainer = RLHFTrainer(
-        palm=palm, reward_model=fraction_of_target, prompts=["hi", "hello"],
-        tokenizer=ByteTokenizer(), missing_eos_penalty=1.0, rollout_batch_size=16,
-    )  # fmt: skip
+        palm=palm,
+        reward_model=fraction_of_target,
+        prompts=["hi", "hello"],
+        tokenizer=ByteTokenizer(),
+        missing_eos_penalty=1.0,
+        rollout_batch_size=16,
+    )
     assert trainer.prompts.tokens.tolist() == [[0, 0, 0, 104, 105], [104, 101, 108, 108, 111]]
     experience, ended = trainer.rollout(*trainer.sample_prompts(32), 6, eos_token=0)
     lengths = experience.action_mask.sum(dim=1)

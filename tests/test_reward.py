@@ -8,19 +8,15 @@ import torch
 from torch.testing import assert_close
 
 from palm_rlhf.checkpoint import CheckpointError
+from palm_rlhf.cli import main as cli_main
 from palm_rlhf.data.collate import collate_comparisons
 from palm_rlhf.data.records import ComparisonRecord, RatingRecord
 from palm_rlhf.data.tokenizer import ByteTokenizer
 from palm_rlhf.model.reward import RewardModel
 from palm_rlhf.options import add_dataclass_arguments
 from palm_rlhf.rl_math import pairwise_ranking_loss, ranking_loss_from_scores
-from palm_rlhf.train.reward import (
-    RewardTrainConfig,
-    fit_records,
-    main,
-    score_comparisons,
-    train_reward_model,
-)
+from palm_rlhf.train.reward import RewardTrainConfig, fit_records, train_reward_model
+from palm_rlhf.train.reward_metrics import score_comparisons
 from tests.helpers import randomize_lora, tiny_palm
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -83,8 +79,13 @@ def test_expected_rating_and_losses_match_hand_computation():
     assert_close(model(seq, prompt_mask=prompt_mask), torch.tensor(by_hand), atol=1e-5, rtol=0)
 
     ratings = torch.tensor([1, 4, 2])
-    ce = -sum(row[r - 1] - math.log(sum(math.exp(v) for v in row))
-              for row, r in zip(logits.tolist(), ratings.tolist())) / 3  # fmt: skip
+    ce = (
+        -sum(
+            row[r - 1] - math.log(sum(math.exp(v) for v in row))
+            for row, r in zip(logits.tolist(), ratings.tolist())
+        )
+        / 3
+    )
     loss = model(seq, prompt_mask=prompt_mask, labels=ratings)
     assert_close(loss, torch.tensor(ce), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="ratings 1..4"):
@@ -104,7 +105,9 @@ def test_expected_rating_and_losses_match_hand_computation():
     targets = torch.tensor([0.5, -1.0, 2.0])
     pred = scalar(seq, prompt_mask=prompt_mask)
     mse = sum((p - t) ** 2 for p, t in zip(pred.tolist(), targets.tolist())) / 3
-    assert_close(scalar(seq, prompt_mask=prompt_mask, labels=targets), torch.tensor(mse), atol=1e-5, rtol=0)  # fmt: skip
+    assert_close(
+        scalar(seq, prompt_mask=prompt_mask, labels=targets), torch.tensor(mse), atol=1e-5, rtol=0
+    )
 
 
 # ----------------------------------------------------------------------------- comparisons
@@ -199,8 +202,12 @@ def test_the_score_reads_only_the_documented_positions():
         changed_prompt[:, 0] = changed_prompt[:, 0] % 31 + 1
         changed_pad[1, 7:] = changed_pad[1, 7:] % 31 + 1
         before = model(seq, mask=mask, prompt_mask=prompt_mask)
-        assert (model(changed_prompt, mask=mask, prompt_mask=prompt_mask) - before).abs().min() > 1e-6  # fmt: skip
-        assert_close(model(changed_pad, mask=mask, prompt_mask=prompt_mask), before, atol=1e-6, rtol=0)  # fmt: skip
+        assert (
+            model(changed_prompt, mask=mask, prompt_mask=prompt_mask) - before
+        ).abs().min() > 1e-6
+        assert_close(
+            model(changed_pad, mask=mask, prompt_mask=prompt_mask), before, atol=1e-6, rtol=0
+        )
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])
@@ -211,10 +218,16 @@ def test_padding_left_or_right_does_not_change_the_reward(pooling, bins):
     reward = model(seq, prompt_mask=prompt_mask)
     pad = torch.zeros(2, 4, dtype=torch.long)
     no, yes = torch.zeros(2, 4, dtype=torch.bool), torch.ones(2, 7, dtype=torch.bool)
-    right = model(torch.cat([seq, pad], 1), mask=torch.cat([yes, no], 1),
-                  prompt_mask=torch.cat([prompt_mask, no], 1))  # fmt: skip
-    left = model(torch.cat([pad, seq], 1), mask=torch.cat([no, yes], 1),
-                 prompt_mask=torch.cat([no, prompt_mask], 1))  # fmt: skip
+    right = model(
+        torch.cat([seq, pad], 1),
+        mask=torch.cat([yes, no], 1),
+        prompt_mask=torch.cat([prompt_mask, no], 1),
+    )
+    left = model(
+        torch.cat([pad, seq], 1),
+        mask=torch.cat([no, yes], 1),
+        prompt_mask=torch.cat([no, prompt_mask], 1),
+    )
     assert_close(right, reward, atol=1e-5, rtol=0)
     assert_close(left, reward, atol=1e-5, rtol=0)
 
@@ -228,7 +241,9 @@ def test_prompt_and_response_embeddings_and_prompt_lengths():
     with torch.no_grad():  # the embeddings are what tells prompt from response
         model.prompt_embed.zero_()
         model.response_embed.zero_()
-    assert_close(model(seq, prompt_lengths=torch.tensor([2, 2, 2])), model(seq, prompt_mask=prompt_mask))  # fmt: skip
+    assert_close(
+        model(seq, prompt_lengths=torch.tensor([2, 2, 2])), model(seq, prompt_mask=prompt_mask)
+    )
 
 
 def test_bad_inputs_fail_with_clear_messages():
@@ -308,7 +323,9 @@ def test_two_reward_models_on_one_palm_have_separate_scopes():
     palm = tiny_palm()
     first, second = RewardModel(palm), RewardModel(palm, num_binned_output=5)
     assert (first.reward_lora_scope, second.reward_lora_scope) == ("reward", "reward-1")
-    assert not {id(p) for p in first.trainable_parameters()} & {id(p) for p in second.trainable_parameters()}  # fmt: skip
+    assert not {id(p) for p in first.trainable_parameters()} & {
+        id(p) for p in second.trainable_parameters()
+    }
     first = trained_looking(first)
     seq, prompt_mask = batch()
     reward = first(seq, prompt_mask=prompt_mask)
@@ -333,7 +350,14 @@ def test_a_tiny_reward_model_learns_a_synthetic_rule():
 
     def accuracy():
         with torch.no_grad():
-            return float((model(test_better, prompt_mask=prompt_mask) > model(test_worse, prompt_mask=prompt_mask)).float().mean())  # fmt: skip
+            return float(
+                (
+                    model(test_better, prompt_mask=prompt_mask)
+                    > model(test_worse, prompt_mask=prompt_mask)
+                )
+                .float()
+                .mean()
+            )
 
     assert accuracy() < 0.8
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
@@ -401,9 +425,18 @@ def test_long_responses_are_skipped_truncated_or_refused():
 
 
 def run(tmp_path, **overrides):
-    kwargs = dict(data=str(FIXTURES / "comparisons.jsonl"), num_train=2, batch_size=2,
-                  max_steps=4, max_len=64, out_dir=str(tmp_path), lr=1e-2, progress=False,
-                  log_every=1, warmup_steps=1)  # fmt: skip
+    kwargs = dict(
+        data=str(FIXTURES / "comparisons.jsonl"),
+        num_train=2,
+        batch_size=2,
+        max_steps=4,
+        max_len=64,
+        out_dir=str(tmp_path),
+        lr=1e-2,
+        progress=False,
+        log_every=1,
+        warmup_steps=1,
+    )
     kwargs.update(overrides)
     return train_reward_model(RewardTrainConfig(**kwargs))
 
@@ -430,16 +463,23 @@ def test_train_reward_model_checkpoints_and_resumes_exactly(tmp_path):
 
 
 def test_train_reward_model_on_ratings(tmp_path):
-    result = run(tmp_path, data=str(FIXTURES / "ratings.jsonl"), kind="ratings", num_train=3,
-                 max_steps=3)  # fmt: skip
+    result = run(
+        tmp_path, data=str(FIXTURES / "ratings.jsonl"), kind="ratings", num_train=3, max_steps=3
+    )
     assert result.model.config.num_binned_output == 5 and result.num_valid == 1
     assert set(result.metrics) == {"valid_accuracy", "valid_loss", "valid_count", "valid_mae"}
     # the held-out record ("Say hello.", "Goodbye.", rated 2) scored by hand
     tokenizer = ByteTokenizer()
     prompt, response = tokenizer.encode("Say hello."), tokenizer.encode("Goodbye.") + [0]
     model = result.model.eval()
-    logits = model.logits(torch.tensor([prompt + response]), prompt_lengths=torch.tensor([len(prompt)]))  # fmt: skip
-    reward = float(model(torch.tensor([prompt + response]), prompt_lengths=torch.tensor([len(prompt)])).detach())  # fmt: skip
+    logits = model.logits(
+        torch.tensor([prompt + response]), prompt_lengths=torch.tensor([len(prompt)])
+    )
+    reward = float(
+        model(
+            torch.tensor([prompt + response]), prompt_lengths=torch.tensor([len(prompt)])
+        ).detach()
+    )
     assert result.metrics["valid_mae"] == pytest.approx(abs(reward - 2), abs=1e-5)
     assert result.metrics["valid_accuracy"] == float(int(logits.argmax()) + 1 == 2)
 
@@ -448,12 +488,25 @@ def test_command_line(tmp_path, capsys):
     parser = add_dataclass_arguments(argparse.ArgumentParser(), RewardTrainConfig)
     for action in parser._actions:
         assert action.help, action.dest
-    args = ["--data", str(FIXTURES / "comparisons.jsonl"), "--num-train", "2", "--batch-size",
-            "2", "--max-steps", "2", "--max-len", "64", "--out-dir", str(tmp_path), "--no-progress"]  # fmt: skip
+    args = [
+        "--data",
+        str(FIXTURES / "comparisons.jsonl"),
+        "--num-train",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--max-len",
+        "64",
+        "--out-dir",
+        str(tmp_path),
+        "--no-progress",
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main(args) == 0
+        assert cli_main(["reward", *args]) == 0
     out = capsys.readouterr().out
     assert "held-out (1 records): valid_accuracy" in out and (tmp_path / "latest").is_file()
     with pytest.raises(SystemExit):
-        main(["--kind", "ratings"])  # --data is required
+        cli_main(["reward", "--kind", "ratings"])  # --data is required

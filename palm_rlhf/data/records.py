@@ -42,11 +42,12 @@ import math
 import os
 import warnings
 from collections.abc import Iterator
-from typing import Any, Callable, NamedTuple, Optional, TypeVar, Union
+from typing import Any, Callable, NamedTuple, Optional, TypeVar
 
 from beartype import beartype
 
-PathLike = Union[str, os.PathLike]
+from palm_rlhf.checkpoint import PathLike
+
 T = TypeVar("T")
 
 HH_ASSISTANT = "\n\nAssistant:"

@@ -60,6 +60,7 @@ class ParallelBlock(nn.Module):
         lora: Optional[nn.ModuleDict] = None,
         cache: Optional[KVCache] = None,
         layer_index: int = 0,
+        xpos: Optional[Tensor] = None,
     ) -> Tensor:
         normed = self.norm(x)
         q, k, v, ff = self.fused_attn_ff_proj(normed).split(self.fused_dims, dim=-1)
@@ -77,6 +78,9 @@ class ParallelBlock(nn.Module):
         # cos/sin are (n, d) for shared positions or (b, n, d) per row; queries carry a head axis
         q_cos, q_sin = (cos, sin) if cos.dim() == 2 else (cos[:, None], sin[:, None])
         q, k = apply_rotary(q, q_cos, q_sin), apply_rotary(k, cos, sin)
+        if xpos is not None:  # xPos: queries scaled up, keys down, by position (before caching)
+            q = q * (xpos if xpos.dim() == 2 else xpos[:, None]).to(q.dtype)
+            k = k * (xpos**-1).to(k.dtype)
 
         if cache is not None:
             k, v = cache.update(layer_index, k, v)
@@ -120,22 +124,35 @@ class PaLM(nn.Module):
         qk_scale: float = 8.0,
         lora_r: int = 8,
         rotary_base: float = 10000.0,
+        rotary_xpos_scale_base: Optional[int] = None,
         max_seq_len: Optional[int] = None,
         cross_entropy_ignore_index: int = 0,
         finetune_scopes: tuple[str, ...] = (),
     ):
         super().__init__()
         self.config = PaLMConfig(
-            num_tokens=num_tokens, dim=dim, depth=depth, dim_head=dim_head, heads=heads,
-            ff_mult=ff_mult, causal=causal, flash_attn=flash_attn, attn_dropout=attn_dropout,
-            ff_dropout=ff_dropout, qk_rmsnorm=qk_rmsnorm, qk_scale=qk_scale, lora_r=lora_r,
-            rotary_base=rotary_base, max_seq_len=max_seq_len,
+            num_tokens=num_tokens,
+            dim=dim,
+            depth=depth,
+            dim_head=dim_head,
+            heads=heads,
+            ff_mult=ff_mult,
+            causal=causal,
+            flash_attn=flash_attn,
+            attn_dropout=attn_dropout,
+            ff_dropout=ff_dropout,
+            qk_rmsnorm=qk_rmsnorm,
+            qk_scale=qk_scale,
+            lora_r=lora_r,
+            rotary_base=rotary_base,
+            rotary_xpos_scale_base=rotary_xpos_scale_base,
+            max_seq_len=max_seq_len,
             cross_entropy_ignore_index=cross_entropy_ignore_index,
-        )  # fmt: skip
+        )
         self.num_tokens, self.dim, self.causal = num_tokens, dim, causal
         self.token_emb = nn.Embedding(num_tokens, dim)
         nn.init.normal_(self.token_emb.weight, std=0.02)
-        self.rotary = RotaryEmbedding(dim_head, base=rotary_base)
+        self.rotary = RotaryEmbedding(dim_head, rotary_base, rotary_xpos_scale_base)
         self.layers = nn.ModuleList(ParallelBlock(self.config) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, bias=False)
         self.finetune_modules = nn.ModuleDict()
@@ -243,12 +260,14 @@ class PaLM(nn.Module):
             attn_mask = attention_mask(n, num_keys, self.causal, key_mask, x.device)
 
         cos, sin = self.rotary(positions)
+        # xPos centre: any fixed value works (it cancels in q.k); a cache fixes it for all steps
+        xpos = self.rotary.xpos(positions, (cache.max_len if cache is not None else n) // 2)
         h = self.token_emb(x)
         if extra_embed is not None:
             h = h + extra_embed
         for index, layer in enumerate(self.layers):
             lora = loras[index] if loras is not None else None
-            h = layer(h, cos, sin, attn_mask, square_causal, lora, cache, index)
+            h = layer(h, cos, sin, attn_mask, square_causal, lora, cache, index, xpos=xpos)
         if cache is not None:
             cache.advance(mask, n)
         return self.norm(h)
@@ -348,7 +367,7 @@ class PaLM(nn.Module):
     # ---------------------------------------------------------------- sampling and saving
 
     def generate(self, seq_len: int, prompt: Optional[Tensor] = None, **kwargs) -> Tensor:
-        """Sample until `seq_len` total tokens (prompt included); see `palm_rlhf.model.sampling.generate`."""
+        """Sample until `seq_len` total tokens, prompt included; see `model.sampling.generate`."""
         return generate(self, seq_len, prompt, **kwargs)
 
     def save(self, path: Union[str, Path], scopes: Optional[tuple[str, ...]] = None) -> Path:

@@ -39,7 +39,7 @@ import json
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,18 +47,31 @@ from beartype import beartype
 from einops import rearrange
 from torch import Tensor, nn
 
-from palm_rlhf.checkpoint import WEIGHTS_NAME, CheckpointError, load_tensors, save_tensors
+from palm_rlhf.checkpoint import (
+    CheckpointError,
+    PathLike,
+    find_weights,
+    load_tensors,
+    save_tensors,
+    weights_path,
+)
 from palm_rlhf.model.config import PaLMConfig
 from palm_rlhf.model.lora import DEFAULT_LORA_TARGETS
 from palm_rlhf.model.palm import PaLM, check_token_ids
 from palm_rlhf.rl_math import masked_mean
 
-PathLike = Union[str, Path]
 POOLINGS = ("last", "mean")
 FORMAT = "palm_rlhf.reward_model"
 # fields that change the shapes or meaning of the saved tensors: they must match on load
-STRUCTURAL = ("num_binned_output", "use_lora", "lora_r", "lora_alpha", "lora_targets",
-              "pooling", "freeze_base")  # fmt: skip
+STRUCTURAL = (
+    "num_binned_output",
+    "use_lora",
+    "lora_r",
+    "lora_alpha",
+    "lora_targets",
+    "pooling",
+    "freeze_base",
+)
 
 
 @dataclass(frozen=True)
@@ -154,11 +167,17 @@ class RewardModel(nn.Module):
     ):
         super().__init__()
         self.config = RewardConfig(
-            dropout=dropout, num_binned_output=num_binned_output, use_lora=use_lora,
-            lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=tuple(lora_targets),
-            pooling=pooling, freeze_base=use_lora if freeze_base is None else freeze_base,
-            sample_from_bins=sample_from_bins, sample_temperature=sample_temperature,
-        )  # fmt: skip
+            dropout=dropout,
+            num_binned_output=num_binned_output,
+            use_lora=use_lora,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_targets=tuple(lora_targets),
+            pooling=pooling,
+            freeze_base=use_lora if freeze_base is None else freeze_base,
+            sample_from_bins=sample_from_bins,
+            sample_temperature=sample_temperature,
+        )
         self.palm = palm if use_lora else copy.deepcopy(palm)
         self.reward_lora_scope: Optional[str] = None
         if use_lora:
@@ -224,9 +243,13 @@ class RewardModel(nn.Module):
             rearrange(prompt_mask, "b n -> b n 1"), self.prompt_embed, self.response_embed
         )
         hidden = self.palm(
-            x, mask=mask, finetune_scope=self.reward_lora_scope, disable_lora=disable_lora,
-            extra_embed=extra_embed, return_only_embedding=True,
-        )  # fmt: skip
+            x,
+            mask=mask,
+            finetune_scope=self.reward_lora_scope,
+            disable_lora=disable_lora,
+            extra_embed=extra_embed,
+            return_only_embedding=True,
+        )
         pooled = pool_hidden(hidden, full_mask, full_mask & ~prompt_mask, self.config.pooling)
         out = self.to_pred(self.dropout(pooled))
         return out if self.binned_output else rearrange(out, "b 1 -> b")
@@ -313,12 +336,10 @@ class RewardModel(nn.Module):
             owned.update({f"palm.{k}": v for k, v in base.items() if not k.startswith("finetune_")})
         return owned
 
-    def save(self, path: PathLike, scopes: None = None) -> Path:
+    def save(self, path: PathLike) -> Path:
         """Write head, config and adapters (LoRA) or all trained weights, atomically, to one
-        safetensors file (a folder gets model.safetensors). `scopes` exists for the trainers'
-        checkpoint helper and must be None: the model knows what it trained."""
-        path = Path(path)
-        path = path / WEIGHTS_NAME if path.is_dir() or path.suffix == "" else path
+        safetensors file (a folder gets model.safetensors)."""
+        path = weights_path(path)
         metadata = {
             "format": FORMAT,
             "reward_config": self.config.to_json(),
@@ -333,8 +354,11 @@ class RewardModel(nn.Module):
     def load(self, path: PathLike) -> RewardModel:
         """Load a `save`d file into this model, refusing another head, pooling or PaLM shape."""
         path, config, palm_config, metadata, tensors = _read(path, str(self.device))
-        diffs = [f"{k}: file {getattr(config, k)!r} vs model {getattr(self.config, k)!r}"
-                 for k in STRUCTURAL if getattr(config, k) != getattr(self.config, k)]  # fmt: skip
+        diffs = [
+            f"{k}: file {getattr(config, k)!r} vs model {getattr(self.config, k)!r}"
+            for k in STRUCTURAL
+            if getattr(config, k) != getattr(self.config, k)
+        ]
         diffs += _palm_diffs(palm_config, self.palm)
         if diffs:
             raise CheckpointError(f"{path} was saved for another reward model ({'; '.join(diffs)})")
@@ -392,8 +416,7 @@ def _palm_diffs(saved: PaLMConfig, palm: PaLM) -> list[str]:
 
 def _read(path: PathLike, device: str):
     """(path, RewardConfig, PaLMConfig, metadata, tensors) of a reward checkpoint, or raise."""
-    path = Path(path)
-    path = path / WEIGHTS_NAME if path.is_dir() else path
+    path = find_weights(path)
     tensors, metadata = load_tensors(path, device=device)
     if metadata.get("format") != FORMAT:
         raise CheckpointError(

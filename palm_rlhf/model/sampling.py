@@ -218,11 +218,20 @@ def generate(
             f"included) leaves nothing to sample; pass seq_len > {prompt.shape[1]}"
         )
     samples = sample_tokens(
-        model, prompt, seq_len - prompt.shape[1], prompt_mask=prompt_mask,
-        temperature=temperature, top_k=top_k, top_p=top_p, filter_thres=filter_thres,
-        eos_token=eos_token, pad_value=pad_value, use_cache=use_cache,
-        finetune_scope=finetune_scope, generator=generator,
-    )  # fmt: skip
+        model,
+        prompt,
+        seq_len - prompt.shape[1],
+        prompt_mask=prompt_mask,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        filter_thres=filter_thres,
+        eos_token=eos_token,
+        pad_value=pad_value,
+        use_cache=use_cache,
+        finetune_scope=finetune_scope,
+        generator=generator,
+    )
     out = (
         samples.tokens if return_seq_without_prompt else torch.cat((prompt, samples.tokens), dim=1)
     )

@@ -23,6 +23,7 @@ from accelerate.utils import set_seed
 
 from palm_rlhf.checkpoint import (
     CheckpointError,
+    PathLike,
     latest_checkpoint,
     load_json,
     load_state,
@@ -33,8 +34,6 @@ from palm_rlhf.checkpoint import (
 )
 from palm_rlhf.data.tokenizer import CONFIG_NAME
 from palm_rlhf.options import option
-
-PathLike = Union[str, Path]
 
 
 @dataclass
@@ -141,7 +140,9 @@ def save_training_checkpoint(
     """
     name = f"step-{step:07d}"
     writers = {
-        "model.safetensors": lambda p: model.save(p, scopes=scopes),
+        "model.safetensors": lambda p: (
+            model.save(p) if scopes is None else model.save(p, scopes=scopes)
+        ),
         "rng.pt": lambda p: save_state(p, rng_state()),
         "trainer_state.json": lambda p: save_json(p, {"step": step, **(trainer_state or {})}),
     }
@@ -174,25 +175,58 @@ def checkpoint_on_main(
     path = None
     if accelerator.is_main_process:
         path = save_training_checkpoint(
-            root, step, model, optimizer, scheduler, trainer_state=trainer_state,
-            keep_last=keep_last, extra_files={CONFIG_NAME: lambda p: tokenizer.save(p.parent)},
-        )  # fmt: skip
+            root,
+            step,
+            model,
+            optimizer,
+            scheduler,
+            trainer_state=trainer_state,
+            keep_last=keep_last,
+            extra_files={CONFIG_NAME: lambda p: tokenizer.save(p.parent)},
+        )
     accelerator.wait_for_everyone()
     return path
 
 
-def guarded_step(accelerator, loss, step: int, params, optimizer, max_norm, nan_policy: str):
-    """One micro-step inside `accelerator.accumulate`: the loss is reduced over processes first,
-    so every process takes the same branch; a non-finite loss (policy "skip") runs no backward
-    and no step. Returns the reduced loss."""
-    mean_loss = accelerator.reduce(loss.detach(), "mean")
-    if guard_loss(mean_loss, step, nan_policy):
+def guarded_step(
+    accelerator,
+    loss,
+    step: int,
+    params,
+    optimizer,
+    max_norm,
+    nan_policy: str,
+    monitored: Optional[torch.Tensor] = None,
+    ok: bool = True,
+) -> tuple[torch.Tensor, bool]:
+    """One micro-step inside `accelerator.accumulate`: backward, and on the last micro-step of
+    an optimizer step clip, step and zero the gradients.
+
+    The loss checked for NaN/Inf is `monitored` when given (a value already reduced over
+    processes), else `loss` reduced over processes, so every process takes the same branch.
+    A non-finite loss (policy "skip") runs no backward; `ok=False` says an earlier micro-step of
+    this optimizer step was skipped, so the whole step is dropped. Returns (monitored, ok)."""
+    monitored = accelerator.reduce(loss.detach(), "mean") if monitored is None else monitored
+    ok = ok and guard_loss(monitored, step, nan_policy)
+    if ok:
         accelerator.backward(loss)
-        if accelerator.sync_gradients and max_norm is not None:
+    if accelerator.sync_gradients:
+        if ok and max_norm is not None:
             accelerator.clip_grad_norm_(params, max_norm)
-        optimizer.step()
-    optimizer.zero_grad()
-    return mean_loss
+        if ok:
+            optimizer.step()
+        optimizer.zero_grad()
+    return monitored, ok
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only; norms' gains are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
 def load_training_checkpoint(
@@ -216,7 +250,7 @@ def load_training_checkpoint(
 
 
 def resume_folder(root: PathLike, resume: Union[bool, str, None]) -> Optional[Path]:
-    """`resume=True` -> latest checkpoint under root (None if there is none); a path -> that folder."""
+    """`resume=True` -> latest checkpoint under root (None if there is none); a path -> it."""
     if not resume:
         return None
     if resume is True or resume == "latest":

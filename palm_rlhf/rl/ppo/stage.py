@@ -14,14 +14,14 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from palm_rlhf.checkpoint import latest_checkpoint
+from palm_rlhf.checkpoint import find_weights, latest_checkpoint
 from palm_rlhf.data.records import read_prompts
 from palm_rlhf.model.palm import PaLM
 from palm_rlhf.model.reward import RewardModel
 from palm_rlhf.options import option
 from palm_rlhf.rl.ppo.config import PPOConfig
 from palm_rlhf.rl.ppo.trainer import RLHFTrainer
-from palm_rlhf.train.loading import check_tokenizer, load_base, weights_file
+from palm_rlhf.train.loading import check_tokenizer, load_base
 
 
 @dataclass
@@ -62,7 +62,7 @@ class PPOResult(NamedTuple):
 
 def load_reward_model(path: str, tokenizer) -> RewardModel:
     """A reward model from its checkpoint, refused if it reads text with another tokenizer."""
-    weights = weights_file(Path(path))
+    weights = find_weights(path)
     check_tokenizer(weights.parent, tokenizer, "the policy checkpoint")
     return RewardModel.from_pretrained(weights).eval()
 
