@@ -27,7 +27,7 @@ from tests.helpers import launch
 from tests.test_cli_pipeline import FIXTURES, pipeline  # noqa: F401  (the module fixture)
 from tests.test_ppo import final_kl, mean_reward, toy_palm, toy_trainer
 
-RUN = dict(max_timesteps=8, update_timesteps=64, progress=False)
+RUN = dict(max_response_tokens=8, rollouts_per_update=64, progress=False)
 
 
 def grouped(algorithm: str, **overrides) -> RLHFTrainer:
@@ -65,7 +65,7 @@ def test_each_algorithm_raises_the_toy_reward_far_above_the_untrained_policy(
     assert trainer.critic is None and trainer.critic_optim is None
     assert palm.finetune_scopes == ("actor",) and "critic" not in trainer.state_dict()
     before = mean_reward(trainer, episodes=256)
-    trainer.train(num_episodes=10 * 64, **RUN)
+    trainer.train(num_rollouts=10 * 64, **RUN)
     after = mean_reward(trainer, episodes=256)
     kl = final_kl(trainer)
     # measured (seed 1, torch 2.13 CPU, 10 updates of 64), reward 0.055 -> after, KL nats:
@@ -141,15 +141,15 @@ def test_config_validates_group_options_and_names_the_algorithms():
 def test_save_load_resumes_with_identical_updates(tmp_path, algorithm):
     options = dict(epochs=1, minibatch_size=32)
     original = grouped(algorithm, **options)
-    original.train(num_episodes=64, **RUN)
+    original.train(num_rollouts=64, **RUN)
     folder = original.save(tmp_path)
     assert not (folder / "critic.safetensors").exists()  # no critic to save
     assert (folder / "log_z.safetensors").exists() == (algorithm == "flowrl")
-    expected = original.train(num_episodes=64, **RUN)[0]
+    expected = original.train(num_rollouts=64, **RUN)[0]
 
     resumed = grouped(algorithm, palm=toy_palm(), **options).load(tmp_path)
     assert resumed.episodes == 64 and len(resumed.history) == 1
-    got = resumed.train(num_episodes=64, **RUN)[0]
+    got = resumed.train(num_rollouts=64, **RUN)[0]
     assert got.keys() == expected.keys()
     for key in expected:
         assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
@@ -157,17 +157,18 @@ def test_save_load_resumes_with_identical_updates(tmp_path, algorithm):
         toy_trainer().load(folder)  # a PPO trainer refuses a GRPO checkpoint
 
 
-def test_full_fine_tuning_without_lora():
+def test_full_fine_tuning_without_lora_trains_the_callers_palm_in_place():
+    """actor_lora=False means what it means in the reference project: the user's PaLM itself
+    is trained; the frozen reference policy is a copy taken at construction."""
     palm = toy_palm()
     before = [p.detach().clone() for p in palm.palm_parameters()]
     trainer = grouped("grpo", palm=palm, actor_lora=False, actor_lr=1e-3)
-    trainer.train(num_episodes=64, **RUN)
-    assert palm.finetune_scopes == ()  # no scope at all: a full copy is trained, no critic
-    for fixed, now in zip(before, palm.palm_parameters()):
-        assert torch.equal(fixed, now)  # the reference is untouched
-    assert any(
-        not torch.equal(a, b) for a, b in zip(before, trainer.actor_module.palm.palm_parameters())
-    )
+    assert trainer.actor_module.palm is palm and trainer.reference is not palm
+    trainer.train(num_rollouts=64, **RUN)
+    assert palm.finetune_scopes == ()  # no scope at all, no critic
+    assert any(not torch.equal(a, b) for a, b in zip(before, palm.palm_parameters()))
+    for fixed, ref in zip(before, trainer.reference.palm_parameters()):
+        assert torch.equal(fixed, ref)  # the reference copy is untouched
 
 
 # ----------------------------------------------------------------------------- text rewards
@@ -183,9 +184,15 @@ def test_a_python_function_of_the_text_is_a_reward():
         return [response.count("a") / max(len(response), 1) for response in responses]
 
     trainer = RLHFTrainer(
-        palm=palm, text_reward_fn=count_a, prompts=["hi", "hello"], tokenizer=ByteTokenizer(),
-        algorithm="grpo", group_size=4, rollout_batch_size=8, minibatch_size=8,
-    )  # fmt: skip
+        palm=palm,
+        text_reward_fn=count_a,
+        prompts=["hi", "hello"],
+        tokenizer=ByteTokenizer(),
+        algorithm="grpo",
+        group_size=4,
+        rollout_batch_size=8,
+        minibatch_size=8,
+    )
     experience, _ = rollout_with_advantages(trainer, prompts=2)
     prompts, responses = seen[-1]
     assert set(prompts) <= {"hi", "hello"} and len(responses) == 8
@@ -198,7 +205,9 @@ def test_a_python_function_of_the_text_is_a_reward():
             tokenizer.decode(experience.tokens[row][experience.prompt_mask[row]].tolist()) == prompt
         )
         assert experience.scores[row] == pytest.approx(count_a([prompt], [response])[0])
-    record = trainer.train(num_episodes=8, max_timesteps=6, progress=False)[-1]
+    record = trainer.train(
+        num_rollouts=8, rollouts_per_update=8, max_response_tokens=6, progress=False
+    )[-1]
     assert record["episodes"] == 8
     with pytest.raises(ValueError, match="exactly one"):
         RLHFTrainer(palm=palm, prompts=["hi"], tokenizer=tokenizer)
@@ -222,7 +231,9 @@ for algorithm in ("grpo", "reinforce++"):
     experience, ended = trainer.rollout(prompt, prompt_mask, 8)
     experience, _ = trainer.rewards_and_advantages(experience, ended)
     if algorithm == "grpo":  # one update: the processes must stay identical
-        trainer.train(num_episodes=32, max_timesteps=8, update_timesteps=32, progress=False)
+        trainer.train(
+            num_rollouts=32, max_response_tokens=8, rollouts_per_update=32, progress=False
+        )
     params = trainer.actor_module.trainable_parameters()
     out[algorithm] = dict(
         tokens=experience.tokens.tolist(), mask=experience.action_mask.tolist(),
@@ -277,10 +288,37 @@ def test_two_processes_give_the_advantages_one_process_computes_for_the_same_sam
 
 def test_cli_trains_grpo_on_the_pipeline_fixtures(pipeline, capsys):  # noqa: F811
     root = pipeline
-    assert main(["ppo", "--policy", str(root / "sft"), "--reward", str(root / "rm"), "--prompts", str(FIXTURES / "sft.jsonl"),
-                 "--out-dir", str(root / "grpo"), "--algorithm", "grpo", "--group-size", "4", "--num-episodes", "8",
-                 "--update-timesteps", "4", "--max-timesteps", "4", "--rollout-batch-size", "4", "--minibatch-size", "4",
-                 "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "ppo",
+                "--policy",
+                str(root / "sft"),
+                "--reward",
+                str(root / "rm"),
+                "--prompts",
+                str(FIXTURES / "sft.jsonl"),
+                "--out-dir",
+                str(root / "grpo"),
+                "--algorithm",
+                "grpo",
+                "--group-size",
+                "4",
+                "--num-rollouts",
+                "8",
+                "--rollouts-per-update",
+                "4",
+                "--max-response-tokens",
+                "4",
+                "--rollout-batch-size",
+                "4",
+                "--minibatch-size",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "ppo: reward" in capsys.readouterr().out
     final = PaLM.from_pretrained(root / "grpo" / "final")
     assert final.finetune_scopes == ()

@@ -142,9 +142,15 @@ def critic_free_objective(
     if algorithm == "flowrl":
         rewards = group_normalized_advantages(batch.scores, group_size)
         loss, flow = flowrl_loss(
-            logprobs, batch.ref_logprobs, batch.old_logprobs, mask, rewards, log_z,
-            config.flowrl_beta, config.eps_clip,
-        )  # fmt: skip
+            logprobs,
+            batch.ref_logprobs,
+            batch.old_logprobs,
+            mask,
+            rewards,
+            log_z,
+            config.flowrl_beta,
+            config.eps_clip,
+        )
         stats.update(
             trajectory_balance=float(flow.trajectory_balance),
             importance_weight=float(flow.importance_weight),
@@ -156,14 +162,23 @@ def critic_free_objective(
         loss = tpo_loss(sequence_log_probs(logprobs, mask), targets, group_size)
     elif config.score_centering:
         loss = score_centering_loss(
-            F.log_softmax(logits, dim=-1), sampler_probs, actions, batch.advantages, mask,
+            F.log_softmax(logits, dim=-1),
+            sampler_probs,
+            actions,
+            batch.advantages,
+            mask,
             length_norm=config.length_norm,
-        )  # fmt: skip
+        )
     else:
         loss, policy_stats = policy_gradient_loss(
-            logprobs, batch.old_logprobs, batch.advantages, mask, config.eps_clip,
-            config.length_norm, max_length,
-        )  # fmt: skip
+            logprobs,
+            batch.old_logprobs,
+            batch.advantages,
+            mask,
+            config.eps_clip,
+            config.length_norm,
+            max_length,
+        )
         stats.update(
             clip_fraction=float(policy_stats.clip_fraction),
             approx_kl=float(policy_stats.approx_kl),

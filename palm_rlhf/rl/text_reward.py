@@ -10,6 +10,7 @@ which is dropped) with the tokenizer and returns the scores as a (b,) float tens
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -44,3 +45,11 @@ class TextReward:
                 f"text_reward_fn returned {len(scores)} scores for {len(responses)} responses"
             )
         return torch.tensor(scores, dtype=torch.float32, device=seq.device)
+
+
+def resolve_reward(reward_model, text_reward_fn: Optional[TextRewardFn], tokenizer):
+    """The trainers' reward function: a reward model / tensor function as given, or a text
+    reward wrapped to decode with `tokenizer`. Exactly one of the two must be given."""
+    if (reward_model is None) == (text_reward_fn is None):
+        raise ValueError("pass exactly one of reward_model and text_reward_fn")
+    return reward_model if text_reward_fn is None else TextReward(text_reward_fn, tokenizer)

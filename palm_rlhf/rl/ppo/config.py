@@ -36,7 +36,7 @@ class PPOConfig(RunOptions):
     length_norm: str = option(
         "sequence",
         "grpo/rloo/reinforce++ token-loss averaging: per sequence, per token, or constant "
-        "(Dr. GRPO: / (b * max_timesteps))",
+        "(Dr. GRPO: / (b * max_response_tokens))",
         choices=LENGTH_NORMS,
     )
     score_centering: bool = option(
@@ -56,6 +56,9 @@ class PPOConfig(RunOptions):
     critic_lora: bool = option(True, "train the critic as a LoRA scope (else full weights)")
     actor_lora_r: int = option(8, "actor LoRA rank")
     critic_lora_r: int = option(8, "critic LoRA rank")
+    # the value head starts with weight 0; "mean_return" sets its bias on the first rollout to
+    # that rollout's mean return (the best constant predictor), so the first value losses
+    # measure the critic's real error rather than the scale of the reward
     value_head_init: str = option(
         "mean_return",
         "value head bias: the first rollout's mean return, or zero",

@@ -20,46 +20,35 @@ trainer is a plain object, not an `nn.Module`; `train` is a training loop, not `
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from palm_rlhf.checkpoint import CheckpointError
 from palm_rlhf.model.palm import PaLM
+from palm_rlhf.rl import critic_free
+from palm_rlhf.rl import rollout as rollout_module
 from palm_rlhf.rl.advantages import ppo_advantages, shape_scores
 from palm_rlhf.rl.best_of_n import BestOfN, best_of_n
-from palm_rlhf.rl.critic_free import (
-    critic_free_advantages,
-    critic_free_objective,
-    per_row_inputs,
-    select_rows,
-)
 from palm_rlhf.rl.kl_controller import KLController
 from palm_rlhf.rl.policies import (
     build_networks,
     evaluation_mode,
-    only_these_require_grad,
     prepare_each,
 )
 from palm_rlhf.rl.ppo.checkpoint import check_compatible, read_trainer_state, write_trainer_state
 from palm_rlhf.rl.ppo.config import PPOConfig
-from palm_rlhf.rl.ppo.objective import ppo_objective
 from palm_rlhf.rl.prompts import PromptBank, PromptIds, PtxData, load_prompts
-from palm_rlhf.rl.rollout import (
-    Experience,
-    collect,
-    concat_experience,
-    group_minibatches,
-    score_sequences,
-    tempered_logits,
-)
-from palm_rlhf.rl.text_reward import TextReward, TextRewardFn
+from palm_rlhf.rl.rollout import Experience, collect, concat_experience
+from palm_rlhf.rl.schedule import response_budget, rollout_schedule
+from palm_rlhf.rl.text_reward import TextRewardFn, resolve_reward
+from palm_rlhf.rl.update import make_optimizers, minibatch_loss, run_epochs, step_networks
 from palm_rlhf.rl_math import typechecked
-from palm_rlhf.train.run import guard_loss, make_accelerator
+from palm_rlhf.train.run import guard_loss, make_accelerator, mean_over_processes, progress_bar
 
 # reward_fn(seq (b, n) long, mask (b, n) bool, prompt_mask (b, n) bool) -> (b,) float
 RewardFn = Callable[..., Tensor]
@@ -68,13 +57,8 @@ RewardFn = Callable[..., Tensor]
 class RLHFTrainer:
     """Actor-critic PPO with GAE and a per-token KL penalty against the frozen start policy,
     or a critic-free algorithm (`algorithm=`, see `critic_free.py`; no critic is built).
-
-    See the module docstring for the loop and `policies.py` for the networks. PPO's values
-    are per token (b, n); the value head starts with weight 0 and, with the default
-    `value_head_init="mean_return"`, its bias is set on the first rollout to the mean return
-    of that rollout (the best constant predictor), so the first value losses measure the
-    critic's real error rather than the scale of the reward. `value_head_init="zero"` keeps 0.
-    """
+    The loop: the module docstring; the networks: `policies.py`; the value head's start:
+    `PPOConfig.value_head_init`."""
 
     @typechecked  # beartype, accepting ints where floats are annotated (kl_coef=0)
     def __init__(
@@ -97,10 +81,7 @@ class RLHFTrainer:
         **hyperparameters,  # any PPOConfig field: actor_lr=..., kl_coef=..., see config.py
     ):
         self.config = config = PPOConfig.from_keywords(config, **hyperparameters)
-        if (reward_model is None) == (text_reward_fn is None):
-            raise ValueError("pass exactly one of reward_model and text_reward_fn")
-        if text_reward_fn is not None:  # decoded text in, floats out
-            reward_model = TextReward(text_reward_fn, tokenizer)
+        reward_model = resolve_reward(reward_model, text_reward_fn, tokenizer)
         if config.ptx_coef > 0 and ptx_data is None:
             raise ValueError("ptx_coef > 0 needs ptx_data (token ids of pretraining text)")
         options = dict(mixed_precision=config.mixed_precision, cpu=config.cpu)
@@ -126,12 +107,7 @@ class RLHFTrainer:
         )
         self.actor_scope = nets["actor"].scope
         self.critic_scope = nets["critic"].scope if "critic" in nets else None
-        optimizers = [  # the critic's optimizer settings also serve FlowRL's log Z head
-            torch.optim.AdamW(net.trainable_parameters(), lr, config.betas, weight_decay=wd)
-            for name, net in nets.items()
-            for lr, wd in [(config.actor_lr, config.actor_wd) if name == "actor"
-                           else (config.critic_lr, config.critic_wd)]
-        ]  # fmt: skip
+        optimizers = make_optimizers(nets, config)
         prepared = prepare_each(self.accelerator, list(nets.values()), optimizers)
         self.networks = dict(zip(nets, prepared))  # name -> (prepared module, optimizer)
         (self.actor, self.actor_optim), (self.critic, self.critic_optim), (self.log_z, _) = (
@@ -181,7 +157,7 @@ class RLHFTrainer:
 
     def score(self, tokens: Tensor, mask: Tensor, prompt_mask: Tensor) -> Tensor:
         """Reward of left-justified sequences (b, n) -> (b,); see `experience.score_sequences`."""
-        return score_sequences(self.reward_model, tokens, mask, prompt_mask)
+        return rollout_module.score_sequences(self.reward_model, tokens, mask, prompt_mask)
 
     # ------------------------------------------------------------------ phase 1: rollout
 
@@ -193,10 +169,14 @@ class RLHFTrainer:
 
     @torch.no_grad()
     def rollout(
-        self, prompt: Tensor, prompt_mask: Tensor, max_new_tokens: int,
-        max_seq_len: Optional[int] = None, eos_token: Optional[int] = None,
+        self,
+        prompt: Tensor,
+        prompt_mask: Tensor,
+        max_new_tokens: Optional[int] = None,
+        max_seq_len: Optional[int] = None,
+        eos_token: Optional[int] = None,
         temperature: Optional[float] = None,
-    ) -> tuple[Experience, Tensor]:  # fmt: skip
+    ) -> tuple[Experience, Tensor]:
         """Sample responses to left-padded prompts (b, P), lay out, score and evaluate them.
 
         Returns the experience (scores raw, advantages and returns still 0) and whether each
@@ -204,24 +184,26 @@ class RLHFTrainer:
         and critic each run one forward over the whole batch.
         """
         temperature = self.config.temperature if temperature is None else temperature
-        limit = max_seq_len or self.reference.config.max_seq_len
-        new_tokens = (
-            max_new_tokens if limit is None else min(max_new_tokens, limit - prompt.shape[1])
+        new_tokens = response_budget(
+            prompt.shape[1], max_new_tokens, max_seq_len, self.reference.config.max_seq_len
         )
-        if new_tokens < 1:
-            raise ValueError(
-                f"max_seq_len={limit} leaves no room for a response after prompts of "
-                f"{prompt.shape[1]} tokens; raise max_seq_len or shorten the prompts"
-            )
         actor, critic = self.actor_module, self.critic_module
         # mixed precision (mixed_precision="bf16") covers sampling as well
         with evaluation_mode([actor, critic or actor]), self.accelerator.autocast():
+            nets = (actor, self.reference, critic, self.reward_model)
+            sampling = dict(
+                temperature=temperature, top_k=self.config.top_k, top_p=self.config.top_p
+            )
             return collect(
-                actor, self.reference, critic, self.reward_model, prompt, prompt_mask,
-                new_tokens, temperature=temperature, pad_value=self.pad_value,
-                eos_token=eos_token, generator=self.generator, top_k=self.config.top_k,
-                top_p=self.config.top_p,
-            )  # fmt: skip
+                *nets,
+                prompt,
+                prompt_mask,
+                new_tokens,
+                **sampling,
+                pad_value=self.pad_value,
+                eos_token=eos_token,
+                generator=self.generator,
+            )
 
     # ------------------------------------------------------------------ phases 2 and 3
 
@@ -238,7 +220,7 @@ class RLHFTrainer:
         experience = experience._replace(scores=scores)
         if self.critic is None:
             reduce_sum = lambda t: self.accelerator.reduce(t, "sum")  # noqa: E731
-            return critic_free_advantages(experience, config, kl_coef, reduce_sum)
+            return critic_free.critic_free_advantages(experience, config, kl_coef, reduce_sum)
         # a fresh value head moves to the first rollout's mean return
         shift = None if self.value_head_initialised else self._init_value_head
         experience, stats = ppo_advantages(experience, config, kl_coef, shift)
@@ -258,100 +240,88 @@ class RLHFTrainer:
     ) -> dict[str, float]:
         """`epochs` passes of shuffled minibatches (of whole groups); returns the mean of each
         loss statistic. `max_new_tokens` is the constant of `length_norm="constant"`."""
-        modules = list(self.modules().values())
-        trainable = [p for module in modules for p in module.trainable_parameters()]
-        per_process = max(1, self.config.minibatch_size // self.accelerator.num_processes)
-        with evaluation_mode(modules), self.accelerator.autocast():  # fixed before updates
-            rows = per_row_inputs(experience, self.config, self.reference, modules[0], temperature)
-        totals, count = {}, 0
-        with evaluation_mode(modules), only_these_require_grad(modules, trainable):
-            for _ in range(self.config.epochs):
-                for index in group_minibatches(
-                    experience.tokens.shape[0], self.config.responses_per_prompt, per_process,
-                    self.cpu_generator,
-                ):  # fmt: skip
-                    batch = experience.select(index := index.to(self.device))
-                    extras = select_rows(rows, index, batch.action_mask.shape[1])
-                    stats = self._minibatch_step(batch, temperature, max_new_tokens, **extras)
-                    if stats is None:
-                        continue
-                    for key, value in stats.items():
-                        totals[key] = totals.get(key, 0.0) + value
-                    count += 1
-        return {key: value / max(count, 1) for key, value in totals.items()}
+
+        def step(batch: Experience, **extras) -> Optional[dict]:
+            return self._minibatch_step(batch, temperature, max_new_tokens, **extras)
+
+        rows = dict(reference=self.reference, temperature=temperature)
+        return run_epochs(
+            experience,
+            self.config,
+            self.modules(),
+            self.accelerator,
+            self.cpu_generator,
+            rows,
+            step,
+            self.config,
+            self.modules(),
+            self.accelerator,
+            self.cpu_generator,
+            rows,
+            step,
+        )
 
     def _minibatch_step(
-        self, batch: Experience, temperature: float, max_new_tokens: int = 1,
-        features: Optional[Tensor] = None, sampler_probs: Optional[Tensor] = None,
-    ) -> Optional[dict]:  # fmt: skip
+        self, batch: Experience, temperature: float, *args, **rows
+    ) -> Optional[dict]:
+        """One gradient step of every trained network on a minibatch; `args`/`rows`: see
+        `update.minibatch_loss`. PPO-ptx (Ouyang et al. 2022, eq. 2) adds the actor's LM loss on
+        pretraining windows. Returns the step's stats, None when a non-finite loss is skipped."""
+        nets = {name: net for name, (net, _) in self.networks.items()}
         config = self.config
         with self.accelerator.autocast():
-            logits = tempered_logits(self.actor(batch.tokens)[:, :-1], temperature)
-            values = self.critic(batch.tokens)[:, :-1] if self.critic is not None else None
-            log_z = self.log_z(features) if self.log_z is not None else None
-        if self.critic is not None:
-            loss, stats = ppo_objective(
-                logits, values, batch, config.eps_clip, config.value_clip, config.beta_s
+            loss, stats = minibatch_loss(
+                nets, batch, config, self.kl_coef, temperature, *args, **rows
             )
-        else:
-            loss, stats = critic_free_objective(
-                logits, batch, config, self.kl_controller.kl_coef, max_new_tokens, log_z,
-                sampler_probs,
-            )  # fmt: skip
-        if self.config.ptx_coef > 0:
-            ptx_loss = self._ptx_loss(batch.tokens.shape[0])
-            loss = loss + self.config.ptx_coef * ptx_loss
-            stats["ptx_loss"] = float(ptx_loss.detach())
-        if not guard_loss(loss, self.updates, self.config.nan_policy):
+            if config.ptx_coef > 0:
+                windows = self.ptx_data.sample(batch.tokens.shape[0], self.cpu_generator)
+                ptx_loss = self.actor(windows.to(self.device), return_loss=True)
+                loss, stats["ptx_loss"] = loss + config.ptx_coef * ptx_loss, float(ptx_loss)
+        if not guard_loss(loss, self.updates, config.nan_policy):
             return None
         self.accelerator.backward(loss)
-        for (name, module), (_, optim) in zip(self.modules().items(), self.networks.values()):
-            # pre-clip gradient norm; with max_norm None the norm is measured, not clipped
-            norm = self.accelerator.clip_grad_norm_(
-                module.trainable_parameters(), self.config.max_norm or math.inf
-            )
-            stats[f"{name}_grad_norm"] = float(norm)
-            optim.step()
-            optim.zero_grad(set_to_none=True)
+        optimizers = {name: optim for name, (_, optim) in self.networks.items()}
+        stats.update(step_networks(self.accelerator, self.modules(), optimizers, config.max_norm))
         return stats
-
-    def _ptx_loss(self, batch_size: int) -> Tensor:
-        """PPO-ptx (Ouyang et al. 2022, eq. 2): the actor's LM loss on pretraining text."""
-        windows = self.ptx_data.sample(batch_size, self.cpu_generator).to(self.device)
-        with self.accelerator.autocast():
-            return self.actor(windows, return_loss=True)
 
     # ------------------------------------------------------------------ one iteration, loop
 
     def step(
-        self, num_episodes: int, max_timesteps: int, max_seq_len: Optional[int] = None,
-        eos_token: Optional[int] = None, temperature: Optional[float] = None,
+        self,
+        num_rollouts: int,
+        max_response_tokens: Optional[int] = None,
+        max_seq_len: Optional[int] = None,
+        eos_token: Optional[int] = None,
+        temperature: Optional[float] = None,
         batch_size: Optional[int] = None,
-    ) -> dict:  # fmt: skip
-        """One iteration over `num_episodes` fresh episodes (global), sampled `batch_size`
+        learn: bool = True,
+    ) -> Optional[dict]:
+        """One iteration over `num_rollouts` fresh rollouts (global), sampled `batch_size`
         (default `rollout_batch_size`) responses at a time; returns the iteration's record.
         Critic-free algorithms sample whole groups of `group_size` responses per prompt on one
-        process (episodes rounded up to whole groups)."""
+        process (rollouts rounded up to whole groups). `learn=False` only rolls out."""
         temperature = self.config.temperature if temperature is None else temperature
         batch_size = batch_size or self.config.rollout_batch_size
         world, group = self.accelerator.num_processes, self.config.responses_per_prompt
-        local_prompts = max(1, math.ceil(num_episodes / world / group))
+        local_prompts = max(1, math.ceil(num_rollouts / world / group))
         local, per_chunk = local_prompts * group, max(1, batch_size // group)
         parts, ended = [], []
         for start in range(0, local_prompts, per_chunk):  # 1. rollout
-            count = min(per_chunk, local_prompts - start)
-            prompt, prompt_mask = self.sample_prompts(count, group)
+            prompt, prompt_mask = self.sample_prompts(min(per_chunk, local_prompts - start), group)
             part, part_ended = self.rollout(
-                prompt, prompt_mask, max_timesteps, max_seq_len, eos_token, temperature
+                prompt, prompt_mask, max_response_tokens, max_seq_len, eos_token, temperature
             )
             parts.append(part), ended.append(part_ended)
+        self.episodes += local * world
+        if not learn:
+            return None
         experience = concat_experience(parts, self.pad_value)
         raw, ended = experience.scores, torch.cat(ended)
         experience, rollout_stats = self.rewards_and_advantages(experience, ended)  # 2., 3.
         observed_kl = torch.tensor(rollout_stats["kl"], device=self.device)
         self.kl_controller.update(float(self.accelerator.reduce(observed_kl, "mean")))
-        update_stats = self.learn(experience, temperature, max_timesteps)  # 4.
-        self.episodes += local * world
+        longest = int(experience.action_mask.sum(dim=-1).max())  # Dr. GRPO's constant
+        update_stats = self.learn(experience, temperature, max_response_tokens or longest)  # 4.
         self.updates += 1
         record = dict(
             reward=float(raw.mean()),
@@ -365,80 +335,111 @@ class RLHFTrainer:
 
     def log(self, record: dict[str, float]) -> dict:
         """Average a record over processes, append it to `history`, send it to trackers."""
-        keys = sorted(record)
-        local = torch.tensor([record[k] for k in keys], dtype=torch.float64, device=self.device)
-        gathered = self.accelerator.gather(local[None]).reshape(-1, len(keys))
-        means = gathered.nanmean(dim=0).tolist()
-        record = {"update": self.updates, "episodes": self.episodes, **dict(zip(keys, means))}
+        record = {
+            "update": self.updates,
+            "episodes": self.episodes,
+            **mean_over_processes(self.accelerator, record),
+        }
         self.history.append(record)
         if self.accelerator.log_with:
             self.accelerator.log(record, step=self.updates)
         return record
 
     def train(
-        self, num_episodes: int = 256, max_timesteps: int = 64, update_timesteps: int = 64,
-        max_seq_len: Optional[int] = None, eos_token: Optional[int] = None,
-        temperature: Optional[float] = None, checkpoint_every: Optional[int] = None,
-        checkpoint_dir: Optional[Union[str, Path]] = None, progress: Optional[bool] = None,
+        self,
+        num_episodes: int = 50000,
+        max_timesteps: int = 500,
+        update_timesteps: int = 5000,
         max_batch_size: Optional[int] = None,
-    ) -> list[dict]:  # fmt: skip
-        """Roll out `num_episodes` episodes, one PPO update per `update_timesteps` of them.
-
-        Responses stop at `eos_token` (None: never) and after `max_timesteps` tokens, and prompt
-        + response never exceed `max_seq_len` (default: the PaLM's own limit, if any). With
-        `checkpoint_every` (updates) and `checkpoint_dir`, the trainer saves itself (phase 6).
-        `max_batch_size` (the reference's keyword) caps the prompts sampled at once for this
-        call (default: `rollout_batch_size`). Returns this call's records, also in `history`.
-        """
-        if min(num_episodes, max_timesteps, update_timesteps) < 1:
-            raise ValueError("num_episodes, max_timesteps and update_timesteps must be >= 1")
+        max_seq_len: int = 2048,
+        eos_token: Optional[int] = None,
+        temperature: Optional[float] = None,
+        *,
+        num_rollouts: Optional[int] = None,
+        rollouts_per_update: Optional[int] = None,
+        max_response_tokens: Optional[int] = None,
+        checkpoint_every: Optional[int] = None,
+        checkpoint_dir: Optional[Union[str, Path]] = None,
+        progress: Optional[bool] = None,
+    ) -> list[dict]:
+        """Roll out and learn, counting as the reference project does (`rl/schedule.py`):
+        `num_episodes x max_timesteps` rollouts, a learning step per `update_timesteps`,
+        responses filling `max_seq_len`; or in direct terms `num_rollouts`,
+        `rollouts_per_update`, `max_response_tokens`. `max_batch_size` caps prompts sampled at
+        once. Returns this call's records (one per learning step), also kept in `history`."""
+        plan = rollout_schedule(
+            num_episodes, max_timesteps, update_timesteps, num_rollouts, rollouts_per_update
+        )
         if checkpoint_every is not None and checkpoint_dir is None:
             raise ValueError("checkpoint_every needs a checkpoint_dir")
-        records = []
-        bar = tqdm(
-            total=num_episodes, desc=f"{self.config.algorithm.upper()} episodes", unit="ep",
-            disable=not (
-                (self.config.progress if progress is None else progress)
-                and self.accelerator.is_local_main_process
-            ),
-        )  # fmt: skip
-        done = 0
-        while done < num_episodes:
-            size = min(update_timesteps, num_episodes - done)
-            record = self.step(
-                size, max_timesteps, max_seq_len, eos_token, temperature, max_batch_size
+        if plan.leftover:
+            warnings.warn(
+                f"{plan.leftover} of {plan.rollouts} rollouts come after the last learning step "
+                f"and are never learned from; use a multiple of {plan.per_update}",
+                stacklevel=2,
             )
-            records.append(record)
-            done += size
-            bar.update(size)
-            bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
+        response = dict(
+            max_response_tokens=max_response_tokens,
+            max_seq_len=max_seq_len,
+            eos_token=eos_token,
+            temperature=temperature,
+            batch_size=max_batch_size,
+        )
+        show = self.config.progress if progress is None else progress
+        title = f"{self.config.algorithm.upper()} rollouts"
+        bar = progress_bar(self.accelerator, show, total=plan.rollouts, desc=title, unit="ep")
+        records = []
+        for _ in range(plan.updates):
+            records.append(self.step(plan.per_update, **response))
+            bar.update(plan.per_update)
+            bar.set_postfix(reward=f"{records[-1]['reward']:.3f}", kl=f"{records[-1]['kl']:.3f}")
             if checkpoint_every and self.updates % checkpoint_every == 0:
                 self.save(checkpoint_dir)  # 6.
+        if plan.leftover:
+            self.step(plan.leftover, learn=False, **response)
+            bar.update(plan.leftover)
         bar.close()
         return records
 
     # ------------------------------------------------------------------ best of n, save, load
 
     def generate(
-        self, max_seq_len: int, *, prompt: Tensor, num_samples: int = 4,
-        eos_token: Optional[int] = None, return_scores: bool = False,
-        temperature: Optional[float] = None, top_k: Optional[int] = None,
-        top_p: Optional[float] = None, filter_thres: Optional[float] = None,
-    ) -> Union[Tensor, BestOfN]:  # fmt: skip
+        self,
+        max_seq_len: int,
+        *,
+        prompt: Tensor,
+        num_samples: int = 4,
+        eos_token: Optional[int] = None,
+        return_scores: bool = False,
+        temperature: Optional[float] = None,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        filter_thres: Optional[float] = None,
+    ) -> Union[Tensor, BestOfN]:
         """Sample `num_samples` responses to one prompt (n,), return the one the reward model
         scores highest: prompt + response up to EOS, (n_best,). `max_seq_len` counts the prompt.
         With `return_scores=True`, a `BestOfN` with every sample and score. Sampling options
         default to the trainer's; `filter_thres` is the reference project's top-k spelling."""
-        actor = self.actor_module
+        actor, config = self.actor_module, self.config
+        sampling = dict(
+            temperature=config.temperature if temperature is None else temperature,
+            top_k=config.top_k if top_k is None else top_k,
+            top_p=config.top_p if top_p is None else top_p,
+            filter_thres=filter_thres,
+        )
         with evaluation_mode([actor]), self.accelerator.autocast():
             out = best_of_n(
-                actor.palm, self.reward_model, prompt, max_seq_len, num_samples,
-                finetune_scope=actor.scope, pad_value=self.pad_value, eos_token=eos_token,
-                temperature=self.config.temperature if temperature is None else temperature,
-                top_k=top_k if top_k is not None else self.config.top_k,
-                top_p=top_p if top_p is not None else self.config.top_p,
-                filter_thres=filter_thres, generator=self.generator,
-            )  # fmt: skip
+                actor.palm,
+                self.reward_model,
+                prompt,
+                max_seq_len,
+                num_samples,
+                **sampling,
+                finetune_scope=actor.scope,
+                pad_value=self.pad_value,
+                eos_token=eos_token,
+                generator=self.generator,
+            )
         return out if return_scores else out.sequence
 
     def state_dict(self) -> dict:
