@@ -253,12 +253,6 @@ class RLHFTrainer:
             self.cpu_generator,
             rows,
             step,
-            self.config,
-            self.modules(),
-            self.accelerator,
-            self.cpu_generator,
-            rows,
-            step,
         )
 
     def _minibatch_step(
