@@ -107,9 +107,9 @@ def throughput(impl: str, args) -> dict:
 
         def run(episodes, response_len):
             trainer.train(
-                num_episodes=episodes,
-                max_timesteps=response_len,
-                update_timesteps=episodes,
+                num_rollouts=episodes,
+                max_response_tokens=response_len,
+                rollouts_per_update=episodes,
                 max_seq_len=args.prompt_len + response_len,
                 progress=False,
             )
@@ -169,7 +169,10 @@ def toy(impl: str, args) -> dict:
 
         def update():
             trainer.train(
-                num_episodes=64, max_timesteps=new_tokens, update_timesteps=64, progress=False
+                num_rollouts=64,
+                max_response_tokens=new_tokens,
+                rollouts_per_update=64,
+                progress=False,
             )
 
         def evaluate(**_):

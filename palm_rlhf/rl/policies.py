@@ -21,6 +21,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from palm_rlhf.model.palm import PaLM
+from palm_rlhf.rl.flowrl import LogPartition
 
 
 def claim_scope(palm: PaLM, requested: Optional[str], default: str, lora_r: int) -> str:
@@ -117,21 +118,51 @@ def build_actor_critic(
     critic_lora_r: int,
     actor_lora_scope: Optional[str],
     critic_lora_scope: Optional[str],
-) -> tuple[Actor, PaLM, Critic]:
+    with_critic: bool = True,
+) -> tuple[Actor, PaLM, Optional[Critic]]:
     """(actor, reference PaLM, critic) as described in the module docstring.
 
-    The reference is the user's PaLM in both cases; with a LoRA actor it is queried with
-    `disable_lora=True`, with a full-weight actor it is simply never trained.
+    With a LoRA actor the reference is the user's PaLM queried with `disable_lora=True` (no
+    copy). With `actor_lora=False` the actor trains the user's PaLM itself, in place, as in the
+    reference project, and the frozen reference policy is a copy taken now (which also carries
+    the critic's LoRA scope, so the critic reads a base that does not move). With
+    `with_critic=False` (critic-free algorithms) no critic scope or copy is made: None.
     """
     if actor_lora:
+        reference = palm
         actor = Actor(palm, claim_scope(palm, actor_lora_scope, "actor", actor_lora_r))
     else:
-        actor = Actor(bare_copy(palm), None)
-    if critic_lora:
-        critic = Critic(palm, claim_scope(palm, critic_lora_scope, "critic", critic_lora_r))
+        reference = bare_copy(palm).requires_grad_(False)
+        actor = Actor(palm, None)
+    if not with_critic:
+        critic = None
+    elif critic_lora:
+        scope = claim_scope(reference, critic_lora_scope, "critic", critic_lora_r)
+        critic = Critic(reference, scope)
     else:
         critic = Critic(bare_copy(palm), None)
-    return actor, palm, critic
+    return actor, reference, critic
+
+
+def build_networks(
+    palm: PaLM, config, actor_lora_scope: Optional[str], critic_lora_scope: Optional[str], device
+) -> tuple[PaLM, dict[str, nn.Module]]:
+    """(reference, trained networks by name) for a PPOConfig's algorithm: the actor; the
+    critic for PPO only; FlowRL's log-partition head (`flowrl.LogPartition`) for FlowRL."""
+    actor, reference, critic = build_actor_critic(
+        palm,
+        config.actor_lora,
+        config.critic_lora,
+        config.actor_lora_r,
+        config.critic_lora_r,
+        actor_lora_scope,
+        critic_lora_scope,
+        with_critic=config.has_critic,
+    )
+    nets = {"actor": actor, "critic": critic}
+    if config.algorithm == "flowrl":
+        nets["log_z"] = LogPartition(palm.dim)
+    return reference, {name: net.to(device) for name, net in nets.items() if net is not None}
 
 
 def prepare_each(accelerator, nets: list[nn.Module], optimizers: list) -> list[tuple]:

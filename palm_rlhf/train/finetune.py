@@ -50,6 +50,7 @@ from palm_rlhf.train.run import (
     guarded_step,
     make_accelerator,
     make_optimizer,
+    progress_bar,
     resume_training,
 )
 
@@ -305,12 +306,7 @@ def run_stage(
         )
 
     train_metrics, valid_metrics, saved = {}, {}, None
-    bar = tqdm(
-        total=num_steps,
-        initial=step,
-        disable=not (config.progress and accelerator.is_main_process),
-        desc=name,
-    )
+    bar = progress_bar(accelerator, config.progress, total=num_steps, initial=step, desc=name)
     model.train()
     while step < num_steps:
         rows, totals, step_ok = step_rows(step, per_step, len(stage.train), config.seed), {}, True
