@@ -270,7 +270,8 @@ class RLHFTrainer:
             if config.ptx_coef > 0:
                 windows = self.ptx_data.sample(batch.tokens.shape[0], self.cpu_generator)
                 ptx_loss = self.actor(windows.to(self.device), return_loss=True)
-                loss, stats["ptx_loss"] = loss + config.ptx_coef * ptx_loss, float(ptx_loss.detach())
+                stats["ptx_loss"] = float(ptx_loss.detach())
+                loss = loss + config.ptx_coef * ptx_loss
         if not guard_loss(loss, self.updates, config.nan_policy):
             return None
         self.accelerator.backward(loss)
