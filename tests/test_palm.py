@@ -135,3 +135,34 @@ def test_bad_mask_is_refused():
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="dim_head must be even"):
         PaLM(num_tokens=10, dim=16, depth=1, dim_head=7)
+
+
+# ----------------------------------------------------------------- the reference's surface
+
+
+def test_reference_constructor_spellings_are_accepted():
+    """finetune_scopes as a list and integer dropout rates, as palm-rlhf-pytorch takes them."""
+    model = tiny_palm(finetune_scopes=["actor", "critic"], attn_dropout=0, ff_dropout=0)
+    assert model.finetune_scopes == ("actor", "critic")
+    assert (model.dim_head, model.heads, model.lora_r, model.cross_entropy_ignore_index) == (
+        8,
+        4,
+        8,
+        0,
+    )
+
+
+def test_set_dropout_sets_every_dropout_and_returns_the_model():
+    model = tiny_palm()
+    seq = torch.randint(0, 32, (2, 8))
+    model.train()
+    assert torch.equal(model(seq), model(seq))  # no dropout yet
+    assert model.set_dropout(0.5) is model
+    assert model.config.attn_dropout == model.config.ff_dropout == 0.5
+    assert all(layer.config.ff_dropout == 0.5 for layer in model.layers)
+    assert not torch.equal(model(seq), model(seq))  # training mode now drops
+    model.eval()
+    assert torch.equal(model(seq), model(seq))  # eval mode never does
+    model.set_dropout(0)
+    model.train()
+    assert torch.equal(model(seq), model(seq))
