@@ -374,6 +374,15 @@ def test_best_of_n_decodes_like_the_reference_by_default():
     assert len(first_tokens(top_k=6)) > 2
 
 
+def test_ppo_rollouts_sample_the_full_policy_unlike_the_reference():
+    """Porting-table row: the reference rolls out with generate's top-k 0.9; here rollouts are
+    unfiltered so the log-probs PPO trains are those of the distribution that drew them."""
+    trainer = toy_trainer(prompt_token_ids=[PROMPTS[0]])
+    experience, _ = trainer.rollout(*trainer.sample_prompts(64), 1)
+    first = set(experience.tokens[:, len(PROMPTS[0])].tolist())
+    assert len(first) > 2  # more than the ceil(0.1 * 12) tokens top-k would keep
+
+
 def test_ppo_raises_the_score_of_a_real_reward_model_sharing_the_palm():
     from palm_rlhf.model.reward import RewardModel
 
