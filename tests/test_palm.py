@@ -166,3 +166,15 @@ def test_set_dropout_sets_every_dropout_and_returns_the_model():
     model.set_dropout(0)
     model.train()
     assert torch.equal(model(seq), model(seq))
+
+
+def test_an_encoder_masks_negative_ids_like_the_reference():
+    model = tiny_palm(causal=False)
+    seq = torch.randint(1, 32, (2, 6))
+    padded = seq.clone()
+    padded[1, 4:] = -1
+    mask = padded >= 0
+    expected = model(seq.masked_fill(~mask, 0), mask=mask)
+    assert_close(model(padded), expected, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="not a valid token id"):
+        tiny_palm()(padded)  # a causal model still refuses them

@@ -212,11 +212,16 @@ class PaLM(nn.Module):
         mask: Optional[Tensor] = None,
         cache: Optional[KVCache] = None,
     ):
-        """x: (b, n) token ids. mask: (b, n) bool, True for real tokens (padding is False).
+        """x: (b, n) token ids. mask: (b, n) bool, True for real tokens (padding is False); a
+        non-causal model (an encoder) also takes negative ids as padding, as the reference does.
 
         With `return_loss`, x is split into inputs x[:, :-1] and targets x[:, 1:]; targets equal
         to `cross_entropy_ignore_index` or masked out are not counted.
         """
+        if not self.causal and mask is None and isinstance(x, Tensor) and bool((x < 0).any()):
+            # the reference's encoder convention: negative ids are padding to mask out
+            mask = x >= 0
+            x = x.masked_fill(~mask, 0)
         check_token_ids(x, self.num_tokens)
         if mask is not None and (mask.shape != x.shape or mask.dtype != torch.bool):
             raise ValueError(
