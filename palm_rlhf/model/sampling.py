@@ -231,6 +231,24 @@ def sample_tokens(
     return Samples(tokens.masked_fill(after_eos, pad_value), ~after_eos)
 
 
+def reference_filters(
+    top_k: Optional[int],
+    top_p: Optional[float],
+    filter_logits_fn: Optional[Callable[..., Tensor]],
+    filter_thres: float,
+) -> dict:
+    """The filters of a reference-style decode, as keywords for `sample_tokens`: our `top_k` /
+    `top_p`, when given, take the place of `filter_logits_fn(logits, thres=filter_thres)`
+    (the reference's filter, top-k by default); `filter_logits_fn=None` filters nothing."""
+    ours = top_k is not None or top_p is not None
+    if ours and filter_logits_fn not in (None, reference_top_k):
+        raise ValueError("pass either filter_logits_fn or top_k/top_p, not both")
+    logits_filter = None
+    if filter_logits_fn is not None and not ours:
+        logits_filter = partial(filter_logits_fn, thres=filter_thres)
+    return dict(top_k=top_k, top_p=top_p, logits_filter=logits_filter)
+
+
 def generate(
     model: Decoder,
     seq_len: int,
@@ -264,12 +282,7 @@ def generate(
     prompt (n,) or (b, n); with no prompt, one random start token is drawn (as the reference
     project does) and returned with the sample.
     """
-    ours = top_k is not None or top_p is not None
-    if ours and filter_logits_fn not in (None, reference_top_k):
-        raise ValueError("pass either filter_logits_fn or top_k/top_p, not both")
-    logits_filter = None
-    if filter_logits_fn is not None and not ours:
-        logits_filter = partial(filter_logits_fn, thres=filter_thres)
+    filters = reference_filters(top_k, top_p, filter_logits_fn, filter_thres)
     if prompt is None:
         prompt = torch.randint(
             0, model.num_tokens, (1, 1), device=model.device, generator=generator
@@ -287,9 +300,7 @@ def generate(
         use_tqdm=use_tqdm,
         prompt_mask=prompt_mask,
         temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        logits_filter=logits_filter,
+        **filters,
         eos_token=eos_token,
         pad_value=pad_value,
         use_cache=use_cache,

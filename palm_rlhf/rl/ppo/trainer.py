@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Optional, Union
 
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 
 from palm_rlhf.checkpoint import CheckpointError
 from palm_rlhf.model.palm import PaLM
-from palm_rlhf.model.sampling import reference_top_k
+from palm_rlhf.model.sampling import reference_filters, reference_top_k
 from palm_rlhf.rl.advantages import (
     gae_advantages,
     mean_return_shift,
@@ -422,35 +421,19 @@ class RLHFTrainer:
     ) -> Union[Tensor, BestOfN]:
         """Sample `num_samples` responses to one prompt (n,), return the one the reward model
         scores highest: prompt + response up to EOS, (n_best,). `max_seq_len` counts the prompt.
-        With `return_scores=True`, a `BestOfN` with every sample and score.
-
-        Decoding is the reference's by default (its `trainer.generate` calls `PaLM.generate`):
-        `filter_logits_fn(logits, thres=filter_thres)` = top-k keeping ceil(0.1 * vocab) tokens;
-        `filter_logits_fn=None` samples the full distribution. A `top_k`/`top_p` given here, or
-        set in the trainer's config, takes the place of that filter. Temperature defaults to
-        the trainer's. (Rollouts during `train()` stay unfiltered unless the config filters.)"""
+        With `return_scores=True`, a `BestOfN` with every sample and score. Decoding is the
+        reference's (top-k 0.9, see `PaLM.generate`) unless `filter_logits_fn`, or `top_k`/
+        `top_p` here or in the config, say otherwise; temperature defaults to the config's."""
         top_k = top_k if top_k is not None else self.config.top_k
         top_p = top_p if top_p is not None else self.config.top_p
-        logits_filter = None
-        if filter_logits_fn is not None and top_k is None and top_p is None:
-            logits_filter = partial(filter_logits_fn, thres=filter_thres)
-        temperature = self.config.temperature if temperature is None else temperature
         actor = self.actor_module
+        options = dict(finetune_scope=actor.scope, pad_value=self.pad_value, eos_token=eos_token)
+        options["temperature"] = self.config.temperature if temperature is None else temperature
+        options.update(reference_filters(top_k, top_p, filter_logits_fn, filter_thres))
+        options["generator"] = self.generator
         with evaluation_mode([actor]), self.accelerator.autocast():
             out = best_of_n(
-                actor.palm,
-                self.reward_model,
-                prompt,
-                max_seq_len,
-                num_samples,
-                finetune_scope=actor.scope,
-                pad_value=self.pad_value,
-                eos_token=eos_token,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                logits_filter=logits_filter,
-                generator=self.generator,
+                actor.palm, self.reward_model, prompt, max_seq_len, num_samples, **options
             )
         return out if return_scores else out.sequence
 
