@@ -347,7 +347,10 @@ def test_best_of_n_returns_the_highest_scoring_sample():
 
     trainer = toy_trainer(reward=count_target)
     prompt = PROMPTS[0]
-    out = trainer.generate(12, prompt=prompt, num_samples=16, return_scores=True)
+    # unfiltered, so the target token can be drawn wherever this toy model ranks it
+    out = trainer.generate(
+        12, prompt=prompt, num_samples=16, return_scores=True, filter_logits_fn=None
+    )
     assert out.scores.shape == (16,) and len(set(out.scores.tolist())) > 1
     assert out.index == int(out.scores.argmax())
     assert float(out.scores[out.index]) == float(out.scores.max())
@@ -358,6 +361,32 @@ def test_best_of_n_returns_the_highest_scoring_sample():
     assert torch.equal(rescored, out.scores)
     best = trainer.generate(12, prompt=prompt, num_samples=4)
     assert best.dim() == 1 and torch.equal(best[:3], prompt)
+
+
+def test_best_of_n_decodes_like_the_reference_by_default():
+    """Porting-table row: trainer.generate top-k filters (ceil(0.1 * vocab) tokens) as the
+    reference's does; filter_logits_fn=None or top_k/top_p choose otherwise."""
+    palm = toy_palm()
+    trainer = toy_trainer(palm=palm)
+    prompt = PROMPTS[0]
+    kept = set(palm(prompt[None])[0, -1].topk(2).indices.tolist())  # ceil(0.1 * 12) = 2
+
+    def first_tokens(**kwargs):
+        out = trainer.generate(5, prompt=prompt, num_samples=64, return_scores=True, **kwargs)
+        return set(out.sequences[:, len(prompt)].tolist())
+
+    assert first_tokens() <= kept
+    assert len(first_tokens(filter_logits_fn=None)) > 2
+    assert len(first_tokens(top_k=6)) > 2
+
+
+def test_ppo_rollouts_sample_the_full_policy_unlike_the_reference():
+    """Porting-table row: the reference rolls out with generate's top-k 0.9; here rollouts are
+    unfiltered so the log-probs PPO trains are those of the distribution that drew them."""
+    trainer = toy_trainer(prompt_token_ids=[PROMPTS[0]])
+    experience, _ = trainer.rollout(*trainer.sample_prompts(64), 1)
+    first = set(experience.tokens[:, len(PROMPTS[0])].tolist())
+    assert len(first) > 2  # more than the ceil(0.1 * 12) tokens top-k would keep
 
 
 def test_ppo_raises_the_score_of_a_real_reward_model_sharing_the_palm():

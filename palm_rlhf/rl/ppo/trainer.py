@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from palm_rlhf.checkpoint import CheckpointError
 from palm_rlhf.model.palm import PaLM
+from palm_rlhf.model.sampling import reference_filters, reference_top_k
 from palm_rlhf.rl import critic_free
 from palm_rlhf.rl import rollout as rollout_module
 from palm_rlhf.rl.advantages import ppo_advantages, shape_scores
@@ -409,31 +410,24 @@ class RLHFTrainer:
         temperature: Optional[float] = None,
         top_k: Optional[int] = None,
         top_p: Optional[float] = None,
-        filter_thres: Optional[float] = None,
+        filter_logits_fn: Optional[Callable[..., Tensor]] = reference_top_k,
+        filter_thres: float = 0.9,
     ) -> Union[Tensor, BestOfN]:
         """Sample `num_samples` responses to one prompt (n,), return the one the reward model
         scores highest: prompt + response up to EOS, (n_best,). `max_seq_len` counts the prompt.
-        With `return_scores=True`, a `BestOfN` with every sample and score. Sampling options
-        default to the trainer's; `filter_thres` is the reference project's top-k spelling."""
-        actor, config = self.actor_module, self.config
-        sampling = dict(
-            temperature=config.temperature if temperature is None else temperature,
-            top_k=config.top_k if top_k is None else top_k,
-            top_p=config.top_p if top_p is None else top_p,
-            filter_thres=filter_thres,
-        )
+        With `return_scores=True`, a `BestOfN` with every sample and score. Decoding is the
+        reference's (top-k 0.9, see `PaLM.generate`) unless `filter_logits_fn`, or `top_k`/
+        `top_p` here or in the config, say otherwise; temperature defaults to the config's."""
+        top_k = top_k if top_k is not None else self.config.top_k
+        top_p = top_p if top_p is not None else self.config.top_p
+        actor = self.actor_module
+        options = dict(finetune_scope=actor.scope, pad_value=self.pad_value, eos_token=eos_token)
+        options["temperature"] = self.config.temperature if temperature is None else temperature
+        options.update(reference_filters(top_k, top_p, filter_logits_fn, filter_thres))
+        options["generator"] = self.generator
         with evaluation_mode([actor]), self.accelerator.autocast():
             out = best_of_n(
-                actor.palm,
-                self.reward_model,
-                prompt,
-                max_seq_len,
-                num_samples,
-                **sampling,
-                finetune_scope=actor.scope,
-                pad_value=self.pad_value,
-                eos_token=eos_token,
-                generator=self.generator,
+                actor.palm, self.reward_model, prompt, max_seq_len, num_samples, **options
             )
         return out if return_scores else out.sequence
 
