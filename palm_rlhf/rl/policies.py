@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Optional
 
+import torch
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -49,15 +50,36 @@ def bare_copy(palm: PaLM) -> PaLM:
     return twin
 
 
+@contextmanager
+def update_dropout(palm: PaLM, rate: float):
+    """Dropout at `rate` inside the (possibly shared) PaLM for one forward that computes
+    gradients: the actor's and critic's own rates (`actor_dropout`, `critic_dropout`) apply to
+    their updates only; rollouts and scoring (no grad) never drop. The PaLM's rates and mode
+    are restored afterwards."""
+    if rate <= 0 or not torch.is_grad_enabled():
+        yield
+        return
+    config, training = palm.config, palm.training
+    palm.set_dropout(rate).train(True)
+    try:
+        yield
+    finally:
+        palm.config = config
+        for layer in palm.layers:
+            layer.config = config
+        palm.train(training)
+
+
 class Actor(nn.Module):
     """The policy: `actor(tokens (b, n)) -> logits (b, n, num_tokens)` through its scope."""
 
-    def __init__(self, palm: PaLM, scope: Optional[str]):
+    def __init__(self, palm: PaLM, scope: Optional[str], dropout: float = 0.0):
         super().__init__()
-        self.palm, self.scope = palm, scope
+        self.palm, self.scope, self.dropout = palm, scope, dropout
 
     def forward(self, tokens: Tensor, **palm_kwargs) -> Tensor:
-        return self.palm(tokens, finetune_scope=self.scope, **palm_kwargs)
+        with update_dropout(self.palm, self.dropout):
+            return self.palm(tokens, finetune_scope=self.scope, **palm_kwargs)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         if self.scope is None:
@@ -94,7 +116,8 @@ class Critic(Actor):
         self.value_head.to(palm.token_emb.weight)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        hidden = self.palm(tokens, finetune_scope=self.scope, return_only_embedding=True)
+        with update_dropout(self.palm, self.dropout):
+            hidden = self.palm(tokens, finetune_scope=self.scope, return_only_embedding=True)
         return rearrange(self.value_head(hidden), "b n 1 -> b n")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -159,6 +182,9 @@ def build_networks(
         critic_lora_scope,
         with_critic=config.has_critic,
     )
+    actor.dropout = config.actor_dropout
+    if critic is not None:
+        critic.dropout = config.critic_dropout
     nets = {"actor": actor, "critic": critic}
     if config.algorithm == "flowrl":
         nets["log_z"] = LogPartition(palm.dim)

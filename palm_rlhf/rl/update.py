@@ -50,7 +50,13 @@ def minibatch_loss(
     if "critic" in nets:
         values = nets["critic"](batch.tokens)[:, :-1]
         return ppo_objective(
-            logits, values, batch, config.eps_clip, config.value_clip, config.beta_s
+            logits,
+            values,
+            batch,
+            config.eps_clip,
+            config.value_clip,
+            config.beta_s,
+            config.kl_div_loss_weight,
         )
     log_z = nets["log_z"](features) if "log_z" in nets else None
     return critic_free_objective(

@@ -68,6 +68,13 @@ class PPOConfig(RunOptions):
     eps_clip: float = option(0.2, "policy ratio clip")
     value_clip: Optional[float] = option(0.4, "value clip around the rollout's values")
     beta_s: float = option(0.01, "entropy bonus")
+    kl_div_loss_weight: float = option(
+        0.0,
+        "weight of KL(rollout policy || current policy) per token, a loss term keeping each "
+        "update near the policy that sampled (the reference's default 0.1; see the README)",
+    )
+    actor_dropout: float = option(0.0, "dropout inside the PaLM during the actor's updates")
+    critic_dropout: float = option(0.0, "dropout inside the PaLM during the critic's updates")
     minibatch_size: int = option(16, "episodes per gradient step")
     epochs: int = option(1, "passes over each rollout batch")
     # rewards and advantages
@@ -106,6 +113,9 @@ class PPOConfig(RunOptions):
             "actor_lora_r >= 1 and critic_lora_r >= 1": min(self.actor_lora_r, self.critic_lora_r)
             >= 1,
             "eps_clip > 0": self.eps_clip > 0,
+            "kl_div_loss_weight >= 0": self.kl_div_loss_weight >= 0,
+            "0 <= actor_dropout, critic_dropout < 1": 0 <= self.actor_dropout < 1
+            and 0 <= self.critic_dropout < 1,
             "value_clip > 0 or None": self.value_clip is None or self.value_clip > 0,
             "max_norm > 0 or None": self.max_norm is None or self.max_norm > 0,
             "0 <= gamma <= 1": 0 <= self.gamma <= 1,
@@ -159,3 +169,32 @@ class PPOConfig(RunOptions):
 
     def to_dict(self) -> dict:
         return {**asdict(self), "betas": list(self.betas)}
+
+
+# reference keywords whose feature this library does not have: a value other than the
+# "off" one stops with a clear message instead of being ignored (or failing as a TypeError)
+UNIMPLEMENTED = {
+    "critic_pooled_values": (
+        False,
+        "one value per sequence; the critic here predicts a value per token for GAE",
+    ),
+    "critic_num_pred_bins": (None, "a classification critic (HL-Gauss)"),
+    "hl_gauss_loss_kwargs": (None, "a classification critic (HL-Gauss)"),
+    "critic": (
+        None,
+        "a separate critic model or ImplicitPRM; the critic here is a LoRA scope "
+        "or a copy of `palm` (critic_lora=False)",
+    ),
+    "actor_critic": (None, "a prebuilt ActorCritic; pass palm= and the actor_/critic_ options"),
+}
+
+
+def refuse_unimplemented(keywords: dict) -> None:
+    """Pop the reference-only keywords; refuse any set to something this library lacks."""
+    for name, (off, what) in UNIMPLEMENTED.items():
+        value = keywords.pop(name, off)
+        if value is not off and value != off:
+            raise NotImplementedError(
+                f"RLHFTrainer({name}=...) is palm-rlhf-pytorch's {what}; not implemented here. "
+                f"Leave it at {off!r} (see the README's porting table)."
+            )

@@ -42,7 +42,7 @@ from palm_rlhf.rl.policies import (
     prepare_each,
 )
 from palm_rlhf.rl.ppo.checkpoint import check_compatible, read_trainer_state, write_trainer_state
-from palm_rlhf.rl.ppo.config import PPOConfig
+from palm_rlhf.rl.ppo.config import PPOConfig, refuse_unimplemented
 from palm_rlhf.rl.prompts import PromptBank, PromptIds, PtxData, load_prompts
 from palm_rlhf.rl.rollout import Experience, collect, concat_experience
 from palm_rlhf.rl.schedule import response_budget, rollout_schedule
@@ -81,6 +81,7 @@ class RLHFTrainer:
         config: Optional[PPOConfig] = None,
         **hyperparameters,  # any PPOConfig field: actor_lr=..., kl_coef=..., see config.py
     ):
+        refuse_unimplemented(hyperparameters)
         self.config = config = PPOConfig.from_keywords(config, **hyperparameters)
         reward_model = resolve_reward(reward_model, text_reward_fn, tokenizer)
         if config.ptx_coef > 0 and ptx_data is None:
