@@ -9,11 +9,15 @@ version = {"__version__": re.search(r'__version__ = "([^"]+)"', init_text).group
 setup(
     name="palm-rlhf",
     version=version["__version__"],
-    description="PaLM + RLHF in pure PyTorch: pretraining, SFT, reward models, PPO, DPO, Chain of Hindsight",
+    description=(
+        "PaLM + RLHF in pure PyTorch: pretraining, SFT, reward models, PPO, DPO, Chain of Hindsight"
+    ),
     long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["palm_rlhf", "palm_rlhf.*"]),
+    # the labelling page's HTML/CSS/JS, served from the installed package
+    package_data={"palm_rlhf.label": ["static/*.html", "static/*.css", "static/*.js"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1",
@@ -25,7 +29,21 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "ruff>=0.5"],
+        "test": [
+            "pytest>=7",
+            "hypothesis>=6",
+            "ruff>=0.5",
+            "starlette>=0.37",
+            "uvicorn>=0.29",
+            "httpx",
+            "playwright",
+            # tests/test_notebook.py executes examples/quickstart.ipynb in a python3 kernel
+            "nbclient>=0.7",
+            "nbformat>=5",
+            "ipykernel>=6",
+            "matplotlib>=3.5",
+        ],
+        "label": ["starlette>=0.37", "uvicorn>=0.29"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["palm-rlhf = palm_rlhf.cli:main"]},

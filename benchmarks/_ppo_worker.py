@@ -53,9 +53,13 @@ def make_palm(impl: str, args, embed_std=None):
     ).PaLM
     torch.manual_seed(0)
     palm = PaLM(
-        num_tokens=args.num_tokens, dim=args.dim, depth=args.depth, heads=args.heads,
-        dim_head=args.dim_head, ff_mult=4 if embed_std is None else 2,
-    )  # fmt: skip
+        num_tokens=args.num_tokens,
+        dim=args.dim,
+        depth=args.depth,
+        heads=args.heads,
+        dim_head=args.dim_head,
+        ff_mult=4 if embed_std is None else 2,
+    )
     if embed_std is not None:
         with torch.no_grad():
             palm.token_emb.weight.normal_(0, embed_std)
@@ -93,16 +97,22 @@ def throughput(impl: str, args) -> dict:
         from palm_rlhf.rl.ppo.trainer import RLHFTrainer
 
         trainer = RLHFTrainer(
-            palm=palm, reward_model=RewardModel(palm), prompt_token_ids=prompts,
-            rollout_batch_size=args.rollout_batch, **common,
+            palm=palm,
+            reward_model=RewardModel(palm),
+            prompt_token_ids=prompts,
+            rollout_batch_size=args.rollout_batch,
+            **common,
             accelerate_kwargs=dict(mixed_precision="bf16" if bf16 else "no"),
-        )  # fmt: skip
+        )
 
         def run(episodes, response_len):
             trainer.train(
-                num_episodes=episodes, max_timesteps=response_len, update_timesteps=episodes,
-                max_seq_len=args.prompt_len + response_len, progress=False,
-            )  # fmt: skip
+                num_rollouts=episodes,
+                max_response_tokens=response_len,
+                rollouts_per_update=episodes,
+                max_seq_len=args.prompt_len + response_len,
+                progress=False,
+            )
     else:
         from palm_rlhf_pytorch import RewardModel
 
@@ -112,18 +122,23 @@ def throughput(impl: str, args) -> dict:
             # its Accelerator autocasts forward() only, not generation: autocast everything
             with quiet(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 trainer.train(
-                    num_episodes=episodes, max_timesteps=1, update_timesteps=episodes,
+                    num_episodes=episodes,
+                    max_timesteps=1,
+                    update_timesteps=episodes,
                     max_seq_len=args.prompt_len + response_len,
-                )  # fmt: skip
+                )
 
     run(min(2, args.episodes), 4)  # warm-up: allocator, kernels, first optimizer step
     start = time.perf_counter()
     run(args.episodes, args.response_len)
     seconds = time.perf_counter() - start
     return dict(
-        episodes=args.episodes, seconds=seconds, episodes_per_s=args.episodes / seconds,
-        tokens_per_s=args.episodes * args.response_len / seconds, max_seq_len=max_seq_len,
-    )  # fmt: skip
+        episodes=args.episodes,
+        seconds=seconds,
+        episodes_per_s=args.episodes / seconds,
+        tokens_per_s=args.episodes * args.response_len / seconds,
+        max_seq_len=max_seq_len,
+    )
 
 
 # ----------------------------------------------------------------------------- toy task
@@ -135,8 +150,9 @@ def toy(impl: str, args) -> dict:
     args.num_tokens, args.dim, args.depth, args.heads, args.dim_head = 12, 32, 1, 2, 16
     palm = make_palm(impl, args, embed_std=0.2)
     prompts = torch.tensor(TOY_PROMPTS)
-    settings = dict(actor_lr=3e-3, critic_lr=3e-3, actor_lora_r=4, critic_lora_r=4,
-                    minibatch_size=16, epochs=2)  # fmt: skip
+    settings = dict(
+        actor_lr=3e-3, critic_lr=3e-3, actor_lora_r=4, critic_lora_r=4, minibatch_size=16, epochs=2
+    )
     new_tokens, eval_rows = 8, 256
     eval_prompts = prompts.repeat(eval_rows // len(TOY_PROMPTS) + 1, 1)[:eval_rows]
     eval_mask = torch.ones_like(eval_prompts, dtype=torch.bool)
@@ -144,13 +160,20 @@ def toy(impl: str, args) -> dict:
         from palm_rlhf.rl.ppo.trainer import RLHFTrainer
 
         trainer = RLHFTrainer(
-            palm=palm, reward_model=toy_fraction, prompt_token_ids=prompts,
-            rollout_batch_size=64, **settings,
-        )  # fmt: skip
+            palm=palm,
+            reward_model=toy_fraction,
+            prompt_token_ids=prompts,
+            rollout_batch_size=64,
+            **settings,
+        )
 
         def update():
-            trainer.train(num_episodes=64, max_timesteps=new_tokens, update_timesteps=64,
-                          progress=False)  # fmt: skip
+            trainer.train(
+                num_rollouts=64,
+                max_response_tokens=new_tokens,
+                rollouts_per_update=64,
+                progress=False,
+            )
 
         def evaluate(**_):
             with torch.no_grad():
@@ -170,20 +193,25 @@ def toy(impl: str, args) -> dict:
 
         def update():
             with quiet():
-                trainer.train(num_episodes=64, max_timesteps=1, update_timesteps=64,
-                              max_seq_len=3 + new_tokens)  # fmt: skip
+                trainer.train(
+                    num_episodes=64,
+                    max_timesteps=1,
+                    update_timesteps=64,
+                    max_seq_len=3 + new_tokens,
+                )
 
         def evaluate(**filters):
             with torch.no_grad(), quiet():
                 actor.eval()
-                out = actor.generate(3 + new_tokens, prompt=eval_prompts, finetune_scope=scope,
-                                     **filters)  # fmt: skip
+                out = actor.generate(
+                    3 + new_tokens, prompt=eval_prompts, finetune_scope=scope, **filters
+                )
             seq = torch.cat((eval_prompts, out), dim=1)
             prompt_mask = torch.arange(seq.shape[1]) < 3
             prompt_mask = prompt_mask.expand_as(seq)
             return float(toy_fraction(seq, torch.ones_like(prompt_mask), prompt_mask).mean())
 
-    plain = {} if impl == "ours" else {"filter_logits_fn": None}
+    plain = {"filter_logits_fn": None}  # both generate top-k filter by default; measure unfiltered
     before = evaluate(**plain)
     spent, updates = 0.0, 0
     while spent < args.budget:
@@ -192,9 +220,13 @@ def toy(impl: str, args) -> dict:
         spent += time.perf_counter() - start
         updates += 1
     result = dict(
-        budget_s=args.budget, spent_s=spent, updates=updates, episodes=64 * updates,
-        reward_before=before, reward_after=evaluate(**plain),
-    )  # fmt: skip
+        budget_s=args.budget,
+        spent_s=spent,
+        updates=updates,
+        episodes=64 * updates,
+        reward_before=before,
+        reward_after=evaluate(**plain),
+    )
     if impl == "reference":
         result["reward_after_as_trained_topk"] = evaluate()  # its default filter_thres=0.9
     return result
@@ -223,12 +255,27 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     result = throughput(args.impl, args) if args.task == "throughput" else toy(args.impl, args)
-    result.update(impl=args.impl, task=args.task, threads=args.threads, dtype=args.dtype,
-                  torch=torch.__version__)  # fmt: skip
+    result.update(
+        impl=args.impl,
+        task=args.task,
+        threads=args.threads,
+        dtype=args.dtype,
+        torch=torch.__version__,
+    )
     if args.task == "throughput":
-        result["config"] = {k: getattr(args, k) for k in
-                            ("num_tokens", "dim", "depth", "heads", "dim_head", "prompt_len",
-                             "response_len", "rollout_batch")}  # fmt: skip
+        result["config"] = {
+            k: getattr(args, k)
+            for k in (
+                "num_tokens",
+                "dim",
+                "depth",
+                "heads",
+                "dim_head",
+                "prompt_len",
+                "response_len",
+                "rollout_batch",
+            )
+        }
     print(json.dumps(result))
 
 

@@ -320,10 +320,16 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     args.generator = torch.Generator().manual_seed(args.seed)
     cfg = {
-        "num_tokens": args.num_tokens, "dim": args.dim, "depth": args.depth, "heads": args.heads,
-        "dim_head": args.dim_head, "ff_mult": args.ff_mult, "causal": True,
-        "flash_attn": args.flash_attn, "seq_len": args.seq_len,
-    }  # fmt: skip
+        "num_tokens": args.num_tokens,
+        "dim": args.dim,
+        "depth": args.depth,
+        "heads": args.heads,
+        "dim_head": args.dim_head,
+        "ff_mult": args.ff_mult,
+        "causal": True,
+        "flash_attn": args.flash_attn,
+        "seq_len": args.seq_len,
+    }
     if args.task == "matmul":
         result = task_matmul(args)
     else:
@@ -331,10 +337,16 @@ def main(argv=None) -> None:
         tasks = {"train": task_train, "sample": task_sample, "memory": task_memory}
         result = tasks[args.task](args, cfg)
     header = {
-        "impl": args.impl, "task": args.task, "dtype": args.dtype, "threads": args.threads,
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "python": sys.executable, "batch": args.batch, "config": cfg,
-    }  # fmt: skip
+        "impl": args.impl,
+        "task": args.task,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": sys.executable,
+        "batch": args.batch,
+        "config": cfg,
+    }
     if args.task != "matmul":
         header["module_file"] = module_file(args.impl)
     print(json.dumps({**header, **result}), flush=True)

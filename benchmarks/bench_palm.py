@@ -38,7 +38,8 @@ IMPLS = ("ours", "reference")
 FULL = {
     "model": "--num-tokens 256 --dim 512 --depth 8 --heads 8 --dim-head 64 --seq-len 512",
     "train": "--batch 4 --warmup 2 --iters 10",
-    "sample": "--prompt-len 64 --new-tokens 256 --warmup 1 --iters 1",  # the reference needs minutes per call
+    # the reference needs minutes per call
+    "sample": "--prompt-len 64 --new-tokens 256 --warmup 1 --iters 1",
     "matmul": "--matmul-size 2048 --warmup 3 --iters 20",
     "memory": "--batch 4",
 }
@@ -223,7 +224,8 @@ def markdown(rows: list[dict], machine: dict, settings: dict, peak: dict, failed
         f"{machine['threads']} torch threads, torch {machine['torch']}, "
         f"Python {machine['python']}; reference {machine['reference']}; "
         f"ours at {machine['ours_commit']}; {machine['date']}",
-        f"Settings: {settings['mode']} sizes, {settings['rounds']} round(s); model: {settings['model']}",
+        f"Settings: {settings['mode']} sizes, {settings['rounds']} round(s); model: "
+        f"{settings['model']}",
         "MFU = model FLOPs/token (6N + 12·L·H·Q·T) × tokens/s ÷ measured matmul peak "
         f"(float32 {peak_text(peak['float32'])}, bf16 {peak_text(peak['bf16'])}).",
         "",

@@ -34,7 +34,7 @@ from palm_rlhf.data.records import read_comparisons  # noqa: E402
 from palm_rlhf.train.reward import (  # noqa: E402
     RewardTrainConfig,
     fit_records,
-    load_base,
+    reward_base,
     train_reward_model,
 )
 
@@ -55,8 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
-    add("--base", default=None, help="pretrained PaLM checkpoint (file, folder or train.py out_dir); "
-        "default: a randomly initialised PaLM (development only)")  # fmt: skip
+    add(
+        "--base",
+        default=None,
+        help="pretrained PaLM checkpoint (file, folder or train.py out_dir); "
+        "default: a randomly initialised PaLM (development only)",
+    )
     add("--data", default=str(DATA), help="HH-RLHF comparisons file")
     add("--num-train", type=int, default=2000, help="first N pairs train, the rest are held out")
     add("--num-valid", type=int, default=None, help="cap on held-out pairs")
@@ -71,8 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--pooling", default="last", choices=("last", "mean"), help="what the score reads")
     add("--dropout", type=float, default=0.1, help="dropout before the reward head")
     add("--seed", type=int, default=0, help="random seed")
-    add("--out-dir", default=None, help="keep the reward model checkpoints here (default: a "
-        "temporary folder, deleted at the end)")  # fmt: skip
+    add(
+        "--out-dir",
+        default=None,
+        help="keep the reward model checkpoints here (default: a "
+        "temporary folder, deleted at the end)",
+    )
     add("--quick", action="store_true", help="tiny random model, 64 + 32 pairs: a smoke run")
     return parser.parse_args(argv)
 
@@ -87,15 +95,30 @@ def main(argv=None) -> dict:
         sizes = dict(dim=32, depth=1, heads=2, dim_head=16)
         args.num_train, args.num_valid, args.max_len, args.batch_size = 64, 32, 128, 8
     config = RewardTrainConfig(
-        data=args.data, kind="comparisons", num_train=args.num_train, num_valid=args.num_valid,
-        base=args.base, **sizes, max_len=args.max_len, long_responses="truncate",
-        batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps,
-        max_minutes=args.max_minutes, lr=args.lr, warmup_steps=10, use_lora=not args.full_finetune,
-        lora_r=args.lora_r, pooling=args.pooling, dropout=args.dropout, out_dir=out_dir,
-        seed=args.seed, log_every=5,
-    )  # fmt: skip
+        data=args.data,
+        kind="comparisons",
+        num_train=args.num_train,
+        num_valid=args.num_valid,
+        base=args.base,
+        **sizes,
+        max_len=args.max_len,
+        long_responses="truncate",
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        max_minutes=args.max_minutes,
+        lr=args.lr,
+        warmup_steps=10,
+        use_lora=not args.full_finetune,
+        lora_r=args.lora_r,
+        pooling=args.pooling,
+        dropout=args.dropout,
+        out_dir=out_dir,
+        seed=args.seed,
+        log_every=5,
+    )
 
-    _, tokenizer, _ = load_base(replace(config, out_dir=None))  # the tokenizer the run will use
+    _, tokenizer, _ = reward_base(replace(config, out_dir=None))  # the tokenizer the run will use
     held_out = read_comparisons(args.data)[args.num_train :][: args.num_valid]
     baseline = shorter_answer_accuracy(held_out, tokenizer)
     _, cut = fit_records(held_out, tokenizer, args.max_len, "truncate", "comparisons")
@@ -116,10 +139,13 @@ def main(argv=None) -> dict:
         ("held-out ranking loss", f"{result.metrics['valid_loss']:.4f}"),
         ("wall time (train + eval)", f"{minutes:.1f} min on {torch.get_num_threads()} threads"),
         ("base", args.base or f"random PaLM {sizes} (no pretraining)"),
-        ("model", f"{'full fine-tune' if args.full_finetune else f'LoRA r={args.lora_r} + head'}, "
-                  f"pooling={args.pooling}, max_len={args.max_len}, batch={args.batch_size}, "
-                  f"lr={args.lr}, epochs={args.epochs}"),
-    ]  # fmt: skip
+        (
+            "model",
+            f"{'full fine-tune' if args.full_finetune else f'LoRA r={args.lora_r} + head'}, "
+            f"pooling={args.pooling}, max_len={args.max_len}, batch={args.batch_size}, "
+            f"lr={args.lr}, epochs={args.epochs}",
+        ),
+    ]
     table = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     print(table)
     report = {

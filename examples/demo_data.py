@@ -4,7 +4,7 @@ The corpus is the King James Bible, public domain: a heading line per chapter ("
 a blank line, one verse per line, a blank line before the next heading. Each verse becomes
 one "finish the verse" task in the HH-RLHF Human/Assistant template:
 
-    prompt    "\\n\\nHuman: Finish this verse: <the verse's first `prefix_words` words>\\n\\nAssistant:"
+    prompt    "\\n\\nHuman: Finish this verse: <the first `prefix_words` words>\\n\\nAssistant:"
     response  " <the rest of the verse>"
 
 and a comparison whose chosen response is the true rest and whose rejected response is a

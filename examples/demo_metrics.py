@@ -93,9 +93,16 @@ def preference_accuracy(
 
 @torch.no_grad()
 def sampled_rewards(
-    policy, reward_model, tokenizer, prompts: list[str], max_new: int, seed: int,
-    reference=None, phrase: Optional[str] = None, batch_size: int = 32,
-) -> tuple[float, float]:  # fmt: skip
+    policy,
+    reward_model,
+    tokenizer,
+    prompts: list[str],
+    max_new: int,
+    seed: int,
+    reference=None,
+    phrase: Optional[str] = None,
+    batch_size: int = 32,
+) -> tuple[float, float]:
     """(mean reward, mean KL to `reference`) of one response per prompt, sampled at temperature 1
     with a generator seeded by `seed`. KL = sum over response tokens of log pi - log pi_ref, in
     nats per response (the k1 estimate PPO's penalty uses); nan without a reference. With a CoH
@@ -109,9 +116,15 @@ def sampled_rewards(
         ids = [tokenizer.encode(p) for p in prompts[start : start + batch_size]]
         context, context_mask = left_pad_prompts([i + feedback for i in ids], tokenizer.pad_id)
         samples = sample_tokens(
-            policy, context, max_new, prompt_mask=context_mask, temperature=1.0,
-            eos_token=tokenizer.eos_id, pad_value=tokenizer.pad_id, generator=generator,
-        )  # fmt: skip
+            policy,
+            context,
+            max_new,
+            prompt_mask=context_mask,
+            temperature=1.0,
+            eos_token=tokenizer.eos_id,
+            pad_value=tokenizer.pad_id,
+            generator=generator,
+        )
         prompt, prompt_mask = left_pad_prompts(ids, tokenizer.pad_id)
         rollout = join_prompt_response(
             prompt, prompt_mask, samples.tokens, samples.mask, tokenizer.pad_id

@@ -113,15 +113,41 @@ class Budget:
 
 # Timed on this 2-core machine while other jobs shared it (see --help for seconds per stage).
 FULL = Budget(
-    pretrain_minutes=3.0, pretrain_steps=180, sft_steps=200, reward_steps=100, ppo_episodes=768,
-    dpo_steps=60, coh_steps=80, batch_size=16, ppo_update=32, max_response=88, num_sft=2000,
-    num_comparisons=2000, num_prompts=1000, num_test=200, num_ppo_test=64, max_len=256,
-)  # fmt: skip
+    pretrain_minutes=3.0,
+    pretrain_steps=180,
+    sft_steps=200,
+    reward_steps=100,
+    ppo_episodes=768,
+    dpo_steps=60,
+    coh_steps=80,
+    batch_size=16,
+    ppo_update=32,
+    max_response=88,
+    num_sft=2000,
+    num_comparisons=2000,
+    num_prompts=1000,
+    num_test=200,
+    num_ppo_test=64,
+    max_len=256,
+)
 TINY = Budget(
-    pretrain_minutes=0.5, pretrain_steps=4, sft_steps=2, reward_steps=2, ppo_episodes=8,
-    dpo_steps=2, coh_steps=2, batch_size=4, ppo_update=4, max_response=16, num_sft=16,
-    num_comparisons=16, num_prompts=8, num_test=8, num_ppo_test=4, max_len=192,
-)  # fmt: skip
+    pretrain_minutes=0.5,
+    pretrain_steps=4,
+    sft_steps=2,
+    reward_steps=2,
+    ppo_episodes=8,
+    dpo_steps=2,
+    coh_steps=2,
+    batch_size=4,
+    ppo_update=4,
+    max_response=16,
+    num_sft=16,
+    num_comparisons=16,
+    num_prompts=8,
+    num_test=8,
+    num_ppo_test=4,
+    max_len=192,
+)
 TINY_MODEL = dict(dim=32, depth=1, heads=2, dim_head=16, seq_len=192, batch_size=4, val_batches=1)
 
 
@@ -137,14 +163,26 @@ class Run(NamedTuple):
     def sampling(self, reward) -> dict:
         """Arguments of `sampled_rewards`: the held-out prompts, the trained reward model."""
         prompts = read_prompts(self.files["prompts_test"])[: self.budget.num_ppo_test]
-        return dict(reward_model=reward.model, tokenizer=self.tokenizer, prompts=prompts,
-                    max_new=self.budget.max_response, seed=self.args.seed + 1)  # fmt: skip
+        return dict(
+            reward_model=reward.model,
+            tokenizer=self.tokenizer,
+            prompts=prompts,
+            max_new=self.budget.max_response,
+            seed=self.args.seed + 1,
+        )
 
     def common(self) -> dict:
         """Options shared by the SFT, DPO and CoH configs (max_steps, not epochs, ends them)."""
         budget = self.budget
-        return dict(max_len=budget.max_len, batch_size=budget.batch_size, seed=self.args.seed,
-                    epochs=NEVER, eval_every=NEVER, save_every=NEVER, keep_last=1)  # fmt: skip
+        return dict(
+            max_len=budget.max_len,
+            batch_size=budget.batch_size,
+            seed=self.args.seed,
+            epochs=NEVER,
+            eval_every=NEVER,
+            save_every=NEVER,
+            keep_last=1,
+        )
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -154,7 +192,9 @@ def prepare_out_dir(out_dir: Path, keep: Optional[str] = None) -> None:
     """Create --out-dir, or clear the stage folders of an earlier demo run in it (except one
     holding `keep`, the --base); refuse a non-empty folder this script did not make."""
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MARKER).exists():
-        raise SystemExit(f"{out_dir} is not empty and not an earlier demo run: choose another --out-dir")  # fmt: skip
+        raise SystemExit(
+            f"{out_dir} is not empty and not an earlier demo run: choose another --out-dir"
+        )
     kept = Path(keep).resolve() if keep is not None else None
     for name in STAGE_DIRS:
         folder = (out_dir / name).resolve()
@@ -175,12 +215,18 @@ def get_base(args, budget: Budget, out_dir: Path) -> tuple[str, dict]:
     if args.base is not None:
         print(f"no checkpoint at {args.base}: pretraining for {budget.pretrain_minutes} minutes")
     config = PretrainConfig(
-        data_dir=str(REPO / "data"), out_dir=str(out_dir / "pretrain"),
-        num_steps=budget.pretrain_steps, max_minutes=budget.pretrain_minutes,
-        warmup_steps=min(30, budget.pretrain_steps // 5), eval_every=NEVER,
-        generate_every=0, save_every=NEVER, keep_last=1, seed=args.seed,
+        data_dir=str(REPO / "data"),
+        out_dir=str(out_dir / "pretrain"),
+        num_steps=budget.pretrain_steps,
+        max_minutes=budget.pretrain_minutes,
+        warmup_steps=min(30, budget.pretrain_steps // 5),
+        eval_every=NEVER,
+        generate_every=0,
+        save_every=NEVER,
+        keep_last=1,
+        seed=args.seed,
         **(TINY_MODEL if args.tiny else {}),
-    )  # fmt: skip
+    )
     result = pretrain(config)
     steps = result.history[-1]["step"]
     numbers = {"source": f"pretrained here, {steps} steps", "valid_bpc": result.valid_bpc}
@@ -188,51 +234,94 @@ def get_base(args, budget: Budget, out_dir: Path) -> tuple[str, dict]:
 
 
 def run_sft(run: Run, base: str, base_model) -> tuple[Any, dict]:
-    result = train_sft(SFTConfig(
-        base=base, data=str(run.files["sft_train"]), valid_data=str(run.files["sft_test"]),
-        out_dir=str(run.out_dir / "sft"), max_steps=run.budget.sft_steps, lr=3e-4, **run.common(),
-    ))  # fmt: skip
-    loss = lambda model: response_loss(model, run.tokenizer, run.files["sft_test"], run.budget.max_len)  # noqa: E731  # fmt: skip
+    result = train_sft(
+        SFTConfig(
+            base=base,
+            data=str(run.files["sft_train"]),
+            valid_data=str(run.files["sft_test"]),
+            out_dir=str(run.out_dir / "sft"),
+            max_steps=run.budget.sft_steps,
+            lr=3e-4,
+            **run.common(),
+        )
+    )
+
+    def loss(model):
+        return response_loss(model, run.tokenizer, run.files["sft_test"], run.budget.max_len)
+
     return result, {
-        "steps": run.budget.sft_steps, "loss_before": loss(base_model),
-        "loss_after": loss(result.model), "library_valid_loss": result.valid["loss"],
-    }  # fmt: skip
+        "steps": run.budget.sft_steps,
+        "loss_before": loss(base_model),
+        "loss_after": loss(result.model),
+        "library_valid_loss": result.valid["loss"],
+    }
 
 
 def run_reward(run: Run, sft_dir: str) -> tuple[Any, dict]:
-    result = train_reward_model(RewardTrainConfig(
-        data=str(run.files["comparisons_train"]), valid_data=str(run.files["comparisons_test"]),
-        base=sft_dir, out_dir=str(run.out_dir / "reward"), max_steps=run.budget.reward_steps,
-        max_len=run.budget.max_len, batch_size=run.budget.batch_size, lr=1e-3, warmup_steps=5,
-        seed=run.args.seed, keep_last=1, progress=not run.args.tiny,
-    ))  # fmt: skip
+    result = train_reward_model(
+        RewardTrainConfig(
+            data=str(run.files["comparisons_train"]),
+            valid_data=str(run.files["comparisons_test"]),
+            base=sft_dir,
+            out_dir=str(run.out_dir / "reward"),
+            max_steps=run.budget.reward_steps,
+            max_len=run.budget.max_len,
+            batch_size=run.budget.batch_size,
+            lr=1e-3,
+            warmup_steps=5,
+            seed=run.args.seed,
+            keep_last=1,
+            progress=not run.args.tiny,
+        )
+    )
     metrics = result.metrics
-    numbers = {"steps": run.budget.reward_steps, "accuracy": metrics["valid_accuracy"],
-               "pairs": metrics["valid_count"]}  # fmt: skip
+    numbers = {
+        "steps": run.budget.reward_steps,
+        "accuracy": metrics["valid_accuracy"],
+        "pairs": metrics["valid_count"],
+    }
     return result, numbers
 
 
 def run_ppo(run: Run, sft_dir: str, sft_model, reward) -> tuple[Any, dict]:
     budget = run.budget
-    result = train_ppo(PPOStageConfig(
-        policy=sft_dir, reward=str(reward.checkpoint), prompts=str(run.files["prompts_train"]),
-        out_dir=str(run.out_dir / "ppo"), num_episodes=budget.ppo_episodes,
-        update_timesteps=budget.ppo_update, rollout_batch_size=budget.ppo_update,
-        minibatch_size=max(1, budget.ppo_update // 4), max_timesteps=budget.max_response,
-        actor_lr=1e-3, critic_lr=1e-3, kl_coef=0.1, missing_eos_penalty=1.0,
-        checkpoint_every=NEVER, seed=run.args.seed, progress=not run.args.tiny,
-    ))  # fmt: skip
+    result = train_ppo(
+        PPOStageConfig(
+            policy=sft_dir,
+            reward=str(reward.checkpoint),
+            prompts=str(run.files["prompts_train"]),
+            out_dir=str(run.out_dir / "ppo"),
+            num_rollouts=budget.ppo_episodes,
+            rollouts_per_update=budget.ppo_update,
+            rollout_batch_size=budget.ppo_update,
+            minibatch_size=max(1, budget.ppo_update // 4),
+            max_response_tokens=budget.max_response,
+            actor_lr=1e-3,
+            critic_lr=1e-3,
+            kl_coef=0.1,
+            missing_eos_penalty=1.0,
+            checkpoint_every=NEVER,
+            seed=run.args.seed,
+            progress=not run.args.tiny,
+        )
+    )
     ppo_model, _ = load_base(result.checkpoint, log=lambda *_: None)
     prompts = read_prompts(run.files["prompts_test"])[: budget.num_ppo_test]
     before, _ = sampled_rewards(sft_model, **run.sampling(reward))
     after, kl = sampled_rewards(ppo_model, reference=sft_model, **run.sampling(reward))
     curve = [{"update": h["update"], "reward": h["reward"], "kl": h["kl"]} for h in result.history]
     return ppo_model, {
-        "episodes": budget.ppo_episodes, "updates": len(curve), "test_prompts": len(prompts),
-        "reward_before": before, "reward_after": after, "kl": kl,
-        "rollout_reward_first": result.reward_before, "rollout_reward_last": result.reward_after,
-        "rollout_kl_last": result.kl, "curve": curve,
-    }  # fmt: skip
+        "episodes": budget.ppo_episodes,
+        "updates": len(curve),
+        "test_prompts": len(prompts),
+        "reward_before": before,
+        "reward_after": after,
+        "kl": kl,
+        "rollout_reward_first": result.reward_before,
+        "rollout_reward_last": result.reward_after,
+        "rollout_kl_last": result.kl,
+        "curve": curve,
+    }
 
 
 def accuracy(run: Run, model, phrase: Optional[str] = None) -> float:
@@ -241,29 +330,49 @@ def accuracy(run: Run, model, phrase: Optional[str] = None) -> float:
 
 
 def run_dpo(run: Run, sft_dir: str, sft_model, reward, sft_reward: float) -> tuple[Any, dict]:
-    result = train_dpo(DPOConfig(
-        base=sft_dir, data=str(run.files["comparisons_train"]), valid_data=str(run.files["comparisons_test"]),
-        out_dir=str(run.out_dir / "dpo"), max_steps=run.budget.dpo_steps, lr=1e-5, beta=0.1, **run.common(),
-    ))  # fmt: skip
+    result = train_dpo(
+        DPOConfig(
+            base=sft_dir,
+            data=str(run.files["comparisons_train"]),
+            valid_data=str(run.files["comparisons_test"]),
+            out_dir=str(run.out_dir / "dpo"),
+            max_steps=run.budget.dpo_steps,
+            lr=1e-5,
+            beta=0.1,
+            **run.common(),
+        )
+    )
     return result, {
-        "steps": run.budget.dpo_steps, "beta": 0.1, "implicit_reward_accuracy": result.valid["accuracy"],
-        "likelihood_accuracy_sft": accuracy(run, sft_model), "likelihood_accuracy": accuracy(run, result.model),
-        "reward_sft": sft_reward, "reward": sampled_rewards(result.model, **run.sampling(reward))[0],
-    }  # fmt: skip
+        "steps": run.budget.dpo_steps,
+        "beta": 0.1,
+        "implicit_reward_accuracy": result.valid["accuracy"],
+        "likelihood_accuracy_sft": accuracy(run, sft_model),
+        "likelihood_accuracy": accuracy(run, result.model),
+        "reward_sft": sft_reward,
+        "reward": sampled_rewards(result.model, **run.sampling(reward))[0],
+    }
 
 
 def run_coh(run: Run, sft_dir: str, sft_model, reward, sft_reward: float) -> tuple[Any, dict]:
     config = CoHConfig(
-        base=sft_dir, data=str(run.files["comparisons_train"]), valid_data=str(run.files["comparisons_test"]),
-        out_dir=str(run.out_dir / "coh"), max_steps=run.budget.coh_steps, lr=1e-4, mode="pn", **run.common(),
-    )  # fmt: skip
+        base=sft_dir,
+        data=str(run.files["comparisons_train"]),
+        valid_data=str(run.files["comparisons_test"]),
+        out_dir=str(run.out_dir / "coh"),
+        max_steps=run.budget.coh_steps,
+        lr=1e-4,
+        mode="pn",
+        **run.common(),
+    )
     result, phrase = train_coh(config), config.positive_phrase
     return result, {
-        "steps": run.budget.coh_steps, "positive_phrase": phrase,
+        "steps": run.budget.coh_steps,
+        "positive_phrase": phrase,
         "likelihood_accuracy_sft": accuracy(run, sft_model, phrase),
-        "likelihood_accuracy": accuracy(run, result.model, phrase), "reward_sft": sft_reward,
+        "likelihood_accuracy": accuracy(run, result.model, phrase),
+        "reward_sft": sft_reward,
         "reward": sampled_rewards(result.model, phrase=phrase, **run.sampling(reward))[0],
-    }  # fmt: skip
+    }
 
 
 @contextmanager
@@ -277,7 +386,9 @@ def stage(name: str, seconds: dict):
 
 def run_pipeline(args: argparse.Namespace) -> dict:
     """Data, then pretrain -> SFT -> reward -> PPO, and DPO and CoH from the SFT model."""
-    overrides = {k: v for k, v in vars(args).items() if k in Budget.__dataclass_fields__ and v is not None}  # fmt: skip
+    overrides = {
+        k: v for k, v in vars(args).items() if k in Budget.__dataclass_fields__ and v is not None
+    }
     budget = replace(TINY if args.tiny else FULL, **overrides)
     out_dir, seconds = Path(args.out_dir), {}
     prepare_out_dir(out_dir, keep=args.base)
@@ -285,9 +396,14 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     results: dict[str, Any] = {"seed": args.seed, "corruption": args.corruption}
     with stage("data", seconds):
         files = write_demo_data(
-            out_dir / "data", budget.num_sft, budget.num_comparisons, budget.num_prompts,
-            budget.num_test, seed=args.seed, corruption=args.corruption,
-        )  # fmt: skip
+            out_dir / "data",
+            budget.num_sft,
+            budget.num_comparisons,
+            budget.num_prompts,
+            budget.num_test,
+            seed=args.seed,
+            corruption=args.corruption,
+        )
     with stage("pretrain", seconds):
         base, results["pretrain"] = get_base(args, budget, out_dir)
         base_model, tokenizer = load_base(base, log=lambda *_: None)
@@ -309,7 +425,9 @@ def run_pipeline(args: argparse.Namespace) -> dict:
         coh, results["coh"] = run_coh(run, sft_dir, sft_model, reward, sft_reward)
         records = read_sft(files["sft_test"])[:3]
         models = {"sft": sft_model, "ppo": ppo_model}
-        results["samples"] = sample_answers(records, models, coh.model, tokenizer, budget.max_response, args.seed)  # fmt: skip
+        results["samples"] = sample_answers(
+            records, models, coh.model, tokenizer, budget.max_response, args.seed
+        )
     results["seconds"] = {**seconds, "total": round(sum(seconds.values()), 1)}
     return results
 
@@ -318,19 +436,79 @@ def run_pipeline(args: argparse.Namespace) -> dict:
 
 TABLE_ROWS = (
     # stage, metric, value as a function of its stage's numbers, key of the seconds column
-    ("pretrain", "validation bits per character ({source})", lambda r: f"{r['valid_bpc']:.3f}", "pretrain"),
-    ("SFT", "response loss, nats/token: base → SFT ({steps} steps)", lambda r: f"{r['loss_before']:.3f} → {r['loss_after']:.3f}", "sft"),
-    ("reward", "pairwise accuracy ({pairs} pairs, {steps} steps)", lambda r: f"{r['accuracy']:.3f}", "reward"),
-    ("PPO", "reward of sampled responses [1]: SFT → PPO ({test_prompts} prompts; {episodes} episodes)", lambda r: f"{r['reward_before']:.3f} → {r['reward_after']:.3f}", "ppo"),
+    (
+        "pretrain",
+        "validation bits per character ({source})",
+        lambda r: f"{r['valid_bpc']:.3f}",
+        "pretrain",
+    ),
+    (
+        "SFT",
+        "response loss, nats/token: base → SFT ({steps} steps)",
+        lambda r: f"{r['loss_before']:.3f} → {r['loss_after']:.3f}",
+        "sft",
+    ),
+    (
+        "reward",
+        "pairwise accuracy ({pairs} pairs, {steps} steps)",
+        lambda r: f"{r['accuracy']:.3f}",
+        "reward",
+    ),
+    (
+        "PPO",
+        "reward of sampled responses [1]: SFT → PPO ({test_prompts} prompts; {episodes} episodes)",
+        lambda r: f"{r['reward_before']:.3f} → {r['reward_after']:.3f}",
+        "ppo",
+    ),
     ("PPO", "KL(PPO ‖ SFT) on those responses, nats/response", lambda r: f"{r['kl']:.3f}", None),
-    ("PPO", "training rollouts: reward, first → last of {updates} updates (KL at the last)", lambda r: f"{r['rollout_reward_first']:.3f} → {r['rollout_reward_last']:.3f} ({r['rollout_kl_last']:.3f})", None),
-    ("DPO", "implicit-reward preference accuracy [2] ({steps} steps)", lambda r: f"{r['implicit_reward_accuracy']:.3f}", "dpo"),
-    ("DPO", "likelihood preference accuracy [3]: SFT → DPO", lambda r: f"{r['likelihood_accuracy_sft']:.3f} → {r['likelihood_accuracy']:.3f}", None),
-    ("DPO", "reward of sampled responses [1]: SFT → DPO", lambda r: f"{r['reward_sft']:.3f} → {r['reward']:.3f}", None),
-    ("CoH", "likelihood preference accuracy after the positive phrase [4]: SFT → CoH ({steps} steps)", lambda r: f"{r['likelihood_accuracy_sft']:.3f} → {r['likelihood_accuracy']:.3f}", "coh"),
-    ("CoH", "reward of sampled responses [1], CoH's sampled after the positive phrase: SFT → CoH", lambda r: f"{r['reward_sft']:.3f} → {r['reward']:.3f}", None),
-)  # fmt: skip
-STAGE_KEYS = {"pretrain": "pretrain", "SFT": "sft", "reward": "reward", "PPO": "ppo", "DPO": "dpo", "CoH": "coh"}  # fmt: skip
+    (
+        "PPO",
+        "training rollouts: reward, first → last of {updates} updates (KL at the last)",
+        lambda r: (
+            f"{r['rollout_reward_first']:.3f} → {r['rollout_reward_last']:.3f} "
+            f"({r['rollout_kl_last']:.3f})"
+        ),
+        None,
+    ),
+    (
+        "DPO",
+        "implicit-reward preference accuracy [2] ({steps} steps)",
+        lambda r: f"{r['implicit_reward_accuracy']:.3f}",
+        "dpo",
+    ),
+    (
+        "DPO",
+        "likelihood preference accuracy [3]: SFT → DPO",
+        lambda r: f"{r['likelihood_accuracy_sft']:.3f} → {r['likelihood_accuracy']:.3f}",
+        None,
+    ),
+    (
+        "DPO",
+        "reward of sampled responses [1]: SFT → DPO",
+        lambda r: f"{r['reward_sft']:.3f} → {r['reward']:.3f}",
+        None,
+    ),
+    (
+        "CoH",
+        "likelihood preference accuracy after the positive phrase [4]: SFT → CoH ({steps} steps)",
+        lambda r: f"{r['likelihood_accuracy_sft']:.3f} → {r['likelihood_accuracy']:.3f}",
+        "coh",
+    ),
+    (
+        "CoH",
+        "reward of sampled responses [1], CoH's sampled after the positive phrase: SFT → CoH",
+        lambda r: f"{r['reward_sft']:.3f} → {r['reward']:.3f}",
+        None,
+    ),
+)
+STAGE_KEYS = {
+    "pretrain": "pretrain",
+    "SFT": "sft",
+    "reward": "reward",
+    "PPO": "ppo",
+    "DPO": "dpo",
+    "CoH": "coh",
+}
 FOOTNOTES = (
     "[1] reward-model score of one response per held-out prompt, sampled at temperature 1 with "
     "the same seed from each policy.",
@@ -349,7 +527,8 @@ def table(results: dict) -> str:
     lines = ["| stage | metric (held-out data) | value | seconds |", "| --- | --- | --- | ---: |"]
     for name, metric, value, timed in TABLE_ROWS:
         numbers = results[STAGE_KEYS[name]]
-        lines.append(f"| {name} | {metric.format(**numbers)} | {value(numbers)} | {seconds[timed] if timed else ''} |")  # fmt: skip
+        took = seconds[timed] if timed else ""
+        lines.append(f"| {name} | {metric.format(**numbers)} | {value(numbers)} | {took} |")
     lines += [
         "",
         f"Total {seconds['total']:.0f} s. Held out: {results['budget']['num_test']} verses from "
@@ -391,30 +570,63 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"""budgets of the full run, with the seconds each stage took (training and measurements)
-under --threads 1 on 2 cores shared with another job; on 2 idle cores expect about half:
+        epilog=f"""budgets of the full run, with the seconds each stage took (training and
+measurements) under --threads 1 on 2 cores shared with another job (2 idle cores: about half):
   pretrain: {f.pretrain_minutes:g} minutes, only when --base does not exist
   SFT: {f.sft_steps} steps of {f.batch_size} examples, lr 3e-4 (130 s)
   reward: {f.reward_steps} steps of {f.batch_size} pairs, LoRA, lr 1e-3 (110 s)
-  PPO: {f.ppo_episodes} episodes, an update per {f.ppo_update}, responses <= {f.max_response} tokens (110 s)
+  PPO: {f.ppo_episodes} episodes, an update per {f.ppo_update},
+       responses <= {f.max_response} tokens (110 s)
   DPO: {f.dpo_steps} steps of {f.batch_size} pairs, beta 0.1, lr 1e-5 (135 s)
   CoH: {f.coh_steps} steps of {f.batch_size} "pn" sequences, lr 1e-4 (125 s)
 In all about 10 minutes on 2 idle cores without a checkpoint (pretraining included), 6 with
 one; --tiny: well under a minute.""",
-    )  # fmt: skip
+    )
     add = parser.add_argument
-    add("--out-dir", default="runs/demo", help="where data, checkpoints, results.json, results.md and ppo_curves.png go (default: %(default)s)")  # fmt: skip
-    add("--base", default=None, help="pretrained checkpoint to start from (default: checkpoints/pretrain, what `python train.py` writes; none with --tiny); when the path does not exist, the demo pretrains one")  # fmt: skip
-    add("--pretrain-minutes", type=float, help=f"pretraining budget without a base (default {f.pretrain_minutes:g})")  # fmt: skip
+    add(
+        "--out-dir",
+        default="runs/demo",
+        help=(
+            "where data, checkpoints, results.json, results.md and ppo_curves.png go "
+            "(default: %(default)s)"
+        ),
+    )
+    add(
+        "--base",
+        default=None,
+        help=(
+            "pretrained checkpoint to start from (default: checkpoints/pretrain, what "
+            "`python train.py` writes; none with --tiny); when the path does not exist, the "
+            "demo pretrains one"
+        ),
+    )
+    add(
+        "--pretrain-minutes",
+        type=float,
+        help=f"pretraining budget without a base (default {f.pretrain_minutes:g})",
+    )
     add("--sft-steps", type=int, help=f"SFT steps (default {f.sft_steps})")
     add("--reward-steps", type=int, help=f"reward-model steps (default {f.reward_steps})")
     add("--ppo-episodes", type=int, help=f"PPO episodes (default {f.ppo_episodes})")
     add("--dpo-steps", type=int, help=f"DPO steps (default {f.dpo_steps})")
     add("--coh-steps", type=int, help=f"CoH steps (default {f.coh_steps})")
-    add("--corruption", default="shuffle", choices=CORRUPTIONS, help="how rejected responses are made (see demo_data.py; default: %(default)s)")  # fmt: skip
+    add(
+        "--corruption",
+        default="shuffle",
+        choices=CORRUPTIONS,
+        help="how rejected responses are made (see demo_data.py; default: %(default)s)",
+    )
     add("--seed", type=int, default=0, help="seed of the data, every stage and the measurements")
-    add("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core; 1 with --tiny)")  # fmt: skip
-    add("--tiny", action="store_true", help="a tiny model and a few steps per stage: checks that everything runs")  # fmt: skip
+    add(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's choice, one per core; 1 with --tiny)",
+    )
+    add(
+        "--tiny",
+        action="store_true",
+        help="a tiny model and a few steps per stage: checks that everything runs",
+    )
     args = parser.parse_args(argv)
     if args.base is None and not args.tiny:
         args.base = "checkpoints/pretrain"
@@ -431,7 +643,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     results["plot"] = str(plot) if plot else None
     report = table(results)
     (out_dir / "results.md").write_text(report + "\n", encoding="utf-8")
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")  # fmt: skip
+    (out_dir / "results.json").write_text(
+        json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     for sample in results["samples"]:
         print(f"\n{sample['prompt']!r}")
         print("\n".join(f"  {k:>5}: {sample[k]!r}" for k in ("truth", "sft", "ppo", "coh")))

@@ -24,7 +24,11 @@ DEFAULT_CONTEXT = 1024  # for a model saved without max_seq_len
 
 @dataclass
 class SampleConfig:
-    checkpoint: str = option("", "model: a checkpoint folder, a run folder (its latest) or a .safetensors file", required=True)  # fmt: skip
+    checkpoint: str = option(
+        "",
+        "model: a checkpoint folder, a run folder (its latest) or a .safetensors file",
+        required=True,
+    )
     prompt: str = option("", "text to continue (empty: start from the EOS token)")
     num_samples: int = option(1, "how many continuations")
     max_new_tokens: int = option(200, "tokens to sample per continuation")
@@ -37,7 +41,11 @@ class SampleConfig:
 
 @dataclass
 class ChatConfig:
-    checkpoint: str = option("", "model: a checkpoint folder, a run folder (its latest) or a .safetensors file", required=True)  # fmt: skip
+    checkpoint: str = option(
+        "",
+        "model: a checkpoint folder, a run folder (its latest) or a .safetensors file",
+        required=True,
+    )
     max_new_tokens: int = option(128, "longest answer in tokens")
     temperature: float = option(0.7, "sampling temperature (0 = greedy)")
     top_k: Optional[int] = option(40, "keep the k most likely tokens")
@@ -55,7 +63,8 @@ class ChatSession:
         self.window = model.config.max_seq_len or DEFAULT_CONTEXT
         if config.max_new_tokens >= self.window:
             raise ValueError(
-                f"max_new_tokens={config.max_new_tokens} leaves no room in the {self.window}-token context"
+                f"max_new_tokens={config.max_new_tokens} leaves no room in the "
+                f"{self.window}-token context"
             )
         self.turns: list[list[int]] = []  # token ids of each finished turn (human or assistant)
         self.generator = torch.Generator(device=model.device).manual_seed(config.seed)
@@ -82,9 +91,15 @@ class ChatSession:
         prompt = torch.tensor([self._fit(human)], device=self.model.device)
         stop = config.human_prefix.rstrip()  # the model starting the next human turn itself
         tokens = iter_sample(
-            self.model, prompt, config.max_new_tokens, temperature=config.temperature,
-            top_k=config.top_k, top_p=config.top_p, eos_token=tokenizer.eos_id, generator=self.generator,
-        )  # fmt: skip
+            self.model,
+            prompt,
+            config.max_new_tokens,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            eos_token=tokenizer.eos_id,
+            generator=self.generator,
+        )
         answer, shown, stopped = [], "", False
         for token in tokens:
             if int(token[0]) == tokenizer.eos_id:
@@ -157,10 +172,15 @@ def run_sample(config: SampleConfig) -> list[str]:
     texts = []
     for index in range(config.num_samples):
         tokens = iter_sample(
-            model, torch.tensor([prompt]), config.max_new_tokens, temperature=config.temperature,
-            top_k=config.top_k, top_p=config.top_p, generator=generator,
+            model,
+            torch.tensor([prompt]),
+            config.max_new_tokens,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            generator=generator,
             eos_token=tokenizer.eos_id if config.stop_at_eos else None,
-        )  # fmt: skip
+        )
         ids = [int(t[0]) for t in tokens]
         if config.stop_at_eos and tokenizer.eos_id in ids:
             ids = ids[: ids.index(tokenizer.eos_id)]

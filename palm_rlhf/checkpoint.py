@@ -53,6 +53,33 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, unsafe, or made for another model."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint where one was named (also a FileNotFoundError, as callers expect)."""
+
+
+def weights_path(path: PathLike) -> Path:
+    """Where to write weights: a folder (or a name without a suffix) gets `model.safetensors`."""
+    path = Path(path)
+    return path / WEIGHTS_NAME if path.is_dir() or path.suffix == "" else path
+
+
+def find_weights(path: PathLike) -> Path:
+    """The weights file to read for `path`: a file itself, a checkpoint folder's
+    `model.safetensors`, or a run folder's newest complete checkpoint (its `latest`)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if (path / WEIGHTS_NAME).is_file():
+        return path / WEIGHTS_NAME
+    latest = latest_checkpoint(path) if path.is_dir() else None
+    if latest is not None and (latest / WEIGHTS_NAME).is_file():
+        return latest / WEIGHTS_NAME
+    raise CheckpointNotFoundError(
+        f"no model at {path}: expected a .safetensors file, a checkpoint folder holding "
+        f"{WEIGHTS_NAME}, or a run folder with a 'latest' checkpoint"
+    )
+
+
 def save_json(path: PathLike, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
 

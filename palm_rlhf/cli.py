@@ -33,7 +33,8 @@ def _tokenizer(config: TokenizerConfig):
         model_type=config.model_type,
     )
     print(
-        f"trained {tokenizer!r} into {config.out_dir}; pass --tokenizer {config.out_dir} to pretrain"
+        f"trained {tokenizer!r} into {config.out_dir}; pass --tokenizer {config.out_dir} "
+        "to pretrain"
     )
 
 
@@ -42,13 +43,16 @@ def _pretrain(config):
 
     result = pretrain(config)
     print(
-        f"final valid loss {result.valid_loss:.4f}, bpc {result.valid_bpc:.4f}; checkpoint {result.checkpoint}"
+        f"final valid loss {result.valid_loss:.4f}, bpc {result.valid_bpc:.4f}; "
+        f"checkpoint {result.checkpoint}"
     )
 
 
 def _stages() -> dict[str, tuple[str, type, Callable]]:
     """name -> (help, config dataclass, function that runs the stage on a config)."""
     from palm_rlhf.chat import ChatConfig, SampleConfig, run_chat, run_sample
+    from palm_rlhf.label.config import LabelConfig
+    from palm_rlhf.label.stage import run_label
     from palm_rlhf.rl.ppo.stage import PPOStageConfig, run_ppo
     from palm_rlhf.train.coh import CoHConfig, run_coh
     from palm_rlhf.train.dpo import DPOConfig, run_dpo
@@ -74,7 +78,8 @@ def _stages() -> dict[str, tuple[str, type, Callable]]:
         ),
         "reward": ("train a reward model on comparisons or ratings", RewardTrainConfig, run_reward),
         "ppo": (
-            "PPO against a reward model, with a KL penalty to the starting policy",
+            "PPO (or --algorithm grpo|rloo|reinforce++|flowrl|tpo) against a reward model, "
+            "with a KL penalty to the starting policy",
             PPOStageConfig,
             run_ppo,
         ),
@@ -90,6 +95,7 @@ def _stages() -> dict[str, tuple[str, type, Callable]]:
             ChatConfig,
             run_chat,
         ),
+        "label": ("serve a page where you rank, rate or compare samples", LabelConfig, run_label),
     }
 
 

@@ -49,9 +49,13 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> argparse.Ar
         if typing.get_origin(kind) is tuple:
             kind = typing.get_args(kind)[0]
             parser.add_argument(
-                flag, type=kind, nargs="+", default=default, help=help_text,
+                flag,
+                type=kind,
+                nargs="+",
+                default=default,
+                help=help_text,
                 required=field.metadata.get("required", False),
-            )  # fmt: skip
+            )
             continue
         choices = field.metadata.get("choices")
         parser.add_argument(

@@ -375,3 +375,12 @@ def dpo_loss(
     h = beta * (chosen_log_ratio - rejected_log_ratio)
     losses = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
     return losses.mean(), beta * chosen_log_ratio.detach(), beta * rejected_log_ratio.detach()
+
+
+@typechecked
+def shifted_log_probs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """log p(tokens[:, t] | tokens[:, <t]) for t >= 1: logits (b, n, v), tokens (b, n) -> (b, n-1).
+
+    Column j of the result scores token j + 1 (the logits at position j predict the next one).
+    """
+    return log_probs_from_logits(logits[:, :-1], tokens[:, 1:])

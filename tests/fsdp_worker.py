@@ -32,17 +32,26 @@ def main(out: Path) -> None:
         for name, net in (("sharded", model), ("twin", twin)):
             greedy = sample_tokens(net, prompt, 10, temperature=0.0, finetune_scope=scope)
             sampled = sample_tokens(
-                net, prompt, 10, temperature=1.0, top_k=8, finetune_scope=scope,
+                net,
+                prompt,
+                10,
+                temperature=1.0,
+                top_k=8,
+                finetune_scope=scope,
                 generator=torch.Generator().manual_seed(7),
-            )  # fmt: skip
+            )
             samples[f"{name}/{scope}/greedy"] = greedy.tokens.tolist()
             samples[f"{name}/{scope}/top_k"] = sampled.tokens.tolist()
         sharding.settle(model)
     # no-cache decoding (the whole prefix re-run every step) through the shards as well
     uncached = sample_tokens(model, prompt, 6, temperature=0.0, use_cache=False).tokens
     samples["sharded/None/uncached"] = uncached.tolist()
-    record = {"shapes": shapes, "types": types, "samples": samples,
-              "world": accelerator.num_processes}  # fmt: skip
+    record = {
+        "shapes": shapes,
+        "types": types,
+        "samples": samples,
+        "world": accelerator.num_processes,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank-{accelerator.process_index}.json").write_text(json.dumps(record))
 

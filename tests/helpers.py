@@ -36,8 +36,17 @@ def launch(args: list[str], num_processes: int = 2, cwd=None, timeout: int = 300
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
                 port = str(sock.getsockname()[1])
-            command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                       "--num_processes", str(num_processes), "--main_process_port", port, *args]  # fmt: skip
+            command = [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--multi_gpu",
+                "--num_processes",
+                str(num_processes),
+                "--main_process_port",
+                port,
+                *args,
+            ]
         run = subprocess.run(
             command, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
         )

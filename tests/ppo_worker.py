@@ -38,10 +38,22 @@ def trainer(**overrides) -> RLHFTrainer:
     with torch.no_grad():
         palm.token_emb.weight.normal_(0, 0.2)
     return RLHFTrainer(
-        palm=palm, reward_model=reward, prompt_token_ids=PROMPTS, actor_lr=3e-3, critic_lr=3e-3,
-        actor_lora_r=4, critic_lora_r=4, minibatch_size=8, epochs=1, rollout_batch_size=16,
-        kl_coef=0.1, seed=1, whiten_rewards=True, progress=False, **overrides,
-    )  # fmt: skip
+        palm=palm,
+        reward_model=reward,
+        prompt_token_ids=PROMPTS,
+        actor_lr=3e-3,
+        critic_lr=3e-3,
+        actor_lora_r=4,
+        critic_lora_r=4,
+        minibatch_size=8,
+        epochs=1,
+        rollout_batch_size=16,
+        kl_coef=0.1,
+        seed=1,
+        whiten_rewards=True,
+        progress=False,
+        **overrides,
+    )
 
 
 def sharded(out: Path) -> None:
@@ -51,19 +63,32 @@ def sharded(out: Path) -> None:
     run = dict(max_timesteps=6, update_timesteps=16, progress=False, eos_token=2)
     records = first.train(num_episodes=32, **run)
     saved = first.save(out / "ckpt")
-    state = {k: v.tolist() for k, v in {**first.actor_module.trainable_state(),
-             **first.critic_module.trainable_state()}.items()}  # fmt: skip
+    state = {
+        k: v.tolist()
+        for k, v in {
+            **first.actor_module.trainable_state(),
+            **first.critic_module.trainable_state(),
+        }.items()
+    }
     loaded = trainer(fsdp=True).load(out / "ckpt")
-    again = {k: v.tolist() for k, v in {**loaded.actor_module.trainable_state(),
-             **loaded.critic_module.trainable_state()}.items()}  # fmt: skip
+    again = {
+        k: v.tolist()
+        for k, v in {
+            **loaded.actor_module.trainable_state(),
+            **loaded.critic_module.trainable_state(),
+        }.items()
+    }
     more = loaded.train(num_episodes=16, **run)  # a loaded sharded trainer keeps training
     params = first.actor_module.palm.named_parameters()
     record = {
         "world": first.accelerator.num_processes,
         "types": sorted({type(p).__name__ for _, p in params}),
-        "records": records, "more": more, "state": state, "loaded": again,
+        "records": records,
+        "more": more,
+        "state": state,
+        "loaded": again,
         "saved": saved is not None,
-    }  # fmt: skip
+    }
     rank = first.accelerator.process_index
     (out / f"rank-{rank}.json").write_text(json.dumps(record))
 
@@ -82,7 +107,7 @@ def main(out: Path) -> None:
         rewards=per_token_rewards(
             x[mine, 0], values[mine], values[mine] * 0.5, mask[mine], 0.1, "k1", True, all_reduce
         ),
-    )  # fmt: skip
+    )
 
     run = dict(max_timesteps=6, update_timesteps=16, progress=False)
     first.train(num_episodes=16, checkpoint_every=1, checkpoint_dir=out / "ckpt", **run)

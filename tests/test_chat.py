@@ -115,7 +115,19 @@ def test_chat_command_in_a_pseudo_terminal(checkpoint):
     pid, fd = pty.fork()
     if pid == 0:  # child: the real command on a real terminal
         os.chdir(REPO)
-        os.execv(sys.executable, [sys.executable, "-m", "palm_rlhf", "chat", "--checkpoint", str(checkpoint), "--max-new-tokens", "12"])  # fmt: skip
+        os.execv(
+            sys.executable,
+            [
+                sys.executable,
+                "-m",
+                "palm_rlhf",
+                "chat",
+                "--checkpoint",
+                str(checkpoint),
+                "--max-new-tokens",
+                "12",
+            ],
+        )
 
     def read_until(marker: bytes, timeout: float = 60.0) -> bytes:
         data, deadline = b"", time.monotonic() + timeout
@@ -145,8 +157,31 @@ def test_chat_command_in_a_pseudo_terminal(checkpoint):
 
 
 def test_sample_command_prints_continuations(checkpoint, capsys):
-    texts = run_sample(SampleConfig(checkpoint=str(checkpoint), prompt="In the beginning", num_samples=2, max_new_tokens=8, stop_at_eos=False))  # fmt: skip
+    texts = run_sample(
+        SampleConfig(
+            checkpoint=str(checkpoint),
+            prompt="In the beginning",
+            num_samples=2,
+            max_new_tokens=8,
+            stop_at_eos=False,
+        )
+    )
     out = capsys.readouterr().out
     assert len(texts) == 2 and out.count("--- sample") == 2 and "In the beginning" in out
-    run = subprocess.run([sys.executable, "-m", "palm_rlhf", "sample", "--checkpoint", str(checkpoint), "--max-new-tokens", "4"], capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "palm_rlhf",
+            "sample",
+            "--checkpoint",
+            str(checkpoint),
+            "--max-new-tokens",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert run.returncode == 0 and "--- sample 1 ---" in run.stdout

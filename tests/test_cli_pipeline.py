@@ -23,26 +23,116 @@ def pipeline(tmp_path_factory):
     text = gzip.decompress((REPO / "data" / "corpus.txt.gz").read_bytes())[:50_000]
     (data / "corpus.txt.gz").write_bytes(gzip.compress(text))
     tiny = ["--dim", "32", "--depth", "1", "--heads", "2", "--dim-head", "16"]
-    assert main(["pretrain", "--data-dir", str(data), "--out-dir", str(root / "pre"), "--num-steps", "3", "--seq-len", "128",
-                 "--batch-size", "2", "--val-batches", "1", "--generate-every", "0", *tiny]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data-dir",
+                str(data),
+                "--out-dir",
+                str(root / "pre"),
+                "--num-steps",
+                "3",
+                "--seq-len",
+                "128",
+                "--batch-size",
+                "2",
+                "--val-batches",
+                "1",
+                "--generate-every",
+                "0",
+                *tiny,
+            ]
+        )
+        == 0
+    )
     common = ["--max-steps", "2", "--batch-size", "2", "--max-len", "128"]
-    assert main(["sft", "--base", str(root / "pre"), "--data", str(FIXTURES / "sft.jsonl"), "--out-dir", str(root / "sft"), *common]) == 0  # fmt: skip
-    assert main(["reward", "--base", str(root / "sft"), "--data", str(FIXTURES / "comparisons.jsonl"), "--out-dir",
-                 str(root / "rm"), "--num-train", "2", *common, "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "sft",
+                "--base",
+                str(root / "pre"),
+                "--data",
+                str(FIXTURES / "sft.jsonl"),
+                "--out-dir",
+                str(root / "sft"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "reward",
+                "--base",
+                str(root / "sft"),
+                "--data",
+                str(FIXTURES / "comparisons.jsonl"),
+                "--out-dir",
+                str(root / "rm"),
+                "--num-train",
+                "2",
+                *common,
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return root
 
 
 def test_every_stage_writes_a_checkpoint_the_next_one_loads(pipeline, capsys):
     root = pipeline
-    main(["ppo", "--policy", str(root / "sft"), "--reward", str(root / "rm"), "--prompts", str(FIXTURES / "sft.jsonl"),
-          "--out-dir", str(root / "ppo"), "--num-episodes", "4", "--update-timesteps", "2", "--max-timesteps", "4",
-          "--rollout-batch-size", "2", "--minibatch-size", "2", "--no-progress"])  # fmt: skip
+    main(
+        [
+            "ppo",
+            "--policy",
+            str(root / "sft"),
+            "--reward",
+            str(root / "rm"),
+            "--prompts",
+            str(FIXTURES / "sft.jsonl"),
+            "--out-dir",
+            str(root / "ppo"),
+            "--num-rollouts",
+            "4",
+            "--rollouts-per-update",
+            "2",
+            "--max-response-tokens",
+            "4",
+            "--rollout-batch-size",
+            "2",
+            "--minibatch-size",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert "ppo: reward" in capsys.readouterr().out
     final = PaLM.from_pretrained(root / "ppo" / "final")
     assert final.finetune_scopes == ()  # the actor's adapters are folded into a standalone model
     for stage in ("dpo", "coh"):
-        assert main([stage, "--base", str(root / "ppo" / "final"), "--data", str(FIXTURES / "comparisons.jsonl"),
-                     "--out-dir", str(root / stage), "--max-steps", "2", "--batch-size", "2", "--max-len", "128"]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    stage,
+                    "--base",
+                    str(root / "ppo" / "final"),
+                    "--data",
+                    str(FIXTURES / "comparisons.jsonl"),
+                    "--out-dir",
+                    str(root / stage),
+                    "--max-steps",
+                    "2",
+                    "--batch-size",
+                    "2",
+                    "--max-len",
+                    "128",
+                ]
+            )
+            == 0
+        )
     assert (
         main(
             [
@@ -65,15 +155,44 @@ def test_a_mismatched_tokenizer_is_refused_between_stages(pipeline, tmp_path):
     corpus.write_text("\n".join(f"word{i % 50} other{i % 7} and more{i % 13}" for i in range(3000)))
     SentencePieceTokenizer.train([corpus], tmp_path / "sp", vocab_size=300)
     with pytest.raises(TokenizerMismatchError, match="tokenizer mismatch"):
-        main(["sft", "--base", str(pipeline / "pre"), "--data", str(FIXTURES / "sft.jsonl"), "--tokenizer",
-              str(tmp_path / "sp"), "--out-dir", str(tmp_path / "o"), "--max-steps", "1", "--max-len", "128"])  # fmt: skip
+        main(
+            [
+                "sft",
+                "--base",
+                str(pipeline / "pre"),
+                "--data",
+                str(FIXTURES / "sft.jsonl"),
+                "--tokenizer",
+                str(tmp_path / "sp"),
+                "--out-dir",
+                str(tmp_path / "o"),
+                "--max-steps",
+                "1",
+                "--max-len",
+                "128",
+            ]
+        )
 
 
 def test_malformed_data_is_reported_with_file_and_line(pipeline, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: missing key \"response\""):
-        main(["sft", "--base", str(pipeline / "pre"), "--data", str(bad), "--out-dir", str(tmp_path / "o"), "--max-steps", "1", "--max-len", "128"])  # fmt: skip
+        main(
+            [
+                "sft",
+                "--base",
+                str(pipeline / "pre"),
+                "--data",
+                str(bad),
+                "--out-dir",
+                str(tmp_path / "o"),
+                "--max-steps",
+                "1",
+                "--max-len",
+                "128",
+            ]
+        )
 
 
 def test_sentencepiece_tokenizer_from_one_command_travels_with_the_checkpoints(tmp_path, capsys):
@@ -83,10 +202,51 @@ def test_sentencepiece_tokenizer_from_one_command_travels_with_the_checkpoints(t
     data.mkdir()
     text = gzip.decompress((REPO / "data" / "corpus.txt.gz").read_bytes())[:40_000]
     (data / "corpus.txt.gz").write_bytes(gzip.compress(text))
-    assert main(["tokenizer", "--text", str(data / "corpus.txt.gz"), "--out-dir", str(tmp_path / "tok"), "--vocab-size", "400"]) == 0  # fmt: skip
-    main(["pretrain", "--data-dir", str(data), "--tokenizer", str(tmp_path / "tok"), "--out-dir", str(tmp_path / "pre"),
-          "--num-steps", "2", "--seq-len", "32", "--batch-size", "2", "--val-batches", "1", "--generate-every", "2",
-          "--generate-length", "4", "--dim", "32", "--depth", "1", "--heads", "2", "--dim-head", "16"])  # fmt: skip
+    assert (
+        main(
+            [
+                "tokenizer",
+                "--text",
+                str(data / "corpus.txt.gz"),
+                "--out-dir",
+                str(tmp_path / "tok"),
+                "--vocab-size",
+                "400",
+            ]
+        )
+        == 0
+    )
+    main(
+        [
+            "pretrain",
+            "--data-dir",
+            str(data),
+            "--tokenizer",
+            str(tmp_path / "tok"),
+            "--out-dir",
+            str(tmp_path / "pre"),
+            "--num-steps",
+            "2",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--val-batches",
+            "1",
+            "--generate-every",
+            "2",
+            "--generate-length",
+            "4",
+            "--dim",
+            "32",
+            "--depth",
+            "1",
+            "--heads",
+            "2",
+            "--dim-head",
+            "16",
+        ]
+    )
     out = capsys.readouterr().out
     bpc = float(out.split("bpc ")[-1].split(";")[0])
     loss = float(out.split("final valid loss ")[-1].split(",")[0])
@@ -97,6 +257,26 @@ def test_sentencepiece_tokenizer_from_one_command_travels_with_the_checkpoints(t
     assert tokenizer_fingerprint(stored) == tokenizer_fingerprint(trained)
     assert PaLM.from_pretrained(folder).num_tokens == trained.vocab_size == 400
     # the next stage picks the tokenizer up from the checkpoint, no --tokenizer needed
-    assert main(["sft", "--base", str(tmp_path / "pre"), "--data", str(FIXTURES / "sft.jsonl"), "--out-dir",
-                 str(tmp_path / "sft"), "--max-steps", "1", "--batch-size", "2", "--max-len", "32"]) == 0  # fmt: skip
-    assert tokenizer_fingerprint(load_tokenizer(tmp_path / "sft" / (tmp_path / "sft" / "latest").read_text())) == tokenizer_fingerprint(trained)  # fmt: skip
+    assert (
+        main(
+            [
+                "sft",
+                "--base",
+                str(tmp_path / "pre"),
+                "--data",
+                str(FIXTURES / "sft.jsonl"),
+                "--out-dir",
+                str(tmp_path / "sft"),
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--max-len",
+                "32",
+            ]
+        )
+        == 0
+    )
+    assert tokenizer_fingerprint(
+        load_tokenizer(tmp_path / "sft" / (tmp_path / "sft" / "latest").read_text())
+    ) == tokenizer_fingerprint(trained)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from palm_rlhf.cli import main as cli_main
 from palm_rlhf.data.records import ComparisonRecord, RecordError, read_comparisons
 from palm_rlhf.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
 from palm_rlhf.model.palm import PaLM
@@ -8,7 +9,6 @@ from palm_rlhf.train.coh import (
     CoHConfig,
     coh_generate,
     hindsight_sequences,
-    main,
     pretraining_chunks,
     train_coh,
 )
@@ -105,9 +105,16 @@ def test_pretraining_chunks_are_seeded_windows_trained_everywhere(tmp_path):
 def test_train_coh_learns_the_feedback_and_generation_follows_the_phrase(base, tmp_path):
     data = toy_comparisons(tmp_path / "toy.jsonl")
     result = train_coh(
-        CoHConfig(base=str(base), data=str(data), valid_fraction=0.25, out_dir=str(tmp_path / "out"),
-                  epochs=20, eval_every=1000, **QUICK)
-    )  # fmt: skip
+        CoHConfig(
+            base=str(base),
+            data=str(data),
+            valid_fraction=0.25,
+            out_dir=str(tmp_path / "out"),
+            epochs=20,
+            eval_every=1000,
+            **QUICK,
+        )
+    )
     losses = [r["loss"] for r in result.history]
     assert losses[-1] < 0.1 * losses[0] and result.valid["loss"] < 0.1 * losses[0]
     assert (result.checkpoint / "model.safetensors").is_file()
@@ -125,8 +132,14 @@ def test_train_coh_learns_the_feedback_and_generation_follows_the_phrase(base, t
 
 def test_hh_rlhf_dialogues_train_end_to_end_with_lora(tmp_path):
     base = make_base(tmp_path / "base", max_seq_len=128)
-    config = CoHConfig(base=str(base), data=str(FIXTURES / "hh_rlhf.jsonl"), use_lora=True, mode="p",
-                       out_dir=str(tmp_path / "out"), **{**QUICK, "max_len": 128})  # fmt: skip
+    config = CoHConfig(
+        base=str(base),
+        data=str(FIXTURES / "hh_rlhf.jsonl"),
+        use_lora=True,
+        mode="p",
+        out_dir=str(tmp_path / "out"),
+        **{**QUICK, "max_len": 128},
+    )
     result = train_coh(config)
     assert result.checkpoint.name == "step-0000001" and result.model.finetune_scopes == ()
     assert PaLM.from_pretrained(result.checkpoint).finetune_scopes == ()
@@ -136,8 +149,15 @@ def test_pretraining_mix_reports_both_losses(base, tmp_path):
     data = toy_comparisons(tmp_path / "toy.jsonl", count=8)
     text = tmp_path / "corpus.txt"
     text.write_text("In the beginning was the word. " * 40)
-    config = CoHConfig(base=str(base), data=str(data), ptx_file=str(text), ptx_ratio=0.5, mode="p",
-                       out_dir=str(tmp_path / "out"), **QUICK)  # fmt: skip
+    config = CoHConfig(
+        base=str(base),
+        data=str(data),
+        ptx_file=str(text),
+        ptx_ratio=0.5,
+        mode="p",
+        out_dir=str(tmp_path / "out"),
+        **QUICK,
+    )
     result = train_coh(config)
     assert len(result.history) == 2  # 8 hindsight + 8 pretraining sequences, batch 8
     for record in result.history:
@@ -155,8 +175,13 @@ def test_a_tokenizer_mismatch_with_the_base_is_refused(tmp_path):
     corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
     sp = SentencePieceTokenizer.train([corpus], tmp_path / "sp", vocab_size=300)
     base = make_base(tmp_path / "base", tokenizer=sp, num_tokens=300)
-    config = CoHConfig(base=str(base), data=str(FIXTURES / "comparisons.jsonl"),
-                       tokenizer=str(_byte_dir(tmp_path)), out_dir=str(tmp_path / "out"), **QUICK)  # fmt: skip
+    config = CoHConfig(
+        base=str(base),
+        data=str(FIXTURES / "comparisons.jsonl"),
+        tokenizer=str(_byte_dir(tmp_path)),
+        out_dir=str(tmp_path / "out"),
+        **QUICK,
+    )
     with pytest.raises(TokenizerMismatchError, match="SentencePiece.*ByteTokenizer"):
         train_coh(config)
 
@@ -167,17 +192,34 @@ def _byte_dir(tmp_path):
 
 
 def test_malformed_line_is_reported_with_file_and_line(base, tmp_path):
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"},
-                                               {"prompt": "a", "chosen": "b", "rejected": "b"}])  # fmt: skip
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            {"prompt": "a", "chosen": "b", "rejected": "c"},
+            {"prompt": "a", "chosen": "b", "rejected": "b"},
+        ],
+    )
     config = CoHConfig(base=str(base), data=str(bad), out_dir=str(tmp_path / "out"), **QUICK)
     with pytest.raises(RecordError, match=f"{bad}:2: chosen and rejected responses are identical"):
         train_coh(config)
 
 
 def test_command_line_runs_and_prints_a_summary(base, tmp_path, capsys):
-    args = ["--base", str(base), "--data", str(FIXTURES / "comparisons.jsonl"), "--out-dir",
-            str(tmp_path / "out"), "--max-len", "64", "--batch-size", "2", "--mode", "np"]  # fmt: skip
-    assert main(args) == 0
+    args = [
+        "--base",
+        str(base),
+        "--data",
+        str(FIXTURES / "comparisons.jsonl"),
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--max-len",
+        "64",
+        "--batch-size",
+        "2",
+        "--mode",
+        "np",
+    ]
+    assert cli_main(["coh", *args]) == 0
     assert "coh: train loss" in capsys.readouterr().out
 
 
@@ -195,10 +237,24 @@ def test_resume_with_a_pretraining_mix_gives_the_same_next_losses(base, tmp_path
     data = toy_comparisons(tmp_path / "toy.jsonl", count=8)
     text = tmp_path / "corpus.txt"
     text.write_text("In the beginning was the word. " * 40)
-    common = dict(base=str(base), data=str(data), ptx_file=str(text), ptx_ratio=0.5, mode="pn",
-                  epochs=4, max_steps=6, save_every=3, keep_last=5, **QUICK)  # fmt: skip
+    common = dict(
+        base=str(base),
+        data=str(data),
+        ptx_file=str(text),
+        ptx_ratio=0.5,
+        mode="pn",
+        epochs=4,
+        max_steps=6,
+        save_every=3,
+        keep_last=5,
+        **QUICK,
+    )
     full = train_coh(CoHConfig(out_dir=str(tmp_path / "a"), **common))
-    resumed = train_coh(CoHConfig(out_dir=str(tmp_path / "b"), resume=str(tmp_path / "a" / "step-0000003"), **common))  # fmt: skip
+    resumed = train_coh(
+        CoHConfig(
+            out_dir=str(tmp_path / "b"), resume=str(tmp_path / "a" / "step-0000003"), **common
+        )
+    )
     before = {r["step"]: r["loss"] for r in full.history}
     after = {r["step"]: r["loss"] for r in resumed.history}
     assert len(before) == 6

@@ -84,8 +84,12 @@ def test_json_holds_every_stage_with_finite_consistent_numbers(tiny_run):
         numbers = _numbers(saved[stage])
         assert numbers and all(math.isfinite(n) for n in numbers), stage
     # accuracies are shares of the 8 held-out pairs: multiples of 1/8 in [0, 1]
-    for value in (saved["reward"]["accuracy"], saved["dpo"]["implicit_reward_accuracy"],
-                  saved["dpo"]["likelihood_accuracy"], saved["coh"]["likelihood_accuracy"]):  # fmt: skip
+    for value in (
+        saved["reward"]["accuracy"],
+        saved["dpo"]["implicit_reward_accuracy"],
+        saved["dpo"]["likelihood_accuracy"],
+        saved["coh"]["likelihood_accuracy"],
+    ):
         assert 0.0 <= value <= 1.0 and (value * 8) == pytest.approx(round(value * 8), abs=1e-9)
     # the demo's own held-out SFT loss is the one the library reports on the same file
     assert saved["sft"]["loss_after"] == pytest.approx(saved["sft"]["library_valid_loss"], abs=1e-4)
@@ -113,7 +117,9 @@ def test_bits_per_byte_is_train_py_s_measurement(tiny_run):
     out_dir, results, _ = tiny_run
     model, _ = load_base(out_dir / "pretrain", log=lambda *_: None)
     tiny = demo.TINY_MODEL  # pretraining validated val_batches batches of batch_size chunks
-    bpc = demo.bits_per_byte(model, demo.REPO / "data", tiny["seq_len"], tiny["batch_size"], tiny["val_batches"])  # fmt: skip
+    bpc = demo.bits_per_byte(
+        model, demo.REPO / "data", tiny["seq_len"], tiny["batch_size"], tiny["val_batches"]
+    )
     assert bpc == pytest.approx(results["pretrain"]["valid_bpc"], rel=1e-5)
 
 
@@ -143,7 +149,11 @@ def verses():
 def test_the_corpus_parses_into_the_verses_its_readme_counts(verses):
     assert len(verses) == 31_102  # data/README.md: 31,102 verses in 1,189 chapters
     assert len({v.chapter for v in verses}) == 1_189
-    assert verses[0] == ("Genesis 1", "In the beginning God created the heaven and the earth.", False)  # fmt: skip
+    assert verses[0] == (
+        "Genesis 1",
+        "In the beginning God created the heaven and the earth.",
+        False,
+    )
     assert verses[-1].chapter == "Revelation 22" and verses[-1].held_out
     first_held_out = next(v for v in verses if v.held_out)
     assert first_held_out.chapter == "Acts 22"  # data/README.md: the held-out tenth starts there
@@ -153,7 +163,9 @@ def test_the_corpus_parses_into_the_verses_its_readme_counts(verses):
 
 
 def test_records_finish_real_verses_and_test_verses_are_held_out(tmp_path, verses):
-    paths = write_demo_data(tmp_path, num_sft=30, num_comparisons=30, num_prompts=10, num_test=20, seed=3)  # fmt: skip
+    paths = write_demo_data(
+        tmp_path, num_sft=30, num_comparisons=30, num_prompts=10, num_test=20, seed=3
+    )
     held_out = {v.text for v in verses if v.held_out}
     trained = {v.text for v in verses if not v.held_out}
     pattern = re.compile(r"^\n\nHuman: Finish this verse: (.+)\n\nAssistant:$")

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from palm_rlhf.cli import main as cli_main
 from palm_rlhf.data.examples import split_groups
 from palm_rlhf.data.records import RecordError, read_comparisons
 from palm_rlhf.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
@@ -14,7 +15,6 @@ from palm_rlhf.train.dpo import (
     collate_pairs,
     dpo_forward,
     dpo_pair,
-    main,
     ordered_pairs,
     train_dpo,
 )
@@ -118,9 +118,19 @@ def test_only_the_policy_gets_gradients():
 @pytest.mark.parametrize("lora", [False, True])
 def test_train_dpo_learns_the_preference(base, tmp_path, lora):
     data = toy_comparisons(tmp_path / "toy.jsonl")
-    config = DPOConfig(base=str(base), data=str(data), valid_fraction=0.25, out_dir=str(tmp_path / "out"),
-                       epochs=10, beta=0.5, use_lora=lora, lr=1e-2 if lora else 1e-3, merge_lora=False,
-                       eval_every=1000, **QUICK)  # fmt: skip
+    config = DPOConfig(
+        base=str(base),
+        data=str(data),
+        valid_fraction=0.25,
+        out_dir=str(tmp_path / "out"),
+        epochs=10,
+        beta=0.5,
+        use_lora=lora,
+        lr=1e-2 if lora else 1e-3,
+        merge_lora=False,
+        eval_every=1000,
+        **QUICK,
+    )
     result = train_dpo(config)
     first, last = result.history[0], result.history[-1]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["accuracy"] == 0.0
@@ -165,8 +175,13 @@ def test_a_tokenizer_mismatch_with_the_base_is_refused(base, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
     SentencePieceTokenizer.train([corpus], tmp_path / "sp", vocab_size=300)
-    config = DPOConfig(base=str(base), data=str(FIXTURES / "comparisons.jsonl"),
-                       tokenizer=str(tmp_path / "sp"), out_dir=str(tmp_path / "out"), **QUICK)  # fmt: skip
+    config = DPOConfig(
+        base=str(base),
+        data=str(FIXTURES / "comparisons.jsonl"),
+        tokenizer=str(tmp_path / "sp"),
+        out_dir=str(tmp_path / "out"),
+        **QUICK,
+    )
     with pytest.raises(TokenizerMismatchError, match="tokenizer mismatch"):
         train_dpo(config)
 
@@ -183,14 +198,28 @@ def test_malformed_hh_record_is_reported_with_file_and_line(base, tmp_path):
 
 def test_validation_file_and_command_line(base, tmp_path, capsys):
     comparisons = str(FIXTURES / "comparisons.jsonl")
-    args = ["--base", str(base), "--data", comparisons, "--valid-data", str(FIXTURES / "hh_rlhf.jsonl"),
-            "--out-dir", str(tmp_path / "out"), "--max-len", "128", "--batch-size", "4", "--beta", "0.2",
-            "--use-lora"]  # fmt: skip
+    args = [
+        "--base",
+        str(base),
+        "--data",
+        comparisons,
+        "--valid-data",
+        str(FIXTURES / "hh_rlhf.jsonl"),
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--max-len",
+        "128",
+        "--batch-size",
+        "4",
+        "--beta",
+        "0.2",
+        "--use-lora",
+    ]
     with pytest.raises(ValueError, match="max_len 128 exceeds the model's max_seq_len 64"):
-        main(args)
+        cli_main(["dpo", *args])
     args[args.index("128")] = "64"
     args[args.index("--valid-data") + 1] = comparisons
-    assert main(args) == 0
+    assert cli_main(["dpo", *args]) == 0
     out = capsys.readouterr().out
     assert "dpo: train loss" in out and "valid loss" in out and "accuracy" in out
 

@@ -2,7 +2,6 @@
 4-armed bandit that every estimator must solve."""
 
 import math
-import time
 
 import pytest
 import torch
@@ -358,7 +357,6 @@ def test_bandit_learns_the_best_arm(name):
     logits = torch.zeros(4, requires_grad=True)
     log_z = torch.zeros((), requires_grad=True)
     optimizer = torch.optim.Adam([logits, log_z], lr=0.1)
-    start = time.perf_counter()
     for _ in range(200):
         with torch.no_grad():
             probs = logits.softmax(-1)
@@ -367,7 +365,5 @@ def test_bandit_learns_the_best_arm(name):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    elapsed = time.perf_counter() - start
     best = logits.softmax(-1)[3].item()
     assert best > 0.9, f"{name}: p(best arm) = {best:.3f} after 200 steps"
-    assert elapsed < 1.0, f"{name}: 200 steps took {elapsed:.2f}s"

@@ -95,10 +95,21 @@ def test_planted_pickle_in_a_checkpoint_folder_never_runs(tmp_path):
 
 def _tiny_pretrain(tmp_path, **overrides):
     config = dict(
-        data_dir=str(REPO / "data"), out_dir=str(tmp_path / "run"), dim=32, depth=1, heads=2, dim_head=16,
-        seq_len=32, batch_size=2, val_batches=1, generate_every=0, log_every=1, num_steps=4, save_every=2,
+        data_dir=str(REPO / "data"),
+        out_dir=str(tmp_path / "run"),
+        dim=32,
+        depth=1,
+        heads=2,
+        dim_head=16,
+        seq_len=32,
+        batch_size=2,
+        val_batches=1,
+        generate_every=0,
+        log_every=1,
+        num_steps=4,
+        save_every=2,
         eval_every=2,
-    )  # fmt: skip
+    )
     config.update(overrides)
     return PretrainConfig(**config)
 

@@ -48,16 +48,44 @@ def test_every_parameter_is_sharded_and_samples_like_the_unsharded_model(tmp_pat
     assert ranks[0]["samples"]["twin/sft/top_k"] != ranks[0]["samples"]["twin/None/top_k"]
 
 
-PRETRAIN = ["--data-dir", str(REPO / "data"), "--num-steps", "4", "--dim", "32", "--depth", "2",
-            "--heads", "2", "--dim-head", "16", "--seq-len", "32", "--batch-size", "4",
-            "--val-batches", "1", "--generate-every", "4", "--generate-length", "8",
-            "--log-every", "1", "--eval-every", "2", "--save-every", "2", "--no-progress"]  # fmt: skip
+PRETRAIN = [
+    "--data-dir",
+    str(REPO / "data"),
+    "--num-steps",
+    "4",
+    "--dim",
+    "32",
+    "--depth",
+    "2",
+    "--heads",
+    "2",
+    "--dim-head",
+    "16",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "4",
+    "--val-batches",
+    "1",
+    "--generate-every",
+    "4",
+    "--generate-length",
+    "8",
+    "--log-every",
+    "1",
+    "--eval-every",
+    "2",
+    "--save-every",
+    "2",
+    "--no-progress",
+]
 
 
 def _run(root, name, processes, *extra):
     out = root / name
-    result = launch([str(REPO / "train.py"), *PRETRAIN, "--out-dir", str(out), *extra], processes,
-                    cwd=root)  # fmt: skip
+    result = launch(
+        [str(REPO / "train.py"), *PRETRAIN, "--out-dir", str(out), *extra], processes, cwd=root
+    )
     folder = out / "step-0000004"
     state = json.loads((folder / "trainer_state.json").read_text())
     return out, result, state["history"], load_file(str(folder / "model.safetensors"))
@@ -127,8 +155,7 @@ def _stage_runs(tmp_path, args, name):
     runs = {}
     for processes, extra in ((1, []), (2, ["--fsdp"])):
         out = tmp_path / f"{name}-{processes}"
-        launch(["-m", "palm_rlhf", name, *args, *extra, "--out-dir", str(out)], processes,
-               cwd=REPO)  # fmt: skip
+        launch(["-m", "palm_rlhf", name, *args, *extra, "--out-dir", str(out)], processes, cwd=REPO)
         folder = out / (out / "latest").read_text()
         state = json.loads((folder / "trainer_state.json").read_text())
         runs[processes] = (state["history"], load_file(str(folder / "model.safetensors")))
@@ -158,10 +185,36 @@ def test_lora_sft_sharded_matches_one_process(tmp_path):
 
     base = make_base(tmp_path / "base", depth=2)
     data = str(FIXTURES / "sft.jsonl")
-    args = ["--base", str(base), "--data", data, "--valid-data", data, "--use-lora", "--lora-r", "4",
-            "--max-len", "64", "--batch-size", "4", "--epochs", "8", "--max-steps", "3", "--lr", "3e-3",
-            "--warmup-steps", "1", "--log-every", "1", "--eval-every", "1", "--save-every", "3",
-            "--no-progress"]  # fmt: skip
+    args = [
+        "--base",
+        str(base),
+        "--data",
+        data,
+        "--valid-data",
+        data,
+        "--use-lora",
+        "--lora-r",
+        "4",
+        "--max-len",
+        "64",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "8",
+        "--max-steps",
+        "3",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "1",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "1",
+        "--save-every",
+        "3",
+        "--no-progress",
+    ]
     runs = _stage_runs(tmp_path, args, "sft")
     _assert_same_training(runs, ("loss", "valid_loss"))
     assert not any(k.startswith("finetune_modules.") for k in runs[2][1])  # merged
@@ -175,9 +228,34 @@ def test_lora_reward_training_sharded_matches_one_process(tmp_path):
     sharding land on the very same 2.7e-6 offset from one process as sharded ones (measured;
     up to ~3e-6 across runs), hence atol 1e-5 for the adapters, 1e-6 for everything else."""
     data = REPO / "tests" / "fixtures" / "comparisons.jsonl"
-    args = ["--data", str(data), "--valid-data", str(data), "--num-train", "2", "--batch-size", "2",
-            "--max-steps", "3", "--max-len", "64", "--dropout", "0", "--dim", "32", "--depth", "2",
-            "--heads", "2", "--use-lora", "--no-progress", "--log-every", "1", "--save-every", "3"]  # fmt: skip
+    args = [
+        "--data",
+        str(data),
+        "--valid-data",
+        str(data),
+        "--num-train",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "3",
+        "--max-len",
+        "64",
+        "--dropout",
+        "0",
+        "--dim",
+        "32",
+        "--depth",
+        "2",
+        "--heads",
+        "2",
+        "--use-lora",
+        "--no-progress",
+        "--log-every",
+        "1",
+        "--save-every",
+        "3",
+    ]
     runs = _stage_runs(tmp_path, args, "reward")
     _assert_same_training(runs, ("loss",), skip=("head.bias",), loose=("lora.",))
     history_1, history_2 = runs[1][0], runs[2][0]

@@ -17,6 +17,7 @@ ALLOWED = {
     "data": {"checkpoint"},
     "train": {"checkpoint", "options", "rl_math", "model", "data"},
     "rl": {"checkpoint", "options", "rl_math", "model", "data", "train"},
+    "label": {"checkpoint", "options", "rl_math", "model", "data", "train"},
 }
 
 

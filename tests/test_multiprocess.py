@@ -15,9 +15,34 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU gloo parity test")
 def test_pretraining_two_processes_match_one(tmp_path):
-    args = ["--data-dir", str(REPO / "data"), "--num-steps", "4", "--dim", "32", "--depth", "1", "--heads", "2",
-            "--dim-head", "16", "--seq-len", "32", "--batch-size", "4", "--val-batches", "1", "--generate-every", "0",
-            "--log-every", "1", "--eval-every", "4", "--save-every", "4"]  # fmt: skip
+    args = [
+        "--data-dir",
+        str(REPO / "data"),
+        "--num-steps",
+        "4",
+        "--dim",
+        "32",
+        "--depth",
+        "1",
+        "--heads",
+        "2",
+        "--dim-head",
+        "16",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--val-batches",
+        "1",
+        "--generate-every",
+        "0",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "4",
+        "--save-every",
+        "4",
+    ]
     runs = {}
     for n in (1, 2):
         out = tmp_path / f"p{n}"
@@ -38,9 +63,34 @@ def test_pretraining_two_processes_match_one(tmp_path):
 def test_reward_training_two_processes_match_one(tmp_path):
     """Dropout is off: with it, each process would draw its own masks for its half."""
     data = Path(__file__).parent / "fixtures" / "comparisons.jsonl"
-    args = ["-m", "palm_rlhf", "reward", "--data", str(data), "--num-train", "2", "--batch-size", "2",
-            "--max-steps", "3", "--max-len", "64", "--dropout", "0", "--dim", "32", "--depth", "1",
-            "--heads", "2", "--no-progress", "--log-every", "1", "--save-every", "3"]  # fmt: skip
+    args = [
+        "-m",
+        "palm_rlhf",
+        "reward",
+        "--data",
+        str(data),
+        "--num-train",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "3",
+        "--max-len",
+        "64",
+        "--dropout",
+        "0",
+        "--dim",
+        "32",
+        "--depth",
+        "1",
+        "--heads",
+        "2",
+        "--no-progress",
+        "--log-every",
+        "1",
+        "--save-every",
+        "3",
+    ]
     runs = {}
     for n in (1, 2):
         out = tmp_path / f"p{n}"

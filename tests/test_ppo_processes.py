@@ -98,8 +98,13 @@ def test_sharded_ppo_with_lora_scopes_on_one_palm(tmp_path):
         assert record["records"][0]["kl"] == 0.0
         assert len(record["records"]) == 2 and len(record["more"]) == 1
         # the adapters trained, and a fresh sharded trainer loads exactly what was saved
-        assert any(abs(x) > 0 for k, v in record["state"].items() if k.endswith(".B")
-                   for row in v for x in row)  # fmt: skip
+        assert any(
+            abs(x) > 0
+            for k, v in record["state"].items()
+            if k.endswith(".B")
+            for row in v
+            for x in row
+        )
         assert record["loaded"] == record["state"]
     assert ranks[0]["saved"] and not ranks[1]["saved"]  # written once, by the main process
     # both ranks end with identical gathered weights, and log identical (gathered) records

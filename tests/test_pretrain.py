@@ -83,9 +83,32 @@ def test_checkpoint_is_self_describing(corpus_dir, tmp_path):
 
 def test_train_py_runs_end_to_end(corpus_dir, tmp_path):
     out = tmp_path / "ckpt"
-    args = ["--data-dir", str(corpus_dir), "--out-dir", str(out), "--num-steps", "2", "--dim", "32", "--depth", "1",
-            "--heads", "2", "--dim-head", "16", "--seq-len", "32", "--batch-size", "2", "--val-batches", "1",
-            "--generate-every", "2", "--generate-length", "8"]  # fmt: skip
+    args = [
+        "--data-dir",
+        str(corpus_dir),
+        "--out-dir",
+        str(out),
+        "--num-steps",
+        "2",
+        "--dim",
+        "32",
+        "--depth",
+        "1",
+        "--heads",
+        "2",
+        "--dim-head",
+        "16",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--val-batches",
+        "1",
+        "--generate-every",
+        "2",
+        "--generate-length",
+        "8",
+    ]
     run = subprocess.run(
         [sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True, timeout=120
     )

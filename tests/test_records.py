@@ -425,7 +425,8 @@ def test_collate_ratings_hand_checked():
     assert batch.tokens.tolist() == [[104, 105, 121, 111, 0], [104, 33, 0, 0, 0]]
     assert batch.mask.sum(-1).tolist() == [5, 3]
     assert batch.prompt_mask.sum(-1).tolist() == [2, 1]
-    assert batch.ratings.tolist() == [5, 1] and batch.ratings.dtype == torch.long
+    # the file's human 1..K rating r becomes the class index r - 1 (RewardModel's labels)
+    assert batch.labels.tolist() == [4, 0] and batch.labels.dtype == torch.long
 
 
 def test_tokenizer_without_pad_id_is_refused():

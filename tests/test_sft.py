@@ -3,19 +3,18 @@ import math
 import pytest
 import torch
 
-from palm_rlhf.data.examples import TokenExample, collate_token_examples
+from palm_rlhf.cli import main as cli_main
+from palm_rlhf.data.examples import TokenExample, collate_token_examples, sft_example
 from palm_rlhf.data.records import RecordError, RecordWarning
 from palm_rlhf.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, load_tokenizer
 from palm_rlhf.model.palm import PaLM
+from palm_rlhf.train.finetune import token_loss_fn
 from palm_rlhf.train.loading import TokenizerMismatchError, load_base
 from palm_rlhf.train.sft import (
     SFTConfig,
-    main,
     pack_examples,
     response_loss,
     response_loss_terms,
-    sft_example,
-    token_loss_fn,
     train_sft,
 )
 from tests.finetune_helpers import FIXTURES, make_base, toy_sft, write_jsonl
@@ -118,9 +117,16 @@ def test_pack_examples_fills_rows_in_order():
 def test_train_sft_learns_and_writes_a_self_describing_checkpoint(base, tmp_path):
     data = toy_sft(tmp_path / "toy.jsonl", count=16)
     result = train_sft(
-        SFTConfig(base=str(base), data=str(data), valid_data=str(data), out_dir=str(tmp_path / "out"),
-                  epochs=12, eval_every=100, **QUICK)
-    )  # fmt: skip
+        SFTConfig(
+            base=str(base),
+            data=str(data),
+            valid_data=str(data),
+            out_dir=str(tmp_path / "out"),
+            epochs=12,
+            eval_every=100,
+            **QUICK,
+        )
+    )
     losses = [record["loss"] for record in result.history]
     assert len(losses) == 48 and losses[-1] < 0.5 * losses[0]
     assert result.valid["loss"] < 0.5 * losses[0]
@@ -219,8 +225,13 @@ def test_a_tokenizer_mismatch_with_the_base_is_refused(base, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
     SentencePieceTokenizer.train([corpus], tmp_path / "sp", vocab_size=300)
-    config = SFTConfig(base=str(base), data=str(FIXTURES / "sft.jsonl"), tokenizer=str(tmp_path / "sp"),
-                       out_dir=str(tmp_path / "out"), **QUICK)  # fmt: skip
+    config = SFTConfig(
+        base=str(base),
+        data=str(FIXTURES / "sft.jsonl"),
+        tokenizer=str(tmp_path / "sp"),
+        out_dir=str(tmp_path / "out"),
+        **QUICK,
+    )
     with pytest.raises(
         TokenizerMismatchError, match="tokenizer mismatch.*ByteTokenizer.*SentencePiece"
     ):
@@ -230,8 +241,14 @@ def test_a_tokenizer_mismatch_with_the_base_is_refused(base, tmp_path):
 
 def test_the_same_tokenizer_given_explicitly_is_accepted(base, tmp_path):
     ByteTokenizer().save(tmp_path / "tok")
-    config = SFTConfig(base=str(base), data=str(FIXTURES / "sft.jsonl"), tokenizer=str(tmp_path / "tok"),
-                       out_dir=str(tmp_path / "out"), max_steps=1, **QUICK)  # fmt: skip
+    config = SFTConfig(
+        base=str(base),
+        data=str(FIXTURES / "sft.jsonl"),
+        tokenizer=str(tmp_path / "tok"),
+        out_dir=str(tmp_path / "out"),
+        max_steps=1,
+        **QUICK,
+    )
     assert train_sft(config).checkpoint is not None
 
 
@@ -263,16 +280,38 @@ def test_over_long_response_is_reported_with_its_line_or_skipped(base, tmp_path)
 
 
 def test_command_line_runs_and_prints_a_summary(base, tmp_path, capsys):
-    args = ["--base", str(base), "--data", str(FIXTURES / "sft.jsonl"), "--out-dir", str(tmp_path / "out"),
-            "--max-len", "64", "--batch-size", "2", "--max-steps", "2", "--use-lora", "--valid-data",
-            str(FIXTURES / "sft.jsonl")]  # fmt: skip
-    assert main(args) == 0
+    args = [
+        "--base",
+        str(base),
+        "--data",
+        str(FIXTURES / "sft.jsonl"),
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--max-len",
+        "64",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--use-lora",
+        "--valid-data",
+        str(FIXTURES / "sft.jsonl"),
+    ]
+    assert cli_main(["sft", *args]) == 0
     out = capsys.readouterr().out
     assert "sft: train loss" in out and "valid loss" in out and "step-0000002" in out
 
 
-PARITY = dict(max_len=64, batch_size=3, grad_accum=2, epochs=4, lr=3e-3, warmup_steps=1,
-              log_every=1, eval_every=1)  # fmt: skip
+PARITY = dict(
+    max_len=64,
+    batch_size=3,
+    grad_accum=2,
+    epochs=4,
+    lr=3e-3,
+    warmup_steps=1,
+    log_every=1,
+    eval_every=1,
+)
 PARITY_SCRIPT = """
 import json, sys, torch
 torch.set_num_threads(1)
@@ -312,8 +351,14 @@ def test_two_processes_give_the_one_process_result(base, tmp_path):
 
 def test_resuming_a_finished_run_trains_nothing_and_reports_it(base, tmp_path):
     data = toy_sft(tmp_path / "toy.jsonl")
-    config = SFTConfig(base=str(base), data=str(data), valid_data=str(data), max_steps=2,
-                       out_dir=str(tmp_path / "a"), **QUICK)  # fmt: skip
+    config = SFTConfig(
+        base=str(base),
+        data=str(data),
+        valid_data=str(data),
+        max_steps=2,
+        out_dir=str(tmp_path / "a"),
+        **QUICK,
+    )
     done = train_sft(config)
     again = train_sft(SFTConfig(**{**config.__dict__, "resume": "latest"}))
     assert again.checkpoint == done.checkpoint and again.history == done.history

@@ -51,7 +51,7 @@ class RatingBatch(NamedTuple):
     tokens: torch.Tensor  # (b, n) long
     mask: torch.Tensor  # (b, n) bool
     prompt_mask: torch.Tensor  # (b, n) bool
-    ratings: torch.Tensor  # (b,) long, 1..K as in the file (class index = rating - 1)
+    labels: torch.Tensor  # (b,) long class indices 0..K-1: the file's rating 1..K minus one
 
 
 @beartype
@@ -144,14 +144,15 @@ def collate_prompt_response(
 def collate_ratings(
     tokenizer: TokenizerLike, records: list[RatingRecord], max_len: int
 ) -> RatingBatch:
-    """Encode rated responses: tokens/mask/prompt_mask (b, n) and ratings (b,) as in the file."""
+    """Encode rated responses: tokens/mask/prompt_mask (b, n) and labels (b,), the class
+    index of each rating: a file's human 1..K rating r is class r - 1 (RewardModel's labels)."""
     encoded = [
         _encode(tokenizer, r.prompt, r.response, max_len, f"rating record {i}")
         for i, r in enumerate(records)
     ]
     batch = _pad_encoded(encoded, tokenizer.pad_id)
-    ratings = torch.tensor([r.rating for r in records], dtype=torch.long)
-    return RatingBatch(*batch, ratings)
+    labels = torch.tensor([r.rating - 1 for r in records], dtype=torch.long)
+    return RatingBatch(*batch, labels)
 
 
 @beartype

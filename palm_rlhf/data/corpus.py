@@ -9,13 +9,13 @@ import gzip
 import hashlib
 import zlib
 from pathlib import Path
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import torch
 from beartype import beartype
 from torch.utils.data import Dataset
 
-PathLike = Union[str, Path]
+from palm_rlhf.checkpoint import PathLike
 
 
 class Splits(NamedTuple):

@@ -14,7 +14,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from palm_rlhf.data.collate import pad_sequences
+from palm_rlhf.data.collate import encode_prompt_response, pad_sequences
 from palm_rlhf.data.records import RecordError, RecordWarning, iter_jsonl
 
 
@@ -64,9 +64,12 @@ def split_groups(groups: list[list], fraction: float, seed: int) -> tuple[list, 
 def load_examples(config, read: Callable, encode: Callable, what: str):
     """(train, valid) examples of a FinetuneConfig's data and valid_data (or held-out share)."""
     train_groups = encode_file(
-        config.data, read(config.data, on_error=config.on_error), encode,
-        config.on_error, what,
-    )  # fmt: skip
+        config.data,
+        read(config.data, on_error=config.on_error),
+        encode,
+        config.on_error,
+        what,
+    )
     if config.valid_data is None:
         return split_groups(train_groups, config.valid_fraction, config.seed)
     valid_records = read(config.valid_data, on_error=config.on_error)
@@ -94,3 +97,9 @@ def step_rows(step: int, per_step: int, num_examples: int, seed: int) -> list[in
     return [
         _epoch_order(num_examples, seed, p // num_examples)[p % num_examples] for p in positions
     ]
+
+
+def sft_example(tokenizer, prompt: str, response: str, max_len: int) -> TokenExample:
+    """prompt + response + EOS with the loss on response and EOS (prompt cut from the left)."""
+    ids, num_prompt = encode_prompt_response(tokenizer, prompt, response, max_len)
+    return TokenExample(ids, [False] * num_prompt + [True] * (len(ids) - num_prompt))

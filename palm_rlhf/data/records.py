@@ -5,6 +5,7 @@ bytes, whatever the name). Formats:
 
 - SFT: ``{"prompt": str, "response": str}``
 - ratings: ``{"prompt": str, "response": str, "rating": int}`` with 1 <= rating <= num_bins
+  (a human scale: `collate_ratings` turns rating r into the class index r - 1)
 - comparisons, any of:
     - a pair ``{"prompt": str, "chosen": str, "rejected": str}``
     - a ranked list ``{"prompt": str, "responses": [str, ...], "ranking": [int, ...]}`` where
@@ -42,11 +43,12 @@ import math
 import os
 import warnings
 from collections.abc import Iterator
-from typing import Any, Callable, NamedTuple, Optional, TypeVar, Union
+from typing import Any, Callable, NamedTuple, Optional, TypeVar
 
 from beartype import beartype
 
-PathLike = Union[str, os.PathLike]
+from palm_rlhf.checkpoint import PathLike
+
 T = TypeVar("T")
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -78,7 +80,7 @@ class SFTRecord(NamedTuple):
 class RatingRecord(NamedTuple):
     prompt: str
     response: str
-    rating: int  # 1..num_bins
+    rating: int  # 1..num_bins, a human scale; the reward model's class index is rating - 1
 
 
 class ComparisonRecord(NamedTuple):

@@ -15,9 +15,8 @@ from typing import Literal, Protocol, Union, runtime_checkable
 import sentencepiece as spm
 from beartype import beartype
 
-from palm_rlhf.checkpoint import atomic_write_bytes
+from palm_rlhf.checkpoint import PathLike, atomic_write_bytes
 
-PathLike = Union[str, Path]
 CONFIG_NAME = "tokenizer.json"
 MODEL_NAME = "tokenizer.model"
 

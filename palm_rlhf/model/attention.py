@@ -21,12 +21,30 @@ from torch import Tensor, nn
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (Su et al. 2021) over the full head dimension."""
+    """Rotary position embedding (Su et al. 2021) over the full head dimension.
 
-    def __init__(self, dim_head: int, base: float = 10000.0):
+    With `xpos_scale_base`, also xPos (Sun et al. 2022, arXiv:2212.10554): queries are scaled
+    by zeta^((m - c) / scale_base) and keys by its inverse, zeta_i = (2i/d + 0.4) / 1.4 per
+    frequency, so q_m . k_n decays with m - n; the centre c cancels (it only keeps the powers
+    small), as in the reference project, which centres on seq_len // 2.
+    """
+
+    def __init__(self, dim_head: int, base: float = 10000.0, xpos_scale_base: Optional[int] = None):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, dim_head, 2, dtype=torch.float32) / dim_head))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.xpos_scale_base = xpos_scale_base
+        steps = torch.arange(0, dim_head, 2, dtype=torch.float32)
+        zeta = (steps + 0.4 * dim_head) / (1.4 * dim_head)
+        self.register_buffer("xpos_zeta", zeta, persistent=False)  # not saved: our files unchanged
+
+    def xpos(self, positions: Tensor, center: int) -> Optional[Tensor]:
+        """Query scale (..., n, d) float32 for `positions` (keys use its inverse); None if off."""
+        if self.xpos_scale_base is None:
+            return None
+        power = (positions.to(torch.float32) - center) / self.xpos_scale_base
+        scale = self.xpos_zeta ** power[..., None]  # (..., n, d/2)
+        return torch.cat((scale, scale), dim=-1)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """positions: (n,) or (b, n) integer positions -> cos, sin of shape (..., n, d), float32."""
@@ -134,7 +152,7 @@ class KVCache:
         self.has_padding = False
 
     def positions(self, new_mask: Optional[Tensor], num_new: int) -> Tensor:
-        """Rotary positions (b, n) of the next `num_new` tokens; padding gets the next position too."""
+        """Rotary positions (b, n) of the next `num_new` tokens (padding gets the next one too)."""
         if new_mask is None:
             steps = torch.arange(num_new, device=self.num_real.device)
             return self.num_real[:, None] + steps
@@ -143,7 +161,8 @@ class KVCache:
     def register(self, new_mask: Optional[Tensor], num_new: int):
         if self.length + num_new > self.max_len:
             raise ValueError(
-                f"KV cache overflow: {self.length} cached + {num_new} new tokens > max_len {self.max_len}"
+                f"KV cache overflow: {self.length} cached + {num_new} new tokens > "
+                f"max_len {self.max_len}"
             )
         if new_mask is not None:
             self.key_mask[:, self.length : self.length + num_new] = new_mask

@@ -34,6 +34,9 @@ class PaLMConfig:
     qk_scale: float = 8.0  # attention temperature when qk_rmsnorm is on (unit-norm q, k)
     lora_r: int = 8  # default rank of add_finetune_params, as in the reference project
     rotary_base: float = 10000.0
+    # xPos (Sun et al. 2022): rotary with a decay of scale_base positions, the reference's
+    # `rotary_xpos_scale_base` (it defaults to 512 there); None is plain rotary
+    rotary_xpos_scale_base: Optional[int] = None
     max_seq_len: Optional[int] = None  # context window; None means no limit is enforced
     cross_entropy_ignore_index: int = 0  # token 0 is padding / EOS for the byte tokenizer
 
@@ -50,6 +53,13 @@ class PaLMConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"PaLMConfig.{name} must be in [0, 1), got {value}")
+        xpos = self.rotary_xpos_scale_base
+        if xpos is not None and (not isinstance(xpos, int) or isinstance(xpos, bool) or xpos < 1):
+            raise ValueError(
+                f"PaLMConfig.rotary_xpos_scale_base must be a positive int or None, got {xpos!r}"
+            )
+        if xpos is not None and not self.causal:
+            raise ValueError("rotary_xpos_scale_base (xPos) is for causal models only")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ValueError(
                 f"PaLMConfig.max_seq_len must be at least 2 or None, got {self.max_seq_len}"

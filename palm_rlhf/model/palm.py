@@ -10,6 +10,7 @@ The model knows nothing of devices, processes or optimisers: trainers own those.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -60,6 +61,7 @@ class ParallelBlock(nn.Module):
         lora: Optional[nn.ModuleDict] = None,
         cache: Optional[KVCache] = None,
         layer_index: int = 0,
+        xpos: Optional[Tensor] = None,
     ) -> Tensor:
         normed = self.norm(x)
         q, k, v, ff = self.fused_attn_ff_proj(normed).split(self.fused_dims, dim=-1)
@@ -77,6 +79,9 @@ class ParallelBlock(nn.Module):
         # cos/sin are (n, d) for shared positions or (b, n, d) per row; queries carry a head axis
         q_cos, q_sin = (cos, sin) if cos.dim() == 2 else (cos[:, None], sin[:, None])
         q, k = apply_rotary(q, q_cos, q_sin), apply_rotary(k, cos, sin)
+        if xpos is not None:  # xPos: queries scaled up, keys down, by position (before caching)
+            q = q * (xpos if xpos.dim() == 2 else xpos[:, None]).to(q.dtype)
+            k = k * (xpos**-1).to(k.dtype)
 
         if cache is not None:
             k, v = cache.update(layer_index, k, v)
@@ -114,28 +119,41 @@ class PaLM(nn.Module):
         ff_mult: int = 4,
         causal: bool = True,
         flash_attn: bool = True,
-        attn_dropout: float = 0.0,
-        ff_dropout: float = 0.0,
+        attn_dropout: Union[int, float] = 0.0,
+        ff_dropout: Union[int, float] = 0.0,
         qk_rmsnorm: bool = False,
-        qk_scale: float = 8.0,
+        qk_scale: Union[int, float] = 8.0,
         lora_r: int = 8,
-        rotary_base: float = 10000.0,
+        rotary_base: Union[int, float] = 10000.0,
+        rotary_xpos_scale_base: Optional[int] = None,
         max_seq_len: Optional[int] = None,
         cross_entropy_ignore_index: int = 0,
-        finetune_scopes: tuple[str, ...] = (),
+        finetune_scopes: Union[tuple[str, ...], list[str]] = (),
     ):
         super().__init__()
         self.config = PaLMConfig(
-            num_tokens=num_tokens, dim=dim, depth=depth, dim_head=dim_head, heads=heads,
-            ff_mult=ff_mult, causal=causal, flash_attn=flash_attn, attn_dropout=attn_dropout,
-            ff_dropout=ff_dropout, qk_rmsnorm=qk_rmsnorm, qk_scale=qk_scale, lora_r=lora_r,
-            rotary_base=rotary_base, max_seq_len=max_seq_len,
+            num_tokens=num_tokens,
+            dim=dim,
+            depth=depth,
+            dim_head=dim_head,
+            heads=heads,
+            ff_mult=ff_mult,
+            causal=causal,
+            flash_attn=flash_attn,
+            attn_dropout=float(attn_dropout),
+            ff_dropout=float(ff_dropout),
+            qk_rmsnorm=qk_rmsnorm,
+            qk_scale=float(qk_scale),
+            lora_r=lora_r,
+            rotary_base=float(rotary_base),
+            rotary_xpos_scale_base=rotary_xpos_scale_base,
+            max_seq_len=max_seq_len,
             cross_entropy_ignore_index=cross_entropy_ignore_index,
-        )  # fmt: skip
+        )
         self.num_tokens, self.dim, self.causal = num_tokens, dim, causal
         self.token_emb = nn.Embedding(num_tokens, dim)
         nn.init.normal_(self.token_emb.weight, std=0.02)
-        self.rotary = RotaryEmbedding(dim_head, base=rotary_base)
+        self.rotary = RotaryEmbedding(dim_head, rotary_base, rotary_xpos_scale_base)
         self.layers = nn.ModuleList(ParallelBlock(self.config) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, bias=False)
         self.finetune_modules = nn.ModuleDict()
@@ -153,6 +171,33 @@ class PaLM(nn.Module):
     def device(self) -> torch.device:
         return self.token_emb.weight.device
 
+    # the reference keeps these hyperparameters as attributes; here they live in the config
+    @property
+    def dim_head(self) -> int:
+        return self.config.dim_head
+
+    @property
+    def heads(self) -> int:
+        return self.config.heads
+
+    @property
+    def lora_r(self) -> int:
+        return self.config.lora_r
+
+    @property
+    def cross_entropy_ignore_index(self) -> int:
+        return self.config.cross_entropy_ignore_index
+
+    def set_dropout(self, dropout: Union[int, float]) -> PaLM:
+        """Set attention and feed-forward dropout of every layer to `dropout` (the reference's
+        `set_dropout`, which sets every dropout in its layers); returns the model. The config
+        records the new rates, so a saved model keeps them."""
+        dropout = float(dropout)
+        self.config = replace(self.config, attn_dropout=dropout, ff_dropout=dropout)
+        for layer in self.layers:
+            layer.config = self.config
+        return self
+
     # ---------------------------------------------------------------- forward
 
     def forward(
@@ -167,11 +212,16 @@ class PaLM(nn.Module):
         mask: Optional[Tensor] = None,
         cache: Optional[KVCache] = None,
     ):
-        """x: (b, n) token ids. mask: (b, n) bool, True for real tokens (padding is False).
+        """x: (b, n) token ids. mask: (b, n) bool, True for real tokens (padding is False); a
+        non-causal model (an encoder) also takes negative ids as padding, as the reference does.
 
         With `return_loss`, x is split into inputs x[:, :-1] and targets x[:, 1:]; targets equal
         to `cross_entropy_ignore_index` or masked out are not counted.
         """
+        if not self.causal and mask is None and isinstance(x, Tensor) and bool((x < 0).any()):
+            # the reference's encoder convention: negative ids are padding to mask out
+            mask = x >= 0
+            x = x.masked_fill(~mask, 0)
         check_token_ids(x, self.num_tokens)
         if mask is not None and (mask.shape != x.shape or mask.dtype != torch.bool):
             raise ValueError(
@@ -243,12 +293,14 @@ class PaLM(nn.Module):
             attn_mask = attention_mask(n, num_keys, self.causal, key_mask, x.device)
 
         cos, sin = self.rotary(positions)
+        # xPos centre: any fixed value works (it cancels in q.k); a cache fixes it for all steps
+        xpos = self.rotary.xpos(positions, (cache.max_len if cache is not None else n) // 2)
         h = self.token_emb(x)
         if extra_embed is not None:
             h = h + extra_embed
         for index, layer in enumerate(self.layers):
             lora = loras[index] if loras is not None else None
-            h = layer(h, cos, sin, attn_mask, square_causal, lora, cache, index)
+            h = layer(h, cos, sin, attn_mask, square_causal, lora, cache, index, xpos=xpos)
         if cache is not None:
             cache.advance(mask, n)
         return self.norm(h)
@@ -348,7 +400,9 @@ class PaLM(nn.Module):
     # ---------------------------------------------------------------- sampling and saving
 
     def generate(self, seq_len: int, prompt: Optional[Tensor] = None, **kwargs) -> Tensor:
-        """Sample until `seq_len` total tokens (prompt included); see `palm_rlhf.model.sampling.generate`."""
+        """Sample until `seq_len` total tokens, prompt included (at least one new token), top-k
+        filtered with `filter_thres=0.9` by default as in the reference; see
+        `model.sampling.generate` for every keyword."""
         return generate(self, seq_len, prompt, **kwargs)
 
     def save(self, path: Union[str, Path], scopes: Optional[tuple[str, ...]] = None) -> Path:

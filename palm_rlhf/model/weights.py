@@ -11,13 +11,23 @@ from typing import Optional
 
 from torch import Tensor
 
-from palm_rlhf.checkpoint import WEIGHTS_NAME, CheckpointError, PathLike, load_tensors, save_tensors
+from palm_rlhf.checkpoint import (
+    CheckpointError,
+    PathLike,
+    find_weights,
+    load_tensors,
+    save_tensors,
+    weights_path,
+)
 from palm_rlhf.model.config import PaLMConfig
-
-
-def _weights_path(path: PathLike) -> Path:
-    path = Path(path)
-    return path / WEIGHTS_NAME if path.is_dir() or path.suffix == "" else path
+from palm_rlhf.model.reference_weights import (
+    checkpoint_format,
+    infer_reference_config,
+    map_reference_state_dict,
+    palm_from_reference_state_dict,
+    read_torch_state_dict,
+    reference_lora_specs,
+)
 
 
 def palm_state(model, scopes: Optional[tuple[str, ...]] = None) -> dict[str, Tensor]:
@@ -32,7 +42,7 @@ def palm_state(model, scopes: Optional[tuple[str, ...]] = None) -> dict[str, Ten
 
 
 def save_palm(model, path: PathLike, scopes: Optional[tuple[str, ...]] = None) -> Path:
-    path = _weights_path(path)
+    path = weights_path(path)
     kept = model.lora_specs if scopes is None else {s: model.lora_specs[s] for s in scopes}
     metadata = {
         "format": "palm_rlhf",
@@ -46,7 +56,7 @@ def save_palm(model, path: PathLike, scopes: Optional[tuple[str, ...]] = None) -
 
 def _read_palm_file(path: PathLike, map_location: str = "cpu"):
 
-    path = _weights_path(path)
+    path = find_weights(path)
     tensors, metadata = load_tensors(path, device=map_location)
     if "palm_config" not in metadata:
         raise CheckpointError(
@@ -70,7 +80,12 @@ def _add_missing_scopes(model, specs: dict) -> None:
 
 
 def load_palm_into(model, path: PathLike, strict: bool = True) -> None:
-    """Load into an existing model. Everything is checked before any weight is touched."""
+    """Load into an existing model. Everything is checked before any weight is touched.
+
+    A file written by the reference project (`torch.save(palm.state_dict())`, read with
+    `weights_only=True`) is mapped to this model's names first; see `reference_weights.py`."""
+    if checkpoint_format(find_weights(path)) == "torch":
+        return _load_reference_into(model, find_weights(path))
     path, config, specs, adapters_only, tensors = _read_palm_file(
         path, map_location=str(model.device)
     )
@@ -98,8 +113,31 @@ def load_palm_into(model, path: PathLike, strict: bool = True) -> None:
     model.load_state_dict(tensors, strict=False)
 
 
+def _load_reference_into(model, path: Path) -> None:
+    state = read_torch_state_dict(path)
+    xpos = model.config.rotary_xpos_scale_base
+    config = infer_reference_config(state, xpos, causal=model.config.causal)
+    mismatched = model.config.shape_mismatch(config.to_dict())
+    if mismatched:
+        detail = ", ".join(f"{k}: file {a} vs model {b}" for k, (a, b) in mismatched.items())
+        raise CheckpointError(
+            f"{path} (a palm-rlhf-pytorch state dict) fits another model ({detail})"
+        )
+    mapped = map_reference_state_dict(state, config)
+    _add_missing_scopes(model, reference_lora_specs(state))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(mapped))
+    if missing:
+        raise CheckpointError(f"{path}: the reference state dict lacks {missing[:5]}")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in mapped.items()}, strict=False)
+
+
 def palm_from_pretrained(cls, path: PathLike, map_location: str = "cpu"):
-    """A new `cls` (PaLM) built from the config stored in the file, with its weights."""
+    """A new `cls` (PaLM) built from the config stored in the file, with its weights; a
+    reference-project `.pt` state dict is read safely and mapped (xPos rotary, as it was)."""
+    if checkpoint_format(find_weights(path)) == "torch":
+        state = read_torch_state_dict(find_weights(path))
+        return palm_from_reference_state_dict(cls, state).to(map_location)
     path, config, specs, adapters_only, _ = _read_palm_file(path, map_location)
     if adapters_only:
         raise CheckpointError(

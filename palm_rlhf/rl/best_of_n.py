@@ -51,9 +51,14 @@ def best_of_n(
     prompts = repeat(prompt.to(palm.device).long(), "n -> k n", k=num_samples)
     prompt_mask = torch.ones_like(prompts, dtype=torch.bool)
     samples = sample_tokens(
-        palm, prompts, max_seq_len - prompt.numel(), prompt_mask=prompt_mask,
-        finetune_scope=finetune_scope, pad_value=pad_value, **sampling_kwargs,
-    )  # fmt: skip
+        palm,
+        prompts,
+        max_seq_len - prompt.numel(),
+        prompt_mask=prompt_mask,
+        finetune_scope=finetune_scope,
+        pad_value=pad_value,
+        **sampling_kwargs,
+    )
     seqs = join_prompt_response(prompts, prompt_mask, *samples, pad_value)
     scores = score_sequences(reward_model, *seqs)
     best = int(scores.argmax())

@@ -180,10 +180,18 @@ def collect(
     ended with EOS (b,). The caller sets eval mode and autocast; `sampling` holds top_k/top_p.
     """
     samples = sample_tokens(
-        actor.palm, prompt, new_tokens, prompt_mask=prompt_mask, temperature=temperature,
-        eos_token=eos_token, pad_value=pad_value, use_cache=True, finetune_scope=actor.scope,
-        generator=generator, **sampling,
-    )  # fmt: skip
+        actor.palm,
+        prompt,
+        new_tokens,
+        prompt_mask=prompt_mask,
+        temperature=temperature,
+        eos_token=eos_token,
+        pad_value=pad_value,
+        use_cache=True,
+        finetune_scope=actor.scope,
+        generator=generator,
+        **sampling,
+    )
     seqs = join_prompt_response(prompt, prompt_mask, samples.tokens, samples.mask, pad_value)
     scores = score_sequences(reward_model, *seqs)
     tokens, targets = seqs.tokens, seqs.tokens[:, 1:]
@@ -198,7 +206,29 @@ def collect(
     if eos_token is not None:
         ended = ((samples.tokens == eos_token) & samples.mask).any(dim=-1)
     experience = Experience(
-        tokens, seqs.mask, seqs.prompt_mask, seqs.action_mask, old_logprobs, ref_logprobs,
-        values, zeros, zeros, scores,
-    )  # fmt: skip
+        tokens,
+        seqs.mask,
+        seqs.prompt_mask,
+        seqs.action_mask,
+        old_logprobs,
+        ref_logprobs,
+        values,
+        zeros,
+        zeros,
+        scores,
+    )
     return experience, ended
+
+
+def group_minibatches(
+    num_rows: int, group_size: int, rows_per_step: int, generator: torch.Generator
+) -> list[Tensor]:
+    """Row indices of shuffled minibatches made of whole groups (`group_size` contiguous rows
+    answering one prompt), about `rows_per_step` rows each; with group_size 1, a plain shuffle.
+    Group losses (TPO's softmax over the group, FlowRL's group-normalised reward) need whole
+    groups in every minibatch."""
+    groups = torch.randperm(num_rows // group_size, generator=generator)
+    rows = rearrange(groups, "p -> p 1") * group_size + torch.arange(group_size)
+    return list(
+        rearrange(rows, "p g -> (p g)").split(max(1, rows_per_step // group_size) * group_size)
+    )

@@ -34,9 +34,14 @@ from palm_rlhf.data.records import ComparisonRecord, read_comparisons
 from palm_rlhf.data.tokenizer import ByteTokenizer
 from palm_rlhf.model.palm import PaLM
 from palm_rlhf.model.sampling import sample_tokens
-from palm_rlhf.options import option, parse_config
-from palm_rlhf.train.finetune import FinetuneConfig, FinetuneResult, Stage, run_stage
-from palm_rlhf.train.sft import token_loss_fn
+from palm_rlhf.options import option
+from palm_rlhf.train.finetune import (
+    FinetuneConfig,
+    FinetuneResult,
+    Stage,
+    run_stage,
+    token_loss_fn,
+)
 
 MODES = ("p", "n", "pn", "np", "both")
 POSITIVE, NEGATIVE = "A good answer:", "A bad answer:"
@@ -147,9 +152,14 @@ def train_coh(config: CoHConfig) -> FinetuneResult:
     def build(model, tokenizer) -> Stage:
         def encode(record: ComparisonRecord) -> list[TokenExample]:
             return hindsight_sequences(
-                record, tokenizer, config.mode, config.positive_phrase, config.negative_phrase,
-                config.separator, config.max_len,
-            )  # fmt: skip
+                record,
+                tokenizer,
+                config.mode,
+                config.positive_phrase,
+                config.negative_phrase,
+                config.separator,
+                config.max_len,
+            )
 
         train, valid = load_examples(config, read_comparisons, encode, "comparison")
         if config.ptx_ratio > 0:
@@ -161,9 +171,12 @@ def train_coh(config: CoHConfig) -> FinetuneResult:
         metrics = {HINDSIGHT: "answer_loss", PRETRAINING: "ptx_loss"} if mixed else {}
         scope = "coh" if config.use_lora else None
         return Stage(
-            "coh", train, valid, lambda b: collate_token_examples(b, tokenizer.pad_id),
+            "coh",
+            train,
+            valid,
+            lambda b: collate_token_examples(b, tokenizer.pad_id),
             token_loss_fn(scope, metrics),
-        )  # fmt: skip
+        )
 
     return run_stage(config, build, "coh")
 
@@ -202,10 +215,18 @@ def coh_generate(
         contexts.append((ids if room is None else ids[-room:]) + feedback)
     tokens, mask = left_pad_prompts(contexts, tokenizer.pad_id)
     samples = sample_tokens(
-        model, tokens.to(model.device), max_new_tokens, prompt_mask=mask.to(model.device),
-        temperature=temperature, top_k=top_k, top_p=top_p, eos_token=tokenizer.eos_id,
-        pad_value=tokenizer.pad_id, finetune_scope=finetune_scope, generator=generator,
-    )  # fmt: skip
+        model,
+        tokens.to(model.device),
+        max_new_tokens,
+        prompt_mask=mask.to(model.device),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token=tokenizer.eos_id,
+        pad_value=tokenizer.pad_id,
+        finetune_scope=finetune_scope,
+        generator=generator,
+    )
     answers = []
     for row, keep in zip(samples.tokens.tolist(), samples.mask.tolist()):
         ids = [t for t, k in zip(row, keep) if k]
@@ -219,12 +240,3 @@ def run_coh(config: CoHConfig) -> FinetuneResult:
     valid = f", valid answer loss {result.valid['loss']:.4f}" if result.valid else ""
     print(f"coh: train loss {result.train['loss']:.4f}{valid}; checkpoint {result.checkpoint}")
     return result
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    run_coh(parse_config(CoHConfig, argv, "Chain of Hindsight fine-tuning on comparisons."))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -27,12 +27,16 @@ from beartype import beartype
 from einops import rearrange
 from torch import Tensor
 
-from palm_rlhf.data.examples import TokenExample, collate_token_examples, load_examples
+from palm_rlhf.data.examples import (
+    TokenExample,
+    collate_token_examples,
+    load_examples,
+    sft_example,
+)
 from palm_rlhf.data.records import ComparisonRecord, read_comparisons
-from palm_rlhf.options import option, parse_config
-from palm_rlhf.rl_math import dpo_loss, sequence_log_probs
+from palm_rlhf.options import option
+from palm_rlhf.rl_math import dpo_loss, sequence_log_probs, shifted_log_probs
 from palm_rlhf.train.finetune import FinetuneConfig, FinetuneResult, LossTerms, Stage, run_stage
-from palm_rlhf.train.sft import sft_example, shifted_log_probs
 
 
 @dataclass
@@ -150,10 +154,13 @@ def train_dpo(config: DPOConfig) -> FinetuneResult:
         reference = None if config.use_lora else copy.deepcopy(model).requires_grad_(False)
         scope = "dpo" if config.use_lora else None
         return Stage(
-            "dpo", train, valid, lambda b: collate_pairs(b, tokenizer.pad_id),
+            "dpo",
+            train,
+            valid,
+            lambda b: collate_pairs(b, tokenizer.pad_id),
             dpo_loss_fn(config.beta, config.label_smoothing, scope, reference),
             frozen=(reference,) if reference is not None else (),
-        )  # fmt: skip
+        )
 
     return run_stage(config, build, "dpo")
 
@@ -170,12 +177,3 @@ def run_dpo(config: DPOConfig) -> FinetuneResult:
         )
     print(f"{line}; checkpoint {result.checkpoint}")
     return result
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    run_dpo(parse_config(DPOConfig, argv, "Direct Preference Optimization on comparisons."))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -41,15 +41,17 @@ from palm_rlhf.data.examples import step_rows
 from palm_rlhf.model.lora import DEFAULT_LORA_TARGETS
 from palm_rlhf.model.palm import PaLM
 from palm_rlhf.options import option
+from palm_rlhf.rl_math import masked_sum, shifted_log_probs
 from palm_rlhf.train import sharding
 from palm_rlhf.train.loading import check_tokenizer, load_base
-from palm_rlhf.train.pretrain import make_optimizer
 from palm_rlhf.train.run import (
     RunOptions,
     checkpoint_on_main,
     cosine_schedule,
-    guard_loss,
+    guarded_step,
     make_accelerator,
+    make_optimizer,
+    progress_bar,
     resume_training,
 )
 
@@ -159,8 +161,16 @@ def _to_device(batch: dict[str, Tensor], device) -> dict[str, Tensor]:
 def _reduce(terms: LossTerms, accelerator, weight: float = 1.0) -> dict[str, list[float]]:
     """Global {name: [sum, count]} for the loss and every metric, in one reduction."""
     pairs = {"loss": (terms.loss_sum, terms.count), **(terms.metrics or {})}
-    flat = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=accelerator.device)
-                        for pair in pairs.values() for v in pair]).detach() * weight  # fmt: skip
+    flat = (
+        torch.stack(
+            [
+                torch.as_tensor(v, dtype=torch.float32, device=accelerator.device)
+                for pair in pairs.values()
+                for v in pair
+            ]
+        ).detach()
+        * weight
+    )
     flat = accelerator.reduce(flat, "sum").tolist()
     return {name: flat[2 * i : 2 * i + 2] for i, name in enumerate(pairs)}
 
@@ -182,7 +192,7 @@ def _means(totals: dict, prefix: str = "") -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(stage: Stage, unwrapped: PaLM, accelerator, batch_size: int) -> dict[str, float]:
+def evaluate_stage(stage: Stage, unwrapped: PaLM, accelerator, batch_size: int) -> dict[str, float]:
     """Metrics over stage.valid; each process takes a slice of every batch (exact, no repeats)."""
     if not stage.valid:
         return {}
@@ -266,9 +276,15 @@ def run_stage(
         module.to(accelerator.device).eval().requires_grad_(False)
 
     step, history, state, folder = resume_training(
-        config.out_dir, config.resume, unwrapped, optimizer, scheduler, log,
-        check=lambda folder: _check_resume(folder, config, stage, tokenizer), template=template,
-    )  # fmt: skip
+        config.out_dir,
+        config.resume,
+        unwrapped,
+        optimizer,
+        scheduler,
+        log,
+        check=lambda folder: _check_resume(folder, config, stage, tokenizer),
+        template=template,
+    )
 
     def checkpoint(final: bool) -> Optional[Path]:
         merged = final and scope is not None and config.merge_lora
@@ -276,20 +292,29 @@ def run_stage(
         if fold is not None and not sharding.is_sharded(unwrapped):
             fold(unwrapped)  # training is over: fold the adapters in
             fold = None  # (sharded: folded into the gathered copy the checkpoint is written from)
-        trainer_state = {"config": asdict(config), "history": history, "stage": name,
-                         "lora_merged": merged, "num_steps": num_steps}  # fmt: skip
+        trainer_state = {
+            "config": asdict(config),
+            "history": history,
+            "stage": name,
+            "lora_merged": merged,
+            "num_steps": num_steps,
+        }
         return checkpoint_on_main(
-            accelerator, config.out_dir, step, unwrapped, optimizer, scheduler, trainer_state,
-            config.keep_last, tokenizer, template, before_save=fold,
-        )  # fmt: skip
+            accelerator,
+            config.out_dir,
+            step,
+            unwrapped,
+            optimizer,
+            scheduler,
+            trainer_state,
+            config.keep_last,
+            tokenizer,
+            template,
+            before_save=fold,
+        )
 
     train_metrics, valid_metrics, saved = {}, {}, None
-    bar = tqdm(
-        total=num_steps,
-        initial=step,
-        disable=not (config.progress and accelerator.is_main_process),
-        desc=name,
-    )
+    bar = progress_bar(accelerator, config.progress, total=num_steps, initial=step, desc=name)
     model.train()
     while step < num_steps:
         rows, totals, step_ok = step_rows(step, per_step, len(stage.train), config.seed), {}, True
@@ -306,17 +331,17 @@ def run_stage(
                 _add(totals, reduced)
                 # a sum over the global count: N processes' gradients average to one process's
                 loss = terms.loss_sum * accelerator.num_processes / max(count, 1.0)
-                step_ok &= guard_loss(
-                    torch.tensor(total / max(count, 1.0)), step, config.nan_policy
+                _, step_ok = guarded_step(
+                    accelerator,
+                    loss,
+                    step,
+                    model.parameters(),
+                    optimizer,
+                    config.max_norm,
+                    config.nan_policy,
+                    monitored=torch.tensor(total / max(count, 1.0)),
+                    ok=step_ok,
                 )
-                if step_ok:
-                    accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    if step_ok and config.max_norm is not None:
-                        accelerator.clip_grad_norm_(model.parameters(), config.max_norm)
-                    if step_ok:
-                        optimizer.step()
-                    optimizer.zero_grad()
         scheduler.step()
         step += 1
         bar.update(1)
@@ -324,7 +349,7 @@ def run_stage(
         record = {"step": step, "lr": scheduler.get_last_lr()[0], **train_metrics}
         last = step == num_steps
         if step % config.eval_every == 0 or last:
-            valid_metrics = evaluate(stage, unwrapped, accelerator, config.batch_size)
+            valid_metrics = evaluate_stage(stage, unwrapped, accelerator, config.batch_size)
             sharding.settle(unwrapped)
             record.update({f"valid_{k}": v for k, v in valid_metrics.items()})
             shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step")
@@ -338,5 +363,24 @@ def run_stage(
     if state is not None and step == state["step"]:  # resumed a finished run: nothing ran
         last_record = history[-1] if history else {}
         train_metrics = {k: v for k, v in last_record.items() if k in _train_names(last_record)}
-        valid_metrics, saved = evaluate(stage, unwrapped, accelerator, config.batch_size), folder
+        valid_metrics, saved = (
+            evaluate_stage(stage, unwrapped, accelerator, config.batch_size),
+            folder,
+        )
     return FinetuneResult(history, train_metrics, valid_metrics, saved, unwrapped, tokenizer)
+
+
+def token_loss_fn(scope: Optional[str], kinds: dict[int, str] | None = None):
+    """A `Stage.loss_fn` for masked next-token loss; `kinds` names per-kind loss metrics."""
+
+    def loss_fn(model, batch: dict[str, Tensor], unwrapped) -> LossTerms:
+        logits = model(batch["tokens"], mask=batch["mask"], finetune_scope=scope)
+        nll = -shifted_log_probs(logits, batch["tokens"])
+        targets = batch["loss_mask"][:, 1:]
+        metrics = {}
+        for kind, name in (kinds or {}).items():
+            rows = (batch["kind"] == kind)[:, None] & targets
+            metrics[name] = (masked_sum(nll, rows), rows.sum())
+        return LossTerms(masked_sum(nll, targets), targets.sum(), metrics)
+
+    return loss_fn

@@ -10,27 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from palm_rlhf.checkpoint import latest_checkpoint
+from palm_rlhf.checkpoint import find_weights
 from palm_rlhf.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from palm_rlhf.model.palm import PaLM
 
 
 class TokenizerMismatchError(ValueError):
     """A stage was given a tokenizer other than the one its checkpoint was trained with."""
-
-
-def weights_file(path: Path) -> Path:
-    """A .safetensors file, a folder holding model.safetensors, or a run folder (its latest)."""
-    if path.is_file():
-        return path
-    if (path / "model.safetensors").is_file():
-        return path / "model.safetensors"
-    latest = latest_checkpoint(path) if path.is_dir() else None
-    if latest is not None and (latest / "model.safetensors").is_file():
-        return latest / "model.safetensors"
-    raise FileNotFoundError(
-        f"no model at {path}: expected a .safetensors file or a checkpoint folder"
-    )
 
 
 def check_tokenizer(folder: Path, tokenizer, source: str) -> None:
@@ -56,7 +42,7 @@ def load_base(
     must then be identical. LoRA scopes in the checkpoint are folded into the weights (a base
     is used as its previous stage trained it); with several, `base_scope` picks the one.
     """
-    weights = weights_file(Path(path))
+    weights = find_weights(path)
     model = PaLM.from_pretrained(weights)
     scopes = model.finetune_scopes
     if scopes:

@@ -33,6 +33,8 @@ from palm_rlhf.train.run import (
     cosine_schedule,
     guarded_step,
     make_accelerator,
+    make_optimizer,
+    progress_bar,
     resume_training,
 )
 
@@ -81,23 +83,18 @@ class PretrainResult(NamedTuple):
 
 def build_model(config: PretrainConfig, num_tokens: int = 256) -> PaLM:
     return PaLM(
-        num_tokens=num_tokens, dim=config.dim, depth=config.depth, heads=config.heads,
-        dim_head=config.dim_head, ff_mult=config.ff_mult, max_seq_len=config.seq_len,
-    )  # fmt: skip
-
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with decay on matrices only; norms' gains are not decayed."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+        num_tokens=num_tokens,
+        dim=config.dim,
+        depth=config.depth,
+        heads=config.heads,
+        dim_head=config.dim_head,
+        ff_mult=config.ff_mult,
+        max_seq_len=config.seq_len,
+    )
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator) -> float:
+def validation_loss(model, loader, accelerator) -> float:
     """Mean next-token loss (nats) over the loader's batches, averaged across processes."""
     was_training = model.training
     model.eval()
@@ -146,7 +143,8 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     unwrapped = accelerator.unwrap_model(model)
     sharded = sharding.is_sharded(unwrapped)
     if config.fsdp:
-        log(f"fsdp: {'sharded over ' + str(accelerator.num_processes) + ' processes' if sharded else 'one process, nothing to shard'}")  # fmt: skip
+        where = f"sharded over {accelerator.num_processes} processes"
+        log(f"fsdp: {where if sharded else 'one process, nothing to shard'}")
 
     step, history, *_ = resume_training(
         config.out_dir, config.resume, unwrapped, optimizer, scheduler, log, template=template
@@ -157,16 +155,21 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     def checkpoint() -> Optional[Path]:
         trainer_state = {"config": asdict(config), "history": history}
         return checkpoint_on_main(
-            accelerator, config.out_dir, step, unwrapped, optimizer, scheduler, trainer_state,
-            config.keep_last, tokenizer, template,
-        )  # fmt: skip
+            accelerator,
+            config.out_dir,
+            step,
+            unwrapped,
+            optimizer,
+            scheduler,
+            trainer_state,
+            config.keep_last,
+            tokenizer,
+            template,
+        )
 
     valid_loss, saved, start = math.nan, None, time.monotonic()
-    bar = tqdm(
-        total=config.num_steps,
-        initial=step,
-        disable=not (config.progress and accelerator.is_main_process),
-        desc="pretrain",
+    bar = progress_bar(
+        accelerator, config.progress, total=config.num_steps, initial=step, desc="pretrain"
     )
     model.train()
     batches = iter(train_loader)
@@ -175,10 +178,15 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
             batch = next(batches)
             with accelerator.accumulate(model):
                 loss = model(batch, return_loss=True)
-                mean_loss = guarded_step(
-                    accelerator, loss, step, model.parameters(), optimizer, config.max_norm,
+                mean_loss, _ = guarded_step(
+                    accelerator,
+                    loss,
+                    step,
+                    model.parameters(),
+                    optimizer,
+                    config.max_norm,
                     config.nan_policy,
-                )  # fmt: skip
+                )
         scheduler.step()
         step += 1
         bar.update(1)
@@ -188,13 +196,14 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         )
         last = step == config.num_steps or out_of_time
         if step % config.eval_every == 0 or last:
-            valid_loss = evaluate(model, val_loader, accelerator)
+            valid_loss = validation_loss(model, val_loader, accelerator)
             sharding.settle(unwrapped)
             record.update(
                 valid_loss=valid_loss, valid_bpc=valid_loss / math.log(2) / bytes_per_token
             )
             log(
-                f"step {step}: train loss {record['loss']:.4f}, valid loss {valid_loss:.4f}, bpc {record['valid_bpc']:.4f}"
+                f"step {step}: train loss {record['loss']:.4f}, valid loss "
+                f"{valid_loss:.4f}, bpc {record['valid_bpc']:.4f}"
             )
         if step % config.log_every == 0 or "valid_loss" in record:
             history.append(record)
@@ -221,7 +230,15 @@ def tokenize_splits(splits: Splits, tokenizer) -> tuple[Splits, float]:
     bytes per token."""
     if isinstance(tokenizer, ByteTokenizer):
         return splits, 1.0
-    encoded = Splits(*(torch.tensor(tokenizer.encode(split.numpy().tobytes().decode("utf-8", "replace")), dtype=torch.long) for split in splits))  # fmt: skip
+    encoded = Splits(
+        *(
+            torch.tensor(
+                tokenizer.encode(split.numpy().tobytes().decode("utf-8", "replace")),
+                dtype=torch.long,
+            )
+            for split in splits
+        )
+    )
     return encoded, len(splits.valid) / max(1, len(encoded.valid))
 
 
@@ -235,4 +252,8 @@ def sample_text(
     prime = data[start : start + prime_len].long()[None].to(model.device)
     new = min(config.generate_length, config.seq_len - prime_len)
     tokens = sample_tokens(model, prime, new, temperature=1.0, top_k=25, generator=generator).tokens
-    return f"--- prime ---\n{tokenizer.decode(prime[0].tolist())}\n--- sample ---\n{tokenizer.decode(tokens[0].tolist())}"
+    prime_text, sample_text = (
+        tokenizer.decode(prime[0].tolist()),
+        tokenizer.decode(tokens[0].tolist()),
+    )
+    return f"--- prime ---\n{prime_text}\n--- sample ---\n{sample_text}"

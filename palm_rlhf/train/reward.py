@@ -4,6 +4,10 @@ Phases per step: batch -> scores (one forward per response) -> loss (ranking los
 K-choose-2 pairs, or cross-entropy / MSE on ratings) -> guard -> backward -> clip -> step;
 now and then: held-out accuracy (+ MAE of the expected rating for ratings) and a checkpoint.
 
+Ratings: a file's human 1..K `rating` r trains class index r - 1 (RewardModel's labels are
+0..K-1, as in the reference), so a binned model's reward, the expected class index, is the
+expected rating minus one (the log says so once).
+
 Data: the file's records in order; the first `num_train` (else all but the last
 `valid_fraction`) train, the rest are held out, unless `valid_data` names a held-out file. The
 training stream is the records reshuffled every pass with `seed`, so a resumed run sees the
@@ -18,18 +22,15 @@ import warnings
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from accelerate import PartialState
-from einops import rearrange
-from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from palm_rlhf.checkpoint import find_weights
 from palm_rlhf.data.collate import (
-    ComparisonBatch,
     collate_comparisons,
     collate_ratings,
     encode_prompt_response,
@@ -37,18 +38,18 @@ from palm_rlhf.data.collate import (
 from palm_rlhf.data.records import read_comparisons, read_ratings
 from palm_rlhf.data.tokenizer import ByteTokenizer, load_tokenizer
 from palm_rlhf.model.palm import PaLM
-from palm_rlhf.model.reward import RewardModel, expected_rating
-from palm_rlhf.options import option, parse_config
-from palm_rlhf.rl_math import ranking_loss_from_scores
+from palm_rlhf.model.reward import RewardModel
+from palm_rlhf.options import option
 from palm_rlhf.train import sharding
-from palm_rlhf.train.loading import load_base as load_base_model
-from palm_rlhf.train.loading import weights_file
+from palm_rlhf.train.loading import load_base
+from palm_rlhf.train.reward_metrics import batch_loss, evaluate_reward
 from palm_rlhf.train.run import (
     RunOptions,
     checkpoint_on_main,
     cosine_schedule,
     guarded_step,
     make_accelerator,
+    progress_bar,
     resume_training,
 )
 
@@ -65,15 +66,27 @@ class RewardTrainConfig(RunOptions):
     num_train: Optional[int] = option(None, "train on the first N records; the rest are held out")
     valid_fraction: float = option(0.1, "without --num-train: hold out this last fraction")
     num_valid: Optional[int] = option(None, "use at most this many held-out records")
-    num_bins: Optional[int] = option(None, "K rating bins (reward = expected rating); 0 = scalar head; default 5 for ratings, 0 for comparisons")  # fmt: skip
-    base: Optional[str] = option(None, "pretrained PaLM: .safetensors file, checkpoint folder or train.py out_dir (its latest); none = random PaLM of these sizes:")  # fmt: skip
+    num_bins: Optional[int] = option(
+        None,
+        "K rating bins (ratings 1..K train class indices 0..K-1; reward = expected class "
+        "index); 0 = scalar head; default 5 for ratings, 0 for comparisons",
+    )
+    base: Optional[str] = option(
+        None,
+        "pretrained PaLM: .safetensors file, checkpoint folder or train.py out_dir (its "
+        "latest); none = random PaLM of these sizes:",
+    )
     tokenizer: Optional[str] = option(None, "tokenizer folder (default: beside --base, else bytes)")
     dim: int = option(64, "model width (random base only)")
     depth: int = option(2, "blocks (random base only)")
     heads: int = option(4, "query heads (random base only)")
     dim_head: int = option(16, "head width (random base only)")
     max_len: int = option(256, "longest sequence in tokens; prompts are cut from the left")
-    long_responses: str = option("skip", "a response longer than max_len allows: drop its record, cut its end, or stop", choices=("skip", "truncate", "raise"))  # fmt: skip
+    long_responses: str = option(
+        "skip",
+        "a response longer than max_len allows: drop its record, cut its end, or stop",
+        choices=("skip", "truncate", "raise"),
+    )
     batch_size: int = option(16, "GLOBAL records per step (split over processes)")
     eval_batch_size: Optional[int] = option(None, "records per held-out batch (default batch_size)")
     grad_accum: int = option(1, "gradient accumulation steps (each a batch of batch_size)")
@@ -88,13 +101,17 @@ class RewardTrainConfig(RunOptions):
     margin: float = option(0.0, "ranking loss margin: better responses must win by this much")
     use_lora: bool = option(True, "train a LoRA scope + head (else fine-tune every weight)")
     lora_r: int = option(8, "LoRA rank")
-    pooling: str = option("last", "score from the last token or the response mean", choices=("last", "mean"))  # fmt: skip
+    pooling: str = option(
+        "last", "score from the last token or the response mean", choices=("last", "mean")
+    )
     dropout: float = option(0.1, "dropout on the pooled features before the head")
     out_dir: Optional[str] = option("checkpoints/reward", "checkpoint folder ('none': no saving)")
     save_every: int = option(0, "steps between checkpoints (0: at the end only)")
     eval_every: int = option(0, "steps between held-out evaluations (0: at the end only)")
     resume: Optional[str] = option(None, "'latest' or a checkpoint folder to continue from")
-    on_error: str = option("raise", "malformed records: stop, or skip with a warning", choices=("raise", "skip"))  # fmt: skip
+    on_error: str = option(
+        "raise", "malformed records: stop, or skip with a warning", choices=("raise", "skip")
+    )
     log_every: int = option(10, "steps between history entries")
 
     def __post_init__(self):
@@ -214,17 +231,23 @@ def training_stream(records: list, num_records: int, seed: int) -> list:
 # ----------------------------------------------------------------------------- model
 
 
-def load_base(config: RewardTrainConfig):
+def reward_base(config: RewardTrainConfig):
     """(PaLM, tokenizer, base weights path) from `base`. Without one, a random PaLM is saved once
     as out_dir/base-palm.safetensors (reused on resume) so adapter checkpoints name a real base."""
     if config.base is not None:
         # the same loader as every stage: latest of a run folder, LoRA scopes folded, and the
         # tokenizer stored with the weights (a different --tokenizer is refused)
-        palm, tokenizer = load_base_model(config.base, config.tokenizer, log=lambda *_: None)
-        path = weights_file(Path(config.base))
+        palm, tokenizer = load_base(config.base, config.tokenizer, log=lambda *_: None)
+        path = find_weights(config.base)
     else:
-        palm = PaLM(num_tokens=ByteTokenizer.vocab_size, dim=config.dim, depth=config.depth,
-                    heads=config.heads, dim_head=config.dim_head, max_seq_len=config.max_len)  # fmt: skip
+        palm = PaLM(
+            num_tokens=ByteTokenizer.vocab_size,
+            dim=config.dim,
+            depth=config.depth,
+            heads=config.heads,
+            dim_head=config.dim_head,
+            max_seq_len=config.max_len,
+        )
         path = None
         if config.out_dir is not None:
             path = Path(config.out_dir) / "base-palm.safetensors"
@@ -245,78 +268,6 @@ def load_base(config: RewardTrainConfig):
     return palm, tokenizer, path
 
 
-def batch_loss(model, batch, kind: str, margin: float) -> torch.Tensor:
-    """The training loss of one batch through `model` (possibly wrapped by Accelerate)."""
-    if kind == "comparisons":
-        scores = score_comparisons(model, batch)
-        return ranking_loss_from_scores(scores, batch.ranking, batch.response_mask, margin)
-    return model(batch.tokens, mask=batch.mask, prompt_mask=batch.prompt_mask, labels=batch.ratings)
-
-
-def _pair_stats(scores, ranking, present, margin: float) -> dict:
-    """Per record (b,): ranked pairs, correctly ordered pairs, ranking loss."""
-    pairs = rearrange(ranking, "b i -> b i 1") < rearrange(ranking, "b j -> b 1 j")
-    pairs &= rearrange(present, "b i -> b i 1") & rearrange(present, "b j -> b 1 j")
-    diff = rearrange(scores, "b i -> b i 1") - rearrange(scores, "b j -> b 1 j")
-    count = pairs.sum((1, 2))
-    # per record, the InstructGPT loss: mean over its pairs of -log sigmoid(s_i - s_j - margin)
-    loss = torch.where(pairs, -F.logsigmoid(diff - margin), 0).sum((1, 2)) / count.clamp(min=1)
-    return {"count": count, "right": (pairs & (diff > 0)).sum((1, 2)), "loss": loss}
-
-
-def _rating_stats(logits, ratings, binned: bool) -> dict:
-    """Per record (b,): correct rating, |expected rating - rating|, loss."""
-    if binned:
-        reward, predicted = expected_rating(logits), logits.argmax(-1) + 1
-        loss = F.cross_entropy(logits.float(), ratings - 1, reduction="none")
-    else:
-        reward = logits.float()
-        predicted, loss = reward.round().long(), (reward - ratings) ** 2
-    return {"count": torch.ones_like(reward), "right": predicted == ratings,
-            "abs": (reward - ratings).abs(), "loss": loss}  # fmt: skip
-
-
-@torch.no_grad()
-def evaluate(model, loader, accelerator, kind: str, margin: float = 0.0) -> dict:
-    """Held-out metrics over the whole loader, exact across processes.
-
-    comparisons: valid_accuracy = correctly ordered pairs / ranked pairs (a tie in score counts
-    as wrong), valid_loss = mean ranking loss per record. ratings: valid_accuracy = the most
-    likely bin (scalar head: the rounded reward) equals the rating, valid_mae = mean |reward -
-    rating| with the reward the expected rating, valid_loss = cross-entropy (scalar: squared
-    error). valid_count = pairs (comparisons) or records (ratings)."""
-    if loader is None:
-        return {}
-    unwrapped = accelerator.unwrap_model(model)
-    was_training = unwrapped.training
-    unwrapped.eval()
-    if sharding.is_sharded(unwrapped):
-        unwrapped.unshard()  # `logits` is not the forward: gather the root's own shards for it
-    totals: dict[str, float] = {}
-    for batch in loader:
-        with accelerator.autocast():
-            if kind == "comparisons":
-                scores = score_comparisons(unwrapped, batch).float()
-                stats = _pair_stats(scores, batch.ranking, batch.response_mask, margin)
-            else:
-                logits = unwrapped.logits(batch.tokens, mask=batch.mask, prompt_mask=batch.prompt_mask)  # fmt: skip
-                stats = _rating_stats(logits.float(), batch.ratings, unwrapped.binned_output)
-        stats["records"] = torch.ones(batch.tokens.shape[0], device=batch.tokens.device)
-        for key, value in stats.items():
-            gathered = accelerator.gather_for_metrics(value.float())
-            totals[key] = totals.get(key, 0.0) + float(gathered.sum())
-    unwrapped.train(was_training)
-    sharding.settle(unwrapped)
-    metrics = {
-        "valid_accuracy": totals["right"] / max(totals["count"], 1.0),
-        "valid_loss": totals["loss"] / max(totals["records"], 1.0),
-        "valid_count": int(totals["count"]),
-    }
-    if "abs" in totals:
-        metrics["valid_mae"] = totals["abs"] / max(totals["count"], 1.0)
-    return metrics
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -326,10 +277,16 @@ def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
         config.mixed_precision, config.cpu, config.grad_accum, config.seed, fsdp=config.fsdp
     )
     log = tqdm.write if accelerator.is_main_process else (lambda *_: None)
-    palm, tokenizer, base_path = load_base(config)
+    palm, tokenizer, base_path = reward_base(config)
     train, valid = split_records(config, tokenizer)
-    model = RewardModel(palm, dropout=config.dropout, num_binned_output=config.num_bins,
-                        use_lora=config.use_lora, lora_r=config.lora_r, pooling=config.pooling)  # fmt: skip
+    model = RewardModel(
+        palm,
+        dropout=config.dropout,
+        num_binned_output=config.num_bins,
+        use_lora=config.use_lora,
+        lora_r=config.lora_r,
+        pooling=config.pooling,
+    )
     model.base_checkpoint = str(base_path.resolve()) if base_path is not None else None
     trainable = model.trainable_parameters()
     wanted = {id(p) for p in trainable}
@@ -338,8 +295,16 @@ def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
     # sharded (--fsdp): split before the optimizer is made; sharding replaces the parameters
     template = sharding.shard(model, accelerator, config.fsdp)
     trainable = model.trainable_parameters()
-    log(f"reward model: {len(train)} training / {len(valid)} held-out {config.kind} records, "
-        f"{sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,} parameters trained")  # fmt: skip
+    trained, total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+    log(
+        f"reward model: {len(train)} training / {len(valid)} held-out {config.kind} records, "
+        f"{trained:,} of {total:,} parameters trained"
+    )
+    if config.kind == "ratings":
+        log(
+            "ratings 1..K in the file train class indices 0..K-1 (label = rating - 1); the "
+            "reward model scores on that 0..K-1 scale"
+        )
 
     per_step = config.batch_size * config.grad_accum
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * len(train) / per_step))
@@ -355,7 +320,9 @@ def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
     )
     eval_size = config.eval_batch_size or config.batch_size
     valid_loader = DataLoader(valid, batch_size=eval_size, collate_fn=collate) if valid else None
-    model, optimizer, train_loader, scheduler = sharding.prepare(accelerator, model, optimizer, train_loader, scheduler)  # fmt: skip
+    model, optimizer, train_loader, scheduler = sharding.prepare(
+        accelerator, model, optimizer, train_loader, scheduler
+    )
     valid_loader = accelerator.prepare(valid_loader) if valid_loader is not None else None
     unwrapped = accelerator.unwrap_model(model)
 
@@ -370,13 +337,20 @@ def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
             return None
         trainer_state = {"config": asdict(config), "history": history}
         return checkpoint_on_main(
-            accelerator, config.out_dir, step, unwrapped, optimizer, scheduler, trainer_state,
-            config.keep_last, tokenizer, template,
-        )  # fmt: skip
+            accelerator,
+            config.out_dir,
+            step,
+            unwrapped,
+            optimizer,
+            scheduler,
+            trainer_state,
+            config.keep_last,
+            tokenizer,
+            template,
+        )
 
     metrics, saved, start = {}, None, time.monotonic()
-    bar = tqdm(total=total_steps, initial=step, desc="reward",
-               disable=not (config.progress and accelerator.is_main_process))  # fmt: skip
+    bar = progress_bar(accelerator, config.progress, total=total_steps, initial=step, desc="reward")
     model.train()
     batches = iter(train_loader)
     while step < total_steps:
@@ -384,10 +358,15 @@ def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
             batch = next(batches)
             with accelerator.accumulate(model):
                 loss = batch_loss(model, batch, config.kind, config.margin)
-                mean_loss = guarded_step(
-                    accelerator, loss, step, trainable, optimizer, config.max_norm,
+                mean_loss, _ = guarded_step(
+                    accelerator,
+                    loss,
+                    step,
+                    trainable,
+                    optimizer,
+                    config.max_norm,
                     config.nan_policy,
-                )  # fmt: skip
+                )
         scheduler.step()
         step += 1
         bar.update(1)
@@ -397,10 +376,13 @@ def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
             config.max_minutes is not None and minutes > config.max_minutes
         )
         if (config.eval_every and step % config.eval_every == 0) or last:
-            metrics = evaluate(model, valid_loader, accelerator, config.kind, config.margin)
+            metrics = evaluate_reward(model, valid_loader, accelerator, config.kind, config.margin)
             record.update(metrics)
             if metrics:
-                log(f"step {step}: loss {record['loss']:.4f}, held-out accuracy {metrics['valid_accuracy']:.4f}")  # fmt: skip
+                log(
+                    f"step {step}: loss {record['loss']:.4f}, held-out accuracy "
+                    f"{metrics['valid_accuracy']:.4f}"
+                )
         if step % config.log_every == 0 or "valid_accuracy" in record:
             history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
@@ -419,38 +401,14 @@ def run_reward(config: RewardTrainConfig) -> RewardTrainResult:
     """`palm-rlhf reward`: train, then print the held-out metrics and the checkpoint."""
     result = train_reward_model(config)
     if PartialState().is_main_process:
-        summary = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.metrics.items())  # fmt: skip
-        print(f"trained {result.num_train} records; held-out ({result.num_valid} records): {summary or 'none'}")  # fmt: skip
+        summary = ", ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in result.metrics.items()
+        )
+        print(
+            f"trained {result.num_train} records; held-out ({result.num_valid} records): "
+            f"{summary or 'none'}"
+        )
         if result.checkpoint is not None:
             print(f"checkpoint: {result.checkpoint}")
     return result
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    description = "Train a reward model on comparisons or ratings (JSON Lines)."
-    run_reward(parse_config(RewardTrainConfig, argv, description, prog="palm-rlhf reward"))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
-def score_comparisons(reward_fn: Callable[..., Tensor], batch: ComparisonBatch) -> Tensor:
-    """Scores (b, K) of a ComparisonBatch: ONE call of `reward_fn` (a RewardModel, or one
-    wrapped by Accelerate/DDP) on the (b K, n) flattened present responses; missing
-    responses (response_mask False) are not run and score 0 (the ranking losses mask them)."""
-    tokens, mask, prompt_mask, _, present = batch
-    if tokens.dim() != 3 or mask.shape != tokens.shape or prompt_mask.shape != tokens.shape:
-        raise ValueError(
-            f"a ComparisonBatch holds tokens, mask and prompt_mask of one shape (b, K, n); got "
-            f"{tuple(tokens.shape)}, {tuple(mask.shape)}, {tuple(prompt_mask.shape)}"
-        )
-    if present.shape != tokens.shape[:2]:
-        raise ValueError(f"response_mask must be (b, K) = {tuple(tokens.shape[:2])}")
-    num_responses = tokens.shape[1]
-    keep = rearrange(present, "b k -> (b k)")
-    flat = [rearrange(t, "b k n -> (b k) n")[keep] for t in (tokens, mask, prompt_mask)]
-    rewards = reward_fn(flat[0], mask=flat[1], prompt_mask=flat[2])
-    scores = rewards.new_zeros(keep.shape[0]).masked_scatter(keep, rewards)
-    return rearrange(scores, "(b k) -> b k", k=num_responses)

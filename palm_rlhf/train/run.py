@@ -22,9 +22,11 @@ from typing import Any, NamedTuple, Optional, Union
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from tqdm.auto import tqdm
 
 from palm_rlhf.checkpoint import (
     CheckpointError,
+    PathLike,
     latest_checkpoint,
     load_json,
     load_state,
@@ -36,8 +38,6 @@ from palm_rlhf.checkpoint import (
 from palm_rlhf.data.tokenizer import CONFIG_NAME
 from palm_rlhf.options import option
 from palm_rlhf.train import sharding
-
-PathLike = Union[str, Path]
 
 
 @dataclass
@@ -157,7 +157,9 @@ def save_training_checkpoint(
     """
     name = f"step-{step:07d}"
     writers = {
-        "model.safetensors": lambda p: model.save(p, scopes=scopes),
+        "model.safetensors": lambda p: (
+            model.save(p) if scopes is None else model.save(p, scopes=scopes)
+        ),
         "rng.pt": lambda p: save_state(p, rng_state()),
         "trainer_state.json": lambda p: save_json(p, {"step": step, **(trainer_state or {})}),
     }
@@ -201,26 +203,59 @@ def checkpoint_on_main(
         if before_save is not None:
             before_save(model)
         path = save_training_checkpoint(
-            root, step, model, optimizer, scheduler, trainer_state=trainer_state,
-            keep_last=keep_last, extra_files={CONFIG_NAME: lambda p: tokenizer.save(p.parent)},
+            root,
+            step,
+            model,
+            optimizer,
+            scheduler,
+            trainer_state=trainer_state,
+            keep_last=keep_last,
+            extra_files={CONFIG_NAME: lambda p: tokenizer.save(p.parent)},
             optimizer_state=optimizer_state,
-        )  # fmt: skip
+        )
     accelerator.wait_for_everyone()
     return path
 
 
-def guarded_step(accelerator, loss, step: int, params, optimizer, max_norm, nan_policy: str):
-    """One micro-step inside `accelerator.accumulate`: the loss is reduced over processes first,
-    so every process takes the same branch; a non-finite loss (policy "skip") runs no backward
-    and no step. Returns the reduced loss."""
-    mean_loss = accelerator.reduce(loss.detach(), "mean")
-    if guard_loss(mean_loss, step, nan_policy):
+def guarded_step(
+    accelerator,
+    loss,
+    step: int,
+    params,
+    optimizer,
+    max_norm,
+    nan_policy: str,
+    monitored: Optional[torch.Tensor] = None,
+    ok: bool = True,
+) -> tuple[torch.Tensor, bool]:
+    """One micro-step inside `accelerator.accumulate`: backward, and on the last micro-step of
+    an optimizer step clip, step and zero the gradients.
+
+    The loss checked for NaN/Inf is `monitored` when given (a value already reduced over
+    processes), else `loss` reduced over processes, so every process takes the same branch.
+    A non-finite loss (policy "skip") runs no backward; `ok=False` says an earlier micro-step of
+    this optimizer step was skipped, so the whole step is dropped. Returns (monitored, ok)."""
+    monitored = accelerator.reduce(loss.detach(), "mean") if monitored is None else monitored
+    ok = ok and guard_loss(monitored, step, nan_policy)
+    if ok:
         accelerator.backward(loss)
-        if accelerator.sync_gradients and max_norm is not None:
+    if accelerator.sync_gradients:
+        if ok and max_norm is not None:
             accelerator.clip_grad_norm_(params, max_norm)
-        optimizer.step()
-    optimizer.zero_grad()
-    return mean_loss
+        if ok:
+            optimizer.step()
+        optimizer.zero_grad()
+    return monitored, ok
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only; norms' gains are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
 def load_training_checkpoint(
@@ -259,7 +294,7 @@ def load_training_checkpoint(
 
 
 def resume_folder(root: PathLike, resume: Union[bool, str, None]) -> Optional[Path]:
-    """`resume=True` -> latest checkpoint under root (None if there is none); a path -> that folder."""
+    """`resume=True` -> latest checkpoint under root (None if there is none); a path -> it."""
     if not resume:
         return None
     if resume is True or resume == "latest":
@@ -321,3 +356,16 @@ def cosine_schedule(optimizer, warmup_steps: int, total_steps: int, min_ratio: f
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def progress_bar(accelerator, enabled: bool, **tqdm_options):
+    """A tqdm.auto bar (a widget in Jupyter) shown by the main process only, when enabled."""
+    return tqdm(disable=not (enabled and accelerator.is_local_main_process), **tqdm_options)
+
+
+def mean_over_processes(accelerator, record: dict[str, float]) -> dict[str, float]:
+    """Each number of a metrics record averaged over processes (NaN entries ignored)."""
+    keys = sorted(record)
+    local = torch.tensor([record[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    gathered = accelerator.gather(local[None]).reshape(-1, len(keys))
+    return dict(zip(keys, gathered.nanmean(dim=0).tolist()))

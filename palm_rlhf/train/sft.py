@@ -17,12 +17,22 @@ import torch
 from beartype import beartype
 from torch import Tensor
 
-from palm_rlhf.data.collate import encode_prompt_response
-from palm_rlhf.data.examples import TokenExample, collate_token_examples, load_examples
+from palm_rlhf.data.examples import (
+    TokenExample,
+    collate_token_examples,
+    load_examples,
+    sft_example,
+)
 from palm_rlhf.data.records import SFTRecord, read_sft
-from palm_rlhf.options import option, parse_config
-from palm_rlhf.rl_math import log_probs_from_logits, masked_sum
-from palm_rlhf.train.finetune import FinetuneConfig, FinetuneResult, LossTerms, Stage, run_stage
+from palm_rlhf.options import option
+from palm_rlhf.rl_math import masked_sum, shifted_log_probs
+from palm_rlhf.train.finetune import (
+    FinetuneConfig,
+    FinetuneResult,
+    Stage,
+    run_stage,
+    token_loss_fn,
+)
 
 
 @dataclass
@@ -35,14 +45,6 @@ class SFTConfig(FinetuneConfig):
 
 
 # ------------------------------------------------------------------------- the loss
-
-
-def shifted_log_probs(logits: Tensor, tokens: Tensor) -> Tensor:
-    """log p(tokens[:, t] | tokens[:, <t]) for t >= 1: logits (b, n, v), tokens (b, n) -> (b, n-1).
-
-    Column j of the result scores token j + 1 (the logits at position j predict the next one).
-    """
-    return log_probs_from_logits(logits[:, :-1], tokens[:, 1:])
 
 
 def _check_loss_mask(tokens: Tensor, loss_mask: Tensor) -> None:
@@ -80,29 +82,7 @@ def response_loss(logits: Tensor, tokens: Tensor, loss_mask: Tensor) -> Tensor:
     return total / count.clamp(min=1)
 
 
-def token_loss_fn(scope: Optional[str], kinds: dict[int, str] | None = None):
-    """A `Stage.loss_fn` for masked next-token loss; `kinds` names per-kind loss metrics."""
-
-    def loss_fn(model, batch: dict[str, Tensor], unwrapped) -> LossTerms:
-        logits = model(batch["tokens"], mask=batch["mask"], finetune_scope=scope)
-        nll = -shifted_log_probs(logits, batch["tokens"])
-        targets = batch["loss_mask"][:, 1:]
-        metrics = {}
-        for kind, name in (kinds or {}).items():
-            rows = (batch["kind"] == kind)[:, None] & targets
-            metrics[name] = (masked_sum(nll, rows), rows.sum())
-        return LossTerms(masked_sum(nll, targets), targets.sum(), metrics)
-
-    return loss_fn
-
-
 # ------------------------------------------------------------------------- the examples
-
-
-def sft_example(tokenizer, prompt: str, response: str, max_len: int) -> TokenExample:
-    """prompt + response + EOS with the loss on response and EOS (prompt cut from the left)."""
-    ids, num_prompt = encode_prompt_response(tokenizer, prompt, response, max_len)
-    return TokenExample(ids, [False] * num_prompt + [True] * (len(ids) - num_prompt))
 
 
 def pack_examples(examples: list[TokenExample], max_len: int) -> list[TokenExample]:
@@ -139,9 +119,12 @@ def train_sft(config: SFTConfig) -> FinetuneResult:
             )
         scope = "sft" if config.use_lora else None
         return Stage(
-            "sft", train, valid, lambda b: collate_token_examples(b, tokenizer.pad_id),
+            "sft",
+            train,
+            valid,
+            lambda b: collate_token_examples(b, tokenizer.pad_id),
             token_loss_fn(scope),
-        )  # fmt: skip
+        )
 
     return run_stage(config, build, "sft")
 
@@ -152,12 +135,3 @@ def run_sft(config: SFTConfig) -> FinetuneResult:
     valid = f", valid loss {result.valid['loss']:.4f}" if result.valid else ""
     print(f"sft: train loss {result.train['loss']:.4f}{valid}; checkpoint {result.checkpoint}")
     return result
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    run_sft(parse_config(SFTConfig, argv, "Supervised fine-tuning on prompt/response pairs."))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -226,10 +226,14 @@ def _by_name(state: dict, model: nn.Module, optimizer) -> dict:
     names = {id(param): name for name, param in model.named_parameters()}
     ordered = [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
     position = iter(ordered)
-    groups = [{**group, "params": [next(position) for _ in group["params"]]}
-              for group in state["param_groups"]]  # fmt: skip
-    return {"state": {ordered[i]: value for i, value in state["state"].items()},
-            "param_groups": groups}  # fmt: skip
+    groups = [
+        {**group, "params": [next(position) for _ in group["params"]]}
+        for group in state["param_groups"]
+    ]
+    return {
+        "state": {ordered[i]: value for i, value in state["state"].items()},
+        "param_groups": groups,
+    }
 
 
 def local_shapes(model: nn.Module) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:

@@ -1,0 +1,501 @@
+"""Write the reference-compatibility fixtures in ``tests/fixtures/reference/``.
+
+The fixtures are produced by the reference project itself, palm-rlhf-pytorch 0.8.0, so that
+``tests/test_reference_compat.py`` can check our loader and model against it in CI without the
+reference installed. Rerun (deterministic: fixed seeds, CPU, float32) with::
+
+    python benchmarks/make_reference_fixtures.py
+
+from the repository root. That builds or reuses ``.bench-venv`` (``benchmarks/reference_env.py``)
+and runs this same file there as ``.bench-venv/bin/python -I make_reference_fixtures.py
+--worker --out <dir>`` from a temporary directory, so nothing of ours can be imported next to
+the reference (the worker also refuses to start if ``palm_rlhf`` is importable). Rewriting the
+files gives byte-identical tensors; ``git diff`` shows any change of the reference's behaviour.
+
+What is written (all tiny):
+
+- ``palm.pt``: ``torch.save(palm.state_dict())`` of a reference ``PaLM(num_tokens=32, dim=16,
+  depth=2, dim_head=8, heads=2, ff_mult=2)`` with the reference defaults otherwise (xPos rotary,
+  ``rotary_xpos_scale_base=512``, ``flash_attn=False``). The reference 0.8.0 has no
+  ``PaLM.save``: its ``PaLM.load`` reads exactly this (``load_state_dict(torch.load(path))``).
+  Weights are re-randomised (LayerNorm gammas too) so every tensor matters to the logits.
+- ``palm_lora.pt``: the same kind of model with ``rotary_xpos_scale_base=8`` (a strong xPos
+  decay) and a LoRA scope ``"actor"`` (r=4) whose ``B`` is non-zero.
+- ``palm_qk_rmsnorm.pt``: a depth-1 reference PaLM with ``qk_rmsnorm=True`` (its attention
+  scale is ``dim_head ** -0.5`` even then: the block's ``qk_scale`` never reaches ``Attention``).
+- ``reward_scalar.pt``, ``reward_binned.pt``: ``torch.save(reward_model.state_dict())`` of
+  reference ``RewardModel``s (LoRA scope ``"reward"``, r=4; the second with
+  ``num_binned_output=5``) over a depth-1 PaLM; the reference's ``RewardModel.load`` reads it.
+- ``outputs.safetensors``: fixed inputs and the reference's outputs for them (eval mode).
+- ``facts.json``: configs of the fixtures and behaviour of the reference measured by running
+  and instrumenting it (``RLHFTrainer.train`` work counts, ``generate`` defaults, prompt
+  padding, what ``actor_lora=False`` trains, the reward model's outputs and labels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.abc
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures" / "reference"
+
+PALM_CONFIG = dict(num_tokens=32, dim=16, depth=2, dim_head=8, heads=2, ff_mult=2)
+PALM_LORA_CONFIG = dict(PALM_CONFIG, rotary_xpos_scale_base=8)
+REWARD_PALM_CONFIG = dict(num_tokens=32, dim=16, depth=1, dim_head=8, heads=2, ff_mult=2)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def main_host() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from reference_env import ensure_reference_env
+
+    python = ensure_reference_env(ROOT)
+    FIXTURES.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as cwd:
+        cmd = [str(python), "-I", str(Path(__file__).resolve()), "--worker", "--out", str(FIXTURES)]
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"fixture worker failed ({proc.returncode})")
+    for path in sorted(FIXTURES.iterdir()):
+        print(f"{path.relative_to(ROOT)}  {path.stat().st_size} bytes")
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+class _BlockOurs(importlib.abc.MetaPathFinder):
+    """Refuse to import palm_rlhf (ours) in the reference worker."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "palm_rlhf" or fullname.startswith("palm_rlhf."):
+            raise ImportError(f"{fullname} is blocked in the reference fixture worker")
+        return None
+
+
+def _randomise(module, seed: int) -> None:
+    """Give every parameter a value of order one (trained-looking), LayerNorm gammas included."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            std = 0.3 if name.endswith(("gamma", ".B")) else 0.5 if "emb" in name else 0.25
+            param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def _counting(fn, counter: dict, key: str, record=None):
+    def wrapped(*args, **kwargs):
+        counter[key] = counter.get(key, 0) + 1
+        out = fn(*args, **kwargs)
+        if record is not None:
+            record(args, kwargs, out)
+        return out
+
+    return wrapped
+
+
+def measure_train(E, T, U, L, minibatch_size=2, epochs=1, prompt_len=3):
+    """Run RLHFTrainer.train on a tiny model and count what it does."""
+    import random
+
+    import torch
+    from palm_rlhf_pytorch import PaLM, RewardModel, RLHFTrainer
+
+    torch.manual_seed(0)
+    random.seed(0)
+    palm = PaLM(**REWARD_PALM_CONFIG)
+    reward_model = RewardModel(palm, use_lora=True, lora_r=4)
+    prompts = torch.randint(1, 32, (3, prompt_len))
+    trainer = RLHFTrainer(
+        palm=palm,
+        reward_model=reward_model,
+        prompt_token_ids=prompts,
+        minibatch_size=minibatch_size,
+        epochs=epochs,
+    )
+    counts: dict = {}
+    lengths, learn_sizes = [], []
+
+    def on_generate(args, kwargs, out):
+        lengths.append(int(out.actions.shape[-1]))
+
+    trainer.actor_critic_generate = _counting(
+        trainer.actor_critic_generate, counts, "rollouts", on_generate
+    )
+    palm_generate = PaLM.generate
+    PaLM.generate = _counting(palm_generate, counts, "palm_generate_calls")
+    learn = trainer.learn
+
+    def counting_learn(memories):
+        learn_sizes.append(len(memories))
+        return learn(memories)
+
+    trainer.learn = counting_learn
+    trainer.actor_optim.step = _counting(trainer.actor_optim.step, counts, "actor_optim_steps")
+    trainer.critic_optim.step = _counting(trainer.critic_optim.step, counts, "critic_optim_steps")
+    try:
+        trainer.train(num_episodes=E, max_timesteps=T, update_timesteps=U, max_seq_len=L)
+    finally:
+        PaLM.generate = palm_generate
+    return dict(
+        num_episodes=E,
+        max_timesteps=T,
+        update_timesteps=U,
+        max_seq_len=L,
+        minibatch_size=minibatch_size,
+        epochs=epochs,
+        prompt_len=prompt_len,
+        rollouts=counts.get("rollouts", 0),
+        palm_generate_calls=counts.get("palm_generate_calls", 0),
+        sequences_per_rollout=1,
+        new_tokens_per_rollout=sorted(set(lengths)),
+        learn_calls=len(learn_sizes),
+        memories_per_learn=learn_sizes,
+        actor_optim_steps=counts.get("actor_optim_steps", 0),
+        critic_optim_steps=counts.get("critic_optim_steps", 0),
+    )
+
+
+def measure_generate():
+    import inspect
+    import math
+
+    import torch
+    from palm_rlhf_pytorch import PaLM
+    from palm_rlhf_pytorch.utils import top_k
+
+    torch.manual_seed(0)
+    palm = PaLM(**REWARD_PALM_CONFIG).eval()
+    _randomise(palm, 7)
+    # generate is wrapped by torch.no_grad and the reference's eval_decorator (no functools.wraps)
+    fn = inspect.unwrap(PaLM.generate)
+    while fn.__name__ != "generate":
+        fn = next(c.cell_contents for c in fn.__closure__ if callable(c.cell_contents))
+    sig = inspect.signature(fn)
+    defaults = {
+        name: (p.default.__name__ if callable(p.default) else p.default)
+        for name, p in sig.parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    kept = {}
+    for vocab in (10, 20, 30, 32, 100, 256, 1000, 20000, 50257):
+        logits = torch.randn(1, vocab)
+        kept[str(vocab)] = int(torch.isfinite(top_k(logits, thres=0.9)).sum())
+    formula = {str(v): math.ceil((1 - 0.9) * v) for v in (10, 20, 30, 32, 100, 256, 1000, 20000)}
+
+    # distinct first tokens sampled from one prompt with the default filter
+    prompt = torch.tensor([[3, 4, 5]]).repeat(512, 1)
+    first = palm.generate(4, prompt=prompt)[:, 0]
+    logits = palm(prompt[:1])[0, -1]
+    top4 = set(logits.topk(4).indices.tolist())
+
+    shapes = {}
+    prompt5 = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 10, 11, 12]])
+    for seq_len in (3, 5, 6, 8):
+        shapes[str(seq_len)] = list(palm.generate(seq_len, prompt=prompt5).shape)
+    with_prompt = list(palm.generate(3, prompt=prompt5, return_seq_without_prompt=False).shape)
+    no_prompt = list(palm.generate(6).shape)
+
+    # EOS: the stop test reads the whole sequence, prompt included; rows are only cleaned up
+    # (everything after the first EOS -> pad_value) when EVERY row holds an EOS
+    eos = 2
+    eos_in_prompt = palm.generate(8, prompt=torch.tensor([[3, eos, 5], [6, 7, eos]]), eos_token=eos)
+
+    forced = torch.tensor([eos, 9])  # row 0 always samples EOS, row 1 never does
+
+    def forced_forward(x, return_logits_with_embedding=False, **kwargs):
+        logits = torch.full((x.shape[0], x.shape[1], 32), -1e4)
+        logits[torch.arange(x.shape[0]), -1, forced[: x.shape[0]]] = 1e4
+        return logits, torch.zeros(x.shape[0], x.shape[1], 16)
+
+    palm.forward = forced_forward
+    one_row_eos = palm.generate(6, prompt=torch.tensor([[3, 4], [5, 6]]), eos_token=eos)
+    forced[1] = eos
+    all_rows_eos = palm.generate(6, prompt=torch.tensor([[3, 4], [5, 6]]), eos_token=eos)
+    del palm.forward
+    return dict(
+        signature_defaults=defaults,
+        top_k_kept_tokens_by_vocab=kept,
+        top_k_formula_ceil_0_1_v=formula,
+        distinct_first_tokens_of_512_samples_vocab32=len(set(first.tolist())),
+        those_are_the_top4_logits=set(first.tolist()) <= top4,
+        returned_shape_for_prompt_len_5_by_seq_len=shapes,
+        seq_len_3_return_seq_without_prompt_false=with_prompt,
+        no_prompt_seq_len_6=no_prompt,
+        eos_in_prompt_result=eos_in_prompt.tolist(),
+        eos_one_row_only_result=one_row_eos.tolist(),
+        eos_all_rows_result=all_rows_eos.tolist(),
+    )
+
+
+def measure_actor_lora():
+    import torch
+    from palm_rlhf_pytorch import PaLM
+    from palm_rlhf_pytorch.ppo import ActorCritic
+
+    def names(module, params):
+        ids = {id(p) for p in params}
+        return sorted(n for n, p in module.named_parameters() if id(p) in ids)
+
+    out = {}
+    for actor_lora, critic_lora in ((True, True), (False, True), (False, False), (True, False)):
+        torch.manual_seed(0)
+        palm = PaLM(**REWARD_PALM_CONFIG)
+        ac = ActorCritic(palm, actor_lora=actor_lora, critic_lora=critic_lora)
+        key = f"actor_lora={actor_lora},critic_lora={critic_lora}"
+        row = dict(
+            actor_is_callers_palm=ac.actor_palm is palm,
+            callers_palm_scopes_after=sorted(palm.finetune_modules.keys()),
+            critic_is_copy=ac.critic is not palm,
+        )
+        row["actor_parameters"] = names(ac, list(ac.actor_parameters()))
+        try:
+            row["critic_parameters"] = names(ac, list(ac.critic_parameters()))
+        except AssertionError as err:
+            row["critic_parameters_error"] = f"AssertionError: {err}"
+        out[key] = row
+    return out
+
+
+def measure_pad_handling():
+    import random
+
+    import torch
+    from palm_rlhf_pytorch import PaLM, RewardModel, RLHFTrainer
+
+    torch.manual_seed(0)
+    random.seed(0)
+    palm = PaLM(**REWARD_PALM_CONFIG)
+    reward_model = RewardModel(palm, use_lora=True, lora_r=4)
+    prompt = torch.tensor([[0, 5, 0, 7, 9, 0, 0]])
+    trainer = RLHFTrainer(palm=palm, reward_model=reward_model, prompt_token_ids=prompt)
+    seen = []
+    generate = trainer.actor_critic_generate
+
+    def spy(state, **kwargs):
+        seen.append(state.tolist())
+        return generate(state, **kwargs)
+
+    trainer.actor_critic_generate = spy
+    trainer.train(num_episodes=1, max_timesteps=1, update_timesteps=10, max_seq_len=8)
+    return dict(prompt_token_ids=prompt.tolist(), pad_value=0, state_given_to_generate=seen[0])
+
+
+def measure_max_norm():
+    import random
+
+    import torch
+    from palm_rlhf_pytorch import PaLM, RewardModel, RLHFTrainer
+
+    torch.manual_seed(0)
+    random.seed(0)
+    palm = PaLM(**REWARD_PALM_CONFIG)
+    reward_model = RewardModel(palm, use_lora=True, lora_r=4)
+    trainer = RLHFTrainer(
+        palm=palm,
+        reward_model=reward_model,
+        prompt_token_ids=torch.randint(1, 32, (2, 3)),
+        max_norm=1.0,
+        minibatch_size=2,
+    )
+    try:
+        trainer.train(num_episodes=1, max_timesteps=2, update_timesteps=2, max_seq_len=6)
+    except AttributeError as err:
+        return f"AttributeError: {err}"
+    return "no error"
+
+
+def build_palm_fixtures(out: Path, tensors: dict, facts: dict) -> None:
+    import torch
+    from palm_rlhf_pytorch import PaLM
+
+    torch.manual_seed(0)
+    seq = torch.randint(0, 32, (2, 12))
+    tensors["palm.seq"] = seq
+
+    palm = PaLM(**PALM_CONFIG)
+    _randomise(palm, 1)
+    palm.eval()
+    with torch.no_grad():
+        tensors["palm.logits"] = palm(seq)
+        tensors["palm.loss"] = palm(seq, return_loss=True).reshape(1)
+    torch.save(palm.state_dict(), out / "palm.pt")
+
+    torch.manual_seed(1)
+    lora = PaLM(**PALM_LORA_CONFIG, finetune_scopes=("actor",), lora_r=4)
+    _randomise(lora, 2)
+    lora.eval()
+    with torch.no_grad():
+        tensors["palm_lora.logits"] = lora(seq)
+        tensors["palm_lora.logits_actor"] = lora(seq, finetune_scope="actor")
+    torch.save(lora.state_dict(), out / "palm_lora.pt")
+
+    torch.manual_seed(2)
+    qk = PaLM(**REWARD_PALM_CONFIG, qk_rmsnorm=True)
+    _randomise(qk, 3)
+    qk.eval()
+    with torch.no_grad():
+        tensors["palm_qk_rmsnorm.logits"] = qk(seq)
+    torch.save(qk.state_dict(), out / "palm_qk_rmsnorm.pt")
+
+    facts["palm.pt"] = dict(config=PALM_CONFIG, keys=sorted(palm.state_dict()))
+    facts["palm_qk_rmsnorm.pt"] = dict(
+        config=dict(REWARD_PALM_CONFIG, qk_rmsnorm=True), keys=sorted(qk.state_dict())
+    )
+    facts["palm_lora.pt"] = dict(
+        config=PALM_LORA_CONFIG, lora_scope="actor", lora_r=4, keys=sorted(lora.state_dict())
+    )
+
+
+def build_reward_fixtures(out: Path, tensors: dict, facts: dict) -> None:
+    import torch
+    from palm_rlhf_pytorch import PaLM, RewardModel
+    from palm_rlhf_pytorch.utils import gumbel_sample
+
+    torch.manual_seed(2)
+    seq = torch.randint(1, 32, (3, 10))
+    prompt_mask = torch.arange(10)[None] < torch.tensor([[3], [4], [2]])
+    mask = torch.arange(10)[None] < torch.tensor([[10], [8], [6]])  # right padding
+    tensors.update({"reward.seq": seq, "reward.prompt_mask": prompt_mask, "reward.mask": mask})
+
+    for kind, bins in (("scalar", 0), ("binned", 5)):
+        torch.manual_seed(3)
+        palm = PaLM(**REWARD_PALM_CONFIG)
+        model = RewardModel(palm, num_binned_output=bins, use_lora=True, lora_r=4)
+        _randomise(model, 4)
+        model.eval()
+        dropouts = sorted({m.p for m in model.palm.modules() if isinstance(m, torch.nn.Dropout)})
+        with torch.no_grad():
+            torch.manual_seed(5)
+            default = model(seq, prompt_mask=prompt_mask, mask=mask)
+            tensors[f"reward_{kind}.default_output"] = default
+            embeds = model.palm(
+                seq,
+                extra_embed=torch.where(
+                    prompt_mask[..., None], model.prompt_embed, model.response_embed
+                ),
+                return_only_embedding=True,
+                finetune_scope="reward",
+            )
+            pooled = (embeds * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            head = model.to_pred(pooled)
+            tensors[f"reward_{kind}.head_output"] = head
+            no_mask = model(seq, prompt_mask=prompt_mask) if bins == 0 else None
+            row = dict(
+                config=dict(
+                    num_binned_output=bins, use_lora=True, lora_r=4, palm=REWARD_PALM_CONFIG
+                ),
+                keys=sorted(model.state_dict()),
+                dropout_p_inside_palm_after_init=dropouts,
+                default_output_dtype=str(default.dtype),
+                default_output_shape=list(default.shape),
+                finetune_parameter_count=len(model.finetune_parameters()),
+                prompt_and_response_embed_in_finetune_parameters=any(
+                    p is model.prompt_embed or p is model.response_embed
+                    for p in model.finetune_parameters()
+                ),
+            )
+            if bins == 0:
+                row["output_equals_head_of_masked_mean_over_mask_incl_prompt"] = bool(
+                    torch.allclose(head, default, atol=1e-6, rtol=0)
+                )
+                tensors["reward_scalar.no_mask_output"] = no_mask
+                row["no_mask_means_mean_over_all_positions"] = bool(
+                    torch.allclose(
+                        no_mask,
+                        model.to_pred(
+                            model.palm(
+                                seq,
+                                extra_embed=torch.where(
+                                    prompt_mask[..., None], model.prompt_embed, model.response_embed
+                                ),
+                                return_only_embedding=True,
+                                finetune_scope="reward",
+                            ).mean(1)
+                        ),
+                    )
+                )
+                labels = torch.tensor([0.5, -1.0, 2.0])
+                row["loss_with_labels"] = float(
+                    model(seq, prompt_mask=prompt_mask, mask=mask, labels=labels)
+                )
+                row["loss_is_mse_vs_head_output"] = (
+                    abs(row["loss_with_labels"] - float(torch.nn.functional.mse_loss(head, labels)))
+                    < 1e-6
+                )
+            else:
+                labels = torch.tensor([0, 4, 2])
+                loss = float(model(seq, prompt_mask=prompt_mask, mask=mask, labels=labels))
+                row["loss_with_class_index_labels_0_4_2"] = loss
+                row["loss_is_cross_entropy_with_class_indices"] = (
+                    abs(loss - float(torch.nn.functional.cross_entropy(head, labels))) < 1e-6
+                )
+                try:
+                    model(seq, prompt_mask=prompt_mask, mask=mask, labels=torch.tensor([1, 5, 2]))
+                    row["label_equal_to_K"] = "accepted"
+                except Exception as err:  # noqa: BLE001 - we record whatever the reference does
+                    row["label_equal_to_K"] = f"{type(err).__name__}: {str(err)[:80]}"
+                model.sample_from_bins = False
+                row["sample_from_bins_false_returns_head_logits"] = bool(
+                    torch.equal(model(seq, prompt_mask=prompt_mask, mask=mask), head)
+                )
+                torch.manual_seed(5)
+                row["default_output_equals_gumbel_sample_of_head_logits_same_seed"] = bool(
+                    torch.equal(default, gumbel_sample(head, temperature=1.0, dim=-1))
+                )
+        torch.save(model.state_dict(), out / f"reward_{kind}.pt")
+        facts[f"reward_{kind}.pt"] = row
+
+
+def main_worker(out: Path) -> None:
+    import importlib.metadata
+    import random
+
+    # an editable install of palm_rlhf may sit in the system site the venv shares: block it,
+    # and keep this repository off sys.path, so only the reference can produce the fixtures
+    sys.meta_path.insert(0, _BlockOurs())
+    if ROOT in {Path(p or ".").resolve() for p in sys.path}:
+        raise SystemExit(f"{ROOT} is on sys.path: run the worker with python -I elsewhere")
+    import torch
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    random.seed(0)
+    facts: dict = dict(
+        reference=f"palm-rlhf-pytorch=={importlib.metadata.version('palm-rlhf-pytorch')}",
+        torch=torch.__version__.split("+")[0],
+        regenerate="python benchmarks/make_reference_fixtures.py",
+    )
+    tensors: dict = {}
+    build_palm_fixtures(out, tensors, facts)
+    build_reward_fixtures(out, tensors, facts)
+    facts["train_counts"] = [
+        measure_train(2, 3, 2, 6),
+        measure_train(1, 5, 5, 6, minibatch_size=2, epochs=2),
+        measure_train(3, 2, 4, 5, minibatch_size=3),
+        measure_train(1, 3, 1, 2, prompt_len=3),
+    ]
+    facts["generate"] = measure_generate()
+    facts["actor_critic_parameters"] = measure_actor_lora()
+    facts["prompt_padding"] = measure_pad_handling()
+    facts["max_norm_path"] = measure_max_norm()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "outputs.safetensors"))
+    (out / "facts.json").write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", action="store_true", help="run inside the reference venv")
+    parser.add_argument("--out", type=Path, default=FIXTURES)
+    args = parser.parse_args()
+    main_worker(args.out) if args.worker else main_host()
