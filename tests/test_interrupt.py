@@ -16,7 +16,7 @@ import pytest
 from palm_rlhf.checkpoint import latest_checkpoint
 from palm_rlhf.train.history import read_history
 from palm_rlhf.train.pretrain import PretrainConfig, pretrain
-from palm_rlhf.train.stopping import StopOnSignal
+from palm_rlhf.train.stopping import StopOnSignal, TrainingInterrupted
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -100,3 +100,42 @@ def test_stop_on_signal_restores_the_previous_handlers():
         time.sleep(0.01)
         assert stop.requested() == signal.SIGTERM
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_sigterm_in_reward_training_saves_and_resumes_exactly(tmp_path, monkeypatch):
+    import palm_rlhf.train.reward as reward
+    from palm_rlhf.train.reward import RewardTrainConfig, train_reward_model
+
+    fixtures = Path(__file__).parent / "fixtures"
+    config = dict(
+        data=str(fixtures / "comparisons.jsonl"),
+        num_train=2,
+        batch_size=2,
+        max_steps=5,
+        max_len=64,
+        lr=1e-2,
+        progress=False,
+        log_every=1,
+        warmup_steps=1,
+    )
+    straight = train_reward_model(RewardTrainConfig(out_dir=str(tmp_path / "a"), **config))
+    calls, loss = [], reward.batch_loss
+
+    def signalled_at_second_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # mid-step: the step must still finish before the run stops
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(reward, "batch_loss", signalled_at_second_step)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train_reward_model(RewardTrainConfig(out_dir=str(tmp_path / "b"), **config))
+    assert stopped.value.step == 2 and stopped.value.exit_code == 128 + signal.SIGTERM
+    assert stopped.value.checkpoint == latest_checkpoint(tmp_path / "b")
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+    monkeypatch.setattr(reward, "batch_loss", loss)
+    resumed = train_reward_model(
+        RewardTrainConfig(out_dir=str(tmp_path / "b"), resume="latest", **config)
+    )
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
+    assert read_history(tmp_path / "b") == straight.history
