@@ -99,11 +99,11 @@ def config_from_args(parser: argparse.ArgumentParser, cls, args: argparse.Namesp
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults shown after each option; the description keeps its own line breaks.
 
-    No default is shown for a required option or a positional argument, nor "None" for an
+    No default is shown for a required option or a positional argument, nor "None" or "" for an
     option off by default (its help says what leaving it out does)."""
 
     def _get_help_string(self, action):
-        if action.required or not action.option_strings or action.default is None:
+        if action.required or not action.option_strings or action.default in (None, ""):
             return action.help
         if "default" in (action.help or ""):  # the help states its default in its own words
             return action.help
