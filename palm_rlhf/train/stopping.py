@@ -81,5 +81,5 @@ class StopOnSignal:
         if accelerator is None or accelerator.num_processes == 1:
             return self.signum
         flag = torch.tensor([self.signum or 0], device=accelerator.device)
-        signum = int(accelerator.reduce(flag, "max"))
+        signum = int(accelerator.gather(flag).max())  # one collective per step, tiny
         return signum or None
