@@ -325,3 +325,14 @@ def test_sentencepiece_tokenizer_from_one_command_travels_with_the_checkpoints(t
     assert tokenizer_fingerprint(
         load_tokenizer(tmp_path / "sft" / (tmp_path / "sft" / "latest").read_text())
     ) == tokenizer_fingerprint(trained)
+
+
+def test_ppo_log_with_tensorboard(pipeline, tmp_path):
+    pytest.importorskip("tensorboard")
+    args = ["ppo", "--policy", str(pipeline / "sft"), "--reward", str(pipeline / "rm")]
+    args += ["--prompts", str(FIXTURES / "sft.jsonl"), "--out-dir", str(tmp_path / "ppo")]
+    args += ["--num-episodes", "2", "--update-timesteps", "2", "--max-timesteps", "4"]
+    args += ["--rollout-batch-size", "2", "--minibatch-size", "2", "--no-progress"]
+    assert main([*args, "--log-with", "tensorboard"]) == 0
+    assert list((tmp_path / "ppo").rglob("events.out.tfevents.*"))
+    assert (tmp_path / "ppo" / "history.jsonl").read_text().count("\n") == 1

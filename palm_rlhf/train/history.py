@@ -13,7 +13,7 @@ import importlib.util
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from palm_rlhf.checkpoint import PathLike, atomic_write_bytes
 
@@ -49,9 +49,10 @@ def check_trackers(log_with: Optional[str]) -> Optional[list[str]]:
     return names
 
 
-def _tracker_value(value: Any) -> Any:
-    """Trackers' hyperparameter tables take numbers, strings and booleans only."""
-    return value if isinstance(value, (bool, int, float, str)) else str(value)
+def tracker_config(config: dict) -> dict:
+    """A config as trackers' hyperparameter tables take it: numbers, strings and booleans only
+    (TensorBoard refuses None and tuples), anything else as its str."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in config.items()}
 
 
 def _line(record: dict) -> str:
@@ -79,8 +80,7 @@ class HistoryLog:
             atomic_write_bytes(self.path, "".join(map(_line, history)).encode())
             self._file = open(self.path, "a", encoding="utf-8")
         if self.trackers:
-            config = {k: _tracker_value(v) for k, v in (config or {}).items()}
-            accelerator.init_trackers(stage, config=config)
+            accelerator.init_trackers(stage, config=tracker_config(config or {}))
 
     def append(self, record: dict) -> None:
         self.history.append(record)

@@ -58,6 +58,7 @@ from palm_rlhf.rl.rollout import (
 from palm_rlhf.rl_math import (
     typechecked,
 )
+from palm_rlhf.train.history import tracker_config
 from palm_rlhf.train.run import guard_loss, make_accelerator
 
 # reward_fn(seq (b, n) long, mask (b, n) bool, prompt_mask (b, n) bool) -> (b,) float
@@ -146,7 +147,8 @@ class RLHFTrainer:
         self.value_head_initialised = config.value_head_init == "zero"
         self.history: list[dict] = []
         if self.accelerator.log_with:
-            self.accelerator.init_trackers(tracker_project_name, config=self.config.to_dict())
+            config = tracker_config(self.config.to_dict())  # TensorBoard refuses None
+            self.accelerator.init_trackers(tracker_project_name, config=config)
 
     # ------------------------------------------------------------------ helpers
 
