@@ -139,3 +139,30 @@ def test_sigterm_in_reward_training_saves_and_resumes_exactly(tmp_path, monkeypa
     )
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
     assert read_history(tmp_path / "b") == straight.history
+
+
+def test_ctrl_c_in_sft_saves_the_step_and_resumes_exactly(tmp_path, monkeypatch):
+    import palm_rlhf.train.finetune as finetune
+    from palm_rlhf.train.sft import SFTConfig, train_sft
+    from tests.finetune_helpers import make_base, toy_sft
+
+    base, data = make_base(tmp_path / "base"), toy_sft(tmp_path / "sft.jsonl")
+    config = dict(base=str(base), data=str(data), batch_size=4, max_steps=4, max_len=64)
+    config.update(lr=1e-3, progress=False, log_every=1, save_every=100, eval_every=100)
+    straight = train_sft(SFTConfig(out_dir=str(tmp_path / "a"), **config))
+    calls, to_device = [], finetune._to_device
+
+    def signalled_in_step_two(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return to_device(*args)
+
+    monkeypatch.setattr(finetune, "_to_device", signalled_in_step_two)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train_sft(SFTConfig(out_dir=str(tmp_path / "b"), **config))
+    assert stopped.value.step == 2 and stopped.value.exit_code == 130
+    assert stopped.value.checkpoint == latest_checkpoint(tmp_path / "b")
+    monkeypatch.setattr(finetune, "_to_device", to_device)
+    resumed = train_sft(SFTConfig(out_dir=str(tmp_path / "b"), resume="latest", **config))
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]

@@ -374,7 +374,7 @@ def run_stage(
             if step % config.save_every == 0 or last:
                 saved = checkpoint(final=last)
             signum = stop.requested(accelerator)
-            if signum:  # Ctrl-C / SIGTERM: the step is done; save it (unless just saved) and stop
+            if signum and not last:  # Ctrl-C / SIGTERM: the step is done; save it and stop
                 bar.close()
                 if not (step % config.save_every == 0 or last):
                     saved = checkpoint(final=False)

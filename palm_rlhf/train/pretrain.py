@@ -225,7 +225,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
                 log(f"stopping after {config.max_minutes} minutes at step {step}")
                 break
             signum = stop.requested(accelerator)
-            if signum:  # Ctrl-C / SIGTERM: the step is done; save it (unless just saved) and stop
+            if signum and not last:  # Ctrl-C / SIGTERM: the step is done; save it and stop
                 bar.close()
                 if not (step % config.save_every == 0 or last):
                     saved = checkpoint()
