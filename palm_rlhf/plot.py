@@ -50,7 +50,9 @@ def plot_history(
             "palm-rlhf plot needs matplotlib: pip install matplotlib (or palm-rlhf[plot])"
         ) from None
     run_dir = Path(run_dir)
-    series = numeric_series(read_history(run_dir))
+    records = read_history(run_dir)
+    series = numeric_series(records)
+    x_label = next((k for k in ("step", "update") if any(k in r for r in records)), "record")
     if metrics:
         unknown = sorted(set(metrics) - set(series))
         if unknown:
@@ -68,7 +70,7 @@ def plot_history(
             style = "o-" if len(steps) < 30 else "-"
             axis.plot(steps, values, style, label=name, markersize=3)
         axis.set_title(title)
-        axis.set_xlabel("step")
+        axis.set_xlabel(x_label)
         axis.grid(alpha=0.3)
         if len(names) > 1:
             axis.legend(fontsize="small")

@@ -336,3 +336,19 @@ def test_ppo_log_with_tensorboard(pipeline, tmp_path):
     assert main([*args, "--log-with", "tensorboard"]) == 0
     assert list((tmp_path / "ppo").rglob("events.out.tfevents.*"))
     assert (tmp_path / "ppo" / "history.jsonl").read_text().count("\n") == 1
+
+
+def test_plot_draws_a_ppo_history_against_updates(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from palm_rlhf.train.history import numeric_series, read_history, write_history
+
+    records = [{"update": u, "episodes": 4 * u, "reward": 0.1 * u, "kl": 0.01 * u} for u in (1, 2)]
+    write_history(tmp_path / "history.jsonl", records)
+    with open(tmp_path / "history.jsonl", "a") as torn:
+        torn.write('{"update": 3, "rew')  # a run killed mid-line: that line is ignored
+    assert read_history(tmp_path) == records
+    assert numeric_series(records) == {"reward": ([1, 2], [0.1, 0.2]), "kl": ([1, 2], [0.01, 0.02])}
+    assert main(["plot", str(tmp_path)]) == 0
+    assert (tmp_path / "curves.png").is_file() and "(reward, kl)" in capsys.readouterr().out
+    assert main(["plot", str(tmp_path), "--metrics", "nope"]) == 2
+    assert "no metric ['nope']" in capsys.readouterr().err

@@ -136,13 +136,18 @@ def read_history(path: PathLike) -> list[dict]:
     return records
 
 
+# counters, not metrics: the x axis is "step" (trainers) or "update" (PPO's history)
+COUNTERS = ("step", "update", "episodes")
+
+
 def numeric_series(records: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
-    """{metric: (steps, values)} for every numeric key but step; NaN/Inf points are dropped."""
+    """{metric: (steps, values)} for every numeric key but the counters; NaN/Inf points are
+    dropped. The step is the record's "step", else its "update", else its position."""
     series: dict[str, tuple[list[float], list[float]]] = {}
     for index, record in enumerate(records):
-        step = record.get("step", index + 1)
+        step = record.get("step", record.get("update", index + 1))
         for key, value in record.items():
-            if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
+            if key in COUNTERS or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             if math.isfinite(value):
                 steps, values = series.setdefault(key, ([], []))
