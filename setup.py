@@ -37,6 +37,7 @@ setup(
             "uvicorn>=0.29",
             "httpx",
             "playwright",
+            "matplotlib",  # palm-rlhf plot's test
         ],
         "label": ["starlette>=0.37", "uvicorn>=0.29"],
         "plot": ["matplotlib"],
