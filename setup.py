@@ -37,7 +37,11 @@ setup(
             "uvicorn>=0.29",
             "httpx",
             "playwright",
-            "matplotlib",  # palm-rlhf plot's test
+            # tests/test_notebook.py executes examples/quickstart.ipynb in a python3 kernel
+            "nbclient>=0.7",
+            "nbformat>=5",
+            "ipykernel>=6",
+            "matplotlib>=3.5",
         ],
         "label": ["starlette>=0.37", "uvicorn>=0.29"],
         "plot": ["matplotlib"],

@@ -107,9 +107,9 @@ def throughput(impl: str, args) -> dict:
 
         def run(episodes, response_len):
             trainer.train(
-                num_episodes=episodes,
-                max_timesteps=response_len,
-                update_timesteps=episodes,
+                num_rollouts=episodes,
+                max_response_tokens=response_len,
+                rollouts_per_update=episodes,
                 max_seq_len=args.prompt_len + response_len,
                 progress=False,
             )
@@ -169,7 +169,10 @@ def toy(impl: str, args) -> dict:
 
         def update():
             trainer.train(
-                num_episodes=64, max_timesteps=new_tokens, update_timesteps=64, progress=False
+                num_rollouts=64,
+                max_response_tokens=new_tokens,
+                rollouts_per_update=64,
+                progress=False,
             )
 
         def evaluate(**_):
@@ -208,7 +211,7 @@ def toy(impl: str, args) -> dict:
             prompt_mask = prompt_mask.expand_as(seq)
             return float(toy_fraction(seq, torch.ones_like(prompt_mask), prompt_mask).mean())
 
-    plain = {} if impl == "ours" else {"filter_logits_fn": None}
+    plain = {"filter_logits_fn": None}  # both generate top-k filter by default; measure unfiltered
     before = evaluate(**plain)
     spent, updates = 0.0, 0
     while spent < args.budget:

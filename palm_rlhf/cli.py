@@ -86,7 +86,8 @@ def _stages() -> dict[str, tuple[str, type, Callable]]:
         ),
         "reward": ("train a reward model on comparisons or ratings", RewardTrainConfig, run_reward),
         "ppo": (
-            "PPO against a reward model, with a KL penalty to the starting policy",
+            "PPO (or --algorithm grpo|rloo|reinforce++|flowrl|tpo) against a reward model, "
+            "with a KL penalty to the starting policy",
             PPOStageConfig,
             run_ppo,
         ),

@@ -135,3 +135,46 @@ def test_bad_mask_is_refused():
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="dim_head must be even"):
         PaLM(num_tokens=10, dim=16, depth=1, dim_head=7)
+
+
+# ----------------------------------------------------------------- the reference's surface
+
+
+def test_reference_constructor_spellings_are_accepted():
+    """finetune_scopes as a list and integer dropout rates, as palm-rlhf-pytorch takes them."""
+    model = tiny_palm(finetune_scopes=["actor", "critic"], attn_dropout=0, ff_dropout=0)
+    assert model.finetune_scopes == ("actor", "critic")
+    assert (model.dim_head, model.heads, model.lora_r, model.cross_entropy_ignore_index) == (
+        8,
+        4,
+        8,
+        0,
+    )
+
+
+def test_set_dropout_sets_every_dropout_and_returns_the_model():
+    model = tiny_palm()
+    seq = torch.randint(0, 32, (2, 8))
+    model.train()
+    assert torch.equal(model(seq), model(seq))  # no dropout yet
+    assert model.set_dropout(0.5) is model
+    assert model.config.attn_dropout == model.config.ff_dropout == 0.5
+    assert all(layer.config.ff_dropout == 0.5 for layer in model.layers)
+    assert not torch.equal(model(seq), model(seq))  # training mode now drops
+    model.eval()
+    assert torch.equal(model(seq), model(seq))  # eval mode never does
+    model.set_dropout(0)
+    model.train()
+    assert torch.equal(model(seq), model(seq))
+
+
+def test_an_encoder_masks_negative_ids_like_the_reference():
+    model = tiny_palm(causal=False)
+    seq = torch.randint(1, 32, (2, 6))
+    padded = seq.clone()
+    padded[1, 4:] = -1
+    mask = padded >= 0
+    expected = model(seq.masked_fill(~mask, 0), mask=mask)
+    assert_close(model(padded), expected, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="not a valid token id"):
+        tiny_palm()(padded)  # a causal model still refuses them

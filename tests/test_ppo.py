@@ -80,7 +80,9 @@ def base_weights(palm: PaLM) -> list[torch.Tensor]:
 def test_toy_task_reward_rises_far_above_the_untrained_policy_with_kl_bounded():
     trainer = toy_trainer()
     before = mean_reward(trainer)
-    trainer.train(num_episodes=20 * 64, max_timesteps=8, update_timesteps=64, progress=False)
+    trainer.train(
+        num_rollouts=20 * 64, max_response_tokens=8, rollouts_per_update=64, progress=False
+    )
     after = mean_reward(trainer)
     # measured (seed 1, torch 2.13 CPU): before 0.041, after 0.81; KL 4.3 nats per response
     assert before < 0.15
@@ -97,7 +99,7 @@ def test_toy_task_reward_rises_far_above_the_untrained_policy_with_kl_bounded():
 
 
 def test_large_kl_coef_keeps_the_policy_near_the_reference_and_zero_lets_it_move():
-    run = dict(num_episodes=12 * 64, max_timesteps=8, update_timesteps=64, progress=False)
+    run = dict(num_rollouts=12 * 64, max_response_tokens=8, rollouts_per_update=64, progress=False)
     free, held = toy_trainer(kl_coef=0.0), toy_trainer(kl_coef=2.0)
     free.train(**run), held.train(**run)
     # measured: kl_coef 0 -> 6.3 nats per response (reward 0.96), kl_coef 2 -> 0.009 (0.07)
@@ -116,7 +118,9 @@ def test_adaptive_kl_controller_by_hand_and_inside_the_trainer():
         KLController(0.0, target_kl=1.0)
 
     trainer = toy_trainer(kl_coef=0.05, target_kl=0.5)
-    trainer.train(num_episodes=6 * 64, max_timesteps=8, update_timesteps=64, progress=False)
+    trainer.train(
+        num_rollouts=6 * 64, max_response_tokens=8, rollouts_per_update=64, progress=False
+    )
     coefs = [r["kl_coef"] for r in trainer.history]
     for record, next_coef in zip(trainer.history, coefs[1:] + [trainer.kl_coef]):
         assert next_coef == pytest.approx(adaptive_kl_coef(record["kl_coef"], record["kl"], 0.5))
@@ -250,10 +254,10 @@ def test_trainer_is_a_plain_object_that_leaves_module_modes_alone():
     trainer = toy_trainer(palm=palm)
     assert not isinstance(trainer, nn.Module)
     assert not hasattr(trainer, "eval") and RLHFTrainer.train is not nn.Module.train
-    trainer.train(num_episodes=16, max_timesteps=4, update_timesteps=16, progress=False)
+    trainer.train(num_rollouts=16, max_response_tokens=4, rollouts_per_update=16, progress=False)
     assert palm.training  # restored after sampling and the PPO epochs
     palm.eval()
-    trainer.train(num_episodes=16, max_timesteps=4, update_timesteps=16, progress=False)
+    trainer.train(num_rollouts=16, max_response_tokens=4, rollouts_per_update=16, progress=False)
     assert not palm.training
 
 
@@ -265,14 +269,14 @@ def test_two_trainers_share_one_palm_without_touching_its_weights_or_each_other(
     assert (first.actor_scope, first.critic_scope) == ("actor", "critic")
     assert (second.actor_scope, second.critic_scope) == ("actor-1", "critic-1")
     second_adapters = [p.detach().clone() for p in palm.finetune_parameters("actor-1")]
-    first.train(num_episodes=128, max_timesteps=8, update_timesteps=64, progress=False)
+    first.train(num_rollouts=128, max_response_tokens=8, rollouts_per_update=64, progress=False)
     for before, after in zip(base, palm.palm_parameters()):
         assert torch.equal(before, after) and after.grad is None  # the reference is frozen
     for before, after in zip(second_adapters, palm.finetune_parameters("actor-1")):
         assert torch.equal(before, after)
     assert any(p.abs().sum() > 0 for p in palm.finetune_parameters("actor")[1::2])  # B moved
     assert [p.requires_grad for p in palm.parameters()][: len(flags)] == flags
-    second.train(num_episodes=64, max_timesteps=8, update_timesteps=64, progress=False)
+    second.train(num_rollouts=64, max_response_tokens=8, rollouts_per_update=64, progress=False)
     with pytest.raises(ValueError, match="already exists"):
         toy_trainer(palm=palm, actor_lora_scope="actor")
 
@@ -301,17 +305,17 @@ def test_max_norm_clips_the_gradients_the_optimizers_see():
 
 @pytest.mark.parametrize("lora", [True, False])
 def test_save_load_resumes_with_identical_updates(tmp_path, lora):
-    run = dict(max_timesteps=8, update_timesteps=64, progress=False)
+    run = dict(max_response_tokens=8, rollouts_per_update=64, progress=False)
     options = dict(actor_lora=lora, critic_lora=lora, epochs=1, minibatch_size=32)
     original = toy_trainer(**options)
-    original.train(num_episodes=128, **run)
+    original.train(num_rollouts=128, **run)
     folder = original.save(tmp_path)
     assert folder.name == "update-0000002" and (tmp_path / "latest").read_text() == folder.name
-    expected = original.train(num_episodes=64, **run)[0]
+    expected = original.train(num_rollouts=64, **run)[0]
 
     resumed = toy_trainer(palm=toy_palm(), **options).load(tmp_path)
     assert len(resumed.history) == 2 and resumed.episodes == 128
-    got = resumed.train(num_episodes=64, **run)[0]
+    got = resumed.train(num_rollouts=64, **run)[0]
     assert got.keys() == expected.keys()
     for key in expected:
         assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
@@ -330,7 +334,9 @@ def test_ptx_loss_pulls_the_actor_towards_the_pretraining_text():
         ptx_seq_len=16,
         actor_lr=1e-2,
     )
-    trainer.train(num_episodes=4 * 64, max_timesteps=4, update_timesteps=64, progress=False)
+    trainer.train(
+        num_rollouts=4 * 64, max_response_tokens=4, rollouts_per_update=64, progress=False
+    )
     ptx = [r["ptx_loss"] for r in trainer.history]
     assert ptx[-1] < 0.5 * ptx[0]  # measured: 0.46 -> 0.029 nats per token (update means)
 
@@ -341,7 +347,10 @@ def test_best_of_n_returns_the_highest_scoring_sample():
 
     trainer = toy_trainer(reward=count_target)
     prompt = PROMPTS[0]
-    out = trainer.generate(12, prompt=prompt, num_samples=16, return_scores=True)
+    # unfiltered, so the target token can be drawn wherever this toy model ranks it
+    out = trainer.generate(
+        12, prompt=prompt, num_samples=16, return_scores=True, filter_logits_fn=None
+    )
     assert out.scores.shape == (16,) and len(set(out.scores.tolist())) > 1
     assert out.index == int(out.scores.argmax())
     assert float(out.scores[out.index]) == float(out.scores.max())
@@ -352,6 +361,32 @@ def test_best_of_n_returns_the_highest_scoring_sample():
     assert torch.equal(rescored, out.scores)
     best = trainer.generate(12, prompt=prompt, num_samples=4)
     assert best.dim() == 1 and torch.equal(best[:3], prompt)
+
+
+def test_best_of_n_decodes_like_the_reference_by_default():
+    """Porting-table row: trainer.generate top-k filters (ceil(0.1 * vocab) tokens) as the
+    reference's does; filter_logits_fn=None or top_k/top_p choose otherwise."""
+    palm = toy_palm()
+    trainer = toy_trainer(palm=palm)
+    prompt = PROMPTS[0]
+    kept = set(palm(prompt[None])[0, -1].topk(2).indices.tolist())  # ceil(0.1 * 12) = 2
+
+    def first_tokens(**kwargs):
+        out = trainer.generate(5, prompt=prompt, num_samples=64, return_scores=True, **kwargs)
+        return set(out.sequences[:, len(prompt)].tolist())
+
+    assert first_tokens() <= kept
+    assert len(first_tokens(filter_logits_fn=None)) > 2
+    assert len(first_tokens(top_k=6)) > 2
+
+
+def test_ppo_rollouts_sample_the_full_policy_unlike_the_reference():
+    """Porting-table row: the reference rolls out with generate's top-k 0.9; here rollouts are
+    unfiltered so the log-probs PPO trains are those of the distribution that drew them."""
+    trainer = toy_trainer(prompt_token_ids=[PROMPTS[0]])
+    experience, _ = trainer.rollout(*trainer.sample_prompts(64), 1)
+    first = set(experience.tokens[:, len(PROMPTS[0])].tolist())
+    assert len(first) > 2  # more than the ceil(0.1 * 12) tokens top-k would keep
 
 
 def test_ppo_raises_the_score_of_a_real_reward_model_sharing_the_palm():
@@ -381,7 +416,9 @@ def test_ppo_raises_the_score_of_a_real_reward_model_sharing_the_palm():
         assert_close(alone, scores[i : i + 1], atol=1e-5, rtol=1e-5)
 
     before = mean_reward(trainer)
-    trainer.train(num_episodes=10 * 64, max_timesteps=8, update_timesteps=64, progress=False)
+    trainer.train(
+        num_rollouts=10 * 64, max_response_tokens=8, rollouts_per_update=64, progress=False
+    )
     after = mean_reward(trainer)
     # measured: 1.36 -> 2.94 (the first rollout's reward std is 0.84); KL 4.5 nats per response
     assert after > before + 1.0
@@ -399,7 +436,7 @@ from test_ppo import toy_trainer
 torch.set_num_threads(1)
 ptx = torch.randint(0, 12, (500,), generator=torch.Generator().manual_seed(0))
 trainer = toy_trainer(max_norm=1.0, ptx_coef=0.1, ptx_data=ptx, ptx_seq_len=8)
-trainer.train(num_episodes=2 * 64, max_timesteps=8, update_timesteps=64, progress=False)
+trainer.train(num_rollouts=2 * 64, max_response_tokens=8, rollouts_per_update=64, progress=False)
 params = trainer.actor_module.trainable_parameters() + trainer.critic_module.trainable_parameters()
 rank = trainer.accelerator.process_index
 out = dict(
@@ -449,7 +486,7 @@ def test_records_reach_accelerate_trackers_when_configured():
 
     capture = Capture()
     trainer = toy_trainer(accelerate_kwargs=dict(log_with=[capture]))
-    trainer.train(num_episodes=128, max_timesteps=4, update_timesteps=64, progress=False)
+    trainer.train(num_rollouts=128, max_response_tokens=4, rollouts_per_update=64, progress=False)
     assert capture.config["kl_coef"] == 0.1 and capture.config["actor_lora_r"] == 4
     assert [step for step, _ in capture.logged] == [1, 2]
     assert [values for _, values in capture.logged] == trainer.history
@@ -480,5 +517,7 @@ def test_text_prompts_with_a_byte_tokenizer_and_eos_stopping():
     assert torch.equal(eos_positions.sum(dim=1), ended.long())
     after = (eos_positions.long().cumsum(dim=1) - eos_positions.long()) > 0
     assert not (after & experience.mask).any()
-    record = trainer.train(num_episodes=32, max_timesteps=6, eos_token=0, progress=False)[-1]
+    record = trainer.train(
+        num_rollouts=32, rollouts_per_update=32, max_response_tokens=6, eos_token=0, progress=False
+    )[-1]
     assert 0 < record["missing_eos_fraction"] < 1 and record["response_length"] <= 6

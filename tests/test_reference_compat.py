@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -422,3 +423,51 @@ def test_recorded_train_counts_follow_one_formula(facts):
         assert run["actor_optim_steps"] == run["critic_optim_steps"] == steps
         new = run["new_tokens_per_rollout"]
         assert new == [max(1, run["max_seq_len"] - run["prompt_len"])]
+
+
+def counted_trainer(run: dict):
+    """A tiny trainer whose optimizer steps and rollout lengths are recorded."""
+    from palm_rlhf import RLHFTrainer
+    from tests.helpers import tiny_palm
+
+    trainer = RLHFTrainer(
+        palm=tiny_palm(num_tokens=32),
+        prompt_token_ids=torch.randint(1, 32, (4, run["prompt_len"])),
+        reward_model=lambda seq, mask, prompt_mask: mask.float().mean(-1),
+        minibatch_size=run["minibatch_size"],
+        epochs=run["epochs"],
+        rollout_batch_size=1,
+        progress=False,
+    )
+    steps, lengths = [], []
+    real_step, real_rollout = trainer.actor_optim.step, trainer.rollout
+
+    def step(*args, **kwargs):
+        steps.append(1)
+        return real_step(*args, **kwargs)
+
+    def rollout(*args, **kwargs):
+        experience, ended = real_rollout(*args, **kwargs)
+        lengths.append(int(experience.action_mask.sum(-1).max()))
+        return experience, ended
+
+    trainer.actor_optim.step, trainer.rollout = step, rollout
+    return trainer, steps, lengths
+
+
+def test_train_does_the_reference_amount_of_work(facts):
+    """Side by side with the counts measured on palm-rlhf-pytorch 0.8.0: the same `train()`
+    call samples the same number of rollouts, of the same length, and runs the same number of
+    learning steps and optimizer steps."""
+    for run in facts["train_counts"]:
+        trainer, steps, lengths = counted_trainer(run)
+        E, T, U = run["num_episodes"], run["max_timesteps"], run["update_timesteps"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # leftover rollouts are warned about
+            records = trainer.train(
+                num_episodes=E, max_timesteps=T, update_timesteps=U, max_seq_len=run["max_seq_len"]
+            )
+        assert trainer.episodes == run["rollouts"] == len(lengths)
+        assert len(records) == run["learn_calls"]
+        assert len(steps) == run["actor_optim_steps"]
+        assert sorted(set(lengths)) == run["new_tokens_per_rollout"]

@@ -1,15 +1,31 @@
+import inspect
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch.testing import assert_close
 
 from palm_rlhf.model.sampling import (
     filter_logits,
+    generate,
+    reference_top_p,
     sample_from_logits,
     sample_tokens,
+    top_k,
     top_k_filter,
+    top_p,
     top_p_filter,
 )
 from tests.helpers import tiny_palm
+
+FACTS = Path(__file__).parent / "fixtures" / "reference" / "facts.json"
+
+
+@pytest.fixture(scope="module")
+def facts():
+    """Behaviour measured on palm-rlhf-pytorch 0.8.0 (benchmarks/make_reference_fixtures.py)."""
+    return json.loads(FACTS.read_text())
 
 
 def peaky_palm(**overrides):
@@ -121,8 +137,9 @@ def test_generate_returns_only_new_tokens_and_checks_lengths():
     prompt = torch.randint(0, 32, (2, 4))
     assert model.generate(10, prompt=prompt).shape == (2, 6)
     assert model.generate(10, prompt=prompt[0]).shape == (6,)
-    with pytest.raises(ValueError, match="prompt has 4 tokens"):
-        model.generate(4, prompt=prompt)
+    # like the reference, seq_len at or below the prompt length still samples one token
+    assert model.generate(4, prompt=prompt).shape == (2, 1)
+    assert model.generate(2, prompt=prompt, return_seq_without_prompt=False).shape == (2, 5)
     with pytest.raises(ValueError, match="exceeds the model's max_seq_len=16"):
         model.generate(17, prompt=prompt)
     with pytest.raises(ValueError, match="not a valid token id"):
@@ -134,3 +151,124 @@ def test_generate_restores_training_mode():
     model.train()
     model.generate(6, prompt=torch.zeros(1, 2, dtype=torch.long))
     assert model.training
+
+
+# ----------------------------------------------------------------- the reference's decoding
+
+
+def test_generate_top_k_filters_by_default_like_the_reference():
+    """The reference's generate keeps ceil(0.1 * vocab) tokens by default: 4 of 32 here."""
+    model = tiny_palm()  # near-uniform at initialisation: every kept token gets drawn
+    prompt = torch.tensor([[3, 4, 5]]).repeat(256, 1)
+    top4 = set(model(prompt[:1])[0, -1].topk(4).indices.tolist())
+    torch.manual_seed(0)
+    first = set(model.generate(4, prompt=prompt)[:, 0].tolist())
+    assert first == top4  # 256 draws reach all 4 kept tokens, and no other
+    unfiltered = set(model.generate(4, prompt=prompt, filter_logits_fn=None)[:, 0].tolist())
+    assert len(unfiltered) > 4
+    # our keywords take the place of the default filter
+    assert len(set(model.generate(4, prompt=prompt, top_k=8)[:, 0].tolist())) > 4
+    greedy = model.generate(4, prompt=prompt[:1], temperature=0.0, filter_logits_fn=None)
+    assert int(greedy[0, 0]) == max(top4, key=lambda t: model(prompt[:1])[0, -1, t])
+
+
+def test_generate_takes_the_reference_filter_functions():
+    model = peaky_palm()
+    prompt = torch.tensor([[3, 4, 5]]).repeat(200, 1)
+    logits = model(prompt[:1])[0, -1]
+    torch.manual_seed(0)
+    out = model.generate(4, prompt=prompt, filter_logits_fn=top_k, filter_thres=0.95)
+    assert set(out[:, 0].tolist()) <= set(logits.topk(2).indices.tolist())  # ceil(0.05 * 32)
+    out = model.generate(4, prompt=prompt, filter_logits_fn=top_p, filter_thres=0.99)
+    assert set(out[:, 0].tolist()) == {int(logits.argmax())}  # a 1% nucleus: the argmax only
+    with pytest.raises(ValueError, match="either filter_logits_fn or top_k"):
+        model.generate(4, prompt=prompt, filter_logits_fn=top_p, top_k=3)
+
+
+def test_reference_top_p_keeps_a_nucleus_of_one_minus_thres():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    # the reference drops a token once the ones above it hold more than 1 - thres
+    assert top_p(logits, thres=0.9).isfinite().tolist() == [[True, False, False, False]]
+    assert reference_top_p(logits, thres=0.4).isfinite().tolist() == [[True, True, False, False]]
+    assert reference_top_p(logits, thres=0.1).isfinite().tolist() == [[True, True, True, False]]
+    assert torch.equal(top_k(logits, thres=0.5), top_k_filter(logits, 2))
+
+
+def test_generate_without_prompt_draws_a_start_token_and_returns_it():
+    model = tiny_palm()
+    assert model.generate(6).shape == (1, 6)
+
+
+def test_generate_passes_forward_keywords():
+    """finetune_scope / disable_lora / extra_embed mean what the reference's forward does."""
+    model = peaky_palm()
+    model.add_finetune_params("actor")
+    with torch.no_grad():
+        for p in model.finetune_parameters("actor"):
+            p.normal_(0, 0.5)
+    prompt = torch.randint(0, 32, (2, 5))
+    greedy = dict(temperature=0.0, filter_logits_fn=None)
+    base = model.generate(9, prompt=prompt, **greedy)
+    scoped = model.generate(9, prompt=prompt, finetune_scope="actor", **greedy)
+    off = model.generate(9, prompt=prompt, finetune_scope="actor", disable_lora=True, **greedy)
+    assert torch.equal(off, base) and not torch.equal(scoped, base)
+    extra = torch.randn(32, dtype=torch.double)
+    with_extra = model.generate(9, prompt=prompt, extra_embed=extra, **greedy)
+    # the uncached reference recipe: forward over the whole sequence, extra_embed every step
+    seq = prompt
+    for _ in range(4):
+        token = model(seq, extra_embed=extra)[:, -1].argmax(-1)
+        seq = torch.cat((seq, token[:, None]), dim=1)
+    assert torch.equal(with_extra, seq[:, 5:])
+    with pytest.raises(ValueError, match="extra_embed must broadcast"):
+        model.generate(9, prompt=prompt, extra_embed=torch.randn(2, 5, 32, dtype=torch.double))
+
+
+def test_generate_use_tqdm_shows_a_bar(capsys):
+    tiny_palm().generate(5, prompt=torch.zeros(1, 2, dtype=torch.long), use_tqdm=True)
+    assert "sampling" in capsys.readouterr().err
+
+
+def test_cached_generate_equals_uncached_generate_with_the_default_filter():
+    model = peaky_palm()
+    prompt = torch.randint(0, 32, (3, 4))
+    runs = [
+        model.generate(
+            16, prompt=prompt, use_cache=use_cache, generator=torch.Generator().manual_seed(5)
+        )
+        for use_cache in (True, False)
+    ]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_eos_stops_each_row_on_its_own_unlike_the_reference(facts):
+    """Porting-table row: the reference stops only when every row holds an EOS (prompt
+    included) and pads nothing until then; here each row stops at its first sampled EOS."""
+    model = tiny_palm()
+    forced = torch.tensor([2, 9])  # row 0 always samples EOS 2, row 1 never does
+    model.to_logits = lambda h: torch.full((h.shape[0], 32), -1e4).index_put_(
+        (torch.arange(h.shape[0]), forced[: h.shape[0]]), torch.tensor(1e4)
+    )
+    prompt = torch.tensor([[3, 4], [5, 6]])
+    out = model.generate(6, prompt=prompt, eos_token=2)
+    assert facts["generate"]["eos_one_row_only_result"] == [[2, 2, 2, 2], [9, 9, 9, 9]]
+    assert out.tolist() == [[2, 0, 0, 0], [9, 9, 9, 9]]
+    # an EOS inside the prompt does not end the sample (the reference returns only padding)
+    assert facts["generate"]["eos_in_prompt_result"] == [[0], [0]]
+    out = model.generate(8, prompt=torch.tensor([[3, 2, 5], [6, 7, 2]]), eos_token=2)
+    assert out.tolist() == [[2, 0, 0, 0, 0], [9, 9, 9, 9, 9]]
+
+
+def test_generate_signature_and_shapes_match_the_measured_reference(facts):
+    measured = facts["generate"]
+    params = inspect.signature(generate).parameters
+    for name, default in measured["signature_defaults"].items():
+        ours = params[name].default
+        assert ({top_k: "top_k", top_p: "top_p"}.get(ours, ours)) == default, name
+    model = tiny_palm()
+    prompt5 = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 10, 11, 12]])
+    for seq_len, shape in measured["returned_shape_for_prompt_len_5_by_seq_len"].items():
+        assert list(model.generate(int(seq_len), prompt=prompt5).shape) == shape
+    full = model.generate(3, prompt=prompt5, return_seq_without_prompt=False)
+    assert list(full.shape) == measured["seq_len_3_return_seq_without_prompt_false"]
+    assert list(model.generate(6).shape) == measured["no_prompt_seq_len_6"]

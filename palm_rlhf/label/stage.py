@@ -53,6 +53,9 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host.strip("[]"), port))
+        # listen now: a browser or script that connects as soon as the URL is printed waits in
+        # the backlog instead of being refused while the server is still starting
+        sock.listen(128)
     except OSError as error:
         sock.close()
         raise SystemExit(

@@ -8,7 +8,6 @@ scope starts as the identity (the base model's outputs are unchanged).
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -29,8 +28,10 @@ class LoRA(nn.Module):
         self.scale = (alpha if alpha is not None else r) / r
         self.A = nn.Parameter(torch.empty(dim_in, r))
         self.B = nn.Parameter(torch.zeros(r, dim_out))
-        # A like a linear layer's weight (fan-in init), B zero: the adapter starts as a no-op
-        nn.init.kaiming_uniform_(self.A.T, a=math.sqrt(5))
+        # A ~ N(0, 1) and B = 0, as Hu et al. 2021 and the reference project initialise them:
+        # the adapter starts as a no-op, and B's gradient, x @ A, is on the scale of x (a
+        # fan-in-scaled A would shrink every update of B by about sqrt(dim_in))
+        nn.init.normal_(self.A, std=1.0)
 
     @property
     def weight(self) -> Tensor:

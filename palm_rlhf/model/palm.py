@@ -10,6 +10,7 @@ The model knows nothing of devices, processes or optimisers: trainers own those.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -118,16 +119,16 @@ class PaLM(nn.Module):
         ff_mult: int = 4,
         causal: bool = True,
         flash_attn: bool = True,
-        attn_dropout: float = 0.0,
-        ff_dropout: float = 0.0,
+        attn_dropout: Union[int, float] = 0.0,
+        ff_dropout: Union[int, float] = 0.0,
         qk_rmsnorm: bool = False,
-        qk_scale: float = 8.0,
+        qk_scale: Union[int, float] = 8.0,
         lora_r: int = 8,
-        rotary_base: float = 10000.0,
+        rotary_base: Union[int, float] = 10000.0,
         rotary_xpos_scale_base: Optional[int] = None,
         max_seq_len: Optional[int] = None,
         cross_entropy_ignore_index: int = 0,
-        finetune_scopes: tuple[str, ...] = (),
+        finetune_scopes: Union[tuple[str, ...], list[str]] = (),
     ):
         super().__init__()
         self.config = PaLMConfig(
@@ -139,12 +140,12 @@ class PaLM(nn.Module):
             ff_mult=ff_mult,
             causal=causal,
             flash_attn=flash_attn,
-            attn_dropout=attn_dropout,
-            ff_dropout=ff_dropout,
+            attn_dropout=float(attn_dropout),
+            ff_dropout=float(ff_dropout),
             qk_rmsnorm=qk_rmsnorm,
-            qk_scale=qk_scale,
+            qk_scale=float(qk_scale),
             lora_r=lora_r,
-            rotary_base=rotary_base,
+            rotary_base=float(rotary_base),
             rotary_xpos_scale_base=rotary_xpos_scale_base,
             max_seq_len=max_seq_len,
             cross_entropy_ignore_index=cross_entropy_ignore_index,
@@ -170,6 +171,33 @@ class PaLM(nn.Module):
     def device(self) -> torch.device:
         return self.token_emb.weight.device
 
+    # the reference keeps these hyperparameters as attributes; here they live in the config
+    @property
+    def dim_head(self) -> int:
+        return self.config.dim_head
+
+    @property
+    def heads(self) -> int:
+        return self.config.heads
+
+    @property
+    def lora_r(self) -> int:
+        return self.config.lora_r
+
+    @property
+    def cross_entropy_ignore_index(self) -> int:
+        return self.config.cross_entropy_ignore_index
+
+    def set_dropout(self, dropout: Union[int, float]) -> PaLM:
+        """Set attention and feed-forward dropout of every layer to `dropout` (the reference's
+        `set_dropout`, which sets every dropout in its layers); returns the model. The config
+        records the new rates, so a saved model keeps them."""
+        dropout = float(dropout)
+        self.config = replace(self.config, attn_dropout=dropout, ff_dropout=dropout)
+        for layer in self.layers:
+            layer.config = self.config
+        return self
+
     # ---------------------------------------------------------------- forward
 
     def forward(
@@ -184,11 +212,16 @@ class PaLM(nn.Module):
         mask: Optional[Tensor] = None,
         cache: Optional[KVCache] = None,
     ):
-        """x: (b, n) token ids. mask: (b, n) bool, True for real tokens (padding is False).
+        """x: (b, n) token ids. mask: (b, n) bool, True for real tokens (padding is False); a
+        non-causal model (an encoder) also takes negative ids as padding, as the reference does.
 
         With `return_loss`, x is split into inputs x[:, :-1] and targets x[:, 1:]; targets equal
         to `cross_entropy_ignore_index` or masked out are not counted.
         """
+        if not self.causal and mask is None and isinstance(x, Tensor) and bool((x < 0).any()):
+            # the reference's encoder convention: negative ids are padding to mask out
+            mask = x >= 0
+            x = x.masked_fill(~mask, 0)
         check_token_ids(x, self.num_tokens)
         if mask is not None and (mask.shape != x.shape or mask.dtype != torch.bool):
             raise ValueError(
@@ -367,7 +400,9 @@ class PaLM(nn.Module):
     # ---------------------------------------------------------------- sampling and saving
 
     def generate(self, seq_len: int, prompt: Optional[Tensor] = None, **kwargs) -> Tensor:
-        """Sample until `seq_len` total tokens, prompt included; see `model.sampling.generate`."""
+        """Sample until `seq_len` total tokens, prompt included (at least one new token), top-k
+        filtered with `filter_thres=0.9` by default as in the reference; see
+        `model.sampling.generate` for every keyword."""
         return generate(self, seq_len, prompt, **kwargs)
 
     def save(self, path: Union[str, Path], scopes: Optional[tuple[str, ...]] = None) -> Path:

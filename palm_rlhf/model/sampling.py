@@ -1,17 +1,22 @@
 """Token sampling: logit filters and the KV-cached autoregressive loop.
 
 `sample_tokens` is the loop the PPO rollout calls at high volume; `PaLM.generate` is a thin,
-reference-compatible wrapper around it (`seq_len` counts the prompt, only new tokens return).
+reference-compatible wrapper around it (`seq_len` counts the prompt, only new tokens return,
+top-k filtered with `filter_thres=0.9` unless told otherwise — the reference's defaults).
+`top_k(logits, thres)` and `top_p(logits, thres)` are the reference project's filter functions
+(its `utils.top_k`/`utils.top_p`), for `generate(filter_logits_fn=...)`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any, NamedTuple, Optional, Protocol
+from functools import partial
+from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from palm_rlhf.model.config import check_token_ids
 
@@ -54,14 +59,42 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def reference_top_k(logits: Tensor, thres: float = 0.9) -> Tensor:
+    """The reference's `top_k(logits, thres)`: keep the ceil((1 - thres) * vocab) largest logits
+    of each row (b, v) (at least one); the rest become -inf."""
+    if not 0.0 <= thres < 1.0:
+        raise ValueError(f"filter_thres must be in [0, 1), got {thres}")
+    return top_k_filter(logits, max(1, math.ceil((1 - thres) * logits.shape[-1])))
+
+
+def reference_top_p(logits: Tensor, thres: float = 0.9) -> Tensor:
+    """The reference's `top_p(logits, thres)`: nucleus sampling with p = 1 - thres (so the
+    default 0.9 keeps a 10% nucleus): drop a token once the tokens ranked above it hold more
+    than 1 - thres of the probability; the most likely token always stays."""
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probs = sorted_logits.softmax(dim=-1)
+    drop_sorted = (probs.cumsum(dim=-1) - probs) > (1 - thres)
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+# the reference's names, for `generate(filter_logits_fn=top_k)` in ported notebooks
+top_k = reference_top_k
+top_p = reference_top_p
+
+
 def filter_logits(
     logits: Tensor,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
     filter_thres: Optional[float] = None,
+    logits_filter: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tensor:
     """Apply the requested filters. `filter_thres` is the reference project's top-k spelling:
-    keep the top ceil((1 - thres) * vocab) logits."""
+    keep the top ceil((1 - thres) * vocab) logits. `logits_filter` is any (b, v) -> (b, v)
+    function, applied first (generate's `filter_logits_fn`, its threshold bound)."""
+    if logits_filter is not None:
+        logits = logits_filter(logits)
     if filter_thres is not None:
         if not 0.0 <= filter_thres < 1.0:
             raise ValueError(f"filter_thres must be in [0, 1), got {filter_thres}")
@@ -128,6 +161,8 @@ def iter_sample(
     use_cache: bool = True,
     finetune_scope: Optional[str] = None,
     generator: Optional[torch.Generator] = None,
+    logits_filter: Optional[Callable[[Tensor], Tensor]] = None,
+    extra_embed: Optional[Tensor] = None,
 ) -> Iterator[Tensor]:
     """Yield each step's sampled tokens (b,) as soon as they exist (streaming).
 
@@ -135,9 +170,17 @@ def iter_sample(
     rotary positions skip the padding, so a row samples the same as it would alone. A row that
     has produced `eos_token` yields `pad_value` from then on; iteration ends when every row has.
     The model is in eval mode while iterating and gets its previous mode back afterwards.
+    `extra_embed` is added to the token embeddings of every step (as the reference's forward
+    does), so it must broadcast over the sequence axis: (dim,), (b, 1, dim) or (1, 1, dim).
     """
     _check_sampling_inputs(model, prompt, prompt_mask, max_new_tokens)
-    filters = dict(top_k=top_k, top_p=top_p, filter_thres=filter_thres)
+    if extra_embed is not None and extra_embed.dim() >= 2 and extra_embed.shape[-2] != 1:
+        raise ValueError(
+            "extra_embed must broadcast over the sequence axis while sampling (shape (dim,) or "
+            f"(b, 1, dim)), got {tuple(extra_embed.shape)}"
+        )
+    filters = dict(top_k=top_k, top_p=top_p, filter_thres=filter_thres, logits_filter=logits_filter)
+    embed_kwargs = dict(finetune_scope=finetune_scope, extra_embed=extra_embed)
     batch = prompt.shape[0]
     done = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
     was_training = model.training
@@ -145,7 +188,7 @@ def iter_sample(
     try:
         cache = model.init_cache(batch, prompt.shape[1] + max_new_tokens) if use_cache else None
         seq, seq_mask = prompt, prompt_mask
-        hidden = model.embed(seq, mask=seq_mask, finetune_scope=finetune_scope, cache=cache)
+        hidden = model.embed(seq, mask=seq_mask, cache=cache, **embed_kwargs)
         for step in range(max_new_tokens):
             logits = model.to_logits(hidden[:, -1])
             token = sample_from_logits(logits, temperature, generator, **filters).masked_fill(
@@ -157,23 +200,29 @@ def iter_sample(
             if bool(done.all()) or step == max_new_tokens - 1:
                 return
             if cache is not None:
-                hidden = model.embed(token[:, None], finetune_scope=finetune_scope, cache=cache)
+                hidden = model.embed(token[:, None], cache=cache, **embed_kwargs)
             else:
                 seq = torch.cat((seq, token[:, None]), dim=1)
                 if seq_mask is not None:
                     seq_mask = torch.cat((seq_mask, seq_mask.new_ones(batch, 1)), dim=1)
-                hidden = model.embed(seq, mask=seq_mask, finetune_scope=finetune_scope)
+                hidden = model.embed(seq, mask=seq_mask, **embed_kwargs)
     finally:
         model.train(was_training)
 
 
-def sample_tokens(model: Decoder, prompt: Tensor, max_new_tokens: int, **kwargs) -> Samples:
+def sample_tokens(
+    model: Decoder, prompt: Tensor, max_new_tokens: int, use_tqdm: bool = False, **kwargs
+) -> Samples:
     """Sample up to `max_new_tokens` after `prompt` (b, n); see `iter_sample` for the options.
 
     Returns the tokens trimmed to the last step any row was still running, and a mask that is
-    True on sampled tokens up to and including each row's EOS.
+    True on sampled tokens up to and including each row's EOS. `use_tqdm` shows a `tqdm.auto`
+    bar over the new tokens.
     """
-    tokens = torch.stack(list(iter_sample(model, prompt, max_new_tokens, **kwargs)), dim=1)
+    steps = iter_sample(model, prompt, max_new_tokens, **kwargs)
+    if use_tqdm:
+        steps = tqdm(steps, total=max_new_tokens, desc="sampling", leave=False)
+    tokens = torch.stack(list(steps), dim=1)
     eos_token, pad_value = kwargs.get("eos_token"), kwargs.get("pad_value", 0)
     if eos_token is None:
         return Samples(tokens, torch.ones_like(tokens, dtype=torch.bool))
@@ -182,27 +231,58 @@ def sample_tokens(model: Decoder, prompt: Tensor, max_new_tokens: int, **kwargs)
     return Samples(tokens.masked_fill(after_eos, pad_value), ~after_eos)
 
 
+def reference_filters(
+    top_k: Optional[int],
+    top_p: Optional[float],
+    filter_logits_fn: Optional[Callable[..., Tensor]],
+    filter_thres: float,
+) -> dict:
+    """The filters of a reference-style decode, as keywords for `sample_tokens`: our `top_k` /
+    `top_p`, when given, take the place of `filter_logits_fn(logits, thres=filter_thres)`
+    (the reference's filter, top-k by default); `filter_logits_fn=None` filters nothing."""
+    ours = top_k is not None or top_p is not None
+    if ours and filter_logits_fn not in (None, reference_top_k):
+        raise ValueError("pass either filter_logits_fn or top_k/top_p, not both")
+    logits_filter = None
+    if filter_logits_fn is not None and not ours:
+        logits_filter = partial(filter_logits_fn, thres=filter_thres)
+    return dict(top_k=top_k, top_p=top_p, logits_filter=logits_filter)
+
+
 def generate(
     model: Decoder,
     seq_len: int,
     prompt: Optional[Tensor] = None,
     temperature: float = 1.0,
+    filter_logits_fn: Optional[Callable[..., Tensor]] = reference_top_k,
+    filter_thres: float = 0.9,
+    pad_value: int = 0,
+    eos_token: Optional[int] = None,
+    return_seq_without_prompt: bool = True,
+    use_tqdm: bool = False,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
-    filter_thres: Optional[float] = None,
-    eos_token: Optional[int] = None,
-    pad_value: int = 0,
-    return_seq_without_prompt: bool = True,
     use_cache: bool = True,
     prompt_mask: Optional[Tensor] = None,
     finetune_scope: Optional[str] = None,
+    disable_lora: bool = False,
+    extra_embed: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
     """Reference-compatible generation: `seq_len` is the total length including the prompt.
 
+    The reference's keywords mean what they mean there: by default the logits are top-k
+    filtered by `filter_logits_fn(logits, thres=filter_thres)` = `top_k(logits, thres=0.9)`
+    (keep ceil(0.1 * vocab) tokens), temperature 1; `filter_logits_fn=None` samples from the
+    full distribution. Our `top_k` (a count) and `top_p` (a nucleus mass) keywords, when given,
+    take the place of `filter_logits_fn`. `seq_len` at or below the prompt length still samples
+    one token, as the reference does. `finetune_scope`, `disable_lora` and `extra_embed` are
+    the reference forward's keywords it passes through.
+
     prompt (n,) or (b, n); with no prompt, one random start token is drawn (as the reference
     project does) and returned with the sample.
     """
+    filters = reference_filters(top_k, top_p, filter_logits_fn, filter_thres)
     if prompt is None:
         prompt = torch.randint(
             0, model.num_tokens, (1, 1), device=model.device, generator=generator
@@ -212,24 +292,20 @@ def generate(
     if squeeze:
         prompt = prompt[None]
         prompt_mask = prompt_mask[None] if prompt_mask is not None else None
-    if isinstance(prompt, Tensor) and prompt.dim() == 2 and seq_len <= prompt.shape[1]:
-        raise ValueError(
-            f"prompt has {prompt.shape[1]} tokens, so seq_len={seq_len} (the total length, prompt "
-            f"included) leaves nothing to sample; pass seq_len > {prompt.shape[1]}"
-        )
+    check_token_ids(prompt, model.num_tokens, "prompt")
     samples = sample_tokens(
         model,
         prompt,
-        seq_len - prompt.shape[1],
+        max(1, seq_len - prompt.shape[1]),  # the reference samples at least one token
+        use_tqdm=use_tqdm,
         prompt_mask=prompt_mask,
         temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        filter_thres=filter_thres,
+        **filters,
         eos_token=eos_token,
         pad_value=pad_value,
         use_cache=use_cache,
-        finetune_scope=finetune_scope,
+        finetune_scope=None if disable_lora else finetune_scope,
+        extra_embed=extra_embed,
         generator=generator,
     )
     out = (

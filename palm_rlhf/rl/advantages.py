@@ -8,11 +8,13 @@ batch normalisation) are pure functions of the same inputs and plug in beside it
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from palm_rlhf.rl.rollout import Experience
 from palm_rlhf.rl_math import (
     explained_variance,
     gae,
@@ -91,3 +93,30 @@ def rollout_stats(
         kl_per_token=float(masked_mean(kl, mask)),
         explained_variance=float(explained_variance(values, returns, mask)),
     )
+
+
+def ppo_advantages(
+    experience: Experience,
+    config,
+    kl_coef: float,
+    value_shift: Optional[Callable[[Tensor], Tensor]] = None,
+) -> tuple[Experience, dict[str, float]]:
+    """PPO's phase 3 on a rollout with shaped scores: per-token rewards (score - kl_coef *
+    KL_t), then GAE over the critic's values. `value_shift`, when given, receives this batch's
+    `mean_return_shift` and returns the shift it applied to the value head (the first rollout
+    starts the critic at the reward's scale); the rollout's values are moved by it too."""
+    scores, mask = experience.scores, experience.action_mask
+    old, ref = experience.old_logprobs, experience.ref_logprobs
+    rewards = per_token_rewards(
+        scores, old, ref, mask, kl_coef, config.kl_kind, config.whiten_rewards
+    )
+    values = experience.old_values
+    if value_shift is not None:
+        shift = value_shift(mean_return_shift(rewards, values, mask, config.gamma))
+        values = torch.where(mask, values + shift, 0)
+    advantages, returns = gae_advantages(
+        rewards, values, mask, config.gamma, config.lam, config.whiten_advantages
+    )
+    stats = rollout_stats(scores, old, ref, mask, config.kl_kind, values, returns)
+    experience = experience._replace(old_values=values, advantages=advantages, returns=returns)
+    return experience, stats

@@ -17,10 +17,12 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Optional
 
+import torch
 from einops import rearrange
 from torch import Tensor, nn
 
 from palm_rlhf.model.palm import PaLM
+from palm_rlhf.rl.flowrl import LogPartition
 
 
 def claim_scope(palm: PaLM, requested: Optional[str], default: str, lora_r: int) -> str:
@@ -48,15 +50,36 @@ def bare_copy(palm: PaLM) -> PaLM:
     return twin
 
 
+@contextmanager
+def update_dropout(palm: PaLM, rate: float):
+    """Dropout at `rate` inside the (possibly shared) PaLM for one forward that computes
+    gradients: the actor's and critic's own rates (`actor_dropout`, `critic_dropout`) apply to
+    their updates only; rollouts and scoring (no grad) never drop. The PaLM's rates and mode
+    are restored afterwards."""
+    if rate <= 0 or not torch.is_grad_enabled():
+        yield
+        return
+    config, training = palm.config, palm.training
+    palm.set_dropout(rate).train(True)
+    try:
+        yield
+    finally:
+        palm.config = config
+        for layer in palm.layers:
+            layer.config = config
+        palm.train(training)
+
+
 class Actor(nn.Module):
     """The policy: `actor(tokens (b, n)) -> logits (b, n, num_tokens)` through its scope."""
 
-    def __init__(self, palm: PaLM, scope: Optional[str]):
+    def __init__(self, palm: PaLM, scope: Optional[str], dropout: float = 0.0):
         super().__init__()
-        self.palm, self.scope = palm, scope
+        self.palm, self.scope, self.dropout = palm, scope, dropout
 
     def forward(self, tokens: Tensor, **palm_kwargs) -> Tensor:
-        return self.palm(tokens, finetune_scope=self.scope, **palm_kwargs)
+        with update_dropout(self.palm, self.dropout):
+            return self.palm(tokens, finetune_scope=self.scope, **palm_kwargs)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         if self.scope is None:
@@ -93,7 +116,8 @@ class Critic(Actor):
         self.value_head.to(palm.token_emb.weight)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        hidden = self.palm(tokens, finetune_scope=self.scope, return_only_embedding=True)
+        with update_dropout(self.palm, self.dropout):
+            hidden = self.palm(tokens, finetune_scope=self.scope, return_only_embedding=True)
         return rearrange(self.value_head(hidden), "b n 1 -> b n")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -117,21 +141,54 @@ def build_actor_critic(
     critic_lora_r: int,
     actor_lora_scope: Optional[str],
     critic_lora_scope: Optional[str],
-) -> tuple[Actor, PaLM, Critic]:
+    with_critic: bool = True,
+) -> tuple[Actor, PaLM, Optional[Critic]]:
     """(actor, reference PaLM, critic) as described in the module docstring.
 
-    The reference is the user's PaLM in both cases; with a LoRA actor it is queried with
-    `disable_lora=True`, with a full-weight actor it is simply never trained.
+    With a LoRA actor the reference is the user's PaLM queried with `disable_lora=True` (no
+    copy). With `actor_lora=False` the actor trains the user's PaLM itself, in place, as in the
+    reference project, and the frozen reference policy is a copy taken now (which also carries
+    the critic's LoRA scope, so the critic reads a base that does not move). With
+    `with_critic=False` (critic-free algorithms) no critic scope or copy is made: None.
     """
     if actor_lora:
+        reference = palm
         actor = Actor(palm, claim_scope(palm, actor_lora_scope, "actor", actor_lora_r))
     else:
-        actor = Actor(bare_copy(palm), None)
-    if critic_lora:
-        critic = Critic(palm, claim_scope(palm, critic_lora_scope, "critic", critic_lora_r))
+        reference = bare_copy(palm).requires_grad_(False)
+        actor = Actor(palm, None)
+    if not with_critic:
+        critic = None
+    elif critic_lora:
+        scope = claim_scope(reference, critic_lora_scope, "critic", critic_lora_r)
+        critic = Critic(reference, scope)
     else:
         critic = Critic(bare_copy(palm), None)
-    return actor, palm, critic
+    return actor, reference, critic
+
+
+def build_networks(
+    palm: PaLM, config, actor_lora_scope: Optional[str], critic_lora_scope: Optional[str], device
+) -> tuple[PaLM, dict[str, nn.Module]]:
+    """(reference, trained networks by name) for a PPOConfig's algorithm: the actor; the
+    critic for PPO only; FlowRL's log-partition head (`flowrl.LogPartition`) for FlowRL."""
+    actor, reference, critic = build_actor_critic(
+        palm,
+        config.actor_lora,
+        config.critic_lora,
+        config.actor_lora_r,
+        config.critic_lora_r,
+        actor_lora_scope,
+        critic_lora_scope,
+        with_critic=config.has_critic,
+    )
+    actor.dropout = config.actor_dropout
+    if critic is not None:
+        critic.dropout = config.critic_dropout
+    nets = {"actor": actor, "critic": critic}
+    if config.algorithm == "flowrl":
+        nets["log_z"] = LogPartition(palm.dim)
+    return reference, {name: net.to(device) for name, net in nets.items() if net is not None}
 
 
 def prepare_each(accelerator, nets: list[nn.Module], optimizers: list) -> list[tuple]:

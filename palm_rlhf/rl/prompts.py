@@ -16,11 +16,10 @@ PromptIds = Union[Tensor, Sequence[Union[Tensor, Sequence[int]]]]
 
 
 def _strip_padding(row: Tensor, pad_value: int) -> Tensor:
-    """Drop runs of `pad_value` at both ends of a 1-D row (left- or right-padded input)."""
-    real = (row != pad_value).nonzero().flatten()
-    if real.numel() == 0:
-        return row[:0]
-    return row[int(real[0]) : int(real[-1]) + 1]
+    """Drop every `pad_value` of a 1-D row of a padded (N, n) tensor, wherever it stands, as
+    the reference project does (`state[state != pad_value]`). Prompts that must keep such ids
+    are passed as a list, taken exactly as given."""
+    return row[row != pad_value]
 
 
 def _encode_texts(texts: list[str], tokenizer, where: Callable[[int], str]) -> list[list[int]]:

@@ -218,3 +218,17 @@ def collect(
         scores,
     )
     return experience, ended
+
+
+def group_minibatches(
+    num_rows: int, group_size: int, rows_per_step: int, generator: torch.Generator
+) -> list[Tensor]:
+    """Row indices of shuffled minibatches made of whole groups (`group_size` contiguous rows
+    answering one prompt), about `rows_per_step` rows each; with group_size 1, a plain shuffle.
+    Group losses (TPO's softmax over the group, FlowRL's group-normalised reward) need whole
+    groups in every minibatch."""
+    groups = torch.randperm(num_rows // group_size, generator=generator)
+    rows = rearrange(groups, "p -> p 1") * group_size + torch.arange(group_size)
+    return list(
+        rearrange(rows, "p g -> (p g)").split(max(1, rows_per_step // group_size) * group_size)
+    )

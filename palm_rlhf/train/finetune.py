@@ -51,6 +51,7 @@ from palm_rlhf.train.run import (
     guarded_step,
     make_accelerator,
     make_optimizer,
+    progress_bar,
     resume_training,
 )
 from palm_rlhf.train.stopping import StopOnSignal, TrainingInterrupted
@@ -312,12 +313,7 @@ def run_stage(
         )
 
     train_metrics, valid_metrics, saved = {}, {}, None
-    bar = tqdm(
-        total=num_steps,
-        initial=step,
-        disable=not (config.progress and accelerator.is_main_process),
-        desc=name,
-    )
+    bar = progress_bar(accelerator, config.progress, total=num_steps, initial=step, desc=name)
     model.train()
     run_log = HistoryLog(accelerator, config.out_dir, history, name, asdict(config))
     with run_log, StopOnSignal() as stop:

@@ -34,6 +34,7 @@ from palm_rlhf.train.run import (
     guarded_step,
     make_accelerator,
     make_optimizer,
+    progress_bar,
     resume_training,
 )
 from palm_rlhf.train.stopping import StopOnSignal, TrainingInterrupted
@@ -166,11 +167,8 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         )
 
     valid_loss, saved, start = math.nan, None, time.monotonic()
-    bar = tqdm(
-        total=config.num_steps,
-        initial=step,
-        disable=not (config.progress and accelerator.is_main_process),
-        desc="pretrain",
+    bar = progress_bar(
+        accelerator, config.progress, total=config.num_steps, initial=step, desc="pretrain"
     )
     model.train()
     batches = iter(train_loader)

@@ -49,6 +49,7 @@ from palm_rlhf.train.run import (
     cosine_schedule,
     guarded_step,
     make_accelerator,
+    progress_bar,
     resume_training,
 )
 from palm_rlhf.train.stopping import StopOnSignal, TrainingInterrupted
@@ -351,12 +352,7 @@ def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
         )
 
     metrics, saved, start = {}, None, time.monotonic()
-    bar = tqdm(
-        total=total_steps,
-        initial=step,
-        desc="reward",
-        disable=not (config.progress and accelerator.is_main_process),
-    )
+    bar = progress_bar(accelerator, config.progress, total=total_steps, initial=step, desc="reward")
     model.train()
     batches = iter(train_loader)
     run_log = HistoryLog(accelerator, config.out_dir, history, "reward", asdict(config))

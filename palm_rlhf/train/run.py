@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, Optional, Union
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from tqdm.auto import tqdm
 
 from palm_rlhf.checkpoint import (
     CheckpointError,
@@ -325,3 +326,16 @@ def cosine_schedule(optimizer, warmup_steps: int, total_steps: int, min_ratio: f
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def progress_bar(accelerator, enabled: bool, **tqdm_options):
+    """A tqdm.auto bar (a widget in Jupyter) shown by the main process only, when enabled."""
+    return tqdm(disable=not (enabled and accelerator.is_local_main_process), **tqdm_options)
+
+
+def mean_over_processes(accelerator, record: dict[str, float]) -> dict[str, float]:
+    """Each number of a metrics record averaged over processes (NaN entries ignored)."""
+    keys = sorted(record)
+    local = torch.tensor([record[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    gathered = accelerator.gather(local[None]).reshape(-1, len(keys))
+    return dict(zip(keys, gathered.nanmean(dim=0).tolist()))

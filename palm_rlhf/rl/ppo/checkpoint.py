@@ -4,8 +4,9 @@ owns its state (`state_dict` / `load_state_dict`); this writes and reads it.
     root/update-XXXXXXX/
         actor.safetensors     the actor's trained tensors: LoRA adapters ("lora.*") or full
                               weights ("palm.*"), under names independent of the scope's name
-        critic.safetensors    the same for the critic, plus "value_head.*"
-        optimizer.pt          both AdamW states (read back with weights_only=True)
+        critic.safetensors    the same for the critic, plus "value_head.*" (PPO only)
+        log_z.safetensors     FlowRL's log-partition head (FlowRL only)
+        optimizer.pt          the AdamW state of each network (read back with weights_only=True)
         rng.pt                the trainer's two generators (sampling; prompts/shuffles/ptx)
         trainer_state.json    counters, KL controller, history, hyperparameters, PaLM config
     root/latest               the name of the newest complete folder
@@ -32,13 +33,17 @@ from palm_rlhf.checkpoint import (
 )
 
 FORMAT = "palm_rlhf.ppo/1"
+NETWORKS = ("actor", "critic", "log_z")  # the trained networks a state may hold
 
 
 def write_trainer_state(root: PathLike, name: str, state: dict) -> Path:
     """Write a trainer's `state_dict()` as the folder `root/name` and point `latest` at it."""
     writers = {
-        "actor.safetensors": lambda p: save_tensors(p, state["actor"]),
-        "critic.safetensors": lambda p: save_tensors(p, state["critic"]),
+        f"{net}.safetensors": lambda p, net=net: save_tensors(p, state[net])
+        for net in NETWORKS
+        if net in state
+    }
+    writers |= {
         "optimizer.pt": lambda p: save_state(p, state["optimizers"]),
         "rng.pt": lambda p: save_state(p, state["rng"]),
         "trainer_state.json": lambda p: save_json(p, {"format": FORMAT, **state["meta"]}),
@@ -67,7 +72,8 @@ def read_trainer_state(path: PathLike, device: str = "cpu") -> tuple[Path, dict]
         raise CheckpointError(f"{folder} is not an RLHFTrainer checkpoint ({FORMAT})")
     state = {
         name: load_tensors(folder / f"{name}.safetensors", device=device)[0]
-        for name in ("actor", "critic")
+        for name in NETWORKS
+        if (folder / f"{name}.safetensors").is_file()
     }
     state["optimizers"] = load_state(folder / "optimizer.pt")
     state["rng"] = load_state(folder / "rng.pt")
@@ -76,12 +82,14 @@ def read_trainer_state(path: PathLike, device: str = "cpu") -> tuple[Path, dict]
 
 
 def check_compatible(meta: dict, palm_config, config: dict, source: str) -> None:
-    """Refuse a saved state for a PaLM of another shape or another actor/critic kind."""
+    """Refuse a saved state for a PaLM of another shape, another algorithm or another
+    actor/critic kind."""
     mismatched = palm_config.shape_mismatch(meta["palm_config"])
     if mismatched:
         raise CheckpointError(f"{source} was saved for another PaLM: {mismatched}")
-    for role in ("actor_lora", "critic_lora"):
-        saved, ours = meta["config"][role], config[role]
+    saved_config = {"algorithm": "ppo", **meta["config"]}  # saved before there was a choice
+    for role in ("algorithm", "actor_lora", "critic_lora"):
+        saved, ours = saved_config[role], config[role]
         if saved != ours:
             raise CheckpointError(
                 f"{source} was saved with {role}={saved}, this trainer has {role}={ours}"

@@ -13,16 +13,40 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Union
 
 from palm_rlhf.options import option
+from palm_rlhf.rl.losses import LENGTH_NORMS
 from palm_rlhf.rl_math import KL_KINDS, typechecked
 from palm_rlhf.train.run import RunOptions
+
+# "ppo" has a critic; the others are critic-free (see rl/critic_free.py and the README's table)
+ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce++", "flowrl", "tpo")
+GROUP_ALGORITHMS = ("grpo", "rloo", "flowrl", "tpo")  # need several responses per prompt
 
 
 @typechecked  # the generated __init__ checks every hyperparameter's type
 @dataclass
 class PPOConfig(RunOptions):
+    # the algorithm: PPO (actor-critic) or a critic-free one (no critic network is built)
+    algorithm: str = option("ppo", "online RL algorithm", choices=ALGORITHMS)
+    group_size: int = option(
+        4, "responses sampled per prompt, normalised together (all but ppo; >= 2 for groups)"
+    )
+    scale_by_std: bool = option(
+        True, "grpo: divide by the group's reward std (--no-scale-by-std: Dr. GRPO)"
+    )
+    length_norm: str = option(
+        "sequence",
+        "grpo/rloo/reinforce++ token-loss averaging: per sequence, per token, or constant "
+        "(Dr. GRPO: / (b * max_response_tokens))",
+        choices=LENGTH_NORMS,
+    )
+    score_centering: bool = option(
+        False, "grpo/rloo/reinforce++: centred-score policy gradient instead of the clipped one"
+    )
+    flowrl_beta: float = option(15.0, "flowrl: reward temperature beta of trajectory balance")
+    tpo_eta: float = option(1.0, "tpo: temperature eta of the target distribution")
     # optimisation (AdamW for the actor and for the critic)
     actor_lr: float = option(1e-4, "actor learning rate")
-    critic_lr: float = option(1e-4, "critic learning rate")
+    critic_lr: float = option(1e-4, "critic learning rate (flowrl: of the log Z head)")
     actor_wd: float = option(0.0, "actor weight decay")
     critic_wd: float = option(0.0, "critic weight decay")
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
@@ -32,6 +56,9 @@ class PPOConfig(RunOptions):
     critic_lora: bool = option(True, "train the critic as a LoRA scope (else full weights)")
     actor_lora_r: int = option(8, "actor LoRA rank")
     critic_lora_r: int = option(8, "critic LoRA rank")
+    # the value head starts with weight 0; "mean_return" sets its bias on the first rollout to
+    # that rollout's mean return (the best constant predictor), so the first value losses
+    # measure the critic's real error rather than the scale of the reward
     value_head_init: str = option(
         "mean_return",
         "value head bias: the first rollout's mean return, or zero",
@@ -41,10 +68,21 @@ class PPOConfig(RunOptions):
     eps_clip: float = option(0.2, "policy ratio clip")
     value_clip: Optional[float] = option(0.4, "value clip around the rollout's values")
     beta_s: float = option(0.01, "entropy bonus")
+    kl_div_loss_weight: float = option(
+        0.0,
+        "weight of KL(rollout policy || current policy) per token, a loss term keeping each "
+        "update near the policy that sampled (the reference's default 0.1; see the README)",
+    )
+    actor_dropout: float = option(0.0, "dropout inside the PaLM during the actor's updates")
+    critic_dropout: float = option(0.0, "dropout inside the PaLM during the critic's updates")
     minibatch_size: int = option(16, "episodes per gradient step")
     epochs: int = option(1, "passes over each rollout batch")
     # rewards and advantages
-    kl_coef: float = option(0.1, "per-token KL penalty against the frozen reference policy")
+    kl_coef: float = option(
+        0.1,
+        "KL to the frozen reference: a per-token reward penalty (ppo, reinforce++) or the "
+        "weight of a k3 loss term (grpo, rloo, tpo); flowrl ignores it",
+    )
     target_kl: Optional[float] = option(None, "adapt kl_coef towards this KL per response")
     kl_kind: str = option("k1", "per-token KL estimator", choices=KL_KINDS)
     gamma: float = option(1.0, "GAE discount")
@@ -75,6 +113,9 @@ class PPOConfig(RunOptions):
             "actor_lora_r >= 1 and critic_lora_r >= 1": min(self.actor_lora_r, self.critic_lora_r)
             >= 1,
             "eps_clip > 0": self.eps_clip > 0,
+            "kl_div_loss_weight >= 0": self.kl_div_loss_weight >= 0,
+            "0 <= actor_dropout, critic_dropout < 1": 0 <= self.actor_dropout < 1
+            and 0 <= self.critic_dropout < 1,
             "value_clip > 0 or None": self.value_clip is None or self.value_clip > 0,
             "max_norm > 0 or None": self.max_norm is None or self.max_norm > 0,
             "0 <= gamma <= 1": 0 <= self.gamma <= 1,
@@ -89,6 +130,14 @@ class PPOConfig(RunOptions):
             "value_head_init in ('mean_return', 'zero')": self.value_head_init
             in ("mean_return", "zero"),
             "nan_policy in ('raise', 'skip')": self.nan_policy in ("raise", "skip"),
+            f"algorithm in {ALGORITHMS}": self.algorithm in ALGORITHMS,
+            f"group_size >= 2 for {GROUP_ALGORITHMS}, >= 1 otherwise": self.group_size
+            >= (2 if self.algorithm in GROUP_ALGORITHMS else 1),
+            f"length_norm in {LENGTH_NORMS}": self.length_norm in LENGTH_NORMS,
+            "flowrl_beta > 0": self.flowrl_beta > 0,
+            "tpo_eta > 0": self.tpo_eta > 0,
+            "score_centering only with grpo, rloo or reinforce++": not self.score_centering
+            or self.algorithm in ("grpo", "rloo", "reinforce++"),
         }
         failed = [name for name, ok in checks.items() if not ok]
         if failed:
@@ -109,5 +158,43 @@ class PPOConfig(RunOptions):
         values = asdict(base) if base is not None else {}
         return cls(**{**values, **keywords})
 
+    @property
+    def has_critic(self) -> bool:
+        return self.algorithm == "ppo"
+
+    @property
+    def responses_per_prompt(self) -> int:
+        """PPO samples one response per prompt; critic-free algorithms a group of them."""
+        return 1 if self.has_critic else self.group_size
+
     def to_dict(self) -> dict:
         return {**asdict(self), "betas": list(self.betas)}
+
+
+# reference keywords whose feature this library does not have: a value other than the
+# "off" one stops with a clear message instead of being ignored (or failing as a TypeError)
+UNIMPLEMENTED = {
+    "critic_pooled_values": (
+        False,
+        "one value per sequence; the critic here predicts a value per token for GAE",
+    ),
+    "critic_num_pred_bins": (None, "a classification critic (HL-Gauss)"),
+    "hl_gauss_loss_kwargs": (None, "a classification critic (HL-Gauss)"),
+    "critic": (
+        None,
+        "a separate critic model or ImplicitPRM; the critic here is a LoRA scope "
+        "or a copy of `palm` (critic_lora=False)",
+    ),
+    "actor_critic": (None, "a prebuilt ActorCritic; pass palm= and the actor_/critic_ options"),
+}
+
+
+def refuse_unimplemented(keywords: dict) -> None:
+    """Pop the reference-only keywords; refuse any set to something this library lacks."""
+    for name, (off, what) in UNIMPLEMENTED.items():
+        value = keywords.pop(name, off)
+        if value is not off and value != off:
+            raise NotImplementedError(
+                f"RLHFTrainer({name}=...) is palm-rlhf-pytorch's {what}; not implemented here. "
+                f"Leave it at {off!r} (see the README's porting table)."
+            )

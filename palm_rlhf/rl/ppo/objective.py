@@ -15,6 +15,7 @@ from torch import Tensor
 from palm_rlhf.rl.rollout import Experience
 from palm_rlhf.rl_math import (
     entropy_from_logits,
+    kl_per_token,
     log_probs_from_logits,
     masked_mean,
     ppo_policy_loss,
@@ -29,8 +30,11 @@ def ppo_objective(
     eps_clip: float,
     value_clip: Optional[float],
     beta_s: float,
+    kl_div_loss_weight: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
-    """(loss, stats) for tempered actor logits (b, n - 1, v) and critic values (b, n - 1)."""
+    """(loss, stats) for tempered actor logits (b, n - 1, v) and critic values (b, n - 1).
+    `kl_div_loss_weight` adds KL(rollout policy || current policy) per response token (k3
+    estimate on the sampled tokens), the reference project's drift penalty."""
     mask = batch.action_mask
     logprobs = log_probs_from_logits(logits, batch.tokens[:, 1:])
     entropy = masked_mean(entropy_from_logits(logits), mask)
@@ -39,7 +43,11 @@ def ppo_objective(
     )
     critic_loss = value_loss(values.float(), batch.old_values, batch.returns, mask, value_clip)
     loss = policy_loss - beta_s * entropy + critic_loss
+    drift = masked_mean(kl_per_token(batch.old_logprobs, logprobs, "k3"), mask)
+    if kl_div_loss_weight > 0:
+        loss = loss + kl_div_loss_weight * drift
     stats = dict(
+        kl_div_loss=float(drift.detach()),
         policy_loss=float(policy_loss.detach()),
         value_loss=float(critic_loss.detach()),
         entropy=float(entropy.detach()),

@@ -1,4 +1,5 @@
-"""`palm-rlhf ppo`: the PPO stage on files — a policy checkpoint (SFT or pretrained), a reward
+"""`palm-rlhf ppo`: the PPO stage (or, with `--algorithm`, GRPO, RLOO, REINFORCE++, FlowRL,
+TPO) on files — a policy checkpoint (SFT or pretrained), a reward
 model checkpoint and a prompts file in, a standalone aligned model out.
 
 The trained actor is saved with its adapters folded into the weights (`out_dir/final`), with
@@ -29,15 +30,29 @@ class PPOStageConfig(PPOConfig):
     """The trainer's hyperparameters (PPOConfig, with the shared run options) plus what the
     command line needs to find its inputs and to schedule the run."""
 
-    policy: str = option("", "policy to improve: SFT/pretrain checkpoint folder, run folder or .safetensors", required=True)  # fmt: skip
-    reward: str = option("", "reward model checkpoint (palm-rlhf reward's out_dir, a folder or a file)", required=True)  # fmt: skip
-    prompts: str = option("", "JSON Lines with a \"prompt\" per record (SFT, comparison or HH-RLHF files all work)", required=True)  # fmt: skip
+    policy: str = option(
+        "",
+        "policy to improve: SFT/pretrain checkpoint folder, run folder or .safetensors",
+        required=True,
+    )
+    reward: str = option(
+        "",
+        "reward model checkpoint (palm-rlhf reward's out_dir, a folder or a file)",
+        required=True,
+    )
+    prompts: str = option(
+        "",
+        'JSON Lines with a "prompt" per record (SFT, comparison or HH-RLHF files all work)',
+        required=True,
+    )
     out_dir: str = option(
         "checkpoints/ppo", "where trainer/ (resumable state) and final/ (the model) go"
     )
-    num_episodes: int = option(256, "prompts rolled out in total (one response each)")
-    update_timesteps: int = option(64, "episodes per PPO update")
-    max_timesteps: int = option(64, "longest response in tokens")
+    num_rollouts: int = option(
+        256, "responses rolled out in total (ppo: one per prompt; else group_size per prompt)"
+    )
+    rollouts_per_update: int = option(64, "responses per learning step")
+    max_response_tokens: int = option(64, "longest response in tokens")
     checkpoint_every: int = option(4, "updates between trainer checkpoints")
     resume: Optional[str] = option(
         None, "'latest' (out_dir/trainer's newest checkpoint) or a trainer checkpoint folder"
@@ -80,10 +95,14 @@ def train_ppo(config: PPOStageConfig) -> PPOResult:
     policy, tokenizer = load_base(config.policy, log=lambda *_: None)
     reward_model = load_reward_model(config.reward, tokenizer)
     trainer = RLHFTrainer(
-        palm=policy, reward_model=reward_model, prompts=read_prompts(config.prompts),
-        tokenizer=tokenizer, config=config.trainer_config(), pad_value=tokenizer.pad_id,
-        accelerate_kwargs={"log_with": config.log_with, "project_dir": config.out_dir},  # trackers
-    )  # fmt: skip
+        palm=policy,
+        reward_model=reward_model,
+        prompts=read_prompts(config.prompts),
+        tokenizer=tokenizer,
+        config=config.trainer_config(),
+        pad_value=tokenizer.pad_id,
+        accelerate_kwargs={"log_with": config.log_with, "project_dir": config.out_dir},
+    )
     state_dir = Path(config.out_dir) / "trainer"
     if config.resume is not None:
         source = state_dir if config.resume == "latest" else Path(config.resume)
@@ -92,15 +111,18 @@ def train_ppo(config: PPOStageConfig) -> PPOResult:
             trainer.print(f"resumed from {source} after {trainer.episodes} episodes")
         elif config.resume != "latest":
             raise FileNotFoundError(f"--resume {config.resume}: no trainer checkpoint there")
-    remaining = config.num_episodes - trainer.episodes
+    remaining = config.num_rollouts - trainer.episodes
     try:
         if remaining > 0:
             trainer.train(
-                num_episodes=remaining, max_timesteps=config.max_timesteps,
-                update_timesteps=config.update_timesteps, eos_token=tokenizer.eos_id,
-                checkpoint_every=config.checkpoint_every, checkpoint_dir=state_dir,
+                num_rollouts=remaining,
+                max_response_tokens=config.max_response_tokens,
+                rollouts_per_update=config.rollouts_per_update,
+                eos_token=tokenizer.eos_id,
+                checkpoint_every=config.checkpoint_every,
+                checkpoint_dir=state_dir,
                 progress=config.progress,
-            )  # fmt: skip
+            )
     finally:  # the curves so far, even when stopped by Ctrl-C or an error
         if trainer.accelerator.is_main_process:
             write_history(Path(config.out_dir) / HISTORY_NAME, trainer.history)

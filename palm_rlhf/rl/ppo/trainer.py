@@ -11,76 +11,64 @@ One PPO iteration (`step`) reads like the algorithm box of Ouyang et al. 2022 / 
     5. log         metrics gathered across processes into `trainer.history` (and trackers)
     6. checkpoint  `save` / `load` of everything needed to resume
 
-An episode is one prompt rolled out into one response (see `train` for the counts, global
-over processes). The trainer is a plain object, not an `nn.Module`: it owns modules, optimisers and the
-Accelerator, and `train` is a training loop, not `Module.train`.
+Critic-free algorithms (`algorithm="grpo" | "rloo" | "reinforce++" | "flowrl" | "tpo"`) run
+the same phases with `group_size` responses per prompt and no critic; phases 3 and 4 dispatch
+to `rl/critic_free.py`. An episode is one response (counts are global over processes). The
+trainer is a plain object, not an `nn.Module`; `train` is a training loop, not `Module.train`.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from palm_rlhf.checkpoint import CheckpointError
 from palm_rlhf.model.palm import PaLM
-from palm_rlhf.rl.advantages import (
-    gae_advantages,
-    mean_return_shift,
-    per_token_rewards,
-    rollout_stats,
-    shape_scores,
-)
+from palm_rlhf.model.sampling import reference_filters, reference_top_k
+from palm_rlhf.rl import critic_free
+from palm_rlhf.rl import rollout as rollout_module
+from palm_rlhf.rl.advantages import ppo_advantages, shape_scores
 from palm_rlhf.rl.best_of_n import BestOfN, best_of_n
 from palm_rlhf.rl.kl_controller import KLController
 from palm_rlhf.rl.policies import (
-    build_actor_critic,
+    build_networks,
     evaluation_mode,
-    only_these_require_grad,
     prepare_each,
 )
 from palm_rlhf.rl.ppo.checkpoint import check_compatible, read_trainer_state, write_trainer_state
-from palm_rlhf.rl.ppo.config import PPOConfig
-from palm_rlhf.rl.ppo.objective import ppo_objective
+from palm_rlhf.rl.ppo.config import PPOConfig, refuse_unimplemented
 from palm_rlhf.rl.prompts import PromptBank, PromptIds, PtxData, load_prompts
-from palm_rlhf.rl.rollout import (
-    Experience,
-    collect,
-    concat_experience,
-    score_sequences,
-    tempered_logits,
-)
-from palm_rlhf.rl_math import (
-    typechecked,
-)
+from palm_rlhf.rl.rollout import Experience, collect, concat_experience
+from palm_rlhf.rl.schedule import response_budget, rollout_schedule
+from palm_rlhf.rl.text_reward import TextRewardFn, resolve_reward
+from palm_rlhf.rl.update import make_optimizers, minibatch_loss, run_epochs, step_networks
+from palm_rlhf.rl_math import typechecked
 from palm_rlhf.train.history import tracker_config
-from palm_rlhf.train.run import guard_loss, make_accelerator
+from palm_rlhf.train.run import guard_loss, make_accelerator, mean_over_processes, progress_bar
 
 # reward_fn(seq (b, n) long, mask (b, n) bool, prompt_mask (b, n) bool) -> (b,) float
 RewardFn = Callable[..., Tensor]
 
 
 class RLHFTrainer:
-    """Actor-critic PPO with GAE and a per-token KL penalty against the frozen start policy.
-
-    See the module docstring for the loop and `actor_critic.py` for the three networks. Values
-    are per token (b, n); the value head starts with weight 0 and, with the default
-    `value_head_init="mean_return"`, its bias is set on the first rollout to the mean return
-    of that rollout (the best constant predictor), so the first value losses measure the
-    critic's real error rather than the scale of the reward. `value_head_init="zero"` keeps 0.
-    """
+    """Actor-critic PPO with GAE and a per-token KL penalty against the frozen start policy,
+    or a critic-free algorithm (`algorithm=`, see `critic_free.py`; no critic is built).
+    The loop: the module docstring; the networks: `policies.py`; the value head's start:
+    `PPOConfig.value_head_init`."""
 
     @typechecked  # beartype, accepting ints where floats are annotated (kl_coef=0)
     def __init__(
         self,
         *,
         palm: PaLM,
-        reward_model: RewardFn,  # a RewardModel, or reward_fn(seq, mask, prompt_mask) -> (b,)
+        reward_model: Optional[RewardFn] = None,  # RewardModel or fn(seq, mask, prompt_mask)
+        text_reward_fn: Optional[TextRewardFn] = None,  # fn(prompts, responses) -> floats
         # prompts: exactly one of the three
         prompt_token_ids: Optional[PromptIds] = None,
         prompts: Optional[list[str]] = None,
@@ -94,17 +82,14 @@ class RLHFTrainer:
         config: Optional[PPOConfig] = None,
         **hyperparameters,  # any PPOConfig field: actor_lr=..., kl_coef=..., see config.py
     ):
+        refuse_unimplemented(hyperparameters)
         self.config = config = PPOConfig.from_keywords(config, **hyperparameters)
+        reward_model = resolve_reward(reward_model, text_reward_fn, tokenizer)
         if config.ptx_coef > 0 and ptx_data is None:
             raise ValueError("ptx_coef > 0 needs ptx_data (token ids of pretraining text)")
-        self.accelerator = make_accelerator(
-            seed=config.seed,
-            **{
-                "mixed_precision": config.mixed_precision,
-                "cpu": config.cpu,
-                **(accelerate_kwargs or {}),
-            },
-        )
+        options = dict(mixed_precision=config.mixed_precision, cpu=config.cpu)
+        options.update(accelerate_kwargs or {})  # the caller's Accelerate options win
+        self.accelerator = make_accelerator(seed=config.seed, **options)
         device = self.accelerator.device
         self.pad_value = self.config.pad_value
         self.kl_controller = KLController(config.kl_coef, config.target_kl)
@@ -117,21 +102,19 @@ class RLHFTrainer:
         self.prompts = PromptBank(*(t.to(device) for t in self.prompts))
         self.ptx_data = PtxData.build(ptx_data, palm.num_tokens, config.ptx_seq_len)
 
-        # networks: actor and critic are scopes on `palm` or full copies; `palm` is the reference
+        # networks: actor and critic are scopes on `palm` or full copies; `palm` is the reference.
+        # Critic-free algorithms build no critic; FlowRL trains a small log Z(x) head instead.
         palm.to(device)
-        actor, self.reference, critic = build_actor_critic(
-            palm, config.actor_lora, config.critic_lora, config.actor_lora_r,
-            config.critic_lora_r, actor_lora_scope, critic_lora_scope,
-        )  # fmt: skip
-        actor.to(device), critic.to(device)  # the critic's value head is new
-        self.actor_scope, self.critic_scope = actor.scope, critic.scope
-        optimizers = [
-            torch.optim.AdamW(net.trainable_parameters(), lr, config.betas, weight_decay=wd)
-            for net, lr, wd in ((actor, config.actor_lr, config.actor_wd),
-                                (critic, config.critic_lr, config.critic_wd))
-        ]  # fmt: skip
-        (self.actor, self.actor_optim), (self.critic, self.critic_optim) = prepare_each(
-            self.accelerator, [actor, critic], optimizers
+        self.reference, nets = build_networks(
+            palm, config, actor_lora_scope, critic_lora_scope, device
+        )
+        self.actor_scope = nets["actor"].scope
+        self.critic_scope = nets["critic"].scope if "critic" in nets else None
+        optimizers = make_optimizers(nets, config)
+        prepared = prepare_each(self.accelerator, list(nets.values()), optimizers)
+        self.networks = dict(zip(nets, prepared))  # name -> (prepared module, optimizer)
+        (self.actor, self.actor_optim), (self.critic, self.critic_optim), (self.log_z, _) = (
+            self.networks.get(name, (None, None)) for name in ("actor", "critic", "log_z")
         )
 
         self.reward_model = reward_model
@@ -167,28 +150,37 @@ class RLHFTrainer:
 
     @property
     def critic_module(self):
-        return self.accelerator.unwrap_model(self.critic)
+        return None if self.critic is None else self.accelerator.unwrap_model(self.critic)
+
+    def modules(self) -> dict:
+        """The trained networks, unwrapped: name -> module (actor; critic or log_z if any)."""
+        return {name: self.accelerator.unwrap_model(n) for name, (n, _) in self.networks.items()}
 
     def print(self, *args) -> None:
         self.accelerator.print(*args)
 
     def score(self, tokens: Tensor, mask: Tensor, prompt_mask: Tensor) -> Tensor:
         """Reward of left-justified sequences (b, n) -> (b,); see `experience.score_sequences`."""
-        return score_sequences(self.reward_model, tokens, mask, prompt_mask)
+        return rollout_module.score_sequences(self.reward_model, tokens, mask, prompt_mask)
 
     # ------------------------------------------------------------------ phase 1: rollout
 
-    def sample_prompts(self, num_prompts: int) -> tuple[Tensor, Tensor]:
-        """`num_prompts` prompts drawn uniformly with replacement: left-padded (b, P) + mask."""
+    def sample_prompts(self, num_prompts: int, group_size: int = 1) -> tuple[Tensor, Tensor]:
+        """`num_prompts` prompts drawn uniformly with replacement, each repeated `group_size`
+        times in contiguous rows (one group per prompt): left-padded (b, P) + mask."""
         index = torch.randint(len(self.prompts), (num_prompts,), generator=self.cpu_generator)
-        return self.prompts.select(index.to(self.device))
+        return self.prompts.select(index.repeat_interleave(group_size).to(self.device))
 
     @torch.no_grad()
     def rollout(
-        self, prompt: Tensor, prompt_mask: Tensor, max_new_tokens: int,
-        max_seq_len: Optional[int] = None, eos_token: Optional[int] = None,
+        self,
+        prompt: Tensor,
+        prompt_mask: Tensor,
+        max_new_tokens: Optional[int] = None,
+        max_seq_len: Optional[int] = None,
+        eos_token: Optional[int] = None,
         temperature: Optional[float] = None,
-    ) -> tuple[Experience, Tensor]:  # fmt: skip
+    ) -> tuple[Experience, Tensor]:
         """Sample responses to left-padded prompts (b, P), lay out, score and evaluate them.
 
         Returns the experience (scores raw, advantages and returns still 0) and whether each
@@ -196,24 +188,26 @@ class RLHFTrainer:
         and critic each run one forward over the whole batch.
         """
         temperature = self.config.temperature if temperature is None else temperature
-        limit = max_seq_len or self.reference.config.max_seq_len
-        new_tokens = (
-            max_new_tokens if limit is None else min(max_new_tokens, limit - prompt.shape[1])
+        new_tokens = response_budget(
+            prompt.shape[1], max_new_tokens, max_seq_len, self.reference.config.max_seq_len
         )
-        if new_tokens < 1:
-            raise ValueError(
-                f"max_seq_len={limit} leaves no room for a response after prompts of "
-                f"{prompt.shape[1]} tokens; raise max_seq_len or shorten the prompts"
-            )
         actor, critic = self.actor_module, self.critic_module
         # mixed precision (mixed_precision="bf16") covers sampling as well
-        with evaluation_mode([actor, critic]), self.accelerator.autocast():
+        with evaluation_mode([actor, critic or actor]), self.accelerator.autocast():
+            nets = (actor, self.reference, critic, self.reward_model)
+            sampling = dict(
+                temperature=temperature, top_k=self.config.top_k, top_p=self.config.top_p
+            )
             return collect(
-                actor, self.reference, critic, self.reward_model, prompt, prompt_mask,
-                new_tokens, temperature=temperature, pad_value=self.pad_value,
-                eos_token=eos_token, generator=self.generator, top_k=self.config.top_k,
-                top_p=self.config.top_p,
-            )  # fmt: skip
+                *nets,
+                prompt,
+                prompt_mask,
+                new_tokens,
+                **sampling,
+                pad_value=self.pad_value,
+                eos_token=eos_token,
+                generator=self.generator,
+            )
 
     # ------------------------------------------------------------------ phases 2 and 3
 
@@ -221,118 +215,112 @@ class RLHFTrainer:
     def rewards_and_advantages(
         self, experience: Experience, ended: Tensor
     ) -> tuple[Experience, dict[str, float]]:
-        """Scores -> per-token rewards -> GAE advantages and returns (whitened as configured)."""
-        config, mask = self.config, experience.action_mask
+        """Scores -> per-token rewards -> GAE advantages and returns (whitened as configured);
+        critic-free algorithms: `critic_free_advantages`."""
+        config, kl_coef = self.config, self.kl_controller.kl_coef
         scores = shape_scores(
             experience.scores, ended, config.missing_eos_penalty, config.reward_clip
         )
-        kl_coef = self.kl_controller.kl_coef
-        old, ref = experience.old_logprobs, experience.ref_logprobs
-        rewards = per_token_rewards(
-            scores, old, ref, mask, kl_coef, config.kl_kind, config.whiten_rewards
-        )
-        values = experience.old_values
-        if not self.value_head_initialised:
-            # the head's weight is 0, so V = bias everywhere: move the bias to the mean return
-            shift = mean_return_shift(rewards, values, mask, config.gamma)
-            shift = self.accelerator.reduce(shift, "mean")
-            self.critic_module.value_head.bias.add_(shift)
-            values = torch.where(mask, values + shift, 0)
-            self.value_head_initialised = True
-        advantages, returns = gae_advantages(
-            rewards, values, mask, config.gamma, config.lam, config.whiten_advantages
-        )
-        stats = rollout_stats(scores, old, ref, mask, config.kl_kind, values, returns)
-        stats["kl_coef"] = kl_coef
-        experience = experience._replace(
-            old_values=values, advantages=advantages, returns=returns, scores=scores
-        )
-        return experience, stats
+        experience = experience._replace(scores=scores)
+        if self.critic is None:
+            reduce_sum = lambda t: self.accelerator.reduce(t, "sum")  # noqa: E731
+            return critic_free.critic_free_advantages(experience, config, kl_coef, reduce_sum)
+        # a fresh value head moves to the first rollout's mean return
+        shift = None if self.value_head_initialised else self._init_value_head
+        experience, stats = ppo_advantages(experience, config, kl_coef, shift)
+        return experience, {**stats, "kl_coef": kl_coef}
+
+    def _init_value_head(self, local_shift: Tensor) -> Tensor:
+        """The head's weight is 0, so V = bias everywhere: add the (process-mean) shift."""
+        shift = self.accelerator.reduce(local_shift, "mean")
+        self.critic_module.value_head.bias.add_(shift)
+        self.value_head_initialised = True
+        return shift
 
     # ------------------------------------------------------------------ phase 4: PPO epochs
 
-    def learn(self, experience: Experience, temperature: float) -> dict[str, float]:
-        """`epochs` passes of shuffled minibatches; returns the mean of each loss statistic."""
-        actor, critic = self.actor_module, self.critic_module
-        trainable = [*actor.trainable_parameters(), *critic.trainable_parameters()]
-        per_process = max(1, self.config.minibatch_size // self.accelerator.num_processes)
-        totals: dict[str, float] = {}
-        count = 0
-        with evaluation_mode([actor, critic]), only_these_require_grad([actor, critic], trainable):
-            for _ in range(self.config.epochs):
-                order = torch.randperm(experience.tokens.shape[0], generator=self.cpu_generator)
-                for index in order.split(per_process):
-                    stats = self._minibatch_step(
-                        experience.select(index.to(self.device)), temperature
-                    )
-                    if stats is None:
-                        continue
-                    for key, value in stats.items():
-                        totals[key] = totals.get(key, 0.0) + value
-                    count += 1
-        return {key: value / max(count, 1) for key, value in totals.items()}
+    def learn(
+        self, experience: Experience, temperature: float, max_new_tokens: int = 1
+    ) -> dict[str, float]:
+        """`epochs` passes of shuffled minibatches (of whole groups); returns the mean of each
+        loss statistic. `max_new_tokens` is the constant of `length_norm="constant"`."""
 
-    def _minibatch_step(self, batch: Experience, temperature: float) -> Optional[dict]:
-        with self.accelerator.autocast():
-            logits = tempered_logits(self.actor(batch.tokens)[:, :-1], temperature)
-            values = self.critic(batch.tokens)[:, :-1]
-        config = self.config
-        loss, stats = ppo_objective(
-            logits, values, batch, config.eps_clip, config.value_clip, config.beta_s
+        def step(batch: Experience, **extras) -> Optional[dict]:
+            return self._minibatch_step(batch, temperature, max_new_tokens, **extras)
+
+        rows = dict(reference=self.reference, temperature=temperature)
+        return run_epochs(
+            experience,
+            self.config,
+            self.modules(),
+            self.accelerator,
+            self.cpu_generator,
+            rows,
+            step,
         )
-        if self.config.ptx_coef > 0:
-            ptx_loss = self._ptx_loss(batch.tokens.shape[0])
-            loss = loss + self.config.ptx_coef * ptx_loss
-            stats["ptx_loss"] = float(ptx_loss.detach())
-        if not guard_loss(loss, self.updates, self.config.nan_policy):
+
+    def _minibatch_step(
+        self, batch: Experience, temperature: float, *args, **rows
+    ) -> Optional[dict]:
+        """One gradient step of every trained network on a minibatch; `args`/`rows`: see
+        `update.minibatch_loss`. PPO-ptx (Ouyang et al. 2022, eq. 2) adds the actor's LM loss on
+        pretraining windows. Returns the step's stats, None when a non-finite loss is skipped."""
+        nets = {name: net for name, (net, _) in self.networks.items()}
+        config = self.config
+        with self.accelerator.autocast():
+            loss, stats = minibatch_loss(
+                nets, batch, config, self.kl_coef, temperature, *args, **rows
+            )
+            if config.ptx_coef > 0:
+                windows = self.ptx_data.sample(batch.tokens.shape[0], self.cpu_generator)
+                ptx_loss = self.actor(windows.to(self.device), return_loss=True)
+                stats["ptx_loss"] = float(ptx_loss.detach())
+                loss = loss + config.ptx_coef * ptx_loss
+        if not guard_loss(loss, self.updates, config.nan_policy):
             return None
         self.accelerator.backward(loss)
-        for name, module, optim in (
-            ("actor", self.actor_module, self.actor_optim),
-            ("critic", self.critic_module, self.critic_optim),
-        ):
-            # pre-clip gradient norm; with max_norm None the norm is measured, not clipped
-            norm = self.accelerator.clip_grad_norm_(
-                module.trainable_parameters(), self.config.max_norm or math.inf
-            )
-            stats[f"{name}_grad_norm"] = float(norm)
-            optim.step()
-            optim.zero_grad(set_to_none=True)
+        optimizers = {name: optim for name, (_, optim) in self.networks.items()}
+        stats.update(step_networks(self.accelerator, self.modules(), optimizers, config.max_norm))
         return stats
-
-    def _ptx_loss(self, batch_size: int) -> Tensor:
-        """PPO-ptx (Ouyang et al. 2022, eq. 2): the actor's LM loss on pretraining text."""
-        windows = self.ptx_data.sample(batch_size, self.cpu_generator).to(self.device)
-        with self.accelerator.autocast():
-            return self.actor(windows, return_loss=True)
 
     # ------------------------------------------------------------------ one iteration, loop
 
     def step(
-        self, num_episodes: int, max_timesteps: int, max_seq_len: Optional[int] = None,
-        eos_token: Optional[int] = None, temperature: Optional[float] = None,
+        self,
+        num_rollouts: int,
+        max_response_tokens: Optional[int] = None,
+        max_seq_len: Optional[int] = None,
+        eos_token: Optional[int] = None,
+        temperature: Optional[float] = None,
         batch_size: Optional[int] = None,
-    ) -> dict:  # fmt: skip
-        """One PPO iteration over `num_episodes` fresh episodes (global), sampled `batch_size`
-        (default `rollout_batch_size`) prompts at a time; returns the iteration's record."""
+        learn: bool = True,
+    ) -> Optional[dict]:
+        """One iteration over `num_rollouts` fresh rollouts (global), sampled `batch_size`
+        (default `rollout_batch_size`) responses at a time; returns the iteration's record.
+        Critic-free algorithms sample whole groups of `group_size` responses per prompt on one
+        process (rollouts rounded up to whole groups). `learn=False` only rolls out."""
         temperature = self.config.temperature if temperature is None else temperature
         batch_size = batch_size or self.config.rollout_batch_size
-        world = self.accelerator.num_processes
-        local = max(1, math.ceil(num_episodes / world))
+        world, group = self.accelerator.num_processes, self.config.responses_per_prompt
+        local_prompts = max(1, math.ceil(num_rollouts / world / group))
+        local, per_chunk = local_prompts * group, max(1, batch_size // group)
         parts, ended = [], []
-        for start in range(0, local, batch_size):  # 1. rollout
-            prompt, prompt_mask = self.sample_prompts(min(batch_size, local - start))
+        for start in range(0, local_prompts, per_chunk):  # 1. rollout
+            prompt, prompt_mask = self.sample_prompts(min(per_chunk, local_prompts - start), group)
             part, part_ended = self.rollout(
-                prompt, prompt_mask, max_timesteps, max_seq_len, eos_token, temperature
+                prompt, prompt_mask, max_response_tokens, max_seq_len, eos_token, temperature
             )
             parts.append(part), ended.append(part_ended)
+        self.episodes += local * world
+        if not learn:
+            return None
         experience = concat_experience(parts, self.pad_value)
         raw, ended = experience.scores, torch.cat(ended)
         experience, rollout_stats = self.rewards_and_advantages(experience, ended)  # 2., 3.
         observed_kl = torch.tensor(rollout_stats["kl"], device=self.device)
         self.kl_controller.update(float(self.accelerator.reduce(observed_kl, "mean")))
-        update_stats = self.learn(experience, temperature)  # 4.
-        self.episodes += local * world
+        longest = int(experience.action_mask.sum(dim=-1).max())  # Dr. GRPO's constant
+        update_stats = self.learn(experience, temperature, max_response_tokens or longest)  # 4.
         self.updates += 1
         record = dict(
             reward=float(raw.mean()),
@@ -346,11 +334,11 @@ class RLHFTrainer:
 
     def log(self, record: dict[str, float]) -> dict:
         """Average a record over processes, append it to `history`, send it to trackers."""
-        keys = sorted(record)
-        local = torch.tensor([record[k] for k in keys], dtype=torch.float64, device=self.device)
-        gathered = self.accelerator.gather(local[None]).reshape(-1, len(keys))
-        means = gathered.nanmean(dim=0).tolist()
-        record = {"update": self.updates, "episodes": self.episodes, **dict(zip(keys, means))}
+        record = {
+            "update": self.updates,
+            "episodes": self.episodes,
+            **mean_over_processes(self.accelerator, record),
+        }
         self.history.append(record)
         if self.accelerator.log_with:
             self.accelerator.log(record, step=self.updates)
@@ -358,49 +346,57 @@ class RLHFTrainer:
 
     def train(
         self,
-        num_episodes: int = 256,
-        max_timesteps: int = 64,
-        update_timesteps: int = 64,
-        max_seq_len: Optional[int] = None,
+        num_episodes: int = 50000,
+        max_timesteps: int = 500,
+        update_timesteps: int = 5000,
+        max_batch_size: Optional[int] = None,
+        max_seq_len: int = 2048,
         eos_token: Optional[int] = None,
         temperature: Optional[float] = None,
+        *,
+        num_rollouts: Optional[int] = None,
+        rollouts_per_update: Optional[int] = None,
+        max_response_tokens: Optional[int] = None,
         checkpoint_every: Optional[int] = None,
         checkpoint_dir: Optional[Union[str, Path]] = None,
         progress: Optional[bool] = None,
-        max_batch_size: Optional[int] = None,
     ) -> list[dict]:
-        """Roll out `num_episodes` episodes, one PPO update per `update_timesteps` of them.
-
-        Responses stop at `eos_token` (None: never) and after `max_timesteps` tokens, and prompt
-        + response never exceed `max_seq_len` (default: the PaLM's own limit, if any). With
-        `checkpoint_every` (updates) and `checkpoint_dir`, the trainer saves itself (phase 6).
-        `max_batch_size` (the reference's keyword) caps the prompts sampled at once for this
-        call (default: `rollout_batch_size`). Returns this call's records, also in `history`.
-        """
-        if min(num_episodes, max_timesteps, update_timesteps) < 1:
-            raise ValueError("num_episodes, max_timesteps and update_timesteps must be >= 1")
+        """Roll out and learn, counting as the reference project does (`rl/schedule.py`):
+        `num_episodes x max_timesteps` rollouts, a learning step per `update_timesteps`,
+        responses filling `max_seq_len`; or in direct terms `num_rollouts`,
+        `rollouts_per_update`, `max_response_tokens`. `max_batch_size` caps prompts sampled at
+        once. Returns this call's records (one per learning step), also kept in `history`."""
+        plan = rollout_schedule(
+            num_episodes, max_timesteps, update_timesteps, num_rollouts, rollouts_per_update
+        )
         if checkpoint_every is not None and checkpoint_dir is None:
             raise ValueError("checkpoint_every needs a checkpoint_dir")
-        records = []
-        bar = tqdm(
-            total=num_episodes, desc="PPO episodes", unit="ep",
-            disable=not (
-                (self.config.progress if progress is None else progress)
-                and self.accelerator.is_local_main_process
-            ),
-        )  # fmt: skip
-        done = 0
-        while done < num_episodes:
-            size = min(update_timesteps, num_episodes - done)
-            record = self.step(
-                size, max_timesteps, max_seq_len, eos_token, temperature, max_batch_size
+        if plan.leftover:
+            warnings.warn(
+                f"{plan.leftover} of {plan.rollouts} rollouts come after the last learning step "
+                f"and are never learned from; use a multiple of {plan.per_update}",
+                stacklevel=2,
             )
-            records.append(record)
-            done += size
-            bar.update(size)
-            bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
+        response = dict(
+            max_response_tokens=max_response_tokens,
+            max_seq_len=max_seq_len,
+            eos_token=eos_token,
+            temperature=temperature,
+            batch_size=max_batch_size,
+        )
+        show = self.config.progress if progress is None else progress
+        title = f"{self.config.algorithm.upper()} rollouts"
+        bar = progress_bar(self.accelerator, show, total=plan.rollouts, desc=title, unit="ep")
+        records = []
+        for _ in range(plan.updates):
+            records.append(self.step(plan.per_update, **response))
+            bar.update(plan.per_update)
+            bar.set_postfix(reward=f"{records[-1]['reward']:.3f}", kl=f"{records[-1]['kl']:.3f}")
             if checkpoint_every and self.updates % checkpoint_every == 0:
                 self.save(checkpoint_dir)  # 6.
+        if plan.leftover:
+            self.step(plan.leftover, learn=False, **response)
+            bar.update(plan.leftover)
         bar.close()
         return records
 
@@ -417,35 +413,35 @@ class RLHFTrainer:
         temperature: Optional[float] = None,
         top_k: Optional[int] = None,
         top_p: Optional[float] = None,
-        filter_thres: Optional[float] = None,
+        filter_logits_fn: Optional[Callable[..., Tensor]] = reference_top_k,
+        filter_thres: float = 0.9,
     ) -> Union[Tensor, BestOfN]:
         """Sample `num_samples` responses to one prompt (n,), return the one the reward model
         scores highest: prompt + response up to EOS, (n_best,). `max_seq_len` counts the prompt.
-        With `return_scores=True`, a `BestOfN` with every sample and score. Sampling options
-        default to the trainer's; `filter_thres` is the reference project's top-k spelling."""
+        With `return_scores=True`, a `BestOfN` with every sample and score. Decoding is the
+        reference's (top-k 0.9, see `PaLM.generate`) unless `filter_logits_fn`, or `top_k`/
+        `top_p` here or in the config, say otherwise; temperature defaults to the config's."""
+        top_k = top_k if top_k is not None else self.config.top_k
+        top_p = top_p if top_p is not None else self.config.top_p
         actor = self.actor_module
+        options = dict(finetune_scope=actor.scope, pad_value=self.pad_value, eos_token=eos_token)
+        options["temperature"] = self.config.temperature if temperature is None else temperature
+        options.update(reference_filters(top_k, top_p, filter_logits_fn, filter_thres))
+        options["generator"] = self.generator
         with evaluation_mode([actor]), self.accelerator.autocast():
             out = best_of_n(
-                actor.palm, self.reward_model, prompt, max_seq_len, num_samples,
-                finetune_scope=actor.scope, pad_value=self.pad_value, eos_token=eos_token,
-                temperature=self.config.temperature if temperature is None else temperature,
-                top_k=top_k if top_k is not None else self.config.top_k,
-                top_p=top_p if top_p is not None else self.config.top_p,
-                filter_thres=filter_thres, generator=self.generator,
-            )  # fmt: skip
+                actor.palm, self.reward_model, prompt, max_seq_len, num_samples, **options
+            )
         return out if return_scores else out.sequence
 
     def state_dict(self) -> dict:
-        """Everything a resumed run needs: trained tensors (adapters or full weights, named
-        independently of the scope), both optimizers, both generators, counters, KL control,
-        history and the hyperparameters. Tensors and plain values only (no pickled code)."""
+        """Everything a resumed run needs: trained tensors of each network (adapters or full
+        weights, named independently of the scope; no critic when the algorithm has none), its
+        optimizer, both generators, counters, KL control, history and the hyperparameters.
+        Tensors and plain values only (no pickled code)."""
         return {
-            "actor": self.actor_module.trainable_state(),
-            "critic": self.critic_module.trainable_state(),
-            "optimizers": {
-                "actor": self.actor_optim.state_dict(),
-                "critic": self.critic_optim.state_dict(),
-            },
+            **{name: module.trainable_state() for name, module in self.modules().items()},
+            "optimizers": {name: optim.state_dict() for name, (_, optim) in self.networks.items()},
             "rng": {
                 "generator": self.generator.get_state(),
                 "cpu_generator": self.cpu_generator.get_state(),
@@ -466,13 +462,12 @@ class RLHFTrainer:
         """Restore `state_dict()`; refuses another PaLM shape or another actor/critic kind."""
         meta = state["meta"]
         check_compatible(meta, self.reference.config, self.config.to_dict(), source)
-        for name, module in (("actor", self.actor_module), ("critic", self.critic_module)):
+        for name, module in self.modules().items():
             try:
                 module.load_trainable_state(state[name])
-            except RuntimeError as err:  # missing/unexpected keys or shapes (e.g. another rank)
+            except (RuntimeError, KeyError) as err:  # missing/unexpected keys or shapes
                 raise CheckpointError(f"{source}: the {name} does not fit: {err}") from err
-        self.actor_optim.load_state_dict(state["optimizers"]["actor"])
-        self.critic_optim.load_state_dict(state["optimizers"]["critic"])
+            self.networks[name][1].load_state_dict(state["optimizers"][name])
         self.generator.set_state(state["rng"]["generator"])
         self.cpu_generator.set_state(state["rng"]["cpu_generator"])
         self.episodes, self.updates = meta["episodes"], meta["updates"]
