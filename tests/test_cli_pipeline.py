@@ -331,7 +331,7 @@ def test_ppo_log_with_tensorboard(pipeline, tmp_path):
     pytest.importorskip("tensorboard")
     args = ["ppo", "--policy", str(pipeline / "sft"), "--reward", str(pipeline / "rm")]
     args += ["--prompts", str(FIXTURES / "sft.jsonl"), "--out-dir", str(tmp_path / "ppo")]
-    args += ["--num-episodes", "2", "--update-timesteps", "2", "--max-timesteps", "4"]
+    args += ["--num-rollouts", "2", "--rollouts-per-update", "2", "--max-response-tokens", "4"]
     args += ["--rollout-batch-size", "2", "--minibatch-size", "2", "--no-progress"]
     assert main([*args, "--log-with", "tensorboard"]) == 0
     assert list((tmp_path / "ppo").rglob("events.out.tfevents.*"))
