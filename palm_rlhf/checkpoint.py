@@ -65,7 +65,8 @@ def weights_path(path: PathLike) -> Path:
 
 def find_weights(path: PathLike) -> Path:
     """The weights file to read for `path`: a file itself, a checkpoint folder's
-    `model.safetensors`, or a run folder's newest complete checkpoint (its `latest`)."""
+    `model.safetensors`, a run folder's newest complete checkpoint (its `latest`), or else its
+    `final/model.safetensors`."""
     path = Path(path)
     if path.is_file():
         return path
@@ -74,9 +75,11 @@ def find_weights(path: PathLike) -> Path:
     latest = latest_checkpoint(path) if path.is_dir() else None
     if latest is not None and (latest / WEIGHTS_NAME).is_file():
         return latest / WEIGHTS_NAME
+    if (path / "final" / WEIGHTS_NAME).is_file():  # a finished run that saves its model apart
+        return path / "final" / WEIGHTS_NAME  # (palm-rlhf ppo: out_dir/final, out_dir/trainer)
     raise CheckpointNotFoundError(
         f"no model at {path}: expected a .safetensors file, a checkpoint folder holding "
-        f"{WEIGHTS_NAME}, or a run folder with a 'latest' checkpoint"
+        f"{WEIGHTS_NAME}, or a run folder with a 'latest' checkpoint (or a 'final' folder)"
     )
 
 

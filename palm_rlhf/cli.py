@@ -1,6 +1,12 @@
 """The `palm-rlhf` command: one subcommand per stage, each a thin shell over a library function.
 
 palm-rlhf pretrain --help
+
+A user's mistake (a missing file, a malformed record, the wrong kind of checkpoint, a value a
+config refuses) is one line on stderr, `palm-rlhf <stage>: <message>`, and exit code 2; any
+other exception is a bug and keeps its traceback. `palm-rlhf --debug <stage>` shows the
+traceback of user errors too. Ctrl-C (or SIGTERM) during training saves a checkpoint at the
+end of the current step, says where, and exits with 128 + the signal number (130 for Ctrl-C).
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ def _tokenizer(config: TokenizerConfig):
     )
 
 
-def _pretrain(config):
+def run_pretrain(config):
+    """Pretrain, then print the final validation numbers and the checkpoint folder."""
     from palm_rlhf.train.pretrain import pretrain
 
     result = pretrain(config)
@@ -53,6 +60,7 @@ def _stages() -> dict[str, tuple[str, type, Callable]]:
     from palm_rlhf.chat import ChatConfig, SampleConfig, run_chat, run_sample
     from palm_rlhf.label.config import LabelConfig
     from palm_rlhf.label.stage import run_label
+    from palm_rlhf.plot import PlotConfig, run_plot
     from palm_rlhf.rl.ppo.stage import PPOStageConfig, run_ppo
     from palm_rlhf.train.coh import CoHConfig, run_coh
     from palm_rlhf.train.dpo import DPOConfig, run_dpo
@@ -69,7 +77,7 @@ def _stages() -> dict[str, tuple[str, type, Callable]]:
         "pretrain": (
             "pretrain a byte-level PaLM on enwik8 or the embedded corpus",
             PretrainConfig,
-            _pretrain,
+            run_pretrain,
         ),
         "sft": (
             "supervised fine-tuning on prompt/response pairs (loss on responses only)",
@@ -96,11 +104,52 @@ def _stages() -> dict[str, tuple[str, type, Callable]]:
             run_chat,
         ),
         "label": ("serve a page where you rank, rate or compare samples", LabelConfig, run_label),
+        "plot": (
+            "draw a run's training curves (its history.jsonl) to a PNG",
+            PlotConfig,
+            run_plot,
+        ),
     }
+
+
+DEBUG_HELP = "show the full traceback of an error instead of one line"
+
+
+def user_errors() -> tuple[type, ...]:
+    """Exceptions that mean the user's input is wrong (one line), not that the code is."""
+    from palm_rlhf.checkpoint import CheckpointError
+    from palm_rlhf.train.run import NonFiniteLossError
+
+    # RecordError and TokenizerMismatchError are ValueErrors; CheckpointNotFoundError is both
+    return (OSError, ValueError, CheckpointError, NonFiniteLossError)
+
+
+def run_command(prog: str, run: Callable, config, debug: bool = False) -> int:
+    """Run a stage; a user error or an interrupt becomes one line on stderr and an exit code."""
+    from palm_rlhf.train.stopping import TrainingInterrupted
+
+    try:
+        run(config)
+    except TrainingInterrupted as interrupted:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return interrupted.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except user_errors() as error:
+        if debug:
+            raise
+        message = str(error).strip() or type(error).__name__
+        print(f"{prog}: {message}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="palm-rlhf", description="PaLM + RLHF, stage by stage.")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, config_cls, run) in _stages().items():
         sub = commands.add_parser(
@@ -110,14 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=HelpFormatter,
         )
         add_dataclass_arguments(sub, config_cls)
+        # also accepted after the stage name; SUPPRESS keeps the top-level value otherwise
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         sub.set_defaults(run=run, config_cls=config_cls, subparser=sub)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    args.run(config_from_args(args.subparser, args.config_cls, args))
-    return 0
+    config = config_from_args(args.subparser, args.config_cls, args)
+    return run_command(f"palm-rlhf {args.command}", args.run, config, args.debug)
 
 
 if __name__ == "__main__":

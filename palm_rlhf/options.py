@@ -10,7 +10,8 @@ from typing import Any, Optional, Union
 
 
 def option(default: Any, help: str, **metadata) -> Any:
-    """A dataclass field with command-line help text (metadata: `choices`, `required`)."""
+    """A dataclass field with command-line help text (metadata: `choices`, `required`,
+    `positional` for an argument given without its --flag)."""
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
@@ -58,13 +59,19 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> argparse.Ar
             )
             continue
         choices = field.metadata.get("choices")
+        if field.metadata.get("positional"):
+            parser.add_argument(field.name, metavar=field.name.upper(), type=str, help=help_text)
+            continue
+        # saying how to pass no value helps only where the default is a value
+        if optional and default is not None and "'none'" not in help_text:
+            help_text += " ('none' for no value)"
         parser.add_argument(
             flag,
             required=field.metadata.get("required", False),
             type=kind if kind in (int, float, str) else str,
             default=default,
             choices=choices,
-            help=help_text + (" ('none' for no value)" if optional else ""),
+            help=help_text,
         )
     return parser
 
@@ -90,14 +97,34 @@ def config_from_args(parser: argparse.ArgumentParser, cls, args: argparse.Namesp
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after each option; the description keeps its own line breaks."""
+    """Defaults shown after each option; the description keeps its own line breaks.
+
+    No default is shown for a required option or a positional argument, nor "None" or "" for an
+    option off by default (its help says what leaving it out does)."""
+
+    def _get_help_string(self, action):
+        if action.required or not action.option_strings or action.default in (None, ""):
+            return action.help
+        if "default" in (action.help or ""):  # the help states its default in its own words
+            return action.help
+        if isinstance(action.default, (tuple, list)):  # --lora-targets q k v, as typed
+            joined = " ".join(map(str, action.default)) or "none"
+            return f"{action.help} (default: {joined})"
+        return super()._get_help_string(action)
+
+
+def config_parser(
+    cls, description: str = "", prog: Optional[str] = None
+) -> argparse.ArgumentParser:
+    """An argument parser with one option per field of the config dataclass `cls`."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=HelpFormatter
+    )
+    return add_dataclass_arguments(parser, cls)
 
 
 def parse_config(
     cls, argv: Optional[list[str]] = None, description: str = "", prog: Optional[str] = None
 ):
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=HelpFormatter
-    )
-    add_dataclass_arguments(parser, cls)
+    parser = config_parser(cls, description, prog)
     return config_from_args(parser, cls, parser.parse_args(argv))

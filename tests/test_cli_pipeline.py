@@ -110,6 +110,10 @@ def test_every_stage_writes_a_checkpoint_the_next_one_loads(pipeline, capsys):
         ]
     )
     assert "ppo: reward" in capsys.readouterr().out
+    ppo_history = (root / "ppo" / "history.jsonl").read_text().splitlines()
+    assert len(ppo_history) == 2 and '"reward"' in ppo_history[0]  # one record per update
+    # a PPO out_dir holds trainer/ and final/: as a model it means its final/
+    assert main(["sample", "--checkpoint", str(root / "ppo"), "--max-new-tokens", "3"]) == 0
     final = PaLM.from_pretrained(root / "ppo" / "final")
     assert final.finetune_scopes == ()  # the actor's adapters are folded into a standalone model
     for stage in ("dpo", "coh"):
@@ -157,6 +161,7 @@ def test_a_mismatched_tokenizer_is_refused_between_stages(pipeline, tmp_path):
     with pytest.raises(TokenizerMismatchError, match="tokenizer mismatch"):
         main(
             [
+                "--debug",  # the exception itself; without --debug it is one line (below)
                 "sft",
                 "--base",
                 str(pipeline / "pre"),
@@ -174,25 +179,65 @@ def test_a_mismatched_tokenizer_is_refused_between_stages(pipeline, tmp_path):
         )
 
 
-def test_malformed_data_is_reported_with_file_and_line(pipeline, tmp_path):
+def test_malformed_data_is_reported_with_file_and_line(pipeline, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
+    args = ["sft", "--base", str(pipeline / "pre"), "--data", str(bad)]
+    args += ["--out-dir", str(tmp_path / "o"), "--max-steps", "1", "--max-len", "128"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == f'palm-rlhf sft: {bad}:2: missing key "response"\n'  # one line, no traceback
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: missing key \"response\""):
-        main(
-            [
-                "sft",
-                "--base",
-                str(pipeline / "pre"),
-                "--data",
-                str(bad),
-                "--out-dir",
-                str(tmp_path / "o"),
-                "--max-steps",
-                "1",
-                "--max-len",
-                "128",
-            ]
-        )
+        main(["--debug", *args])
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
+        main([*args, "--debug"])  # after the stage name too
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sft", "--base", "{rm}", "--data", "{sft}"], "is a reward-model checkpoint; pass the"),
+        (["sample", "--checkpoint", "{rm}"], "is a reward-model checkpoint; pass the"),
+        (["chat", "--checkpoint", "{rm}"], "is a reward-model checkpoint; pass the"),
+        (["sft", "--base", "{root}/nowhere", "--data", "{sft}"], "no model at"),
+        (["sft", "--base", "{root}/pre", "--data", "{root}/missing.jsonl"], "missing.jsonl"),
+        (["plot", "{root}/nowhere"], "no history.jsonl"),
+    ],
+)
+def test_user_errors_are_one_line(pipeline, tmp_path, capsys, argv, message):
+    names = {"rm": pipeline / "rm", "sft": FIXTURES / "sft.jsonl", "root": pipeline}
+    argv = [a.format(**names) for a in argv] + (
+        ["--out-dir", str(tmp_path), "--max-len", "128"] if argv[0] == "sft" else []
+    )
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"palm-rlhf {argv[0]}: ") and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_real_bug_still_raises(pipeline, monkeypatch):
+    import palm_rlhf.chat
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(palm_rlhf.chat, "load_base", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        main(["sample", "--checkpoint", str(pipeline / "pre")])
+
+
+def test_history_jsonl_and_plot(pipeline, tmp_path, capsys):
+    from palm_rlhf.train.history import read_history
+
+    for stage, keys in (("pre", {"loss", "lr", "valid_bpc"}), ("sft", {"loss", "lr"})):
+        records = read_history(pipeline / stage)
+        assert records and keys <= set(records[-1]), (stage, records)
+    assert {"loss", "valid_accuracy"} <= set(read_history(pipeline / "rm")[-1])
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "curves.png"
+    assert main(["plot", str(pipeline / "pre"), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "valid_bpc" in capsys.readouterr().out
 
 
 def test_sentencepiece_tokenizer_from_one_command_travels_with_the_checkpoints(tmp_path, capsys):
@@ -280,3 +325,30 @@ def test_sentencepiece_tokenizer_from_one_command_travels_with_the_checkpoints(t
     assert tokenizer_fingerprint(
         load_tokenizer(tmp_path / "sft" / (tmp_path / "sft" / "latest").read_text())
     ) == tokenizer_fingerprint(trained)
+
+
+def test_ppo_log_with_tensorboard(pipeline, tmp_path):
+    pytest.importorskip("tensorboard")
+    args = ["ppo", "--policy", str(pipeline / "sft"), "--reward", str(pipeline / "rm")]
+    args += ["--prompts", str(FIXTURES / "sft.jsonl"), "--out-dir", str(tmp_path / "ppo")]
+    args += ["--num-rollouts", "2", "--rollouts-per-update", "2", "--max-response-tokens", "4"]
+    args += ["--rollout-batch-size", "2", "--minibatch-size", "2", "--no-progress"]
+    assert main([*args, "--log-with", "tensorboard"]) == 0
+    assert list((tmp_path / "ppo").rglob("events.out.tfevents.*"))
+    assert (tmp_path / "ppo" / "history.jsonl").read_text().count("\n") == 1
+
+
+def test_plot_draws_a_ppo_history_against_updates(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from palm_rlhf.train.history import numeric_series, read_history, write_history
+
+    records = [{"update": u, "episodes": 4 * u, "reward": 0.1 * u, "kl": 0.01 * u} for u in (1, 2)]
+    write_history(tmp_path / "history.jsonl", records)
+    with open(tmp_path / "history.jsonl", "a") as torn:
+        torn.write('{"update": 3, "rew')  # a run killed mid-line: that line is ignored
+    assert read_history(tmp_path) == records
+    assert numeric_series(records) == {"reward": ([1, 2], [0.1, 0.2]), "kl": ([1, 2], [0.01, 0.02])}
+    assert main(["plot", str(tmp_path)]) == 0
+    assert (tmp_path / "curves.png").is_file() and "(reward, kl)" in capsys.readouterr().out
+    assert main(["plot", str(tmp_path), "--metrics", "nope"]) == 2
+    assert "no metric ['nope']" in capsys.readouterr().err

@@ -215,8 +215,12 @@ def test_validation_file_and_command_line(base, tmp_path, capsys):
         "0.2",
         "--use-lora",
     ]
+    assert cli_main(["dpo", *args]) == 2  # a user error: one line, exit status 2
+    assert (
+        "palm-rlhf dpo: max_len 128 exceeds the model's max_seq_len 64" in capsys.readouterr().err
+    )
     with pytest.raises(ValueError, match="max_len 128 exceeds the model's max_seq_len 64"):
-        cli_main(["dpo", *args])
+        cli_main(["--debug", "dpo", *args])
     args[args.index("128")] = "64"
     args[args.index("--valid-data") + 1] = comparisons
     assert cli_main(["dpo", *args]) == 0

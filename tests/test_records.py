@@ -260,6 +260,8 @@ def test_skip_mode_warns_with_count_and_lines(tmp_path):
     message = str(caught[0].message)
     assert f"{path}:2: invalid JSON" in message
     assert f'{path}:4: missing key "chosen"' in message
+    # the warning points at this file (the caller), not at records.py or a beartype wrapper
+    assert caught[0].filename == __file__, caught[0].filename
     bad_only = write_lines(tmp_path / "bad.jsonl", ["{oops"])
     with pytest.warns(RecordWarning), pytest.raises(RecordError, match="1 malformed line"):
         read_sft(bad_only, on_error="skip")
@@ -453,3 +455,26 @@ def test_read_prompts_from_every_format(tmp_path):
     path = write_lines(tmp_path / "p.jsonl", [j(prompt="a"), j(text="b")])
     with pytest.raises(RecordError, match=r'p\.jsonl:2: missing key "prompt"'):
         read_prompts(path)
+
+
+def test_json_error_column_is_the_real_one(tmp_path):
+    # a line cut short: the error is at its end, not at "column 1" of a next line
+    line = '{"prompt": "p", "response": "r"'
+    path = write_lines(tmp_path / "cut.jsonl", [line])
+    with pytest.raises(
+        RecordError, match=f"cut.jsonl:1: invalid JSON: .* at column {len(line) + 1}$"
+    ):
+        read_sft(path)
+    path = write_lines(tmp_path / "mid.jsonl", ['{"prompt": "p", "response": }'])
+    with pytest.raises(RecordError, match="at column 29"):
+        read_sft(path)
+
+
+@pytest.mark.parametrize("text", ['[{"prompt": "p", "response": "r"}]', '[\n  {"prompt": "p"}\n]'])
+def test_a_json_array_file_gets_a_jq_hint(tmp_path, text):
+    path = tmp_path / "data.json"
+    path.write_text(text + "\n")
+    with pytest.raises(RecordError, match=r"data.json:1: .*this file is a JSON array .*jq -c"):
+        read_sft(path)
+    with pytest.raises(RecordError, match="JSON array"):
+        list(iter_jsonl(path))

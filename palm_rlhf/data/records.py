@@ -41,6 +41,7 @@ import gzip
 import json
 import math
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any, Callable, NamedTuple, Optional, TypeVar
@@ -129,6 +130,9 @@ def _parse_object(raw: bytes) -> dict:
         raise _LineError(
             f"invalid UTF-8 at byte offset {e.start} of the line ({raw[e.start : e.start + 4]!r})"
         ) from None
+    # without its line break, so an error at the end of the line ("Expecting ',' delimiter" in
+    # a line cut short) is at its real column, not at column 1 of a line after it
+    text = text.rstrip("\r\n")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -138,6 +142,33 @@ def _parse_object(raw: bytes) -> dict:
     return obj
 
 
+_ARRAY_HINT = (
+    "expected JSON Lines (one object per line); this file is a JSON array — convert with "
+    "`jq -c '.[]' FILE > FILE.jsonl`"
+)
+
+
+def _parse_line(raw: bytes, first: bool) -> dict:
+    """`_parse_object`, with a hint when the first line opens a JSON array (a .json file)."""
+    try:
+        return _parse_object(raw)
+    except _LineError as e:
+        if first and raw.lstrip().startswith(b"["):
+            raise _LineError(f"{e}; {_ARRAY_HINT}") from None
+        raise
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside this module and beartype's wrappers, so a
+    warning names the user's line, not `<@beartype(...)>`."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (
+        frame.f_code.co_filename == __file__ or frame.f_code.co_filename.startswith("<@beartype")
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 @beartype
 def iter_jsonl(path: PathLike) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, object)`` for each record of a JSON Lines file (``.gz`` or not).
@@ -145,11 +176,13 @@ def iter_jsonl(path: PathLike) -> Iterator[tuple[int, dict]]:
     Blank lines are skipped but counted; any other line that is not a JSON object in UTF-8
     raises :class:`RecordError` with ``path:line``.
     """
+    first = True
     for line_number, raw in _iter_raw_lines(path):
         try:
-            yield line_number, _parse_object(raw)
+            yield line_number, _parse_line(raw, first)
         except _LineError as e:
             raise RecordError(f"{path}:{line_number}: {e}") from None
+        first = False
 
 
 def _read(path: PathLike, parse: Callable[[dict], T], on_error: str, what: str) -> list[T]:
@@ -159,7 +192,7 @@ def _read(path: PathLike, parse: Callable[[dict], T], on_error: str, what: str) 
     records, skipped = [], []
     for line_number, raw in _iter_raw_lines(path):
         try:
-            records.append(parse(_parse_object(raw)))
+            records.append(parse(_parse_line(raw, first=not (records or skipped))))
         except _LineError as e:
             message = f"{path}:{line_number}: {e}"
             if on_error == "raise":
@@ -170,7 +203,7 @@ def _read(path: PathLike, parse: Callable[[dict], T], on_error: str, what: str) 
         warnings.warn(
             f"skipped {len(skipped)} malformed {what} record(s) in {path}: {shown}",
             RecordWarning,
-            stacklevel=3,
+            stacklevel=_caller_stacklevel(),
         )
     if not records:
         detail = f" ({len(skipped)} malformed line(s) skipped)" if skipped else ""

@@ -28,6 +28,11 @@ from palm_rlhf.model.reference_weights import (
     read_torch_state_dict,
     reference_lora_specs,
 )
+from palm_rlhf.model.reward_config import FORMAT as REWARD_FORMAT
+
+
+class WrongCheckpointKindError(CheckpointError):
+    """A checkpoint of another kind (e.g. a reward model) where a PaLM was expected."""
 
 
 def palm_state(model, scopes: Optional[tuple[str, ...]] = None) -> dict[str, Tensor]:
@@ -58,6 +63,11 @@ def _read_palm_file(path: PathLike, map_location: str = "cpu"):
 
     path = find_weights(path)
     tensors, metadata = load_tensors(path, device=map_location)
+    if metadata.get("format") == REWARD_FORMAT:
+        raise WrongCheckpointKindError(
+            f"{path} is a reward-model checkpoint; pass the policy/base checkpoint (a pretrain, "
+            "SFT, DPO, CoH or PPO model) here, or load it with RewardModel.from_pretrained"
+        )
     if "palm_config" not in metadata:
         raise CheckpointError(
             f"{path} holds no palm_config metadata: not a palm_rlhf PaLM checkpoint"

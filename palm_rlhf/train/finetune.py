@@ -43,6 +43,7 @@ from palm_rlhf.model.palm import PaLM
 from palm_rlhf.options import option
 from palm_rlhf.rl_math import masked_sum, shifted_log_probs
 from palm_rlhf.train import sharding
+from palm_rlhf.train.history import HistoryLog
 from palm_rlhf.train.loading import check_tokenizer, load_base
 from palm_rlhf.train.run import (
     RunOptions,
@@ -54,6 +55,7 @@ from palm_rlhf.train.run import (
     progress_bar,
     resume_training,
 )
+from palm_rlhf.train.stopping import StopOnSignal, TrainingInterrupted
 
 
 @dataclass
@@ -242,7 +244,13 @@ def run_stage(
         if getattr(config, required) is None:
             raise ValueError(f"--{required.replace('_', '-')} is required for {name}")
     accelerator = make_accelerator(
-        config.mixed_precision, config.cpu, config.grad_accum, config.seed, fsdp=config.fsdp
+        config.mixed_precision,
+        config.cpu,
+        config.grad_accum,
+        config.seed,
+        fsdp=config.fsdp,
+        log_with=config.log_with,
+        project_dir=config.out_dir,
     )
     log = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     if config.batch_size < accelerator.num_processes:
@@ -316,49 +324,67 @@ def run_stage(
     train_metrics, valid_metrics, saved = {}, {}, None
     bar = progress_bar(accelerator, config.progress, total=num_steps, initial=step, desc=name)
     model.train()
-    while step < num_steps:
-        rows, totals, step_ok = step_rows(step, per_step, len(stage.train), config.seed), {}, True
-        for micro in range(config.grad_accum):
-            mine = _my_slice(
-                rows[micro * config.batch_size : (micro + 1) * config.batch_size], accelerator
+    run_log = HistoryLog(accelerator, config.out_dir, history, name, asdict(config))
+    with run_log, StopOnSignal() as stop:
+        while step < num_steps:
+            rows, totals, step_ok = (
+                step_rows(step, per_step, len(stage.train), config.seed),
+                {},
+                True,
             )
-            batch = _to_device(stage.collate([stage.train[i] for i in mine]), accelerator.device)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    terms = stage.loss_fn(model, batch, unwrapped)
-                reduced = _reduce(terms, accelerator)
-                total, count = reduced["loss"]
-                _add(totals, reduced)
-                # a sum over the global count: N processes' gradients average to one process's
-                loss = terms.loss_sum * accelerator.num_processes / max(count, 1.0)
-                _, step_ok = guarded_step(
-                    accelerator,
-                    loss,
-                    step,
-                    model.parameters(),
-                    optimizer,
-                    config.max_norm,
-                    config.nan_policy,
-                    monitored=torch.tensor(total / max(count, 1.0)),
-                    ok=step_ok,
+            for micro in range(config.grad_accum):
+                mine = _my_slice(
+                    rows[micro * config.batch_size : (micro + 1) * config.batch_size], accelerator
                 )
-        scheduler.step()
-        step += 1
-        bar.update(1)
-        train_metrics = _means(totals)
-        record = {"step": step, "lr": scheduler.get_last_lr()[0], **train_metrics}
-        last = step == num_steps
-        if step % config.eval_every == 0 or last:
-            valid_metrics = evaluate_stage(stage, unwrapped, accelerator, config.batch_size)
-            sharding.settle(unwrapped)
-            record.update({f"valid_{k}": v for k, v in valid_metrics.items()})
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step")
-            log(f"{name} step {step}: {shown}")
-        if step % config.log_every == 0 or last or any(k.startswith("valid_") for k in record):
-            history.append(record)
-            bar.set_postfix(loss=f"{train_metrics['loss']:.3f}")
-        if step % config.save_every == 0 or last:
-            saved = checkpoint(final=last)
+                batch = _to_device(
+                    stage.collate([stage.train[i] for i in mine]), accelerator.device
+                )
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        terms = stage.loss_fn(model, batch, unwrapped)
+                    reduced = _reduce(terms, accelerator)
+                    total, count = reduced["loss"]
+                    _add(totals, reduced)
+                    # a sum over the global count: N processes' gradients average to one process's
+                    loss = terms.loss_sum * accelerator.num_processes / max(count, 1.0)
+                    _, step_ok = guarded_step(
+                        accelerator,
+                        loss,
+                        step,
+                        model.parameters(),
+                        optimizer,
+                        config.max_norm,
+                        config.nan_policy,
+                        monitored=torch.tensor(total / max(count, 1.0)),
+                        ok=step_ok,
+                    )
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            train_metrics = _means(totals)
+            record = {"step": step, "lr": scheduler.get_last_lr()[0], **train_metrics}
+            last = step == num_steps
+            if step % config.eval_every == 0 or last:
+                valid_metrics = evaluate_stage(stage, unwrapped, accelerator, config.batch_size)
+                sharding.settle(unwrapped)
+                record.update({f"valid_{k}": v for k, v in valid_metrics.items()})
+                shown = ", ".join(
+                    f"{k} {v:.3g}" if k == "lr" else f"{k} {v:.4f}"
+                    for k, v in record.items()
+                    if k != "step"
+                )
+                log(f"{name} step {step}: {shown}")
+            if step % config.log_every == 0 or last or any(k.startswith("valid_") for k in record):
+                run_log.append(record)
+                bar.set_postfix(loss=f"{train_metrics['loss']:.3f}")
+            if step % config.save_every == 0 or last:
+                saved = checkpoint(final=last)
+            signum = stop.requested(accelerator)
+            if signum and not last:  # Ctrl-C / SIGTERM: the step is done; save it and stop
+                bar.close()
+                if not (step % config.save_every == 0 or last):
+                    saved = checkpoint(final=False)
+                raise TrainingInterrupted(name, step, saved, signum)
     bar.close()
     if state is not None and step == state["step"]:  # resumed a finished run: nothing ran
         last_record = history[-1] if history else {}

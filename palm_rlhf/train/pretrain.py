@@ -27,6 +27,7 @@ from palm_rlhf.model.palm import PaLM
 from palm_rlhf.model.sampling import sample_tokens
 from palm_rlhf.options import option
 from palm_rlhf.train import sharding
+from palm_rlhf.train.history import HistoryLog
 from palm_rlhf.train.run import (
     RunOptions,
     checkpoint_on_main,
@@ -37,6 +38,7 @@ from palm_rlhf.train.run import (
     progress_bar,
     resume_training,
 )
+from palm_rlhf.train.stopping import StopOnSignal, TrainingInterrupted
 
 
 @dataclass
@@ -107,7 +109,13 @@ def validation_loss(model, loader, accelerator) -> float:
 
 def pretrain(config: PretrainConfig) -> PretrainResult:
     accelerator = make_accelerator(
-        config.mixed_precision, config.cpu, config.grad_accum, config.seed, fsdp=config.fsdp
+        config.mixed_precision,
+        config.cpu,
+        config.grad_accum,
+        config.seed,
+        fsdp=config.fsdp,
+        log_with=config.log_with,
+        project_dir=config.out_dir,
     )
     log = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     splits, source = load_pretraining_data(config.data_dir)
@@ -173,54 +181,65 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     )
     model.train()
     batches = iter(train_loader)
-    while step < config.num_steps:
-        for _ in range(config.grad_accum):
-            batch = next(batches)
-            with accelerator.accumulate(model):
-                loss = model(batch, return_loss=True)
-                mean_loss, _ = guarded_step(
-                    accelerator,
-                    loss,
-                    step,
-                    model.parameters(),
-                    optimizer,
-                    config.max_norm,
-                    config.nan_policy,
+    run_log = HistoryLog(accelerator, config.out_dir, history, "pretrain", asdict(config))
+    with run_log, StopOnSignal() as stop:
+        while step < config.num_steps:
+            for _ in range(config.grad_accum):
+                batch = next(batches)
+                with accelerator.accumulate(model):
+                    loss = model(batch, return_loss=True)
+                    mean_loss, _ = guarded_step(
+                        accelerator,
+                        loss,
+                        step,
+                        model.parameters(),
+                        optimizer,
+                        config.max_norm,
+                        config.nan_policy,
+                    )
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            record = {"step": step, "loss": float(mean_loss), "lr": scheduler.get_last_lr()[0]}
+            out_of_time = (
+                config.max_minutes is not None
+                and time.monotonic() - start > 60 * config.max_minutes
+            )
+            last = step == config.num_steps or out_of_time
+            if step % config.eval_every == 0 or last:
+                valid_loss = validation_loss(model, val_loader, accelerator)
+                sharding.settle(unwrapped)
+                record.update(
+                    valid_loss=valid_loss, valid_bpc=valid_loss / math.log(2) / bytes_per_token
                 )
-        scheduler.step()
-        step += 1
-        bar.update(1)
-        record = {"step": step, "loss": float(mean_loss), "lr": scheduler.get_last_lr()[0]}
-        out_of_time = (
-            config.max_minutes is not None and time.monotonic() - start > 60 * config.max_minutes
-        )
-        last = step == config.num_steps or out_of_time
-        if step % config.eval_every == 0 or last:
-            valid_loss = validation_loss(model, val_loader, accelerator)
-            sharding.settle(unwrapped)
-            record.update(
-                valid_loss=valid_loss, valid_bpc=valid_loss / math.log(2) / bytes_per_token
-            )
-            log(
-                f"step {step}: train loss {record['loss']:.4f}, valid loss "
-                f"{valid_loss:.4f}, bpc {record['valid_bpc']:.4f}"
-            )
-        if step % config.log_every == 0 or "valid_loss" in record:
-            history.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
-        # a sharded model samples on every process together (each holds a part of the weights)
-        if (
-            config.generate_every
-            and (step % config.generate_every == 0 or last)
-            and (accelerator.is_main_process or sharded)
-        ):
-            log(sample_text(unwrapped, splits.valid, config, tokenizer, seed=config.seed + step))
-            sharding.settle(unwrapped)
-        if step % config.save_every == 0 or last:
-            saved = checkpoint()
-        if out_of_time:
-            log(f"stopping after {config.max_minutes} minutes at step {step}")
-            break
+                log(
+                    f"step {step}: train loss {record['loss']:.4f}, valid loss "
+                    f"{valid_loss:.4f}, bpc {record['valid_bpc']:.4f}"
+                )
+            if step % config.log_every == 0 or "valid_loss" in record:
+                run_log.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+            # a sharded model samples on every process together (each holds part of the weights)
+            if (
+                config.generate_every
+                and (step % config.generate_every == 0 or last)
+                and (accelerator.is_main_process or sharded)
+            ):
+                log(
+                    sample_text(unwrapped, splits.valid, config, tokenizer, seed=config.seed + step)
+                )
+                sharding.settle(unwrapped)
+            if step % config.save_every == 0 or last:
+                saved = checkpoint()
+            if out_of_time:
+                log(f"stopping after {config.max_minutes} minutes at step {step}")
+                break
+            signum = stop.requested(accelerator)
+            if signum and not last:  # Ctrl-C / SIGTERM: the step is done; save it and stop
+                bar.close()
+                if not (step % config.save_every == 0 or last):
+                    saved = checkpoint()
+                raise TrainingInterrupted("pretrain", step, saved, signum)
     bar.close()
     return PretrainResult(history, valid_loss, valid_loss / math.log(2) / bytes_per_token, saved)
 

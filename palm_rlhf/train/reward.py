@@ -41,6 +41,7 @@ from palm_rlhf.model.palm import PaLM
 from palm_rlhf.model.reward import RewardModel
 from palm_rlhf.options import option
 from palm_rlhf.train import sharding
+from palm_rlhf.train.history import HistoryLog
 from palm_rlhf.train.loading import load_base
 from palm_rlhf.train.reward_metrics import batch_loss, evaluate_reward
 from palm_rlhf.train.run import (
@@ -52,6 +53,7 @@ from palm_rlhf.train.run import (
     progress_bar,
     resume_training,
 )
+from palm_rlhf.train.stopping import StopOnSignal, TrainingInterrupted
 
 KINDS = ("comparisons", "ratings")
 
@@ -274,7 +276,13 @@ def reward_base(config: RewardTrainConfig):
 def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
     """Train a reward model as `config` says; see the module docstring for data and phases."""
     accelerator = make_accelerator(
-        config.mixed_precision, config.cpu, config.grad_accum, config.seed, fsdp=config.fsdp
+        config.mixed_precision,
+        config.cpu,
+        config.grad_accum,
+        config.seed,
+        fsdp=config.fsdp,
+        log_with=config.log_with,
+        project_dir=config.out_dir,
     )
     log = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     palm, tokenizer, base_path = reward_base(config)
@@ -353,43 +361,53 @@ def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
     bar = progress_bar(accelerator, config.progress, total=total_steps, initial=step, desc="reward")
     model.train()
     batches = iter(train_loader)
-    while step < total_steps:
-        for _ in range(config.grad_accum):
-            batch = next(batches)
-            with accelerator.accumulate(model):
-                loss = batch_loss(model, batch, config.kind, config.margin)
-                mean_loss, _ = guarded_step(
-                    accelerator,
-                    loss,
-                    step,
-                    trainable,
-                    optimizer,
-                    config.max_norm,
-                    config.nan_policy,
+    run_log = HistoryLog(accelerator, config.out_dir, history, "reward", asdict(config))
+    with run_log, StopOnSignal() as stop:
+        while step < total_steps:
+            for _ in range(config.grad_accum):
+                batch = next(batches)
+                with accelerator.accumulate(model):
+                    loss = batch_loss(model, batch, config.kind, config.margin)
+                    mean_loss, _ = guarded_step(
+                        accelerator,
+                        loss,
+                        step,
+                        trainable,
+                        optimizer,
+                        config.max_norm,
+                        config.nan_policy,
+                    )
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            record = {"step": step, "loss": float(mean_loss), "lr": scheduler.get_last_lr()[0]}
+            minutes = (time.monotonic() - start) / 60
+            last = step == total_steps or (
+                config.max_minutes is not None and minutes > config.max_minutes
+            )
+            if (config.eval_every and step % config.eval_every == 0) or last:
+                metrics = evaluate_reward(
+                    model, valid_loader, accelerator, config.kind, config.margin
                 )
-        scheduler.step()
-        step += 1
-        bar.update(1)
-        record = {"step": step, "loss": float(mean_loss), "lr": scheduler.get_last_lr()[0]}
-        minutes = (time.monotonic() - start) / 60
-        last = step == total_steps or (
-            config.max_minutes is not None and minutes > config.max_minutes
-        )
-        if (config.eval_every and step % config.eval_every == 0) or last:
-            metrics = evaluate_reward(model, valid_loader, accelerator, config.kind, config.margin)
-            record.update(metrics)
-            if metrics:
-                log(
-                    f"step {step}: loss {record['loss']:.4f}, held-out accuracy "
-                    f"{metrics['valid_accuracy']:.4f}"
-                )
-        if step % config.log_every == 0 or "valid_accuracy" in record:
-            history.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
-        if (config.save_every and step % config.save_every == 0) or last:
-            saved = checkpoint()
-        if last:
-            break
+                record.update(metrics)
+                if metrics:
+                    log(
+                        f"step {step}: loss {record['loss']:.4f}, held-out accuracy "
+                        f"{metrics['valid_accuracy']:.4f}"
+                    )
+            if step % config.log_every == 0 or "valid_accuracy" in record:
+                run_log.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+            if (config.save_every and step % config.save_every == 0) or last:
+                saved = checkpoint()
+            if last:
+                break
+            signum = stop.requested(accelerator)
+            if signum:  # Ctrl-C / SIGTERM: the step is done; save it (unless just saved) and stop
+                bar.close()
+                if not (config.save_every and step % config.save_every == 0):
+                    saved = checkpoint()
+                raise TrainingInterrupted("reward", step, saved, signum)
     bar.close()
     return RewardTrainResult(unwrapped, history, metrics, saved, len(train), len(valid))
 

@@ -38,6 +38,7 @@ from palm_rlhf.checkpoint import (
 from palm_rlhf.data.tokenizer import CONFIG_NAME
 from palm_rlhf.options import option
 from palm_rlhf.train import sharding
+from palm_rlhf.train.history import check_trackers
 
 
 @dataclass
@@ -59,6 +60,12 @@ class RunOptions:
         "shard parameters, gradients and optimizer state over the processes (FSDP2, one unit "
         "per ParallelBlock); checkpoints stay full",
     )
+    log_with: Optional[str] = option(
+        None,
+        "also send the curves to these trackers, comma-separated: tensorboard, wandb, mlflow, "
+        "comet_ml, aim, clearml, dvclive (install the package; out_dir/history.jsonl is "
+        "always written)",
+    )
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -71,14 +78,21 @@ def make_accelerator(
     gradient_accumulation_steps: int = 1,
     seed: int = 0,
     fsdp: bool = False,
+    log_with: Optional[str] = None,
     **accelerate_kwargs,
 ) -> Accelerator:
     """An Accelerator whose batch size means the GLOBAL batch: each process gets its slice
     (`split_batches=True`), so one process and N processes see the same data per step.
 
     `fsdp` on GPUs hands Accelerate its FSDP2 plugin; on CPU processes Accelerate cannot shard,
-    and the trainer shards the model itself with `sharding.shard` (see `train/sharding.py`)."""
+    and the trainer shards the model itself with `sharding.shard` (see `train/sharding.py`).
+    `log_with` names Accelerate trackers ("tensorboard", "wandb,tensorboard"); a missing
+    package is a ValueError saying what to install."""
     from accelerate.utils import DataLoaderConfiguration
+
+    trackers = check_trackers(log_with)
+    if trackers is not None:
+        accelerate_kwargs["log_with"] = trackers
 
     accelerate_kwargs.setdefault("dataloader_config", DataLoaderConfiguration(split_batches=True))
     # Accelerate only sets up multi-process CPU training (gloo) when told it is on the CPU, so a

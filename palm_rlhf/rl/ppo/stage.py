@@ -21,6 +21,7 @@ from palm_rlhf.model.reward import RewardModel
 from palm_rlhf.options import option
 from palm_rlhf.rl.ppo.config import PPOConfig
 from palm_rlhf.rl.ppo.trainer import RLHFTrainer
+from palm_rlhf.train.history import HISTORY_NAME, write_history
 from palm_rlhf.train.loading import check_tokenizer, load_base
 
 
@@ -100,6 +101,7 @@ def train_ppo(config: PPOStageConfig) -> PPOResult:
         tokenizer=tokenizer,
         config=config.trainer_config(),
         pad_value=tokenizer.pad_id,
+        accelerate_kwargs={"log_with": config.log_with, "project_dir": config.out_dir},
     )
     state_dir = Path(config.out_dir) / "trainer"
     if config.resume is not None:
@@ -110,17 +112,23 @@ def train_ppo(config: PPOStageConfig) -> PPOResult:
         elif config.resume != "latest":
             raise FileNotFoundError(f"--resume {config.resume}: no trainer checkpoint there")
     remaining = config.num_rollouts - trainer.episodes
-    if remaining > 0:
-        trainer.train(
-            num_rollouts=remaining,
-            max_response_tokens=config.max_response_tokens,
-            rollouts_per_update=config.rollouts_per_update,
-            eos_token=tokenizer.eos_id,
-            checkpoint_every=config.checkpoint_every,
-            checkpoint_dir=state_dir,
-            progress=config.progress,
-        )
+    try:
+        if remaining > 0:
+            trainer.train(
+                num_rollouts=remaining,
+                max_response_tokens=config.max_response_tokens,
+                rollouts_per_update=config.rollouts_per_update,
+                eos_token=tokenizer.eos_id,
+                checkpoint_every=config.checkpoint_every,
+                checkpoint_dir=state_dir,
+                progress=config.progress,
+            )
+    finally:  # the curves so far, even when stopped by Ctrl-C or an error
+        if trainer.accelerator.is_main_process:
+            write_history(Path(config.out_dir) / HISTORY_NAME, trainer.history)
     trainer.save(state_dir)
+    if trainer.accelerator.log_with:  # --log-with: the trainer logged each update to them
+        trainer.accelerator.end_training()
     final = None
     if trainer.accelerator.is_main_process:
         final = Path(config.out_dir) / "final"

@@ -56,6 +56,7 @@ from palm_rlhf.rl.schedule import response_budget, rollout_schedule
 from palm_rlhf.rl.text_reward import TextRewardFn, resolve_reward
 from palm_rlhf.rl.update import make_optimizers, minibatch_loss, run_epochs, step_networks
 from palm_rlhf.rl_math import typechecked
+from palm_rlhf.train.history import tracker_config
 from palm_rlhf.train.run import guard_loss, make_accelerator, mean_over_processes, progress_bar
 from palm_rlhf.train.sharding import load_optimizer_state, optimizer_state
 
@@ -140,7 +141,8 @@ class RLHFTrainer:
         self.value_head_initialised = config.value_head_init == "zero"
         self.history: list[dict] = []
         if self.accelerator.log_with:
-            self.accelerator.init_trackers(tracker_project_name, config=self.config.to_dict())
+            config = tracker_config(self.config.to_dict())  # TensorBoard refuses None
+            self.accelerator.init_trackers(tracker_project_name, config=config)
 
     # ------------------------------------------------------------------ helpers
 
