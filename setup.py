@@ -42,6 +42,8 @@ setup(
             "nbformat>=5",
             "ipykernel>=6",
             "matplotlib>=3.5",
+            # --log-with tensorboard is tested end to end
+            "tensorboard",
         ],
         "label": ["starlette>=0.37", "uvicorn>=0.29"],
         "plot": ["matplotlib"],

@@ -60,8 +60,8 @@ def sharded(out: Path) -> None:
     """PPO with LoRA actor and critic on one sharded PaLM, responses ending at EOS (so ranks
     finish sampling at different steps), saved and loaded into a fresh sharded trainer."""
     first = trainer(fsdp=True)
-    run = dict(max_timesteps=6, update_timesteps=16, progress=False, eos_token=2)
-    records = first.train(num_episodes=32, **run)
+    run = dict(max_response_tokens=6, rollouts_per_update=16, progress=False, eos_token=2)
+    records = first.train(num_rollouts=32, **run)
     saved = first.save(out / "ckpt")
     state = {
         k: v.tolist()
@@ -78,7 +78,7 @@ def sharded(out: Path) -> None:
             **loaded.critic_module.trainable_state(),
         }.items()
     }
-    more = loaded.train(num_episodes=16, **run)  # a loaded sharded trainer keeps training
+    more = loaded.train(num_rollouts=16, **run)  # a loaded sharded trainer keeps training
     params = first.actor_module.palm.named_parameters()
     record = {
         "world": first.accelerator.num_processes,
@@ -109,11 +109,11 @@ def main(out: Path) -> None:
         ),
     )
 
-    run = dict(max_timesteps=6, update_timesteps=16, progress=False)
-    first.train(num_episodes=16, checkpoint_every=1, checkpoint_dir=out / "ckpt", **run)
-    uninterrupted = first.train(num_episodes=16, **run)[0]
+    run = dict(max_response_tokens=6, rollouts_per_update=16, progress=False)
+    first.train(num_rollouts=16, checkpoint_every=1, checkpoint_dir=out / "ckpt", **run)
+    uninterrupted = first.train(num_rollouts=16, **run)[0]
     resumed = trainer().load(out / "ckpt" / "update-0000001")
-    continued = resumed.train(num_episodes=16, **run)[0]
+    continued = resumed.train(num_rollouts=16, **run)[0]
     rng = torch.load(out / "ckpt" / "update-0000001" / "rng.pt", weights_only=True)
     record = {
         "world": world,

@@ -166,3 +166,27 @@ def test_ctrl_c_in_sft_saves_the_step_and_resumes_exactly(tmp_path, monkeypatch)
     monkeypatch.setattr(finetune, "_to_device", to_device)
     resumed = train_sft(SFTConfig(out_dir=str(tmp_path / "b"), resume="latest", **config))
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
+
+
+def test_ctrl_c_in_rlhf_training_finishes_the_update_saves_and_resumes(tmp_path):
+    """A SIGINT arriving mid-rollout lets the running PPO update finish, saves the trainer, and
+    raises TrainingInterrupted (a KeyboardInterrupt); the saved state resumes where it stopped."""
+    from tests.test_ppo import fraction_of_target, toy_trainer
+
+    calls = []
+
+    def reward(seq, mask, prompt_mask):
+        calls.append(1)
+        if len(calls) == 3:  # during the second update's rollouts
+            os.kill(os.getpid(), signal.SIGINT)
+        return fraction_of_target(seq, mask, prompt_mask)
+
+    trainer = toy_trainer(reward=reward, rollout_batch_size=32)
+    run = dict(num_rollouts=6 * 64, rollouts_per_update=64, max_response_tokens=4, progress=False)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        trainer.train(**run, checkpoint_dir=tmp_path / "ppo")
+    assert trainer.updates == 2 and stopped.value.step == 2  # the update in flight finished
+    assert stopped.value.checkpoint == latest_checkpoint(tmp_path / "ppo")
+    resumed = toy_trainer().load(tmp_path / "ppo")
+    assert resumed.updates == 2 and resumed.history == trainer.history
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored

@@ -246,9 +246,14 @@ def test_eos_stops_each_row_on_its_own_unlike_the_reference(facts):
     included) and pads nothing until then; here each row stops at its first sampled EOS."""
     model = tiny_palm()
     forced = torch.tensor([2, 9])  # row 0 always samples EOS 2, row 1 never does
-    model.to_logits = lambda h: torch.full((h.shape[0], 32), -1e4).index_put_(
-        (torch.arange(h.shape[0]), forced[: h.shape[0]]), torch.tensor(1e4)
-    )
+
+    def forced_logits(hidden):  # (b, ..., dim) -> (b, ..., 32): row i always picks forced[i]
+        logits = torch.full((*hidden.shape[:-1], 32), -1e4)
+        for row, token in enumerate(forced[: hidden.shape[0]].tolist()):
+            logits[row, ..., token] = 1e4
+        return logits
+
+    model.to_logits = forced_logits
     prompt = torch.tensor([[3, 4], [5, 6]])
     out = model.generate(6, prompt=prompt, eos_token=2)
     assert facts["generate"]["eos_one_row_only_result"] == [[2, 2, 2, 2], [9, 9, 9, 9]]

@@ -9,6 +9,7 @@ direct terms — `num_rollouts`, `rollouts_per_update` — and take precedence w
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple, Optional
 
 
@@ -33,6 +34,12 @@ def rollout_schedule(
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
     updates, leftover = divmod(total, per_update)
+    if leftover:
+        warnings.warn(
+            f"{leftover} of {total} rollouts come after the last learning step and are never "
+            f"learned from (as in the reference project); use a multiple of {per_update}",
+            stacklevel=3,
+        )
     return Schedule(total, per_update, updates, leftover)
 
 

@@ -30,9 +30,12 @@ TRACKER_PACKAGES = {
 }
 
 
-def check_trackers(log_with: Optional[str]) -> Optional[list[str]]:
+def check_trackers(log_with) -> Optional[list]:
     """`--log-with` ("tensorboard", "wandb,tensorboard", ...) as a list of tracker names, or
-    ValueError with one line saying which package to install."""
+    ValueError with one line saying which package to install. A list (Accelerate's own form,
+    which may hold tracker objects) is passed through as it is."""
+    if isinstance(log_with, (list, tuple)):
+        return list(log_with)
     if log_with is None or not log_with.strip():
         return None
     names = [name.strip() for name in log_with.split(",") if name.strip()]

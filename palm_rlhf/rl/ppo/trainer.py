@@ -20,7 +20,6 @@ trainer is a plain object, not an `nn.Module`; `train` is a training loop, not `
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Optional, Union
@@ -36,19 +35,8 @@ from palm_rlhf.rl import rollout as rollout_module
 from palm_rlhf.rl.advantages import ppo_advantages, shape_scores
 from palm_rlhf.rl.best_of_n import BestOfN, best_of_n
 from palm_rlhf.rl.kl_controller import KLController
-from palm_rlhf.rl.policies import (
-    build_networks,
-    evaluation_mode,
-    prepare_each,
-    shard_networks,
-)
-from palm_rlhf.rl.ppo.checkpoint import (
-    check_compatible,
-    gather_generator_states,
-    read_trainer_state,
-    restore_generator_states,
-    write_trainer_state,
-)
+from palm_rlhf.rl.policies import build_networks, evaluation_mode, prepare_each, shard_networks
+from palm_rlhf.rl.ppo import checkpoint as io
 from palm_rlhf.rl.ppo.config import PPOConfig, refuse_unimplemented
 from palm_rlhf.rl.prompts import PromptBank, PromptIds, PtxData, load_prompts
 from palm_rlhf.rl.rollout import Experience, collect, concat_experience
@@ -59,6 +47,7 @@ from palm_rlhf.rl_math import typechecked
 from palm_rlhf.train.history import tracker_config
 from palm_rlhf.train.run import guard_loss, make_accelerator, mean_over_processes, progress_bar
 from palm_rlhf.train.sharding import load_optimizer_state, optimizer_state
+from palm_rlhf.train.stopping import StopOnSignal, TrainingInterrupted
 
 # reward_fn(seq (b, n) long, mask (b, n) bool, prompt_mask (b, n) bool) -> (b,) float
 RewardFn = Callable[..., Tensor]
@@ -106,8 +95,9 @@ class RLHFTrainer:
         prompt_list = load_prompts(
             palm.num_tokens, prompt_token_ids, prompts, prompts_path, tokenizer, self.pad_value
         )
-        self.prompts = PromptBank.build(prompt_list, self.pad_value)
-        self.prompts = PromptBank(*(t.to(device) for t in self.prompts))
+        self.prompts = PromptBank(
+            *(t.to(device) for t in PromptBank.build(prompt_list, self.pad_value))
+        )
         self.ptx_data = PtxData.build(ptx_data, palm.num_tokens, config.ptx_seq_len)
 
         # networks: actor and critic are scopes on `palm` or full copies; `palm` is the reference.
@@ -192,12 +182,8 @@ class RLHFTrainer:
         eos_token: Optional[int] = None,
         temperature: Optional[float] = None,
     ) -> tuple[Experience, Tensor]:
-        """Sample responses to left-padded prompts (b, P), lay out, score and evaluate them.
-
-        Returns the experience (scores raw, advantages and returns still 0) and whether each
-        response ended with EOS (b,). Sampling is KV-cached and batched; the actor, reference
-        and critic each run one forward over the whole batch.
-        """
+        """Phase 1 on left-padded prompts (b, P): see `rollout.collect`. Returns the experience
+        (advantages and returns still 0) and whether each response ended with EOS (b,)."""
         temperature = self.config.temperature if temperature is None else temperature
         new_tokens = response_budget(
             prompt.shape[1], max_new_tokens, max_seq_len, self.reference.config.max_seq_len
@@ -384,12 +370,6 @@ class RLHFTrainer:
         )
         if checkpoint_every is not None and checkpoint_dir is None:
             raise ValueError("checkpoint_every needs a checkpoint_dir")
-        if plan.leftover:
-            warnings.warn(
-                f"{plan.leftover} of {plan.rollouts} rollouts come after the last learning step "
-                f"and are never learned from; use a multiple of {plan.per_update}",
-                stacklevel=2,
-            )
         response = dict(
             max_response_tokens=max_response_tokens,
             max_seq_len=max_seq_len,
@@ -401,12 +381,19 @@ class RLHFTrainer:
         title = f"{self.config.algorithm.upper()} rollouts"
         bar = progress_bar(self.accelerator, show, total=plan.rollouts, desc=title, unit="ep")
         records = []
-        for _ in range(plan.updates):
-            records.append(self.step(plan.per_update, **response))
-            bar.update(plan.per_update)
-            bar.set_postfix(reward=f"{records[-1]['reward']:.3f}", kl=f"{records[-1]['kl']:.3f}")
-            if checkpoint_every and self.updates % checkpoint_every == 0:
-                self.save(checkpoint_dir)  # 6.
+        with StopOnSignal() as stop:  # Ctrl-C / SIGTERM: finish the update, save, then stop
+            for _ in range(plan.updates):
+                records.append(self.step(plan.per_update, **response))
+                bar.update(plan.per_update)
+                bar.set_postfix(
+                    reward=f"{records[-1]['reward']:.3f}", kl=f"{records[-1]['kl']:.3f}"
+                )
+                signum = stop.requested(self.accelerator)
+                if checkpoint_every and self.updates % checkpoint_every == 0 or signum:
+                    saved = self.save(checkpoint_dir) if checkpoint_dir is not None else None  # 6.
+                if signum:
+                    bar.close()
+                    raise TrainingInterrupted("rlhf", self.updates, saved, signum)
         if plan.leftover:
             self.step(plan.leftover, learn=False, **response)
             bar.update(plan.leftover)
@@ -459,7 +446,7 @@ class RLHFTrainer:
                 name: optimizer_state(self.accelerator.unwrap_model(net), optim)
                 for name, (net, optim) in self.networks.items()
             },
-            "rng": gather_generator_states(self.generators, self.accelerator.num_processes),
+            "rng": io.gather_generator_states(self.generators, self.accelerator.num_processes),
             "meta": {
                 "episodes": self.episodes,
                 "updates": self.updates,
@@ -475,7 +462,7 @@ class RLHFTrainer:
     def load_state_dict(self, state: dict, source: str = "state") -> None:
         """Restore `state_dict()`; refuses another PaLM shape or another actor/critic kind."""
         meta = state["meta"]
-        check_compatible(meta, self.reference.config, self.config.to_dict(), source)
+        io.check_compatible(meta, self.reference.config, self.config.to_dict(), source)
         for name, module in self.modules().items():
             try:
                 module.load_trainable_state(state[name])
@@ -483,7 +470,7 @@ class RLHFTrainer:
                 raise CheckpointError(f"{source}: the {name} does not fit: {err}") from err
             load_optimizer_state(module, self.networks[name][1], state["optimizers"][name])
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        restore_generator_states(state["rng"], self.generators, rank, world, source)
+        io.restore_generator_states(state["rng"], self.generators, rank, world, source)
         self.episodes, self.updates = meta["episodes"], meta["updates"]
         self.value_head_initialised = meta["value_head_initialised"]
         self.kl_controller.load_state_dict(meta["kl_controller"])
@@ -496,12 +483,12 @@ class RLHFTrainer:
         self.accelerator.wait_for_everyone()
         folder, state = None, self.state_dict()
         if self.accelerator.is_main_process:
-            folder = write_trainer_state(path, f"update-{self.updates:07d}", state)
+            folder = io.write_trainer_state(path, f"update-{self.updates:07d}", state)
         self.accelerator.wait_for_everyone()
         return folder
 
     def load(self, path: Union[str, Path]) -> RLHFTrainer:
         """Restore a `save`d state (a checkpoint root or one update folder) and continue."""
-        folder, state = read_trainer_state(path, device=self.device)
+        folder, state = io.read_trainer_state(path, device=self.device)
         self.load_state_dict(state, source=str(folder))
         return self
