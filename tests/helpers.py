@@ -1,5 +1,7 @@
 """Small shared builders for the tests."""
 
+from pathlib import Path
+
 import torch
 
 from palm_rlhf.model.palm import PaLM
@@ -28,7 +30,11 @@ def launch(args: list[str], num_processes: int = 2, cwd=None, timeout: int = 300
     import subprocess
     import sys
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the repository root on the path, so workers can import `tests.helpers` (and this
+    # checkout's palm_rlhf) whatever the caller's environment
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     for _ in range(3):
         if num_processes == 1:
             command = [sys.executable, *args]
