@@ -55,8 +55,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from palm_rlhf.checkpoint import find_weights  # noqa: E402
 from palm_rlhf.data.collate import left_pad_prompts  # noqa: E402
 from palm_rlhf.data.records import read_comparisons  # noqa: E402
+from palm_rlhf.model.reward import RewardModel  # noqa: E402
 from palm_rlhf.model.sampling import sample_tokens  # noqa: E402
 from palm_rlhf.rl.ppo.trainer import RLHFTrainer  # noqa: E402
 from palm_rlhf.rl.rollout import Rollout, join_prompt_response, score_sequences  # noqa: E402
@@ -92,7 +94,7 @@ class Budget:
     bon_max: int  # best-of-n up to this n
     episodes: int  # sample budget of each online method
     per_update: int  # episodes per update
-    eval_every: int  # updates between measurements
+    eval_updates: tuple  # measure after these updates (log-spaced: KL moves fastest early)
     offline_steps: int  # DPO and CoH steps (batch 16 pairs)
     offline_eval_every: int
 
@@ -112,11 +114,11 @@ FULL = Budget(
     proxy_epochs=3.0,
     eval_prompts=128,
     bon_max=64,
-    episodes=1536,
+    episodes=1024,
     per_update=32,
-    eval_every=8,
-    offline_steps=120,
-    offline_eval_every=30,
+    eval_updates=(1, 2, 4, 8, 16, 32),
+    offline_steps=96,
+    offline_eval_every=24,
 )
 QUICK = Budget(
     model=dict(dim=32, depth=1, heads=2, dim_head=16, seq_len=192),
@@ -135,7 +137,7 @@ QUICK = Budget(
     bon_max=8,
     episodes=32,
     per_update=16,
-    eval_every=1,
+    eval_updates=(1, 2),
     offline_steps=4,
     offline_eval_every=2,
 )
@@ -512,11 +514,10 @@ def run_online(algorithm: str, judges: Judges, run: dict) -> dict:
     )
     sft_point = run["sft_point"]
     points, seconds = [{"episodes": 0, **sft_point}], 0.0
-    chunk = budget.per_update * budget.eval_every
-    while trainer.episodes < budget.episodes:
+    for target in budget.eval_updates:
         start = time.monotonic()
         trainer.train(
-            num_rollouts=min(chunk, budget.episodes - trainer.episodes),
+            num_rollouts=(target - trainer.updates) * budget.per_update,
             rollouts_per_update=budget.per_update,
             max_response_tokens=budget.response_tokens,
             eos_token=run["tokenizer"].eos_id,
@@ -781,6 +782,58 @@ def write_results(results: dict, quick: bool) -> None:
     (RESULTS / f"frontier{suffix}.md").write_text("\n".join(text) + "\n", encoding="utf-8")
 
 
+def run_stages(run: dict, results: dict, work: Path, timed) -> Judges:
+    """base -> gold -> SFT -> proxy -> best-of-n (which also standardises both judges)."""
+    results["stages"]["pretrain"] = timed("pretrain", stage_pretrain, run, work)
+    base = results["stages"]["pretrain"]["checkpoint"]
+    gold, results["stages"]["gold"] = timed("gold", stage_gold, run, work, base)
+    run["sft_dir"], results["stages"]["sft"] = timed("sft", stage_sft, run, work, base)
+    sft = fresh_sft(run)
+    judges = Judges(frozen(gold))
+    proxy, results["stages"]["proxy"] = timed(
+        "proxy", stage_proxy, run, work, run["sft_dir"], sft, judges
+    )
+    judges.models["proxy"] = frozen(proxy)
+    gold_accuracy, proxy_accuracy = (results["stages"][k]["accuracy"] for k in ("gold", "proxy"))
+    print(f"gold accuracy {gold_accuracy:.3f}, proxy accuracy {proxy_accuracy:.3f}", flush=True)
+    bon = timed("best-of-n", calibrate_and_best_of_n, sft, judges, run)
+    bon["train_seconds"] = results["seconds"]["best-of-n"]
+    bon["episodes"] = bon["points"][-1]["episodes"]
+    results["methods"]["best-of-n"] = bon
+    results["calibration"] = {"shift": judges.shift, "scale": judges.scale}
+    run["sft_point"] = timed("sft-measure", measure, sft, None, sft, judges, run)
+    results["sft_point"] = run["sft_point"]
+    return judges
+
+
+def reuse_stages(run: dict, results: dict, work: Path, earlier_path: Path) -> Judges:
+    """The stages of an earlier run kept in `work` (--work-dir): its gold, SFT and proxy
+    checkpoints, and from its JSON the stage numbers, best-of-n points and standardisation."""
+    earlier = json.loads(earlier_path.read_text())
+    for key in ("stages", "seconds", "calibration", "sft_point"):
+        results[key] = earlier[key]
+    results["seconds"] = {
+        k: v for k, v in earlier["seconds"].items() if k not in (*RL_METHODS, "dpo", "coh")
+    }
+    results["methods"]["best-of-n"] = earlier["methods"]["best-of-n"]
+    results["reused"] = {"from": str(earlier_path), "load_start": earlier["load_start"]}
+    run["sft_dir"], run["sft_point"] = str(work / "sft"), earlier["sft_point"]
+    run["pairs_file"] = work / "proxy-train.jsonl"
+    gold = RewardModel.from_pretrained(find_weights(work / "gold"))
+    judges = Judges(frozen(gold), frozen(RewardModel.from_pretrained(find_weights(work / "proxy"))))
+    judges.shift, judges.scale = (
+        dict(earlier["calibration"]["shift"]),
+        dict(earlier["calibration"]["scale"]),
+    )
+    return judges
+
+
+def frozen(model):
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval()
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -789,6 +842,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--kl-coef", type=float, default=0.02, help="KL coefficient, online RL")
+    parser.add_argument(
+        "--work-dir", help="keep the stage checkpoints here (default: a temporary folder)"
+    )
+    parser.add_argument(
+        "--reuse",
+        help="an earlier run's frontier.json: take its stages (checkpoints in --work-dir), "
+        "best-of-n and standardisation, and run only the methods",
+    )
     parser.add_argument(
         "--methods",
         default=",".join(("best-of-n", *RL_METHODS, "dpo", "coh")),
@@ -816,7 +877,7 @@ def main(argv=None) -> dict:
         "seconds": {},
     }
     scratch = tempfile.TemporaryDirectory(prefix="bench-frontier-")
-    work = Path(scratch.name)
+    work = Path(args.work_dir) if args.work_dir else Path(scratch.name)
 
     def timed(name: str, fn, *fn_args):
         start = time.monotonic()
@@ -832,33 +893,10 @@ def main(argv=None) -> dict:
     run["hh"] = load_hh(budget, tokenizer)
     run["eval_ids"] = [tokenizer.encode(p) for p in run["hh"]["eval"]]
 
-    results["stages"]["pretrain"] = timed("pretrain", stage_pretrain, run, work)
-    base = results["stages"]["pretrain"]["checkpoint"]
-    gold, results["stages"]["gold"] = timed("gold", stage_gold, run, work, base)
-    for p in gold.parameters():
-        p.requires_grad_(False)
-    run["sft_dir"], results["stages"]["sft"] = timed("sft", stage_sft, run, work, base)
-    sft = fresh_sft(run)
-    judges = Judges(gold)
-    proxy, results["stages"]["proxy"] = timed(
-        "proxy", stage_proxy, run, work, run["sft_dir"], sft, judges
-    )
-    for p in proxy.parameters():
-        p.requires_grad_(False)
-    judges.models["proxy"] = proxy.eval()
-    print(
-        f"gold accuracy {results['stages']['gold']['accuracy']:.3f}, proxy accuracy "
-        f"{results['stages']['proxy']['accuracy']:.3f}",
-        flush=True,
-    )
-
-    bon = timed("best-of-n", calibrate_and_best_of_n, sft, judges, run)
-    bon["train_seconds"] = results["seconds"]["best-of-n"]
-    bon["episodes"] = bon["points"][-1]["episodes"]
-    results["methods"]["best-of-n"] = bon
-    results["calibration"] = {"shift": judges.shift, "scale": judges.scale}
-    run["sft_point"] = timed("sft-measure", measure, sft, None, sft, judges, run)
-    results["sft_point"] = run["sft_point"]
+    if args.reuse:
+        judges = reuse_stages(run, results, work, Path(args.reuse))
+    else:
+        judges = run_stages(run, results, work, timed)
     write_results(results, args.quick)
 
     wanted = [m for m in args.methods.split(",") if m and m != "best-of-n"]
