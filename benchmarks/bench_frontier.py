@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -514,7 +514,7 @@ def run_online(algorithm: str, judges: Judges, run: dict) -> dict:
     )
     sft_point = run["sft_point"]
     points, seconds = [{"episodes": 0, **sft_point}], 0.0
-    for target in budget.eval_updates:
+    for target in [u for u in budget.eval_updates if u * budget.per_update <= budget.episodes]:
         start = time.monotonic()
         trainer.train(
             num_rollouts=(target - trainer.updates) * budget.per_update,
@@ -527,6 +527,7 @@ def run_online(algorithm: str, judges: Judges, run: dict) -> dict:
         point = measure(actor.palm, actor.scope, policy, judges, run)
         points.append({"episodes": trainer.episodes, "updates": trainer.updates, **point})
         print(f"  {algorithm} {trainer.episodes} episodes: {fmt_point(point)}", flush=True)
+        run["save_partial"](algorithm, {"points": points, "train_seconds": round(seconds, 1)})
     last = trainer.history[-1]
     return {
         "points": points,
@@ -808,14 +809,12 @@ def run_stages(run: dict, results: dict, work: Path, timed) -> Judges:
 
 def reuse_stages(run: dict, results: dict, work: Path, earlier_path: Path) -> Judges:
     """The stages of an earlier run kept in `work` (--work-dir): its gold, SFT and proxy
-    checkpoints, and from its JSON the stage numbers, best-of-n points and standardisation."""
+    checkpoints, and from its JSON the stage numbers, standardisation and finished methods."""
     earlier = json.loads(earlier_path.read_text())
     for key in ("stages", "seconds", "calibration", "sft_point"):
         results[key] = earlier[key]
-    results["seconds"] = {
-        k: v for k, v in earlier["seconds"].items() if k not in (*RL_METHODS, "dpo", "coh")
-    }
-    results["methods"]["best-of-n"] = earlier["methods"]["best-of-n"]
+    # methods the earlier run finished are kept unless run again (--methods)
+    results["methods"].update(earlier["methods"])
     results["reused"] = {"from": str(earlier_path), "load_start": earlier["load_start"]}
     run["sft_dir"], run["sft_point"] = str(work / "sft"), earlier["sft_point"]
     run["pairs_file"] = work / "proxy-train.jsonl"
@@ -842,6 +841,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--kl-coef", type=float, default=0.02, help="KL coefficient, online RL")
+    parser.add_argument("--episodes", type=int, help="online sample budget (default: 1024)")
+    parser.add_argument("--offline-steps", type=int, help="DPO and CoH steps (default: 96)")
     parser.add_argument(
         "--work-dir", help="keep the stage checkpoints here (default: a temporary folder)"
     )
@@ -863,6 +864,11 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     budget = QUICK if args.quick else FULL
+    if args.episodes is not None:  # a smaller online budget: the first measurements only
+        budget = replace(budget, episodes=args.episodes)
+    if args.offline_steps is not None:
+        budget = replace(budget, offline_steps=args.offline_steps)
+        budget = replace(budget, offline_eval_every=max(1, args.offline_steps // 3))
     started = time.monotonic()
     results: dict = {
         "budget": asdict(budget),
@@ -893,6 +899,11 @@ def main(argv=None) -> dict:
     run["hh"] = load_hh(budget, tokenizer)
     run["eval_ids"] = [tokenizer.encode(p) for p in run["hh"]["eval"]]
 
+    def save_partial(name: str, method: dict) -> None:
+        results["methods"][name] = {**method, "partial": True}
+        write_results(results, args.quick)
+
+    run["save_partial"] = save_partial
     if args.reuse:
         judges = reuse_stages(run, results, work, Path(args.reuse))
     else:
