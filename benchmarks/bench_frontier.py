@@ -609,7 +609,8 @@ def bon_gold_at(bon: list[dict], kl: float) -> float:
 
 
 def summarise(results: dict) -> list[dict]:
-    """One row per method: its best-gold point, its last point, gold vs best-of-n there."""
+    """One row per method: gold minus best-of-n at matched KL (its measured points within
+    best-of-n's KL range, best one), its best-gold point and its last point."""
     bon = results["methods"]["best-of-n"]["points"]
     bon_kl_max = bon[-1]["kl"]
     rows = []
@@ -618,47 +619,60 @@ def summarise(results: dict) -> list[dict]:
         if not points:
             continue
         last, best = points[-1], max(points, key=lambda p: p["gold"])
+        matched = [
+            (p["gold"] - bon_gold_at(bon, p["kl"]), p) for p in points if 0 < p["kl"] <= bon_kl_max
+        ]
+        margin, at = max(matched, key=lambda m: m[0]) if matched else (None, None)
         overopt = [
             (a, b)
             for a, b in zip(method["points"], method["points"][1:])
             if b["proxy"] > a["proxy"] and b["gold"] < a["gold"] - 2 * b.get("gold_se", 0)
         ]
-        row = {
-            "method": name,
-            "kl_last": last["kl"],
-            "gold_last": last["gold"],
-            "proxy_last": last["proxy"],
-            "kl_best": best["kl"],
-            "gold_best": best["gold"],
-            "gold_se": best.get("gold_se", float("nan")),
-            "vs_bon_best": (
-                None if name == "best-of-n" else best["gold"] - bon_gold_at(bon, best["kl"])
-            ),
-            "best_within_bon_range": best["kl"] <= bon_kl_max,
-            "overoptimised_steps": len(overopt),
-            "seconds": method.get("train_seconds"),
-            "episodes": method.get("episodes"),
-        }
-        rows.append(row)
+        rows.append(
+            {
+                "method": name,
+                "episodes": method.get("episodes") or last.get("episodes"),
+                "vs_bon": None if name == "best-of-n" else margin,
+                "vs_bon_kl": None if at is None else at["kl"],
+                "vs_bon_se": None if at is None else at.get("gold_se"),
+                "kl_best": best["kl"],
+                "gold_best": best["gold"],
+                "gold_se": best.get("gold_se"),
+                "kl_last": last["kl"],
+                "gold_last": last["gold"],
+                "proxy_last": last["proxy"],
+                "length_last": last.get("length"),
+                "overoptimised_steps": len(overopt),
+                "seconds": method.get("train_seconds"),
+                "partial": bool(method.get("partial")),
+            }
+        )
     return rows
 
 
+def number(value, spec: str, missing: str = "—") -> str:
+    return missing if value is None else format(value, spec)
+
+
 def table(results: dict) -> str:
-    rows = summarise(results)
     lines = [
-        "| method | KL at best gold | best gold (± s.e.) | gold − BoN at that KL "
-        "| last: KL / gold / proxy | proxy↑ gold↓ steps | train s | episodes |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| method | episodes | gold − BoN at matched KL (KL) | best gold (KL) "
+        "| last: KL / gold / proxy / length | proxy↑ gold↓ | train s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in rows:
-        versus = "—" if r["vs_bon_best"] is None else f"{r['vs_bon_best']:+.3f}"
-        if r["vs_bon_best"] is not None and not r["best_within_bon_range"]:
-            versus += " (beyond BoN's KL)"
-        seconds = "—" if r["seconds"] is None else f"{r['seconds']:.0f}"
+    for r in summarise(results):
+        versus = "—"
+        if r["vs_bon"] is not None:
+            versus = f"{r['vs_bon']:+.2f} ({r['vs_bon_kl']:.2f})"
+        elif r["method"] != "best-of-n":
+            versus = "no point within BoN's KL"
+        se = "" if r["gold_se"] is None else f" ± {r['gold_se']:.2f}"
         lines.append(
-            f"| {r['method']} | {r['kl_best']:.2f} | {r['gold_best']:+.3f} ± {r['gold_se']:.3f} "
-            f"| {versus} | {r['kl_last']:.2f} / {r['gold_last']:+.3f} / {r['proxy_last']:+.3f} "
-            f"| {r['overoptimised_steps']} | {seconds} | {r['episodes']} |"
+            f"| {r['method']}{' (stopped early)' if r['partial'] else ''} | {r['episodes']} "
+            f"| {versus} | {r['gold_best']:+.2f}{se} ({r['kl_best']:.2f}) "
+            f"| {r['kl_last']:.2f} / {r['gold_last']:+.2f} / {r['proxy_last']:+.2f} / "
+            f"{number(r['length_last'], '.1f')} | {r['overoptimised_steps']} "
+            f"| {number(r['seconds'], '.0f')} |"
         )
     return "\n".join(lines)
 
@@ -698,22 +712,20 @@ def stages_table(results: dict) -> str:
 def reading(results: dict) -> str:
     """Facts read off the numbers (the hand-written interpretation lives in the README)."""
     rows = [r for r in summarise(results) if r["method"] != "best-of-n"]
-    if not rows:
+    matched = [r for r in rows if r["vs_bon"] is not None]
+    if not matched:
         return ""
-    within = [r for r in rows if r["best_within_bon_range"]] or rows
-    winner = max(within, key=lambda r: r["vs_bon_best"])
-    beat = [r["method"] for r in rows if r["vs_bon_best"] > 2 * r["gold_se"]]
-    lose = [r["method"] for r in rows if r["vs_bon_best"] < -2 * r["gold_se"]]
+    winner = max(matched, key=lambda r: r["vs_bon"])
+    beat = [r["method"] for r in matched if r["vs_bon"] > 2 * (r["vs_bon_se"] or 0)]
     over = [r["method"] for r in rows if r["overoptimised_steps"]]
     bon = results["methods"]["best-of-n"]["points"]
     lines = [
-        f"- Best-of-n: gold {bon[0]['gold']:+.3f} → {bon[-1]['gold']:+.3f} and proxy "
-        f"{bon[0]['proxy']:+.3f} → {bon[-1]['proxy']:+.3f} from n = 1 to {bon[-1]['n']} "
+        f"- Best-of-n: gold {bon[0]['gold']:+.2f} → {bon[-1]['gold']:+.2f} and proxy "
+        f"{bon[0]['proxy']:+.2f} → {bon[-1]['proxy']:+.2f} from n = 1 to {bon[-1]['n']} "
         f"(KL {bon[-1]['kl']:.2f} nats).",
-        f"- Highest gold above best-of-n at matched KL: **{winner['method']}** "
-        f"({winner['vs_bon_best']:+.3f} at KL {winner['kl_best']:.2f}).",
-        f"- Above best-of-n by more than 2 s.e. at their best point: {', '.join(beat) or 'none'}; "
-        f"below it by more than 2 s.e.: {', '.join(lose) or 'none'}.",
+        f"- Closest to best-of-n at matched KL: **{winner['method']}** "
+        f"({winner['vs_bon']:+.2f} at KL {winner['vs_bon_kl']:.2f}).",
+        f"- Above best-of-n by more than 2 s.e. at some matched KL: {', '.join(beat) or 'none'}.",
         f"- Proxy up while gold fell by more than 2 s.e. between measurements: "
         f"{', '.join(over) or 'no method'}.",
     ]
@@ -750,11 +762,12 @@ def plot(results: dict, path: Path) -> Optional[Path]:
     return path
 
 
-def write_results(results: dict, quick: bool) -> None:
+def write_results(results: dict, quick: bool, json_too: bool = True) -> None:
     suffix = "-quick" if quick else ""
     RESULTS.mkdir(exist_ok=True)
-    results["load_now"] = os.getloadavg()
-    (RESULTS / f"frontier{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
+    if json_too:
+        results["load_now"] = os.getloadavg()
+        (RESULTS / f"frontier{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
     if "best-of-n" not in results.get("methods", {}):
         return
     png = plot(results, RESULTS / f"frontier{suffix}.png")
@@ -770,9 +783,12 @@ def write_results(results: dict, quick: bool) -> None:
         "Scores: mean over the same held-out prompts (one sample each, temperature 1, fixed "
         "seed), standardised by each reward model's mean and std on SFT samples. KL: mean of "
         "sum_t log π − log π_SFT per sampled response (nats); best-of-n: log n − (n−1)/n. "
-        "'gold − BoN': gold at the method's best point minus best-of-n's gold at the same KL "
-        "(linear in √KL). 'proxy↑ gold↓ steps': measurements where proxy rose and gold fell "
-        "by more than 2 s.e.",
+        "'gold − BoN at matched KL': over the method's measurements within best-of-n's KL "
+        "range, the largest gold minus best-of-n's gold at the same KL (linear in √KL). "
+        "'proxy↑ gold↓': measurements where proxy rose and gold fell by more than 2 s.e. "
+        "Length: mean response tokens (EOS included). The SFT policy itself measures gold "
+        f"{results['sft_point']['gold']:+.2f} ± {results['sft_point']['gold_se']:.2f}, length "
+        f"{results['sft_point']['length']:.1f}.",
         "",
         table(results),
         "",
@@ -841,6 +857,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--kl-coef", type=float, default=0.02, help="KL coefficient, online RL")
+    parser.add_argument("--report", action="store_true", help="only re-render md/png from json")
     parser.add_argument("--episodes", type=int, help="online sample budget (default: 1024)")
     parser.add_argument("--offline-steps", type=int, help="DPO and CoH steps (default: 96)")
     parser.add_argument(
@@ -861,6 +878,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.report:  # re-render frontier.md and frontier.png from frontier.json
+        results = json.loads(
+            (RESULTS / f"frontier{'-quick' if args.quick else ''}.json").read_text()
+        )
+        write_results(results, args.quick, json_too=False)
+        return results
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     budget = QUICK if args.quick else FULL
