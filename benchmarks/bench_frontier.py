@@ -1,6 +1,6 @@
 """Gold score vs KL for every optimiser of a proxy reward model (Gao et al. 2022, issue #12).
 
-    python benchmarks/bench_frontier.py            # ~35 minutes on 2 idle CPU cores
+    python benchmarks/bench_frontier.py            # ~40 minutes on 2 busy CPU cores
     python benchmarks/bench_frontier.py --quick    # toy sizes, 1-2 minutes: a smoke run
 
 "Scaling Laws for Reward Model Overoptimization" (Gao, Schulman and Hilton 2022) in miniature,
@@ -117,8 +117,8 @@ FULL = Budget(
     episodes=1024,
     per_update=32,
     eval_updates=(1, 2, 4, 8, 16, 32),
-    offline_steps=96,
-    offline_eval_every=24,
+    offline_steps=48,
+    offline_eval_every=16,
 )
 QUICK = Budget(
     model=dict(dim=32, depth=1, heads=2, dim_head=16, seq_len=192),
@@ -859,7 +859,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kl-coef", type=float, default=0.02, help="KL coefficient, online RL")
     parser.add_argument("--report", action="store_true", help="only re-render md/png from json")
     parser.add_argument("--episodes", type=int, help="online sample budget (default: 1024)")
-    parser.add_argument("--offline-steps", type=int, help="DPO and CoH steps (default: 96)")
+    parser.add_argument("--offline-steps", type=int, help="DPO and CoH steps (default: 48)")
     parser.add_argument(
         "--work-dir", help="keep the stage checkpoints here (default: a temporary folder)"
     )
