@@ -62,8 +62,9 @@ def save_reward(model, path: PathLike) -> Path:
 def load_reward_into(model, path: PathLike):
     """Load a `save`d file into this model, refusing another head, pooling or PaLM shape.
     A reference `.pt` (torch.save of its state_dict) is read safely and mapped instead."""
-    if checkpoint_format(find_weights(path)) == "torch":
-        state = read_torch_state_dict(find_weights(path))
+    path = find_weights(path)  # resolved once: a file, a checkpoint folder, a run folder
+    if checkpoint_format(path) == "torch":
+        state = read_torch_state_dict(path)
         return load_reference_parts(model, split_reference_reward_state(state))
     path, config, palm_config, metadata, tensors = _read(path, str(model.device))
     diffs = [
@@ -104,7 +105,8 @@ def reward_from_pretrained(
 
     A reference `.pt` file (palm-rlhf-pytorch's `torch.save(reward_model.state_dict())`)
     holds its whole PaLM: it is read safely and mapped (`from_reference`; `palm` unused)."""
-    if checkpoint_format(find_weights(path)) == "torch":
+    path = find_weights(path)
+    if checkpoint_format(path) == "torch":
         return reward_from_reference(cls, path).to(map_location)
     path, config, palm_config, metadata, _ = _read(path, map_location)
     if palm is not None and _palm_diffs(palm_config, palm):  # before touching the PaLM

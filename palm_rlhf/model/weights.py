@@ -94,8 +94,9 @@ def load_palm_into(model, path: PathLike, strict: bool = True) -> None:
 
     A file written by the reference project (`torch.save(palm.state_dict())`, read with
     `weights_only=True`) is mapped to this model's names first; see `reference_weights.py`."""
-    if checkpoint_format(find_weights(path)) == "torch":
-        return _load_reference_into(model, find_weights(path))
+    path = find_weights(path)  # resolved once: a file, a checkpoint folder, a run folder
+    if checkpoint_format(path) == "torch":
+        return _load_reference_into(model, path)
     path, config, specs, adapters_only, tensors = _read_palm_file(
         path, map_location=str(model.device)
     )
@@ -145,9 +146,9 @@ def _load_reference_into(model, path: Path) -> None:
 def palm_from_pretrained(cls, path: PathLike, map_location: str = "cpu"):
     """A new `cls` (PaLM) built from the config stored in the file, with its weights; a
     reference-project `.pt` state dict is read safely and mapped (xPos rotary, as it was)."""
-    if checkpoint_format(find_weights(path)) == "torch":
-        state = read_torch_state_dict(find_weights(path))
-        return palm_from_reference_state_dict(cls, state).to(map_location)
+    path = find_weights(path)
+    if checkpoint_format(path) == "torch":
+        return palm_from_reference_state_dict(cls, read_torch_state_dict(path)).to(map_location)
     path, config, specs, adapters_only, _ = _read_palm_file(path, map_location)
     if adapters_only:
         raise CheckpointError(
