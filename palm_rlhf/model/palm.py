@@ -193,9 +193,17 @@ class PaLM(nn.Module):
         `set_dropout`, which sets every dropout in its layers); returns the model. The config
         records the new rates, so a saved model keeps them."""
         dropout = float(dropout)
-        self.config = replace(self.config, attn_dropout=dropout, ff_dropout=dropout)
+        return self.use_config(replace(self.config, attn_dropout=dropout, ff_dropout=dropout))
+
+    def use_config(self, config: PaLMConfig) -> PaLM:
+        """Switch to `config`, which may differ from the current one in its rates only (the
+        blocks read their dropout from it); returns the model."""
+        mismatched = self.config.shape_mismatch(config.to_dict())
+        if mismatched:
+            raise ValueError(f"use_config cannot change the model's shape: {mismatched}")
+        self.config = config
         for layer in self.layers:
-            layer.config = self.config
+            layer.config = config
         return self
 
     # ---------------------------------------------------------------- forward

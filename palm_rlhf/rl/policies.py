@@ -65,10 +65,7 @@ def update_dropout(palm: PaLM, rate: float):
     try:
         yield
     finally:
-        palm.config = config
-        for layer in palm.layers:
-            layer.config = config
-        palm.train(training)
+        palm.use_config(config).train(training)
 
 
 class Actor(nn.Module):
