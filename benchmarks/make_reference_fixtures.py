@@ -26,7 +26,8 @@ What is written (all tiny):
 - ``reward_scalar.pt``, ``reward_binned.pt``: ``torch.save(reward_model.state_dict())`` of
   reference ``RewardModel``s (LoRA scope ``"reward"``, r=4; the second with
   ``num_binned_output=5``) over a depth-1 PaLM; the reference's ``RewardModel.load`` reads it.
-- ``outputs.safetensors``: fixed inputs and the reference's outputs for them (eval mode).
+- ``outputs.safetensors``: fixed inputs and the reference's outputs for them (eval mode), incl.
+  its HL-Gauss critic loss (``hl-gauss-pytorch``) and ``ImplicitPRM`` rewards.
 - ``facts.json``: configs of the fixtures and behaviour of the reference measured by running
   and instrumenting it (``RLHFTrainer.train`` work counts, ``generate`` defaults, prompt
   padding, what ``actor_lora=False`` trains, the reward model's outputs and labels).
@@ -356,6 +357,92 @@ def build_palm_fixtures(out: Path, tensors: dict, facts: dict) -> None:
     )
 
 
+def build_critic_fixtures(out: Path, tensors: dict, facts: dict) -> None:
+    """HL-Gauss (the trainer's critic loss, default and custom bins) and ImplicitPRM rewards of
+    palm.pt against the base of palm_lora.pt (both written above)."""
+    import torch
+    from hl_gauss_pytorch import HLGaussLoss
+    from palm_rlhf_pytorch import PaLM
+    from palm_rlhf_pytorch.implicit_process_reward import ImplicitPRM
+
+    defaults = dict(
+        min_value=0.0,
+        max_value=5.0,
+        min_max_value_on_bin_center=True,
+        clamp_to_range=True,
+        sigma_to_bin_ratio=1.0,
+    )
+    custom = dict(min_value=-1.0, max_value=3.0)
+    targets = torch.tensor([-1.0, 0.0, 0.3, 2.5, 5.0, 7.0])
+    torch.manual_seed(3)
+    tensors["hl_gauss.targets"], tensors["hl_gauss.logits"] = targets, torch.randn(6, 6)
+    tensors["hl_gauss.values"] = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.5, 4.5])
+    for name, kwargs, bins in (("default", defaults, 6), ("custom", custom, 4)):
+        loss = HLGaussLoss(num_bins=bins, **kwargs)
+        tensors[f"hl_gauss.{name}.probs"] = loss.transform_to_probs(targets)
+        if bins == 6:
+            logits = tensors["hl_gauss.logits"]
+            tensors[f"hl_gauss.{name}.value"] = loss(logits)
+            tensors[f"hl_gauss.{name}.loss"] = loss(logits, targets, reduction="none")
+            values = tensors["hl_gauss.values"]
+            tensors[f"hl_gauss.{name}.value_loss"] = loss(values, targets, reduction="none")
+    facts["hl_gauss"] = dict(default=dict(defaults, num_bins=6), custom=dict(custom, num_bins=4))
+
+    model, ref = PaLM(**PALM_CONFIG).eval(), PaLM(**PALM_LORA_CONFIG).eval()
+    model.load_state_dict(torch.load(out / "palm.pt"))
+    ref.load_state_dict(torch.load(out / "palm_lora.pt"), strict=False)
+    prm = ImplicitPRM(model, ref_model=ref, beta=0.1)
+    seq = tensors["palm.seq"]
+    with torch.no_grad():
+        tensors["prm.rewards"] = prm(seq)
+        labels = torch.tensor([1.0, 0.0])
+        tensors["prm.reference_loss"] = prm(seq, labels).reshape(1)
+        padded = seq.clone()
+        padded[1, -3:] = -1  # its docstring's padding: ids < 0
+        try:
+            prm(padded)
+            padding = "runs"
+        except Exception as err:  # noqa: BLE001 - the fact recorded is the failure
+            padding = f"{type(err).__name__}: {err}"
+    facts["implicit_prm"] = dict(
+        model="palm.pt", ref_model="palm_lora.pt (base)", beta=0.1, negative_ids=padding
+    )
+
+
+def measure_critic_paths():
+    """Which of the reference trainer's critic options run: one update on a tiny task."""
+    import random
+
+    import torch
+    from palm_rlhf_pytorch import PaLM, RewardModel, RLHFTrainer
+    from palm_rlhf_pytorch.implicit_process_reward import ImplicitPRM
+
+    out = {}
+    cases = dict(
+        pooled=dict(critic_pooled_values=True),
+        per_token=dict(critic_pooled_values=False),
+        implicit_prm=dict(critic="prm"),
+    )
+    for name, kwargs in cases.items():
+        torch.manual_seed(0)
+        random.seed(0)
+        palm = PaLM(**REWARD_PALM_CONFIG)
+        reward_model = RewardModel(PaLM(**REWARD_PALM_CONFIG), num_binned_output=5)
+        if kwargs.get("critic") == "prm":
+            kwargs = dict(critic=ImplicitPRM(PaLM(**REWARD_PALM_CONFIG)))
+        prompts = torch.randint(1, 32, (4, 4))
+        try:
+            trainer = RLHFTrainer(
+                palm=palm, reward_model=reward_model, prompt_token_ids=prompts, **kwargs
+            )
+            trainer.minibatch_size = 2
+            trainer.train(num_episodes=1, max_timesteps=2, update_timesteps=2, max_seq_len=8)
+            out[name] = "runs"
+        except Exception as err:  # noqa: BLE001 - the fact recorded is the failure
+            out[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+    return out
+
+
 def build_reward_fixtures(out: Path, tensors: dict, facts: dict) -> None:
     import torch
     from palm_rlhf_pytorch import PaLM, RewardModel
@@ -479,6 +566,7 @@ def main_worker(out: Path) -> None:
     tensors: dict = {}
     build_palm_fixtures(out, tensors, facts)
     build_reward_fixtures(out, tensors, facts)
+    build_critic_fixtures(out, tensors, facts)
     facts["train_counts"] = [
         measure_train(2, 3, 2, 6),
         measure_train(1, 5, 5, 6, minibatch_size=2, epochs=2),
@@ -489,6 +577,7 @@ def main_worker(out: Path) -> None:
     facts["actor_critic_parameters"] = measure_actor_lora()
     facts["prompt_padding"] = measure_pad_handling()
     facts["max_norm_path"] = measure_max_norm()
+    facts["critic_paths"] = measure_critic_paths()
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "outputs.safetensors"))
     (out / "facts.json").write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
 

@@ -7,9 +7,11 @@ __version__ = "0.1.0"
 
 from palm_rlhf.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, load_tokenizer
 from palm_rlhf.model.config import PaLMConfig
+from palm_rlhf.model.implicit_prm import ImplicitPRM
 from palm_rlhf.model.palm import PaLM
 from palm_rlhf.model.reward import RewardModel
 from palm_rlhf.model.sampling import sample_tokens
+from palm_rlhf.rl.networks import ActorCritic
 from palm_rlhf.rl.ppo.trainer import RLHFTrainer
 
 __all__ = [
@@ -17,6 +19,8 @@ __all__ = [
     "PaLMConfig",
     "RewardModel",
     "RLHFTrainer",
+    "ActorCritic",
+    "ImplicitPRM",
     "sample_tokens",
     "ByteTokenizer",
     "SentencePieceTokenizer",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import typing
 from typing import Any, Optional, Union
 
@@ -33,6 +34,19 @@ def _own_fields_first(cls) -> list:
         return max(definers)
 
     return sorted(dataclasses.fields(cls), key=defined_in)
+
+
+def json_object(text: str):
+    """A dict option on the command line: a JSON object (or 'none')."""
+    if text.lower() == "none":
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"max_value\": 1}'")
+    return value
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
@@ -68,7 +82,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> argparse.Ar
         parser.add_argument(
             flag,
             required=field.metadata.get("required", False),
-            type=kind if kind in (int, float, str) else str,
+            type=json_object if kind is dict else kind if kind in (int, float, str) else str,
             default=default,
             choices=choices,
             help=help_text,

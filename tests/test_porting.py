@@ -53,9 +53,9 @@ def test_kl_div_loss_weight_adds_the_drift_from_the_rollout_policy():
     d = new - old  # log(1.5)
     expected_kl = math.exp(d) - d - 1  # 0.5 - log 1.5 = 0.0945
     batch_logits, batch = one_token_batch(old, logits)
-    values = torch.zeros(1, 1)
-    plain, stats = ppo_objective(batch_logits, values, batch, 0.2, None, 0.0)
-    weighted, _ = ppo_objective(batch_logits, values, batch, 0.2, None, 0.0, 0.5)
+    critic_loss = torch.zeros(())
+    plain, stats = ppo_objective(batch_logits, critic_loss, batch, 0.2, 0.0)
+    weighted, _ = ppo_objective(batch_logits, critic_loss, batch, 0.2, 0.0, 0.5)
     assert stats["kl_div_loss"] == pytest.approx(expected_kl, abs=1e-6)
     assert float(weighted - plain) == pytest.approx(0.5 * expected_kl, abs=1e-6)
 
@@ -70,24 +70,6 @@ def test_actor_dropout_acts_in_updates_only_and_leaves_the_palm_as_it_was():
     first, second = actor(tokens), actor(tokens)  # a gradient pass: dropout at 0.5
     assert not torch.equal(first, second)
     assert palm.config.attn_dropout == palm.config.ff_dropout == 0.0 and not palm.training
-
-
-@pytest.mark.parametrize(
-    "keyword",
-    [
-        dict(critic_pooled_values=True),
-        dict(critic_num_pred_bins=6),
-        dict(hl_gauss_loss_kwargs={}),
-        dict(critic=torch.nn.Linear(1, 1)),
-    ],
-)
-def test_reference_keywords_without_a_feature_here_stop_loudly(keyword):
-    with pytest.raises(NotImplementedError, match=next(iter(keyword))):
-        toy_trainer(**keyword)
-
-
-def test_their_off_values_are_accepted():
-    toy_trainer(critic_pooled_values=False, critic_num_pred_bins=None, critic=None)
 
 
 def test_actor_lora_false_trains_the_callers_palm_in_place():

@@ -7,14 +7,12 @@
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from palm_rlhf.checkpoint import CheckpointError
 from palm_rlhf.model.config import PaLMConfig
@@ -32,16 +30,6 @@ from palm_rlhf.model.sampling import filter_logits
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference"
 TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def outputs():
-    return load_file(str(FIXTURES / "outputs.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def facts():
-    return json.loads((FIXTURES / "facts.json").read_text())
 
 
 # ----------------------------------------------------------------------------- PaLM logits

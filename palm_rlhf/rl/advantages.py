@@ -109,11 +109,36 @@ def per_token_rewards(
     return rewards
 
 
-def mean_return_shift(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float) -> Tensor:
-    """The constant that moves `values` to the batch's mean (gamma-discounted) return: the
-    best constant value predictor, used to start a fresh value head at the reward's scale."""
-    _, returns = gae(rewards, torch.zeros_like(values), mask, gamma, 1.0)
-    return masked_mean(returns - values, mask)
+def pooled_advantages(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float
+) -> tuple[Tensor, Tensor]:
+    """(advantages, returns), both (b, n), for a critic with one value V per sequence (held at
+    every position of `values`): A_t = G_t - V with G_t the gamma-discounted return from token
+    t, and the critic's target G_0, the whole response's return, at every response token."""
+    _, to_go = gae(rewards, torch.zeros_like(values), mask, gamma, 1.0)
+    first = mask.long().argmax(dim=-1, keepdim=True)  # each row's first response token
+    whole = to_go.gather(-1, first)
+    return torch.where(mask, to_go - values, 0), torch.where(mask, whole.expand_as(to_go), 0)
+
+
+def mean_return_shift(
+    rewards: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    gamma: float,
+    pooled: bool = False,
+    all_reduce: Optional[AllReduce] = None,
+) -> Tensor:
+    """The constant that moves `values` to the GLOBAL batch's mean (gamma-discounted) return
+    target: the best constant value predictor, used to start a fresh value head at the
+    reward's scale. Targets are G_t per token, or G_0 for a pooled critic."""
+    if pooled:
+        _, targets = pooled_advantages(rewards, values, mask, gamma)
+    else:
+        _, targets = gae(rewards, torch.zeros_like(values), mask, gamma, 1.0)
+    total = torch.stack((masked_sum(targets - values, mask), mask.sum().to(values.dtype)))
+    total = all_reduce(total) if all_reduce is not None else total
+    return total[0] / total[1].clamp(min=1)
 
 
 def rollout_stats(
@@ -139,26 +164,39 @@ def ppo_advantages(
     experience: Experience,
     config,
     kl_coef: float,
-    value_shift: Optional[Callable[[Tensor], Tensor]] = None,
+    value_shift: Optional[Callable[[float], float]] = None,
     all_reduce: Optional[AllReduce] = None,
+    process_rewards: bool = False,
 ) -> tuple[Experience, dict[str, float]]:
     """PPO's phase 3 on a rollout with shaped scores: per-token rewards (score - kl_coef *
-    KL_t), then GAE over the critic's values. `value_shift`, when given, receives this batch's
-    `mean_return_shift` and returns the shift it applied to the value head (the first rollout
-    starts the critic at the reward's scale); the rollout's values are moved by it too.
-    `all_reduce` makes the whitening global over processes (see `whiten`)."""
+    KL_t), then advantages over the critic's values: GAE, or one baseline per sequence with
+    `config.critic_pooled_values` (`pooled_advantages`). `value_shift`, when given, receives
+    the global `mean_return_shift` and returns the shift it applied to the critic (the first
+    rollout starts it at the reward's scale); the rollout's values move by it too. With
+    `process_rewards` the rollout's "values" are an ImplicitPRM's dense rewards: they join
+    the per-token rewards and the baseline is 0. `all_reduce` makes statistics global over
+    processes (see `whiten`)."""
     scores, mask = experience.scores, experience.action_mask
     old, ref = experience.old_logprobs, experience.ref_logprobs
     rewards = per_token_rewards(
         scores, old, ref, mask, kl_coef, config.kl_kind, config.whiten_rewards, all_reduce
     )
-    values = experience.old_values
-    if value_shift is not None:
-        shift = value_shift(mean_return_shift(rewards, values, mask, config.gamma))
-        values = torch.where(mask, values + shift, 0)
-    advantages, returns = gae_advantages(
-        rewards, values, mask, config.gamma, config.lam, config.whiten_advantages, all_reduce
-    )
+    values, pooled = experience.old_values, config.critic_pooled_values
+    if process_rewards:
+        rewards, values, pooled = rewards + torch.where(mask, values, 0), values * 0, False
+    elif value_shift is not None:
+        shift = mean_return_shift(rewards, values, mask, config.gamma, pooled, all_reduce)
+        values = torch.where(mask, values + value_shift(float(shift)), 0)
+    if pooled:
+        advantages, returns = pooled_advantages(rewards, values, mask, config.gamma)
+        if config.whiten_advantages:
+            advantages = whiten(advantages, mask, all_reduce=all_reduce)
+    else:
+        advantages, returns = gae_advantages(
+            rewards, values, mask, config.gamma, config.lam, config.whiten_advantages, all_reduce
+        )
     stats = rollout_stats(scores, old, ref, mask, config.kl_kind, values, returns)
+    if process_rewards:
+        stats["process_reward"] = float(masked_sum(experience.old_values, mask, dim=-1).mean())
     experience = experience._replace(old_values=values, advantages=advantages, returns=returns)
     return experience, stats

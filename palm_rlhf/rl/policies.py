@@ -1,11 +1,11 @@
-"""The three networks of RLHF PPO over one PaLM: actor (policy), reference policy, critic.
+"""The policy side of RL over one PaLM, and the bookkeeping every trained network shares.
 
-    actor      a LoRA scope on the user's PaLM (`actor_lora=True`), or a full-weight copy
-    reference  the frozen starting policy: the same PaLM with adapters disabled when the actor
-               is LoRA (no extra copy), otherwise the user's PaLM itself, left untouched
-    critic     its own LoRA scope on the user's PaLM, or a full-weight copy, plus a value head
-               Linear(dim, 1) read at every position: values (b, n)
+    Actor      the policy: a LoRA scope on the user's PaLM (`actor_lora=True`), or the PaLM
+               itself trained in place (`actor_lora=False`)
+    helpers    LoRA scope claiming, a bare copy of a PaLM, dropout for one update's forward,
+               Accelerate preparation per network, which parameters train, evaluation mode
 
+Critics live in `critics.py`; `networks.py` assembles actor, reference policy and critic.
 Scope names are made unique per PaLM ("actor", "actor-1", ...), so any number of trainers
 can share one base model. The modules here only compute; the trainer owns optimisers and devices.
 """
@@ -18,11 +18,9 @@ from contextlib import contextmanager
 from typing import Optional
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 from palm_rlhf.model.palm import PaLM
-from palm_rlhf.rl.flowrl import LogPartition
 from palm_rlhf.train import sharding
 
 
@@ -98,112 +96,6 @@ class Actor(nn.Module):
         target = self.palm if self.scope is None else self.palm.finetune_modules[self.scope]
         sharding.settle(self.palm)
         sharding.load_full_state(target, own)  # each rank takes its slice when sharded
-
-
-class Critic(Actor):
-    """The value function: `critic(tokens (b, n)) -> values (b, n)`, V at every position.
-
-    The value head reads the final hidden state; its weight starts at zero, so every value
-    starts equal to the bias (0, or the mean return of the first rollout: see the trainer).
-    """
-
-    def __init__(self, palm: PaLM, scope: Optional[str]):
-        super().__init__(palm, scope)
-        self.value_head = nn.Linear(palm.dim, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
-        self.value_head.to(palm.token_emb.weight)
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        with update_dropout(self.palm, self.dropout):
-            hidden = self.palm(tokens, finetune_scope=self.scope, return_only_embedding=True)
-        return rearrange(self.value_head(hidden), "b n 1 -> b n")
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [*super().trainable_parameters(), *self.value_head.parameters()]
-
-    def trainable_state(self) -> dict[str, Tensor]:
-        sharding.settle(self.value_head)
-        head = {f"value_head.{k}": v for k, v in sharding.full_state(self.value_head).items()}
-        return {**super().trainable_state(), **head}
-
-    def load_trainable_state(self, state: dict[str, Tensor]) -> None:
-        super().load_trainable_state(state)
-        head = {k[len("value_head.") :]: v for k, v in state.items() if k.startswith("value_head.")}
-        sharding.settle(self.value_head)
-        sharding.load_full_state(self.value_head, head)
-
-
-def build_actor_critic(
-    palm: PaLM,
-    actor_lora: bool,
-    critic_lora: bool,
-    actor_lora_r: int,
-    critic_lora_r: int,
-    actor_lora_scope: Optional[str],
-    critic_lora_scope: Optional[str],
-    with_critic: bool = True,
-) -> tuple[Actor, PaLM, Optional[Critic]]:
-    """(actor, reference PaLM, critic) as described in the module docstring.
-
-    With a LoRA actor the reference is the user's PaLM queried with `disable_lora=True` (no
-    copy). With `actor_lora=False` the actor trains the user's PaLM itself, in place, as in the
-    reference project, and the frozen reference policy is a copy taken now (which also carries
-    the critic's LoRA scope, so the critic reads a base that does not move). With
-    `with_critic=False` (critic-free algorithms) no critic scope or copy is made: None.
-    """
-    if actor_lora:
-        reference = palm
-        actor = Actor(palm, claim_scope(palm, actor_lora_scope, "actor", actor_lora_r))
-    else:
-        reference = bare_copy(palm).requires_grad_(False)
-        actor = Actor(palm, None)
-    if not with_critic:
-        critic = None
-    elif critic_lora:
-        scope = claim_scope(reference, critic_lora_scope, "critic", critic_lora_r)
-        critic = Critic(reference, scope)
-    else:
-        critic = Critic(bare_copy(palm), None)
-    return actor, reference, critic
-
-
-def build_networks(
-    palm: PaLM, config, actor_lora_scope: Optional[str], critic_lora_scope: Optional[str], device
-) -> tuple[PaLM, dict[str, nn.Module]]:
-    """(reference, trained networks by name) for a PPOConfig's algorithm: the actor; the
-    critic for PPO only; FlowRL's log-partition head (`flowrl.LogPartition`) for FlowRL."""
-    actor, reference, critic = build_actor_critic(
-        palm,
-        config.actor_lora,
-        config.critic_lora,
-        config.actor_lora_r,
-        config.critic_lora_r,
-        actor_lora_scope,
-        critic_lora_scope,
-        with_critic=config.has_critic,
-    )
-    actor.dropout = config.actor_dropout
-    if critic is not None:
-        critic.dropout = config.critic_dropout
-    nets = {"actor": actor, "critic": critic}
-    if config.algorithm == "flowrl":
-        nets["log_z"] = LogPartition(palm.dim)
-    return reference, {name: net.to(device) for name, net in nets.items() if net is not None}
-
-
-def shard_networks(accelerator, nets: dict[str, nn.Module], reference: PaLM, fsdp: bool) -> bool:
-    """With `fsdp` and several processes, FSDP2 over the networks: every distinct PaLM (one,
-    shared, with LoRA actor and critic; copies otherwise), the value head and FlowRL's log Z
-    head, each a root of its own shards. Returns whether it sharded."""
-    if not fsdp or accelerator.num_processes == 1:
-        return False
-    palms = [reference] + [nets[name].palm for name in ("actor", "critic") if name in nets]
-    heads = [nets["critic"].value_head] if "critic" in nets else []
-    heads += [nets["log_z"]] if "log_z" in nets else []
-    distinct = {id(module): module for module in palms + heads}
-    sharding.shard_modules(list(distinct.values()), accelerator)
-    return True
 
 
 def prepare_each(

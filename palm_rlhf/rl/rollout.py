@@ -201,7 +201,7 @@ def collect(
     ref_logits = reference(tokens, disable_lora=True)[:, :-1]
     ref_logprobs = log_probs_from_logits(tempered_logits(ref_logits, temperature), targets)
     zeros = torch.zeros_like(old_logprobs)
-    values = critic(tokens)[:, :-1].float() if critic is not None else zeros
+    values = critic.values(critic(tokens, seqs.action_mask)) if critic is not None else zeros
     ended = torch.ones_like(scores, dtype=torch.bool)
     if eos_token is not None:
         ended = ((samples.tokens == eos_token) & samples.mask).any(dim=-1)

@@ -48,15 +48,12 @@ def minibatch_loss(
     algorithm, the critic (PPO) or the log Z head (FlowRL, fed the prompts' `features`)."""
     logits = tempered_logits(nets["actor"](batch.tokens)[:, :-1], temperature)
     if "critic" in nets:
-        values = nets["critic"](batch.tokens)[:, :-1]
+        critic = nets["critic"]
+        module = getattr(critic, "module", critic)  # DDP keeps the critic's methods on .module
+        raw = critic(batch.tokens, batch.action_mask)
+        critic_loss = module.loss(raw, batch, config.value_clip)
         return ppo_objective(
-            logits,
-            values,
-            batch,
-            config.eps_clip,
-            config.value_clip,
-            config.beta_s,
-            config.kl_div_loss_weight,
+            logits, critic_loss, batch, config.eps_clip, config.beta_s, config.kl_div_loss_weight
         )
     log_z = nets["log_z"](features) if "log_z" in nets else None
     return critic_free_objective(

@@ -91,12 +91,15 @@ def read_trainer_state(path: PathLike, device="cpu") -> tuple[Path, dict]:
 
 def check_compatible(meta: dict, palm_config, config: dict, source: str) -> None:
     """Refuse a saved state for a PaLM of another shape, another algorithm or another
-    actor/critic kind."""
+    actor/critic kind (LoRA or full, pooled or per token, binned or scalar)."""
     mismatched = palm_config.shape_mismatch(meta["palm_config"])
     if mismatched:
         raise CheckpointError(f"{source} was saved for another PaLM: {mismatched}")
-    saved_config = {"algorithm": "ppo", **meta["config"]}  # saved before there was a choice
-    for role in ("algorithm", "actor_lora", "critic_lora"):
+    # keys saved before there was a choice: their only value then
+    old = {"algorithm": "ppo", "critic_pooled_values": False, "critic_num_pred_bins": None}
+    saved_config = {**old, **meta["config"]}
+    kinds = ("algorithm", "actor_lora", "critic_lora", "critic_pooled_values")
+    for role in (*kinds, "critic_num_pred_bins"):
         saved, ours = saved_config[role], config[role]
         if saved != ours:
             raise CheckpointError(

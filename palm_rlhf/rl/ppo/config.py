@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Union
 
 from palm_rlhf.options import option
+from palm_rlhf.rl.hl_gauss import HLGauss
 from palm_rlhf.rl.losses import LENGTH_NORMS
 from palm_rlhf.rl_math import KL_KINDS, typechecked
 from palm_rlhf.train.run import RunOptions
@@ -56,6 +57,19 @@ class PPOConfig(RunOptions):
     critic_lora: bool = option(True, "train the critic as a LoRA scope (else full weights)")
     actor_lora_r: int = option(8, "actor LoRA rank")
     critic_lora_r: int = option(8, "critic LoRA rank")
+    critic_pooled_values: bool = option(
+        False,
+        "one value per sequence (the masked mean of the response's states), the baseline of "
+        "every token: A_t = G_t - V (lam unused); else a value per token for GAE",
+    )
+    critic_num_pred_bins: Optional[int] = option(
+        None, "a classification critic over this many value bins (HL-Gauss loss); None: regression"
+    )
+    hl_gauss_loss_kwargs: Optional[dict] = option(
+        None,
+        "the bins, as JSON: min_value, max_value, sigma_to_bin_ratio, clamp_to_range, "
+        "min_max_value_on_bin_center, sigma, eps (None: the reference's 0..5 on bin centres)",
+    )
     # the value head starts with weight 0; "mean_return" sets its bias on the first rollout to
     # that rollout's mean return (the best constant predictor), so the first value losses
     # measure the critic's real error rather than the scale of the reward
@@ -136,12 +150,16 @@ class PPOConfig(RunOptions):
             f"length_norm in {LENGTH_NORMS}": self.length_norm in LENGTH_NORMS,
             "flowrl_beta > 0": self.flowrl_beta > 0,
             "tpo_eta > 0": self.tpo_eta > 0,
+            "critic_num_pred_bins >= 2 or None": self.critic_num_pred_bins is None
+            or self.critic_num_pred_bins >= 2,
             "score_centering only with grpo, rloo or reinforce++": not self.score_centering
             or self.algorithm in ("grpo", "rloo", "reinforce++"),
         }
         failed = [name for name, ok in checks.items() if not ok]
         if failed:
             raise ValueError(f"invalid PPO hyperparameters: need {'; '.join(failed)}")
+        if self.critic_num_pred_bins is not None:  # bad bins fail here, not at the first update
+            HLGauss.from_kwargs(self.critic_num_pred_bins, self.hl_gauss_loss_kwargs)
         if self.mixed_precision == "fp16":
             # Accelerate keeps ONE gradient scaler and steps and updates it inside every prepared
             # optimizer's step(); with the actor's and the critic's two optimizers per backward,
@@ -179,32 +197,3 @@ class PPOConfig(RunOptions):
 
     def to_dict(self) -> dict:
         return {**asdict(self), "betas": list(self.betas)}
-
-
-# reference keywords whose feature this library does not have: a value other than the
-# "off" one stops with a clear message instead of being ignored (or failing as a TypeError)
-UNIMPLEMENTED = {
-    "critic_pooled_values": (
-        False,
-        "one value per sequence; the critic here predicts a value per token for GAE",
-    ),
-    "critic_num_pred_bins": (None, "a classification critic (HL-Gauss)"),
-    "hl_gauss_loss_kwargs": (None, "a classification critic (HL-Gauss)"),
-    "critic": (
-        None,
-        "a separate critic model or ImplicitPRM; the critic here is a LoRA scope "
-        "or a copy of `palm` (critic_lora=False)",
-    ),
-    "actor_critic": (None, "a prebuilt ActorCritic; pass palm= and the actor_/critic_ options"),
-}
-
-
-def refuse_unimplemented(keywords: dict) -> None:
-    """Pop the reference-only keywords; refuse any set to something this library lacks."""
-    for name, (off, what) in UNIMPLEMENTED.items():
-        value = keywords.pop(name, off)
-        if value is not off and value != off:
-            raise NotImplementedError(
-                f"RLHFTrainer({name}=...) is palm-rlhf-pytorch's {what}; not implemented here. "
-                f"Leave it at {off!r} (see the README's porting table)."
-            )

@@ -1,14 +1,13 @@
 """The PPO objective of one minibatch, from the networks' outputs to one scalar loss.
 
-    loss = L_clip(policy) + L_value(critic, clipped) - beta_s * H(policy)      (+ ptx, by caller)
+    loss = L_clip(policy) + L_critic - beta_s * H(policy)      (+ ptx, by caller)
 
-Shapes follow `experience.py`: logits (b, n - 1, v) and values (b, n - 1) in the shifted action
-frame, masked to response tokens everywhere. All the math is `rl_math`'s; this only wires it.
+Shapes follow `rollout.py`: logits (b, n - 1, v) in the shifted action frame, masked to response
+tokens everywhere. L_critic is the critic's own loss (`critics.py`: clipped value loss,
+HL-Gauss, or an ImplicitPRM's outcome loss). The math is `rl_math`'s; this only wires it.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 from torch import Tensor
 
@@ -19,20 +18,18 @@ from palm_rlhf.rl_math import (
     log_probs_from_logits,
     masked_mean,
     ppo_policy_loss,
-    value_loss,
 )
 
 
 def ppo_objective(
     logits: Tensor,
-    values: Tensor,
+    critic_loss: Tensor,
     batch: Experience,
     eps_clip: float,
-    value_clip: Optional[float],
     beta_s: float,
     kl_div_loss_weight: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
-    """(loss, stats) for tempered actor logits (b, n - 1, v) and critic values (b, n - 1).
+    """(loss, stats) for tempered actor logits (b, n - 1, v) and the critic's loss (scalar).
     `kl_div_loss_weight` adds KL(rollout policy || current policy) per response token (k3
     estimate on the sampled tokens), the reference project's drift penalty."""
     mask = batch.action_mask
@@ -41,7 +38,6 @@ def ppo_objective(
     policy_loss, policy_stats = ppo_policy_loss(
         logprobs, batch.old_logprobs, batch.advantages, mask, eps_clip
     )
-    critic_loss = value_loss(values.float(), batch.old_values, batch.returns, mask, value_clip)
     loss = policy_loss - beta_s * entropy + critic_loss
     drift = masked_mean(kl_per_token(batch.old_logprobs, logprobs, "k3"), mask)
     if kl_div_loss_weight > 0:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from palm_rlhf.checkpoint import CheckpointError
+from palm_rlhf.model.implicit_prm import ImplicitPRM
 from palm_rlhf.model.palm import PaLM
 from palm_rlhf.model.sampling import reference_filters, reference_top_k
 from palm_rlhf.rl import critic_free
@@ -35,14 +36,15 @@ from palm_rlhf.rl import rollout as rollout_module
 from palm_rlhf.rl.advantages import ppo_advantages, shape_scores
 from palm_rlhf.rl.best_of_n import BestOfN, best_of_n
 from palm_rlhf.rl.kl_controller import KLController
-from palm_rlhf.rl.policies import build_networks, evaluation_mode, prepare_each, shard_networks
+from palm_rlhf.rl.networks import ActorCritic, prepare_networks
+from palm_rlhf.rl.policies import evaluation_mode
 from palm_rlhf.rl.ppo import checkpoint as io
-from palm_rlhf.rl.ppo.config import PPOConfig, refuse_unimplemented
+from palm_rlhf.rl.ppo.config import PPOConfig
 from palm_rlhf.rl.prompts import PromptBank, PromptIds, PtxData, load_prompts
 from palm_rlhf.rl.rollout import Experience, collect, concat_experience
 from palm_rlhf.rl.schedule import response_budget, rollout_schedule
 from palm_rlhf.rl.text_reward import TextRewardFn, resolve_reward
-from palm_rlhf.rl.update import make_optimizers, minibatch_loss, run_epochs, step_networks
+from palm_rlhf.rl.update import minibatch_loss, run_epochs, step_networks
 from palm_rlhf.rl_math import typechecked
 from palm_rlhf.train.history import tracker_config
 from palm_rlhf.train.run import guard_loss, make_accelerator, mean_over_processes, progress_bar
@@ -72,6 +74,8 @@ class RLHFTrainer:
         prompts_path: Optional[Union[str, Path]] = None,
         tokenizer=None,
         ptx_data: Optional[Tensor] = None,
+        critic: Optional[Union[PaLM, ImplicitPRM]] = None,  # a separate critic, see networks.py
+        actor_critic: Optional[ActorCritic] = None,  # prebuilt networks; their options win
         actor_lora_scope: Optional[str] = None,
         critic_lora_scope: Optional[str] = None,
         accelerate_kwargs: Optional[dict] = None,
@@ -79,7 +83,10 @@ class RLHFTrainer:
         config: Optional[PPOConfig] = None,
         **hyperparameters,  # any PPOConfig field: actor_lr=..., kl_coef=..., see config.py
     ):
-        refuse_unimplemented(hyperparameters)
+        if actor_critic is not None:
+            if actor_critic.actor.palm is not palm or critic is not None:
+                raise ValueError("actor_critic= must be built on palm=, with no separate critic=")
+            hyperparameters.update(actor_critic.options)
         self.config = config = PPOConfig.from_keywords(config, **hyperparameters)
         reward_model = resolve_reward(reward_model, text_reward_fn, tokenizer)
         if config.ptx_coef > 0 and ptx_data is None:
@@ -103,19 +110,15 @@ class RLHFTrainer:
         # networks: actor and critic are scopes on `palm` or full copies; `palm` is the reference.
         # Critic-free algorithms build no critic; FlowRL trains a small log Z(x) head instead.
         palm.to(device)
-        self.reference, nets = build_networks(
-            palm, config, actor_lora_scope, critic_lora_scope, device
-        )
-        self.actor_scope = nets["actor"].scope
-        self.critic_scope = nets["critic"].scope if "critic" in nets else None
-        # --fsdp: shards before the optimizers exist (they must hold the DTensor parameters)
-        self.sharded = shard_networks(self.accelerator, nets, self.reference, config.fsdp)
-        optimizers = make_optimizers(nets, config)
-        prepared = prepare_each(self.accelerator, list(nets.values()), optimizers, self.sharded)
-        self.networks = dict(zip(nets, prepared))  # name -> (prepared module, optimizer)
+        scopes = (actor_lora_scope, critic_lora_scope)
+        self.reference, self.networks, self.sharded = prepare_networks(
+            self.accelerator, palm, config, scopes, critic, actor_critic
+        )  # name -> (prepared module, optimizer)
         (self.actor, self.actor_optim), (self.critic, self.critic_optim), (self.log_z, _) = (
             self.networks.get(name, (None, None)) for name in ("actor", "critic", "log_z")
         )
+        self.actor_scope = self.actor_module.scope
+        self.critic_scope = self.critic_module.scope if self.critic is not None else None
 
         self.reward_model = reward_model
         if isinstance(reward_model, nn.Module):
@@ -128,7 +131,8 @@ class RLHFTrainer:
         self.cpu_generator = torch.Generator().manual_seed(config.seed + 1000 * rank + 1)
         self.generators = {"generator": self.generator, "cpu_generator": self.cpu_generator}
         self.episodes, self.updates = 0, 0
-        self.value_head_initialised = config.value_head_init == "zero"
+        self.process_rewards = getattr(self.critic_module, "process_rewards", False)  # a PRM
+        self.value_head_initialised = config.value_head_init == "zero" or self.process_rewards
         self.history: list[dict] = []
         if self.accelerator.log_with:
             config = tracker_config(self.config.to_dict())  # TensorBoard refuses None
@@ -226,15 +230,16 @@ class RLHFTrainer:
         # a fresh value head moves to the first rollout's mean return
         shift = None if self.value_head_initialised else self._init_value_head
         global_sum = lambda t: self.accelerator.reduce(t, "sum")  # noqa: E731
-        experience, stats = ppo_advantages(experience, config, kl_coef, shift, global_sum)
+        experience, stats = ppo_advantages(
+            experience, config, kl_coef, shift, global_sum, self.process_rewards
+        )
         return experience, {**stats, "kl_coef": kl_coef}
 
-    def _init_value_head(self, local_shift: Tensor) -> Tensor:
-        """The head's weight is 0, so V = bias everywhere: add the (process-mean) shift."""
-        shift = self.accelerator.reduce(local_shift, "mean")
-        self.critic_module.value_head.bias.add_(float(shift))
+    def _init_value_head(self, shift: float) -> float:
+        """The head's weight is 0, so every value is one constant: move it by the (global)
+        shift, as nearly as a binned head allows; returns the shift applied."""
         self.value_head_initialised = True
-        return shift
+        return self.critic_module.shift_start(shift)
 
     # ------------------------------------------------------------------ phase 4: PPO epochs
 
