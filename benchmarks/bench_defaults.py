@@ -6,6 +6,13 @@ compared under). Prints the mean reward of 256 fresh rollouts before and after, 
 (nats per response) of the last update, for two seeds.
 
     python benchmarks/bench_defaults.py            # ~1 minute on 2 cores
+    python benchmarks/bench_defaults.py --demo runs/demo   # ~4 minutes, see below
+
+`--demo DIR` reruns the PPO stage of `examples/pipeline_demo.py` (its settings: 768 episodes,
+an update per 32, responses <= 88 tokens, learning rates 1e-3) from the SFT policy and reward
+model a finished demo run left in DIR: with LoRA's A initialised by fan-in (before), as now,
+and as now at the default learning rates (1e-4); it prints the training rollouts' reward
+(first -> last update) and KL for each.
 
 Measured on 2026-11-29 (2 cores, shared with one other job): with LoRA's A initialised by
 fan-in (our earlier choice) +0.029 / -0.005; with A ~ N(0, 1) as in Hu et al. 2021 and the
@@ -15,11 +22,18 @@ the reference's defaults at about +0.23 on this task.
 
 from __future__ import annotations
 
+import argparse
+import math
+import tempfile
 import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 
 from palm_rlhf import PaLM, RLHFTrainer
+from palm_rlhf.model import lora
+from palm_rlhf.rl.ppo.stage import PPOStageConfig, train_ppo
 
 TARGET = 3
 
@@ -47,7 +61,80 @@ def run(seed: int) -> tuple[float, float, float]:
     return before, mean_reward(), trainer.history[-1]["kl"]
 
 
+@contextmanager
+def fan_in_lora():
+    """LoRA's A initialised like a linear layer's weight (our choice before issue #10)."""
+    original = lora.LoRA.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        torch.nn.init.kaiming_uniform_(self.A.T, a=math.sqrt(5))
+
+    lora.LoRA.__init__ = init
+    try:
+        yield
+    finally:
+        lora.LoRA.__init__ = original
+
+
+def demo_ppo(demo: Path, out: Path, lr: float):
+    """The pipeline demo's PPO stage (`run_ppo` there) from DIR's SFT and reward model."""
+    config = PPOStageConfig(
+        policy=str(demo / "sft"),
+        reward=str(demo / "reward"),
+        prompts=str(demo / "data" / "prompts_train.jsonl"),
+        out_dir=str(out),
+        num_rollouts=768,
+        rollouts_per_update=32,
+        rollout_batch_size=32,
+        minibatch_size=8,
+        max_response_tokens=88,
+        actor_lr=lr,
+        critic_lr=lr,
+        kl_coef=0.1,
+        missing_eos_penalty=1.0,
+        checkpoint_every=10**6,
+        seed=0,
+        progress=False,
+    )
+    return train_ppo(config)
+
+
+def main_demo(demo: Path, rows: str) -> None:
+    print("| LoRA A init | learning rates | rollout reward, first -> last | KL at the last | s |")
+    print("| --- | --- | --- | ---: | ---: |")
+    runs = {
+        "before": ("fan-in (before)", fan_in_lora, 1e-3),
+        "now": ("N(0, 1) (now)", nullcontext, 1e-3),
+        "before-defaults": ("fan-in (before)", fan_in_lora, PPOStageConfig.actor_lr),
+        "defaults": ("N(0, 1) (now)", nullcontext, PPOStageConfig.actor_lr),
+    }
+    for key in rows.split(","):
+        name, init, lr = runs[key]
+        start = time.time()
+        with tempfile.TemporaryDirectory() as out, init():
+            result = demo_ppo(demo, Path(out), lr)
+        print(
+            f"| {name} | {lr:g} | {result.reward_before:.3f} -> {result.reward_after:.3f} "
+            f"({result.reward_after - result.reward_before:+.3f}) | {result.kl:.2f} | "
+            f"{time.time() - start:.0f} |",
+            flush=True,
+        )
+
+
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", type=Path, help="a finished pipeline_demo.py --out-dir")
+    parser.add_argument(
+        "--rows",
+        default="before,now,before-defaults,defaults",
+        help="with --demo: which runs (before: fan-in A at the demo's lr 1e-3; now: N(0, 1) at "
+        "1e-3; before-defaults, defaults: the same at the default learning rates)",
+    )
+    args = parser.parse_args()
+    if args.demo is not None:
+        main_demo(args.demo, args.rows)
+        raise SystemExit
     torch.set_num_threads(1)
     for seed in (0, 1):
         start = time.time()

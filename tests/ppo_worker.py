@@ -56,10 +56,11 @@ def trainer(**overrides) -> RLHFTrainer:
     )
 
 
-def sharded(out: Path) -> None:
+def sharded(out: Path, critic: dict) -> None:
     """PPO with LoRA actor and critic on one sharded PaLM, responses ending at EOS (so ranks
-    finish sampling at different steps), saved and loaded into a fresh sharded trainer."""
-    first = trainer(fsdp=True)
+    finish sampling at different steps), saved and loaded into a fresh sharded trainer.
+    `critic`: the critic's kind (empty: per token, regression)."""
+    first = trainer(fsdp=True, **critic)
     run = dict(max_response_tokens=6, rollouts_per_update=16, progress=False, eos_token=2)
     records = first.train(num_rollouts=32, **run)
     saved = first.save(out / "ckpt")
@@ -70,7 +71,7 @@ def sharded(out: Path) -> None:
             **first.critic_module.trainable_state(),
         }.items()
     }
-    loaded = trainer(fsdp=True).load(out / "ckpt")
+    loaded = trainer(fsdp=True, **critic).load(out / "ckpt")
     again = {
         k: v.tolist()
         for k, v in {
@@ -128,5 +129,15 @@ def main(out: Path) -> None:
     (out / f"rank-{rank}.json").write_text(json.dumps(record))
 
 
+# the reference project's critic: one value per sequence, HL-Gauss bins (here over 0..1)
+BINNED = dict(
+    critic_pooled_values=True,
+    critic_num_pred_bins=6,
+    hl_gauss_loss_kwargs=dict(min_value=0.0, max_value=1.0),
+)
+
 if __name__ == "__main__":
-    (sharded if sys.argv[2:] == ["fsdp"] else main)(Path(sys.argv[1]))
+    if sys.argv[2:3] == ["fsdp"]:
+        sharded(Path(sys.argv[1]), BINNED if sys.argv[3:] == ["binned"] else {})
+    else:
+        main(Path(sys.argv[1]))

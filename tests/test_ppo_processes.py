@@ -89,8 +89,12 @@ def test_fp16_is_refused_for_ppo_with_the_reason():
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU gloo test")
-def test_sharded_ppo_with_lora_scopes_on_one_palm(tmp_path):
-    launch([str(REPO / "tests" / "ppo_worker.py"), str(tmp_path), "fsdp"], 2, cwd=REPO)
+@pytest.mark.parametrize("critic", ["per-token", "binned"])
+def test_sharded_ppo_with_lora_scopes_on_one_palm(tmp_path, critic):
+    """`binned`: the reference's pooled HL-Gauss critic, whose first-rollout start writes the
+    whole (sharded) bias of its value head."""
+    kind = ["binned"] if critic == "binned" else []
+    launch([str(REPO / "tests" / "ppo_worker.py"), str(tmp_path), "fsdp", *kind], 2, cwd=REPO)
     ranks = [json.loads((tmp_path / f"rank-{i}.json").read_text()) for i in (0, 1)]
     for record in ranks:
         assert record["world"] == 2 and record["types"] == ["DTensor"]  # every PaLM weight

@@ -6,7 +6,7 @@ One PPO iteration (`step`) reads like the algorithm box of Ouyang et al. 2022 / 
     1. rollout     sample responses to a batch of prompts from the actor (KV-cached, batched)
     2. rewards     score prompt + response with the reward model; per-token reward
                    r_t = -kl_coef * KL_t(actor || reference), plus the score at the last token
-    3. advantages  GAE(gamma, lam) over the critic's values; whitening
+    3. advantages  GAE(gamma, lam) over the critic's values (or the kind in `critics.py`)
     4. PPO epochs  clipped policy loss + clipped value loss - beta_s * entropy (+ PPO-ptx)
     5. log         metrics gathered across processes into `trainer.history` (and trackers)
     6. checkpoint  `save` / `load` of everything needed to resume
