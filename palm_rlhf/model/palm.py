@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from beartype import beartype
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as recompute
 
 from palm_rlhf.model.attention import (
     KVCache,
@@ -156,6 +157,9 @@ class PaLM(nn.Module):
         self.rotary = RotaryEmbedding(dim_head, rotary_base, rotary_xpos_scale_base)
         self.layers = nn.ModuleList(ParallelBlock(self.config) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, bias=False)
+        # recompute each block's activations in the backward pass instead of keeping them (less
+        # memory, one more forward per block); a training choice, so not part of the config
+        self.checkpoint_activations = False
         self.finetune_modules = nn.ModuleDict()
         self.lora_specs: dict[
             str, dict
@@ -306,9 +310,14 @@ class PaLM(nn.Module):
         h = self.token_emb(x)
         if extra_embed is not None:
             h = h + extra_embed
+        # only a pass that will run backward has activations worth dropping; a cached pass
+        # writes the cache, which a recomputation must not repeat
+        recomputed = self.checkpoint_activations and cache is None and torch.is_grad_enabled()
         for index, layer in enumerate(self.layers):
             lora = loras[index] if loras is not None else None
-            h = layer(h, cos, sin, attn_mask, square_causal, lora, cache, index, xpos=xpos)
+            args = (h, cos, sin, attn_mask, square_causal, lora, cache, index, xpos)
+            # non-reentrant checkpointing restores the RNG state, so dropout masks repeat
+            h = recompute(layer, *args, use_reentrant=False) if recomputed else layer(*args)
         if cache is not None:
             cache.advance(mask, n)
         return self.norm(h)

@@ -60,6 +60,11 @@ class RunOptions:
         "shard parameters, gradients and optimizer state over the processes (FSDP2, one unit "
         "per ParallelBlock); checkpoints stay full",
     )
+    checkpoint_activations: bool = option(
+        False,
+        "recompute each transformer block's activations in the backward pass instead of "
+        "storing them: less peak memory for about one more forward pass of time",
+    )
     log_with: Optional[str] = option(
         None,
         "also send the curves to these trackers, comma-separated: tensorboard, wandb, mlflow, "

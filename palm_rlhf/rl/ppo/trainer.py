@@ -103,6 +103,9 @@ class RLHFTrainer:
         # networks: actor and critic are scopes on `palm` or full copies; `palm` is the reference.
         # Critic-free algorithms build no critic; FlowRL trains a small log Z(x) head instead.
         palm.to(device)
+        # actor and critic are scopes on (or copies of) this PaLM; passes without gradients
+        # (rollouts, the reference) never recompute
+        palm.checkpoint_activations = config.checkpoint_activations
         self.reference, nets = build_networks(
             palm, config, actor_lora_scope, critic_lora_scope, device
         )
