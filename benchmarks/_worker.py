@@ -111,7 +111,12 @@ def build_model(impl: str, cfg: dict):
         k: cfg[k] for k in ("num_tokens", "dim", "depth", "heads", "dim_head", "ff_mult", "causal")
     }
     kwargs["flash_attn"] = cfg["flash_attn"]
-    return import_palm(impl)(**kwargs)
+    model = import_palm(impl)(**kwargs)
+    if cfg["checkpoint_activations"]:
+        if impl != "ours":
+            raise SystemExit("--checkpoint-activations: the reference has no such option")
+        model.checkpoint_activations = True
+    return model
 
 
 def module_file(impl: str) -> str:
@@ -295,6 +300,7 @@ def parse_args(argv=None):
     p.add_argument("--dim-head", type=int, default=64)
     p.add_argument("--ff-mult", type=int, default=4)
     p.add_argument("--no-flash-attn", dest="flash_attn", action="store_false")
+    p.add_argument("--checkpoint-activations", action="store_true", help="ours only")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512, help="training input length T")
     p.add_argument("--prompt-len", type=int, default=64)
@@ -328,6 +334,7 @@ def main(argv=None) -> None:
         "ff_mult": args.ff_mult,
         "causal": True,
         "flash_attn": args.flash_attn,
+        "checkpoint_activations": args.checkpoint_activations,
         "seq_len": args.seq_len,
     }
     if args.task == "matmul":

@@ -105,8 +105,14 @@ def machine_info(threads: int) -> dict:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
+    try:  # oneDNN's bf16 kernels need AVX-512 or AMX; elsewhere torch emulates bf16 matmuls
+        native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native_bf16 = None
     return {
         "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": native_bf16,
         "logical_cpus": os.cpu_count(),
         "threads": threads,
         "torch": torch.__version__,
@@ -237,6 +243,13 @@ def markdown(rows: list[dict], machine: dict, settings: dict, peak: dict, failed
         lines.append(
             f"| {row['metric']} | {fmt(row['ours'])} | {fmt(row['reference'])} | {ratio} |"
         )
+    if machine.get("native_bf16") is False:
+        lines += [
+            "",
+            f"Note: this CPU ({machine['cpu_capability']}) has no AVX-512 or AMX, so torch "
+            "emulates bf16 matrix products: the bf16 rows and bf16 MFU measure that fallback "
+            "(whose speed depends on operand layout), not the model.",
+        ]
     if machine["noise"]:
         lines += ["", *machine["noise"]]
     if failed:

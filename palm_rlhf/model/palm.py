@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from beartype import beartype
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as recompute
 
 from palm_rlhf.model.attention import (
     KVCache,
@@ -42,6 +43,9 @@ class ParallelBlock(nn.Module):
         self.config = config
         dim, dim_head = config.dim, config.dim_head
         self.fused_dims = (config.attn_inner_dim, dim_head, dim_head, config.ff_inner_dim * 2)
+        # the output is split with both SwiGLU halves apart (value, gate), not split then
+        # chunked: backward then assembles the projection's gradient with one copy, not two
+        self.split_dims = (*self.fused_dims[:3], config.ff_inner_dim, config.ff_inner_dim)
         self.norm = nn.LayerNorm(dim, bias=False)
         self.fused_attn_ff_proj = nn.Linear(dim, sum(self.fused_dims), bias=False)
         self.attn_out = nn.Linear(config.attn_inner_dim, dim, bias=False)
@@ -64,12 +68,15 @@ class ParallelBlock(nn.Module):
         xpos: Optional[Tensor] = None,
     ) -> Tensor:
         normed = self.norm(x)
-        q, k, v, ff = self.fused_attn_ff_proj(normed).split(self.fused_dims, dim=-1)
+        q, k, v, ff_value, ff_gate = self.fused_attn_ff_proj(normed).split(self.split_dims, -1)
         if lora is not None:
-            q, k, v, ff = (
+            q, k, v = (
                 t + lora[name](normed) if name in lora else t
-                for t, name in ((q, "q"), (k, "k"), (v, "v"), (ff, "ff_in"))
+                for t, name in ((q, "q"), (k, "k"), (v, "v"))
             )
+            if "ff_in" in lora:
+                lora_value, lora_gate = lora["ff_in"](normed).chunk(2, dim=-1)
+                ff_value, ff_gate = ff_value + lora_value, ff_gate + lora_gate
 
         q = rearrange(q, "b n (h d) -> b h n d", h=self.config.heads)
         if self.config.qk_rmsnorm:
@@ -94,7 +101,6 @@ class ParallelBlock(nn.Module):
         out = rearrange(out, "b h n d -> b n (h d)")
 
         attn_out = self.attn_out(out)
-        ff_value, ff_gate = ff.chunk(2, dim=-1)
         ff_hidden = F.dropout(F.silu(ff_gate) * ff_value, self.config.ff_dropout, self.training)
         ff_out = self.ff_out(ff_hidden)
         if lora is not None:
@@ -156,6 +162,9 @@ class PaLM(nn.Module):
         self.rotary = RotaryEmbedding(dim_head, rotary_base, rotary_xpos_scale_base)
         self.layers = nn.ModuleList(ParallelBlock(self.config) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, bias=False)
+        # recompute each block's activations in the backward pass instead of keeping them (less
+        # memory, one more forward per block); a training choice, so not part of the config
+        self.checkpoint_activations = False
         self.finetune_modules = nn.ModuleDict()
         self.lora_specs: dict[
             str, dict
@@ -306,9 +315,14 @@ class PaLM(nn.Module):
         h = self.token_emb(x)
         if extra_embed is not None:
             h = h + extra_embed
+        # only a pass that will run backward has activations worth dropping; a cached pass
+        # writes the cache, which a recomputation must not repeat
+        recomputed = self.checkpoint_activations and cache is None and torch.is_grad_enabled()
         for index, layer in enumerate(self.layers):
             lora = loras[index] if loras is not None else None
-            h = layer(h, cos, sin, attn_mask, square_causal, lora, cache, index, xpos=xpos)
+            args = (h, cos, sin, attn_mask, square_causal, lora, cache, index, xpos)
+            # non-reentrant checkpointing restores the RNG state, so dropout masks repeat
+            h = recompute(layer, *args, use_reentrant=False) if recomputed else layer(*args)
         if cache is not None:
             cache.advance(mask, n)
         return self.norm(h)

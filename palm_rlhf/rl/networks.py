@@ -185,13 +185,17 @@ def prepare_networks(
     actor_critic: Optional[ActorCritic] = None,
 ) -> tuple[PaLM, dict[str, tuple], bool]:
     """(reference, {name: (prepared network, its optimizer)}, sharded) for a trainer: the
-    networks built (or taken from `actor_critic`), sharded under `config.fsdp` BEFORE the
-    optimizers exist (they must hold the DTensor parameters), then Accelerate-prepared."""
+    networks built (or taken from `actor_critic`), activation checkpointing set on their
+    PaLMs, sharded under `config.fsdp` BEFORE the optimizers exist (they must hold the
+    DTensor parameters), then Accelerate-prepared."""
     device = accelerator.device
     if actor_critic is not None:
         reference, nets = networks_of(actor_critic, device)
     else:
         reference, nets = build_networks(palm, config, *scopes, device, critic)
+    for net in nets.values():  # recompute blocks in passes with gradients (never in rollouts)
+        if isinstance(getattr(net, "palm", None), PaLM):
+            net.palm.checkpoint_activations = config.checkpoint_activations
     sharded = shard_networks(accelerator, nets, reference, config.fsdp)
     optimizers = make_optimizers(nets, config)
     prepared = prepare_each(accelerator, list(nets.values()), optimizers, sharded)

@@ -256,6 +256,7 @@ def run_stage(
     if config.batch_size < accelerator.num_processes:
         raise ValueError(f"batch_size {config.batch_size} < {accelerator.num_processes} processes")
     model, tokenizer = load_base(config.base, config.tokenizer, config.base_scope, log)
+    model.checkpoint_activations = config.checkpoint_activations
     if model.config.max_seq_len is not None and config.max_len > model.config.max_seq_len:
         raise ValueError(
             f"max_len {config.max_len} exceeds the model's max_seq_len {model.config.max_seq_len}"

@@ -84,7 +84,7 @@ class PretrainResult(NamedTuple):
 
 
 def build_model(config: PretrainConfig, num_tokens: int = 256) -> PaLM:
-    return PaLM(
+    model = PaLM(
         num_tokens=num_tokens,
         dim=config.dim,
         depth=config.depth,
@@ -93,6 +93,8 @@ def build_model(config: PretrainConfig, num_tokens: int = 256) -> PaLM:
         ff_mult=config.ff_mult,
         max_seq_len=config.seq_len,
     )
+    model.checkpoint_activations = config.checkpoint_activations
+    return model
 
 
 @torch.no_grad()

@@ -286,6 +286,7 @@ def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
     )
     log = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     palm, tokenizer, base_path = reward_base(config)
+    palm.checkpoint_activations = config.checkpoint_activations  # a copy made below keeps it
     train, valid = split_records(config, tokenizer)
     model = RewardModel(
         palm,
