@@ -51,6 +51,8 @@ def input_major_weights(model: nn.Module) -> Optional[list[tuple[Tensor, ...]]]:
     plain = all(type(p.data) is torch.Tensor for p in params)
     if not plain or any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
         return None
+    if torch.is_autocast_enabled("cpu"):  # the step would read autocast's bf16 copies instead
+        return None
     linears = ("fused_attn_ff_proj", "attn_out", "ff_out")
     with torch.no_grad():
         return [
