@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import Tensor, nn
 
 
@@ -51,6 +51,26 @@ class RotaryEmbedding(nn.Module):
         freqs = positions.to(torch.float32)[..., None] * self.inv_freq  # (..., n, d/2)
         freqs = torch.cat((freqs, freqs), dim=-1)
         return freqs.cos(), freqs.sin()
+
+    def table(self, max_len: int, rows: int, center: int) -> Tensor:
+        """Rotation factors of every position below `max_len`, for the single-token decode step:
+        (max_len, 2, r, d) float32 holding cos and a signed sin, such that for features t
+        (..., r, d) at position p, t * cos + t.roll(d / 2, -1) * sin == apply_rotary(t, ...).
+
+        rotate_half(t) is t with its halves swapped and the first one negated, so the sign
+        moves onto the first half of sin. With xPos the scale is folded in too: rows 0..r-2
+        are query heads (scaled by `xpos`), the last row the shared key (scaled by its
+        inverse); without xPos r is 1 (every row is rotated alike)."""
+        positions = torch.arange(max_len, device=self.inv_freq.device)
+        cos, sin = self(positions)  # (max_len, d)
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        table = rearrange(torch.stack((cos, sin)), "two n d -> n two 1 d")
+        scale = self.xpos(positions, center)
+        if scale is None:
+            return table
+        per_row = torch.cat((repeat(scale, "n d -> n r d", r=rows - 1), scale[:, None] ** -1), 1)
+        return table * per_row[:, None]
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -140,14 +160,37 @@ class KVCache:
     returns views over everything cached so far. After a forward pass the model calls
     `advance(n)`. The cache also tracks the key padding mask and, per row, how many real tokens
     came before, so rotary positions stay right for left-padded prompts.
+
+    For the single-token decode step (`model/decode.py`) it also keeps, as tensors that never
+    change shape: `attn_bias` (b, 1, max_len), 0 on real cached keys and -inf on padding and
+    on slots not written yet; `slot` (1,), the slot the next token is written to; and
+    `rotary_table` (max_len, 2, r, d), every position's rotation (`RotaryEmbedding.table`).
+    `compile` asks the model to run that step through `torch.compile`; `decode_weights` are
+    the model's weights in the layout that step reads fastest, if the model made any.
     """
 
-    def __init__(self, num_layers: int, batch: int, max_len: int, dim_head: int, device, dtype):
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        max_len: int,
+        dim_head: int,
+        device,
+        dtype,
+        rotary_table: Optional[Tensor] = None,
+        compile: bool = False,
+        decode_weights: Optional[list] = None,
+    ):
         self.max_len = max_len
         self.keys = torch.zeros(num_layers, batch, max_len, dim_head, device=device, dtype=dtype)
         self.values = torch.zeros_like(self.keys)
         self.key_mask = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.attn_bias = torch.full((batch, 1, max_len), float("-inf"), device=device, dtype=dtype)
         self.num_real = torch.zeros(batch, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.rotary_table = rotary_table
+        self.compile = compile
+        self.decode_weights = decode_weights
         self.length = 0
         self.has_padding = False
 
@@ -164,8 +207,11 @@ class KVCache:
                 f"KV cache overflow: {self.length} cached + {num_new} new tokens > "
                 f"max_len {self.max_len}"
             )
+        bias = self.attn_bias[:, 0, self.length : self.length + num_new]
+        bias.zero_()
         if new_mask is not None:
             self.key_mask[:, self.length : self.length + num_new] = new_mask
+            bias.masked_fill_(~new_mask, float("-inf"))
             self.has_padding = self.has_padding or not bool(new_mask.all())
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -182,3 +228,4 @@ class KVCache:
     def advance(self, new_mask: Optional[Tensor], num_new: int):
         self.num_real += num_new if new_mask is None else new_mask.sum(dim=-1)
         self.length += num_new
+        self.slot.fill_(self.length)

@@ -59,3 +59,16 @@ def make_scope(
         nn.ModuleDict({name: LoRA(*target_dims[name], r=r, alpha=alpha) for name in targets})
         for _ in range(depth)
     )
+
+
+def add_output_adapters(
+    lora: Optional[nn.ModuleDict], attn_in: Tensor, attn_out: Tensor, ff_in: Tensor, ff_out: Tensor
+) -> tuple[Tensor, Tensor]:
+    """A block's (attn_out, ff_out), each plus its scope's adapter ("o" reads the attention
+    output `attn_in`, "ff_out" the feed-forward hidden `ff_in`) where the scope has one."""
+    if lora is not None:
+        if "o" in lora:
+            attn_out = attn_out + lora["o"](attn_in)
+        if "ff_out" in lora:
+            ff_out = ff_out + lora["ff_out"](ff_in)
+    return attn_out, ff_out

@@ -30,7 +30,13 @@ from palm_rlhf.model.attention import (
     sdpa_attention,
 )
 from palm_rlhf.model.config import PaLMConfig, check_token_ids
-from palm_rlhf.model.lora import DEFAULT_LORA_TARGETS, make_scope
+from palm_rlhf.model.decode import (
+    compiled_decode,
+    decode_block,
+    decode_step,
+    input_major_weights,
+)
+from palm_rlhf.model.lora import DEFAULT_LORA_TARGETS, add_output_adapters, make_scope
 from palm_rlhf.model.sampling import generate
 from palm_rlhf.model.weights import load_palm_into, palm_from_pretrained, save_palm
 
@@ -58,15 +64,21 @@ class ParallelBlock(nn.Module):
     def forward(
         self,
         x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        mask: Optional[Tensor],
-        square_causal: bool,
+        cos: Optional[Tensor] = None,
+        sin: Optional[Tensor] = None,
+        mask: Optional[Tensor] = None,
+        square_causal: bool = False,
         lora: Optional[nn.ModuleDict] = None,
         cache: Optional[KVCache] = None,
         layer_index: int = 0,
         xpos: Optional[Tensor] = None,
+        decode: Optional[tuple] = None,
     ) -> Tensor:
+        """x (b, n, dim) -> (b, n, dim). `decode` = (rotation, keys_end, input-major weights):
+        x is (b, dim), one new token per row, through `decode.decode_block` (called from here,
+        so a wrapper's hooks on this block, FSDP's gathers, run for it as for any forward)."""
+        if decode is not None:
+            return decode_block(self, x, cache, layer_index, lora, *decode)
         normed = self.norm(x)
         q, k, v, ff_value, ff_gate = self.fused_attn_ff_proj(normed).split(self.split_dims, -1)
         if lora is not None:
@@ -103,11 +115,7 @@ class ParallelBlock(nn.Module):
         attn_out = self.attn_out(out)
         ff_hidden = F.dropout(F.silu(ff_gate) * ff_value, self.config.ff_dropout, self.training)
         ff_out = self.ff_out(ff_hidden)
-        if lora is not None:
-            if "o" in lora:
-                attn_out = attn_out + lora["o"](out)
-            if "ff_out" in lora:
-                ff_out = ff_out + lora["ff_out"](ff_hidden)
+        attn_out, ff_out = add_output_adapters(lora, out, attn_out, ff_hidden, ff_out)
         return x + attn_out + ff_out
 
 
@@ -290,6 +298,8 @@ class PaLM(nn.Module):
         """Final normed hidden states (b, n, dim); no input checks (callers validate)."""
         n = x.shape[1]
         loras = self._scope_layers(finetune_scope)
+        if cache is not None and n == 1 and mask is None and not self.training:
+            return self._decode(x, loras, extra_embed, cache)
         if cache is not None:
             cache.register(mask, n)
             positions = cache.positions(mask, n)
@@ -327,10 +337,44 @@ class PaLM(nn.Module):
             cache.advance(mask, n)
         return self.norm(h)
 
-    def init_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None) -> KVCache:
+    def _decode(self, x, loras, extra_embed, cache: KVCache) -> Tensor:
+        """One new token per row through `model/decode.py` (compiled if the cache asks)."""
+        cache.register(None, 1)
+        if cache.compile and not torch.is_grad_enabled():  # sampling runs without autograd
+            h = compiled_decode()(self, x, loras, extra_embed, cache)
+        else:  # eager: attend over the filled slots only
+            h = decode_step(self, x, loras, extra_embed, cache, keys_end=cache.length + 1)
+        cache.advance(None, 1)
+        return h
+
+    def init_cache(
+        self,
+        batch: int,
+        max_len: int,
+        dtype: Optional[torch.dtype] = None,
+        compile: bool = False,
+    ) -> KVCache:
+        """A KV cache for `batch` rows of up to `max_len` tokens. `compile=True` runs the
+        single-token decode steps through `torch.compile` (the first step compiles: tens of
+        seconds; see benchmarks/bench_decode.py for when it pays). On the CPU with float32
+        weights the cache also holds a copy of the block weights in the layout a one-row
+        product reads fastest (`decode.input_major_weights`): the model's weights once more
+        in memory while it lives."""
         config = self.config
         dtype = dtype or self.token_emb.weight.dtype
-        return KVCache(config.depth, batch, max_len, config.dim_head, self.device, dtype)
+        table = self.rotary.table(max_len, config.heads + 1, max_len // 2).to(dtype)
+        weights = input_major_weights(self)
+        return KVCache(
+            config.depth,
+            batch,
+            max_len,
+            config.dim_head,
+            self.device,
+            dtype,
+            table,
+            compile,
+            weights,
+        )
 
     # ---------------------------------------------------------------- LoRA scopes
 

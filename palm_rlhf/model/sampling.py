@@ -32,7 +32,7 @@ class Decoder(Protocol):
     training: bool
     device: torch.device
 
-    def init_cache(self, batch: int, max_len: int) -> Any: ...
+    def init_cache(self, batch: int, max_len: int, **options) -> Any: ...
     def __call__(self, x: Tensor, **kwargs) -> Tensor: ...
     def eval(self) -> Any: ...
     def train(self, mode: bool = True) -> Any: ...
@@ -165,6 +165,7 @@ def iter_sample(
     stop_early: bool = True,
     logits_filter: Optional[Callable[[Tensor], Tensor]] = None,
     extra_embed: Optional[Tensor] = None,
+    compile_decode: bool = False,
 ) -> Iterator[Tensor]:
     """Yield each step's sampled tokens (b,) as soon as they exist (streaming).
 
@@ -176,6 +177,8 @@ def iter_sample(
     does), so it must broadcast over the sequence axis: (dim,), (b, 1, dim) or (1, 1, dim).
     `stop_early=False` runs all `max_new_tokens` steps even when every row has ended (yielding
     `pad_value`): processes that decode together through a sharded model take equal steps.
+    `compile_decode=True` runs the cached one-token steps through `torch.compile` (the first
+    call for a model and cache shape compiles, tens of seconds on a CPU; later ones reuse it).
     """
     _check_sampling_inputs(model, prompt, prompt_mask, max_new_tokens)
     if extra_embed is not None and extra_embed.dim() >= 2 and extra_embed.shape[-2] != 1:
@@ -190,7 +193,10 @@ def iter_sample(
     was_training = model.training
     model.eval()
     try:
-        cache = model.init_cache(batch, prompt.shape[1] + max_new_tokens) if use_cache else None
+        cache = None
+        if use_cache:
+            options = {"compile": True} if compile_decode else {}
+            cache = model.init_cache(batch, prompt.shape[1] + max_new_tokens, **options)
         seq, seq_mask = prompt, prompt_mask
         logits = model(seq, mask=seq_mask, cache=cache, **embed_kwargs)[:, -1]
         for step in range(max_new_tokens):
