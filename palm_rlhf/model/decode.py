@@ -37,6 +37,10 @@ from palm_rlhf.model.lora import add_output_adapters
 FUSED_TARGETS = ("q", "k", "v", "ff_in")
 
 
+# the weight copy is made only for models whose block weights fit this (a 1024 x 16 PaLM is ~1 GB)
+INPUT_MAJOR_MAX_BYTES = 512 * 2**20
+
+
 def input_major_weights(model: nn.Module) -> Optional[list[tuple[Tensor, ...]]]:
     """Per block, copies of the fused, attention-out and feed-forward-out weights laid out
     (in, out), contiguous; None where they would not help.
@@ -44,7 +48,8 @@ def input_major_weights(model: nn.Module) -> Optional[list[tuple[Tensor, ...]]]:
     A one-row product x @ W^T streams W; MKL's float32 kernel streams an (in, out) layout about
     twice as fast as nn.Linear's (out, in) once the weights no longer fit the caches (about
     12 vs 6 GB/s on our 2-core CPU; benchmarks/bench_decode.py). Only for float32 weights on
-    the CPU (bf16 is the other way round), held as plain tensors (a sharded parameter is
+    the CPU (bf16 is the other way round) of at most `INPUT_MAJOR_MAX_BYTES` (the copy doubles
+    the weights' memory while the cache lives), held as plain tensors (a sharded parameter is
     gathered by its wrapper inside forward only, so it keeps its own layout). The copies are a
     snapshot: they belong to one cache, made after the weights were last changed."""
     params = [p for block in model.layers for p in block.parameters()]
@@ -53,6 +58,8 @@ def input_major_weights(model: nn.Module) -> Optional[list[tuple[Tensor, ...]]]:
         return None
     if torch.is_autocast_enabled("cpu"):  # the step would read autocast's bf16 copies instead
         return None
+    if sum(p.numel() * p.element_size() for p in params) > INPUT_MAJOR_MAX_BYTES:
+        return None  # a large model would double a large footprint: keep its own layout
     linears = ("fused_attn_ff_proj", "attn_out", "ff_out")
     with torch.no_grad():
         return [
