@@ -100,7 +100,8 @@ class Critic(Actor):
     def constant_value(self, bias: Optional[Tensor] = None) -> float:
         """The value every state gets while the head's weight is 0: that of the bias alone."""
         bias = self.value_head.bias if bias is None else bias
-        return float(self.values(rearrange(sharding.gathered_tensor(bias), "k -> 1 1 k")))
+        bias = sharding.gathered_tensor(bias).detach()
+        return float(self.values(rearrange(bias, "k -> 1 1 k")))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [*super().trainable_parameters(), *self.value_head.parameters()]
