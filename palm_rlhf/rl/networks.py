@@ -29,6 +29,14 @@ from palm_rlhf.train import sharding
 CriticModel = Union[PaLM, ImplicitPRM]
 
 
+def build_actor(palm: PaLM, lora: bool, lora_r: int, scope: Optional[str]) -> tuple[Actor, PaLM]:
+    """(actor, frozen reference policy): a LoRA scope on `palm` read against `palm` with the
+    adapters off, or `palm` itself trained in place against a frozen copy taken now."""
+    if lora:
+        return Actor(palm, claim_scope(palm, scope, "actor", lora_r)), palm
+    return Actor(palm, None), bare_copy(palm).requires_grad_(False)
+
+
 def build_critic(
     reference: PaLM,
     palm: PaLM,
@@ -91,12 +99,7 @@ class ActorCritic(nn.Module):
             critic_num_pred_bins=critic_dim_out,
             hl_gauss_loss_kwargs=hl_gauss_loss_kwargs,
         )
-        if actor_lora:
-            reference = palm
-            self.actor = Actor(palm, claim_scope(palm, actor_lora_scope, "actor", actor_lora_r))
-        else:  # trains `palm` in place; the frozen reference is a copy taken now
-            reference = bare_copy(palm).requires_grad_(False)
-            self.actor = Actor(palm, None)
+        self.actor, reference = build_actor(palm, actor_lora, actor_lora_r, actor_lora_scope)
         self.critic = build_critic(
             reference,
             palm,
@@ -140,11 +143,7 @@ def build_networks(
         return networks_of(bundle, device)
     if critic is not None:
         raise ValueError(f"algorithm={config.algorithm!r} has no critic; critic= is for 'ppo'")
-    if config.actor_lora:
-        reference = palm
-        actor = Actor(palm, claim_scope(palm, actor_lora_scope, "actor", config.actor_lora_r))
-    else:
-        reference, actor = bare_copy(palm).requires_grad_(False), Actor(palm, None)
+    actor, reference = build_actor(palm, config.actor_lora, config.actor_lora_r, actor_lora_scope)
     actor.dropout = config.actor_dropout
     nets = {"actor": actor}
     if config.algorithm == "flowrl":

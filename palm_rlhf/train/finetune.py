@@ -50,10 +50,10 @@ from palm_rlhf.train.run import (
     checkpoint_on_main,
     cosine_schedule,
     guarded_step,
-    make_accelerator,
     make_optimizer,
     progress_bar,
     resume_training,
+    stage_accelerator,
 )
 from palm_rlhf.train.stopping import StopOnSignal, TrainingInterrupted
 
@@ -243,15 +243,7 @@ def run_stage(
     for required in ("base", "data"):
         if getattr(config, required) is None:
             raise ValueError(f"--{required.replace('_', '-')} is required for {name}")
-    accelerator = make_accelerator(
-        config.mixed_precision,
-        config.cpu,
-        config.grad_accum,
-        config.seed,
-        fsdp=config.fsdp,
-        log_with=config.log_with,
-        project_dir=config.out_dir,
-    )
+    accelerator = stage_accelerator(config)
     log = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     if config.batch_size < accelerator.num_processes:
         raise ValueError(f"batch_size {config.batch_size} < {accelerator.num_processes} processes")

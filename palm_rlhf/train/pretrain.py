@@ -33,10 +33,10 @@ from palm_rlhf.train.run import (
     checkpoint_on_main,
     cosine_schedule,
     guarded_step,
-    make_accelerator,
     make_optimizer,
     progress_bar,
     resume_training,
+    stage_accelerator,
 )
 from palm_rlhf.train.stopping import StopOnSignal, TrainingInterrupted
 
@@ -110,15 +110,7 @@ def validation_loss(model, loader, accelerator) -> float:
 
 
 def pretrain(config: PretrainConfig) -> PretrainResult:
-    accelerator = make_accelerator(
-        config.mixed_precision,
-        config.cpu,
-        config.grad_accum,
-        config.seed,
-        fsdp=config.fsdp,
-        log_with=config.log_with,
-        project_dir=config.out_dir,
-    )
+    accelerator = stage_accelerator(config)
     log = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     splits, source = load_pretraining_data(config.data_dir)
     log(f"data: {source}; {accelerator.num_processes} process(es) on {accelerator.device}")

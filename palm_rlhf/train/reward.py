@@ -49,9 +49,9 @@ from palm_rlhf.train.run import (
     checkpoint_on_main,
     cosine_schedule,
     guarded_step,
-    make_accelerator,
     progress_bar,
     resume_training,
+    stage_accelerator,
 )
 from palm_rlhf.train.stopping import StopOnSignal, TrainingInterrupted
 
@@ -275,15 +275,7 @@ def reward_base(config: RewardTrainConfig):
 
 def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
     """Train a reward model as `config` says; see the module docstring for data and phases."""
-    accelerator = make_accelerator(
-        config.mixed_precision,
-        config.cpu,
-        config.grad_accum,
-        config.seed,
-        fsdp=config.fsdp,
-        log_with=config.log_with,
-        project_dir=config.out_dir,
-    )
+    accelerator = stage_accelerator(config)
     log = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     palm, tokenizer, base_path = reward_base(config)
     palm.checkpoint_activations = config.checkpoint_activations  # a copy made below keeps it

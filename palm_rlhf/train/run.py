@@ -137,6 +137,20 @@ def make_accelerator(
     return accelerator
 
 
+def stage_accelerator(config) -> Accelerator:
+    """`make_accelerator` for a training stage's config: its RunOptions plus `grad_accum`,
+    with trackers writing under `out_dir`."""
+    return make_accelerator(
+        config.mixed_precision,
+        config.cpu,
+        config.grad_accum,
+        config.seed,
+        fsdp=config.fsdp,
+        log_with=config.log_with,
+        project_dir=config.out_dir,
+    )
+
+
 def _has_accelerator() -> bool:
     xpu = getattr(torch, "xpu", None)
     return (
