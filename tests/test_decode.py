@@ -7,6 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from palm_rlhf.model.attention import RotaryEmbedding, apply_rotary
+from palm_rlhf.model.decode import project
 from palm_rlhf.model.sampling import sample_tokens
 from tests.helpers import randomize_lora, tiny_palm
 
@@ -51,9 +52,17 @@ def test_decode_steps_equal_the_uncached_forward_with_padding_and_lora(overrides
     assert not torch.allclose(model(seq, finetune_scope="actor"), model(seq))
 
 
-def test_float32_decode_with_input_major_weights_equals_the_forward():
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("blocks", [1, 3, 4, 16])
+def test_row_block_product_equals_the_linear(rows, blocks):
+    linear = torch.nn.Linear(6, 12, bias=False)
+    x = torch.randn(rows, 6)
+    assert_close(project(x, linear, blocks), linear(x))  # 16 -> gcd(12, 16) = 4 blocks
+
+
+def test_float32_decode_with_row_blocks_equals_the_forward():
     model = tiny_palm().eval()
-    assert model.init_cache(1, 4).decode_weights is not None  # the copies are in use here
+    assert model.init_cache(1, 4).row_blocks > 1  # the split products are in use here
     seq, mask = padded_batch()
     full = model(seq, mask=mask, extra_embed=torch.full((32,), 0.1))
     cached = decode_logits(model, seq, 4, mask=mask, extra_embed=torch.full((32,), 0.1))

@@ -165,8 +165,8 @@ class KVCache:
     change shape: `attn_bias` (b, 1, max_len), 0 on real cached keys and -inf on padding and
     on slots not written yet; `slot` (1,), the slot the next token is written to; and
     `rotary_table` (max_len, 2, r, d), every position's rotation (`RotaryEmbedding.table`).
-    `compile` asks the model to run that step through `torch.compile`; `decode_weights` are
-    the model's weights in the layout that step reads fastest, if the model made any.
+    `compile` asks the model to run that step through `torch.compile`; `row_blocks` is how
+    many row blocks that step splits each weight product into (`decode.row_blocks`).
     """
 
     def __init__(
@@ -179,7 +179,7 @@ class KVCache:
         dtype,
         rotary_table: Optional[Tensor] = None,
         compile: bool = False,
-        decode_weights: Optional[list] = None,
+        row_blocks: int = 1,
     ):
         self.max_len = max_len
         self.keys = torch.zeros(num_layers, batch, max_len, dim_head, device=device, dtype=dtype)
@@ -190,7 +190,7 @@ class KVCache:
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.rotary_table = rotary_table
         self.compile = compile
-        self.decode_weights = decode_weights
+        self.row_blocks = row_blocks
         self.length = 0
         self.has_padding = False
 

@@ -34,7 +34,7 @@ from palm_rlhf.model.decode import (
     compiled_decode,
     decode_block,
     decode_step,
-    input_major_weights,
+    row_blocks,
 )
 from palm_rlhf.model.lora import DEFAULT_LORA_TARGETS, add_output_adapters, make_scope
 from palm_rlhf.model.sampling import generate
@@ -356,14 +356,11 @@ class PaLM(nn.Module):
     ) -> KVCache:
         """A KV cache for `batch` rows of up to `max_len` tokens. `compile=True` runs the
         single-token decode steps through `torch.compile` (the first step compiles: tens of
-        seconds; see benchmarks/bench_decode.py for when it pays). On the CPU with float32
-        weights the cache also holds a copy of the block weights in the layout a one-row
-        product reads fastest (`decode.input_major_weights`): the model's weights once more
-        in memory while it lives."""
+        seconds; see benchmarks/bench_decode.py for when it pays)."""
         config = self.config
         dtype = dtype or self.token_emb.weight.dtype
         table = self.rotary.table(max_len, config.heads + 1, max_len // 2).to(dtype)
-        weights = input_major_weights(self)
+        blocks = row_blocks(self.device, self.layers[0].fused_attn_ff_proj.weight.dtype)
         return KVCache(
             config.depth,
             batch,
@@ -373,7 +370,7 @@ class PaLM(nn.Module):
             dtype,
             table,
             compile,
-            weights,
+            blocks,
         )
 
     # ---------------------------------------------------------------- LoRA scopes
