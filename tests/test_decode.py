@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from palm_rlhf.model import decode
 from palm_rlhf.model.attention import RotaryEmbedding, apply_rotary
-from palm_rlhf.model.decode import project
 from palm_rlhf.model.sampling import sample_tokens
 from tests.helpers import randomize_lora, tiny_palm
 
@@ -54,13 +54,16 @@ def test_decode_steps_equal_the_uncached_forward_with_padding_and_lora(overrides
 
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("blocks", [1, 3, 4, 16])
-def test_row_block_product_equals_the_linear(rows, blocks):
+def test_row_block_product_equals_the_linear(rows, blocks, monkeypatch):
+    monkeypatch.setattr(decode, "ROW_BLOCKS_MIN_BYTES", 0)  # the split even for a tiny weight
     linear = torch.nn.Linear(6, 12, bias=False)
     x = torch.randn(rows, 6)
-    assert_close(project(x, linear, blocks), linear(x))  # 16 -> gcd(12, 16) = 4 blocks
+    assert_close(decode.project(x, linear, blocks), linear(x))  # 16 -> gcd(12, 16) = 4 blocks
+    assert_close(decode.row_block_product(x, linear.weight, 3), linear(x))
 
 
-def test_float32_decode_with_row_blocks_equals_the_forward():
+def test_float32_decode_with_row_blocks_equals_the_forward(monkeypatch):
+    monkeypatch.setattr(decode, "ROW_BLOCKS_MIN_BYTES", 0)  # tiny weights: split them anyway
     model = tiny_palm().eval()
     assert model.init_cache(1, 4).row_blocks > 1  # the split products are in use here
     seq, mask = padded_batch()
