@@ -74,7 +74,7 @@ class ParallelBlock(nn.Module):
         xpos: Optional[Tensor] = None,
         decode: Optional[tuple] = None,
     ) -> Tensor:
-        """x (b, n, dim) -> (b, n, dim). `decode` = (rotation, keys_end, input-major weights):
+        """x (b, n, dim) -> (b, n, dim). `decode` = (rotation, keys_end, row blocks):
         x is (b, dim), one new token per row, through `decode.decode_block` (called from here,
         so a wrapper's hooks on this block, FSDP's gathers, run for it as for any forward)."""
         if decode is not None:
