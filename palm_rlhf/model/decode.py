@@ -64,7 +64,10 @@ def row_block_product(x: Tensor, weight: Tensor, blocks: int) -> Tensor:
     three times per block per token, and the patterns cost ~10 us each at this size."""
     out, inputs = weight.shape
     columns = x.t().expand(blocks, inputs, x.shape[0])  # (c, in, b), no copy
-    return torch.bmm(weight.view(blocks, out // blocks, inputs), columns).view(out, -1).t()
+    product = torch.bmm(weight.view(blocks, out // blocks, inputs), columns)  # (c, o, b)
+    # (b, out) row-major: a column-major result would follow every later op, and batched
+    # attention products fall back to one small product per row on such strides
+    return product.view(out, -1).t().contiguous()
 
 
 def project(x: Tensor, linear: nn.Linear, blocks: int) -> Tensor:
