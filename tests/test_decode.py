@@ -60,6 +60,10 @@ def test_row_block_product_equals_the_linear(rows, blocks, monkeypatch):
     x = torch.randn(rows, 6)
     assert_close(decode.project(x, linear, blocks), linear(x))  # 16 -> gcd(12, 16) = 4 blocks
     assert_close(decode.row_block_product(x, linear.weight, 3), linear(x))
+    strided = torch.nn.Linear(12, 6, bias=False)
+    strided.weight = torch.nn.Parameter(torch.randn(12, 6).t())  # (6, 12), not contiguous
+    y = torch.randn(rows, 12)
+    assert_close(decode.project(y, strided, blocks), strided(y))
 
 
 def test_float32_decode_with_row_blocks_equals_the_forward(monkeypatch):

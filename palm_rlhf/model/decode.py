@@ -47,8 +47,9 @@ def row_blocks(device: torch.device, dtype: torch.dtype) -> int:
     A few-row product x @ W^T is a read of W. MKL runs it on one thread at about 6 GB/s on our
     2-core CPU (a read-only pass over memory reaches 13-18 GB/s with both cores), whatever the
     layout. Split into row blocks, the same product becomes one batched call that MKL spreads
-    over its threads: 11-14 GB/s (benchmarks/bench_decode.py). Two blocks per thread balance
-    the load. Float32 on the CPU only: GPUs have their own GEMV, and bf16 here is emulated."""
+    over its threads: 13-16 GB/s (benchmarks/bench_products.py). Two blocks per thread
+    balance the load. Float32 on the CPU only: GPUs have their own GEMV, and bf16 here is
+    emulated."""
     if device.type != "cpu" or dtype != torch.float32:
         return 1
     return 2 * torch.get_num_threads()
@@ -72,12 +73,13 @@ def row_block_product(x: Tensor, weight: Tensor, blocks: int) -> Tensor:
 
 def project(x: Tensor, linear: nn.Linear, blocks: int) -> Tensor:
     """linear(x), (b, in) -> (b, out), for a bias-free Linear: `row_block_product` when blocks
-    (reduced to a divisor of out) is above 1 and the weight is at least `ROW_BLOCKS_MIN_BYTES`,
-    else the module itself. The module's own weight is read inside the block's forward, so a
-    sharded model reads its gathered weight."""
+    (reduced to a divisor of out) is above 1 and the weight is contiguous and at least
+    `ROW_BLOCKS_MIN_BYTES`, else the module itself. The module's own weight is read inside the
+    block's forward, so a sharded model reads its gathered weight."""
     weight = linear.weight
     blocks = math.gcd(weight.shape[0], blocks)
-    if blocks == 1 or weight.numel() * weight.element_size() < ROW_BLOCKS_MIN_BYTES:
+    small = weight.numel() * weight.element_size() < ROW_BLOCKS_MIN_BYTES
+    if blocks == 1 or small or not weight.is_contiguous():
         return linear(x)
     return row_block_product(x, weight, blocks)
 
