@@ -10,12 +10,9 @@ from pathlib import Path
 
 import torch
 
-from palm_rlhf.model.palm import PaLM
 from palm_rlhf.rl.advantages import gae_advantages, per_token_rewards, whiten
 from palm_rlhf.rl.ppo.trainer import RLHFTrainer
-from palm_rlhf.rl_math import masked_mean
-
-PROMPTS = [torch.tensor([5, 6, 7]), torch.tensor([8, 9]), torch.tensor([4, 5, 6, 7, 8])]
+from tests.toy_ppo import toy_palm, toy_trainer
 
 
 def fixed_experience():
@@ -28,32 +25,10 @@ def fixed_experience():
     return x, values, mask
 
 
-def reward(seq, mask, prompt_mask):
-    return masked_mean((seq == 3).float(), mask & ~prompt_mask, dim=-1)
-
-
 def trainer(**overrides) -> RLHFTrainer:
-    torch.manual_seed(1)
-    palm = PaLM(num_tokens=12, dim=32, depth=2, heads=2, dim_head=16, ff_mult=2)
-    with torch.no_grad():
-        palm.token_emb.weight.normal_(0, 0.2)
-    return RLHFTrainer(
-        palm=palm,
-        reward_model=reward,
-        prompt_token_ids=PROMPTS,
-        actor_lr=3e-3,
-        critic_lr=3e-3,
-        actor_lora_r=4,
-        critic_lora_r=4,
-        minibatch_size=8,
-        epochs=1,
-        rollout_batch_size=16,
-        kl_coef=0.1,
-        seed=1,
-        whiten_rewards=True,
-        progress=False,
-        **overrides,
-    )
+    """The toy task (tests/toy_ppo.py) at depth 2, small batches, whitened rewards."""
+    options = dict(minibatch_size=8, epochs=1, rollout_batch_size=16, whiten_rewards=True)
+    return toy_trainer(toy_palm(depth=2), **options, progress=False, **overrides)
 
 
 def sharded(out: Path, critic: dict) -> None:

@@ -25,7 +25,7 @@ from palm_rlhf.rl.ppo.trainer import RLHFTrainer
 from palm_rlhf.rl_math import kl_per_token
 from tests.helpers import launch
 from tests.test_cli_pipeline import FIXTURES, pipeline  # noqa: F401  (the module fixture)
-from tests.test_ppo import final_kl, mean_reward, toy_palm, toy_trainer
+from tests.toy_ppo import final_kl, mean_reward, toy_palm, toy_trainer
 
 RUN = dict(max_response_tokens=8, rollouts_per_update=64, progress=False)
 

@@ -171,7 +171,7 @@ def test_ctrl_c_in_sft_saves_the_step_and_resumes_exactly(tmp_path, monkeypatch)
 def test_ctrl_c_in_rlhf_training_finishes_the_update_saves_and_resumes(tmp_path):
     """A SIGINT arriving mid-rollout lets the running PPO update finish, saves the trainer, and
     raises TrainingInterrupted (a KeyboardInterrupt); the saved state resumes where it stopped."""
-    from tests.test_ppo import fraction_of_target, toy_trainer
+    from tests.toy_ppo import fraction_of_target, toy_trainer
 
     calls = []
 

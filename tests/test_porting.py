@@ -11,7 +11,7 @@ from palm_rlhf.rl.ppo.objective import ppo_objective
 from palm_rlhf.rl.prompts import load_prompts
 from palm_rlhf.rl.rollout import Experience
 from palm_rlhf.rl_math import log_probs_from_logits
-from tests.test_ppo import base_weights, toy_palm, toy_trainer
+from tests.toy_ppo import base_weights, toy_palm, toy_trainer
 
 
 def test_tensor_prompts_lose_every_pad_id_as_in_the_reference():

@@ -21,60 +21,18 @@ from palm_rlhf.rl.kl_controller import KLController, adaptive_kl_coef
 from palm_rlhf.rl.ppo.trainer import RLHFTrainer
 from palm_rlhf.rl.prompts import load_prompts
 from palm_rlhf.rl.rollout import join_prompt_response
-from palm_rlhf.rl_math import log_probs_from_logits, masked_mean
+from palm_rlhf.rl_math import log_probs_from_logits
 from tests.helpers import launch
-
-TARGET = 3
-PROMPTS = [torch.tensor([5, 6, 7]), torch.tensor([8, 9]), torch.tensor([4, 5, 6, 7, 8])]
-
-
-def fraction_of_target(seq, mask, prompt_mask):
-    """(b,) share of response tokens equal to TARGET."""
-    return masked_mean((seq == TARGET).float(), mask & ~prompt_mask, dim=-1)
-
-
-def toy_palm(seed: int = 1, embed_std: float = 0.2) -> PaLM:
-    torch.manual_seed(seed)
-    palm = PaLM(num_tokens=12, dim=32, depth=1, heads=2, dim_head=16, ff_mult=2)
-    with torch.no_grad():
-        palm.token_emb.weight.normal_(0, embed_std)
-    return palm
-
-
-def toy_trainer(palm=None, reward=fraction_of_target, **overrides) -> RLHFTrainer:
-    kwargs = dict(
-        palm=palm if palm is not None else toy_palm(),
-        reward_model=reward,
-        prompt_token_ids=PROMPTS,
-        actor_lr=3e-3,
-        critic_lr=3e-3,
-        actor_lora_r=4,
-        critic_lora_r=4,
-        minibatch_size=16,
-        epochs=2,
-        rollout_batch_size=64,
-        kl_coef=0.1,
-        seed=1,
-    )
-    kwargs.update(overrides)
-    return RLHFTrainer(**kwargs)
-
-
-def mean_reward(trainer: RLHFTrainer, episodes: int = 512, new_tokens: int = 8) -> float:
-    """Mean score of `episodes` fresh rollouts of the current policy."""
-    experience, _ = trainer.rollout(*trainer.sample_prompts(episodes), new_tokens)
-    return float(experience.scores.mean())
-
-
-def final_kl(trainer: RLHFTrainer, last: int = 3) -> float:
-    return sum(r["kl"] for r in trainer.history[-last:]) / last
-
-
-def base_weights(palm: PaLM) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in palm.palm_parameters()]
-
-
-# ----------------------------------------------------------------------------- learning
+from tests.toy_ppo import (
+    PROMPTS,
+    TARGET,
+    base_weights,
+    final_kl,
+    fraction_of_target,
+    mean_reward,
+    toy_palm,
+    toy_trainer,
+)
 
 
 def test_toy_task_reward_rises_far_above_the_untrained_policy_with_kl_bounded():

@@ -15,7 +15,9 @@ from palm_rlhf.rl.ppo.config import PPOConfig
 from palm_rlhf.rl.ppo.trainer import RLHFTrainer
 from palm_rlhf.rl_math import masked_whiten
 from tests.helpers import launch
-from tests.ppo_worker import PROMPTS, fixed_experience, reward
+from tests.ppo_worker import fixed_experience
+from tests.toy_ppo import PROMPTS
+from tests.toy_ppo import fraction_of_target as reward
 
 REPO = Path(__file__).resolve().parents[1]
 
