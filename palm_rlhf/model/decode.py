@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 from functools import cache
-from itertools import accumulate
 from typing import Callable, Optional
 
 import torch
@@ -37,19 +36,16 @@ from torch import Tensor, nn
 from palm_rlhf.model.attention import KVCache
 from palm_rlhf.model.lora import add_output_adapters
 
-# LoRA targets that read the block's normed input, and the fused projection's part they adapt
-FUSED_TARGETS = ("q", "k", "v", "ff_in")
-
 
 def row_blocks(device: torch.device, dtype: torch.dtype) -> int:
     """How many blocks of output rows `project` splits a weight into (1: no split).
 
-    A few-row product x @ W^T is a read of W. MKL runs it on one thread at about 6 GB/s on our
-    2-core CPU (a read-only pass over memory reaches 13-18 GB/s with both cores), whatever the
-    layout. Split into row blocks, the same product becomes one batched call that MKL spreads
-    over its threads: 13-16 GB/s (benchmarks/bench_products.py). Two blocks per thread
-    balance the load. Float32 on the CPU only: GPUs have their own GEMV, and bf16 here is
-    emulated."""
+    A few-row product x @ W^T is a read of W. MKL runs it on one thread: about 5-7 GB/s on our
+    2-core CPU (8-10 from an (in, out) copy of W), while a read-only pass over memory reaches
+    13-18 GB/s with both cores. Split into row blocks, the same product becomes one batched
+    call that MKL spreads over its threads: 13-16 GB/s (benchmarks/bench_products.py). Two
+    blocks per thread balance the load. Float32 on the CPU only: GPUs have their own GEMV,
+    and bf16 here is emulated."""
     if device.type != "cpu" or dtype != torch.float32:
         return 1
     return 2 * torch.get_num_threads()
@@ -106,10 +102,9 @@ def decode_block(
     # (b, h*d + d + d + 2*ff): q | k | v | ff halves
     proj = project(normed, block.fused_attn_ff_proj, blocks)
     if lora is not None:
-        starts = list(accumulate(block.fused_dims, initial=0))
-        for name, start, end in zip(FUSED_TARGETS, starts, starts[1:]):
+        for name, part in block.fused_slices.items():
             if name in lora:
-                proj[:, start:end] += lora[name](normed)
+                proj[:, part] += lora[name](normed)
     split = (heads + 1) * dim_head
     # queries and the shared key are adjacent: one (b, h + 1, d) tensor rotates them together
     qk = proj[:, :split].unflatten(1, (heads + 1, dim_head))

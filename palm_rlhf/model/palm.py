@@ -11,6 +11,7 @@ The model knows nothing of devices, processes or optimisers: trainers own those.
 from __future__ import annotations
 
 from dataclasses import replace
+from itertools import accumulate
 from pathlib import Path
 from typing import Optional, Union
 
@@ -52,6 +53,12 @@ class ParallelBlock(nn.Module):
         # the output is split with both SwiGLU halves apart (value, gate), not split then
         # chunked: backward then assembles the projection's gradient with one copy, not two
         self.split_dims = (*self.fused_dims[:3], config.ff_inner_dim, config.ff_inner_dim)
+        # the LoRA targets that read the normed input: where each lands in the fused output
+        starts = accumulate(self.fused_dims, initial=0)
+        self.fused_slices = {
+            name: slice(start, start + size)
+            for name, start, size in zip(("q", "k", "v", "ff_in"), starts, self.fused_dims)
+        }
         self.norm = nn.LayerNorm(dim, bias=False)
         self.fused_attn_ff_proj = nn.Linear(dim, sum(self.fused_dims), bias=False)
         self.attn_out = nn.Linear(config.attn_inner_dim, dim, bias=False)
@@ -444,17 +451,10 @@ class PaLM(nn.Module):
         """Fold a scope's adapters into the base weights and remove the scope."""
         layers = self.remove_finetune_params(scope)
         for block, lora in zip(self.layers, layers):
-            offsets = dict(
-                zip(
-                    ("q", "k", "v", "ff_in"),
-                    torch.tensor((0,) + block.fused_dims).cumsum(0).tolist(),
-                )
-            )
             for name, adapter in lora.items():
                 delta = adapter.weight.T.to(block.attn_out.weight.dtype)  # (out, in) like nn.Linear
-                if name in offsets:
-                    start = offsets[name]
-                    block.fused_attn_ff_proj.weight[start : start + delta.shape[0]] += delta
+                if name in block.fused_slices:
+                    block.fused_attn_ff_proj.weight[block.fused_slices[name]] += delta
                 elif name == "o":
                     block.attn_out.weight += delta
                 else:
