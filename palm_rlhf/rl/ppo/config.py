@@ -16,7 +16,7 @@ from palm_rlhf.options import option
 from palm_rlhf.rl.hl_gauss import HLGauss
 from palm_rlhf.rl.losses import LENGTH_NORMS
 from palm_rlhf.rl_math import KL_KINDS, typechecked
-from palm_rlhf.train.run import RunOptions
+from palm_rlhf.train.run_options import RunOptions
 
 # "ppo" has a critic; the others are critic-free (see rl/critic_free.py and the README's table)
 ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce++", "flowrl", "tpo")

@@ -46,9 +46,11 @@ from palm_rlhf.rl.schedule import response_budget, rollout_schedule
 from palm_rlhf.rl.text_reward import TextRewardFn, resolve_reward
 from palm_rlhf.rl.update import minibatch_loss, run_epochs, step_networks
 from palm_rlhf.rl_math import typechecked
+from palm_rlhf.train.accelerator import make_accelerator
 from palm_rlhf.train.history import tracker_config
-from palm_rlhf.train.run import guard_loss, make_accelerator, mean_over_processes, progress_bar
+from palm_rlhf.train.progress import mean_over_processes, progress_bar
 from palm_rlhf.train.sharding import load_optimizer_state, optimizer_state
+from palm_rlhf.train.step import guard_loss
 from palm_rlhf.train.stopping import StopOnSignal, TrainingInterrupted
 
 # reward_fn(seq (b, n) long, mask (b, n) bool, prompt_mask (b, n) bool) -> (b,) float
@@ -482,13 +484,13 @@ class RLHFTrainer:
         self.history = list(meta["history"])
 
     def save(self, path: Union[str, Path]) -> Optional[Path]:
-        """Write `path/update-XXXXXXX/` (and the `path/latest` pointer) atomically; see
-        `ppo/checkpoint.py`. Every process takes part; the main process writes. Returns the
-        folder (None on the others)."""
+        """Write `path/step-XXXXXXX/` (XXXXXXX: the update count) and the `path/latest` pointer
+        atomically, keeping the newest `keep_last`; see `ppo/checkpoint.py`. Every process takes
+        part; the main process writes. Returns the folder (None on the others)."""
         self.accelerator.wait_for_everyone()
         folder, state = None, self.state_dict()
         if self.accelerator.is_main_process:
-            folder = io.write_trainer_state(path, f"update-{self.updates:07d}", state)
+            folder = io.write_trainer_state(path, self.updates, state, self.config.keep_last)
         self.accelerator.wait_for_everyone()
         return folder
 
