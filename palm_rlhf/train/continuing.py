@@ -54,4 +54,6 @@ def option_flags(config, **replace) -> list[str]:
 
 def continue_command(config, command: str) -> str:
     """The command line that resumes `config`'s run from its latest checkpoint."""
-    return " ".join([program(command), *option_flags(config, resume="latest")])
+    flags = option_flags(config, resume="latest")
+    where = [f for f in flags if f.startswith(("--out-dir ", "--resume "))]  # last, to be seen
+    return " ".join([program(command), *(f for f in flags if f not in where), *where])

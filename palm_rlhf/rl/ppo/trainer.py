@@ -484,9 +484,8 @@ class RLHFTrainer:
         self.history = list(meta["history"])
 
     def save(self, path: Union[str, Path]) -> Optional[Path]:
-        """Write `path/step-XXXXXXX/` (XXXXXXX: the update count) and the `path/latest` pointer
-        atomically, keeping the newest `keep_last`; see `ppo/checkpoint.py`. Every process takes
-        part; the main process writes. Returns the folder (None on the others)."""
+        """Write `path/step-<updates>/` and `path/latest` atomically (see `ppo/checkpoint.py`).
+        Every process takes part; the main process writes. Returns the folder (None elsewhere)."""
         self.accelerator.wait_for_everyone()
         folder, state = None, self.state_dict()
         if self.accelerator.is_main_process:
