@@ -13,6 +13,7 @@ from torch import nn
 from palm_rlhf.checkpoint import load_state
 from palm_rlhf.options import config_parser, dataclass_from_args
 from palm_rlhf.rl.ppo.config import PPOConfig
+from palm_rlhf.rl.ppo.stage import PPOStageConfig
 from palm_rlhf.rl.update import make_optimizers
 from palm_rlhf.train.accelerator import make_accelerator
 from palm_rlhf.train.checkpointing import Resumed
@@ -54,7 +55,7 @@ def toy_run(tmp_path, num_steps=3, resumed=None, **options):
 
     def evaluate():
         evaluations.append(1)
-        return {"valid_w": float(model.weight)}
+        return {"valid_w": float(model.weight.detach())}
 
     def checkpoint(step, finished):
         checkpoints.append((step, finished))
@@ -70,7 +71,7 @@ def toy_run(tmp_path, num_steps=3, resumed=None, **options):
     )
     resumed = resumed or Resumed(0, [], None, None)
     result = train_loop(accelerator, model, optimizer, scheduler, config, parts, resumed)
-    return result, float(model.weight), evaluations, checkpoints
+    return result, float(model.weight.detach()), evaluations, checkpoints
 
 
 def test_a_step_is_the_mean_over_its_micro_batches(tmp_path):
@@ -197,6 +198,10 @@ def test_run_options_are_declared_once_with_stage_defaults():
         (
             SFTConfig,
             dict(base="b", data="d.jsonl", use_lora=True, lora_targets=("q", "v"), lr=3e-4),
+        ),
+        (
+            PPOStageConfig,
+            dict(policy="p", reward="r", prompts="x.jsonl", betas=(0.9, 0.99), actor_lora=False),
         ),
     ],
 )
