@@ -48,11 +48,11 @@ from palm_rlhf.train.loading import check_tokenizer, load_base
 from palm_rlhf.train.loop import LoopParts, LossTerms, add_totals, means, reduce_terms, train_loop
 from palm_rlhf.train.optim import cosine_schedule, make_optimizer
 from palm_rlhf.train.progress import main_process_log
-from palm_rlhf.train.run_options import LoopOptions, default_for
+from palm_rlhf.train.run_options import LoopOptions, LoraOptions, default_for
 
 
 @dataclass
-class FinetuneConfig(LoopOptions):
+class FinetuneConfig(LoopOptions, LoraOptions):
     base: Optional[str] = option(
         None, "checkpoint folder (or .safetensors file) to start from", required=True
     )
@@ -70,10 +70,6 @@ class FinetuneConfig(LoopOptions):
     on_error: str = option(
         "raise", "a malformed or over-long record: stop, or skip it", choices=("raise", "skip")
     )
-    use_lora: bool = option(
-        False, "train a LoRA scope on frozen base weights instead of all weights"
-    )
-    lora_r: int = option(8, "LoRA rank")
     lora_alpha: Optional[float] = option(None, "LoRA alpha; the update is scaled by alpha / r")
     lora_targets: tuple[str, ...] = option(
         DEFAULT_LORA_TARGETS, "projections given adapters (q k v o ff_in ff_out)"

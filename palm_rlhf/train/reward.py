@@ -46,13 +46,13 @@ from palm_rlhf.train.loop import LoopParts, LossTerms, train_loop
 from palm_rlhf.train.optim import cosine_schedule, make_optimizer
 from palm_rlhf.train.progress import main_process_log
 from palm_rlhf.train.reward_metrics import batch_loss, evaluate_reward
-from palm_rlhf.train.run_options import LoopOptions, default_for
+from palm_rlhf.train.run_options import LoopOptions, LoraOptions, default_for
 
 KINDS = ("comparisons", "ratings")
 
 
 @dataclass
-class RewardTrainConfig(LoopOptions):
+class RewardTrainConfig(LoopOptions, LoraOptions):
     data: str = option(
         "", "JSON Lines file of comparisons or ratings (.jsonl or .jsonl.gz)", required=True
     )
@@ -87,8 +87,7 @@ class RewardTrainConfig(LoopOptions):
     epochs: float = option(1.0, "passes over the training records")
     max_steps: Optional[int] = option(None, "stop after this many optimizer steps")
     margin: float = option(0.0, "ranking loss margin: better responses must win by this much")
-    use_lora: bool = option(True, "train a LoRA scope + head (else fine-tune every weight)")
-    lora_r: int = option(8, "LoRA rank")
+    use_lora: bool = default_for("use_lora", True)
     pooling: str = option(
         "last", "score from the last token or the response mean", choices=("last", "mean")
     )
@@ -111,7 +110,7 @@ class RewardTrainConfig(LoopOptions):
             raise ValueError(f"num_bins must be 0 (scalar) or >= 2, got {self.num_bins}")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ValueError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
-        for name in ("batch_size", "max_len"):
+        for name in ("batch_size", "max_len", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.epochs <= 0 and self.max_steps is None:

@@ -3,6 +3,7 @@ keywords and the command-line flags (`--seed`, `--lr`, `--resume`...) come from 
 
 - `RunOptions`: what every stage shares, PPO included (seed, precision, devices, NaN policy,
   progress bar, sharding, trackers, checkpoints kept).
+- `LoraOptions`: LoRA or full weights, and the rank, where a stage can train adapters.
 - `LoopOptions`: what the one training loop (`train/loop.py`) reads, for pretraining, SFT,
   DPO, CoH and reward training: the optimiser and its schedule, accumulation, clipping, when to
   evaluate, log and save, when to stop, where the run lives and where it resumes from.
@@ -91,8 +92,19 @@ class LoopOptions(RunOptions):
             raise ValueError(f"max_minutes must be positive or none, got {self.max_minutes}")
 
 
-def default_for(name: str, value: Any, cls: type = LoopOptions) -> Any:
+@dataclass
+class LoraOptions:
+    """Low-rank adapters, for the stages that can train them (SFT, DPO, CoH, reward)."""
+
+    use_lora: bool = option(
+        False, "train a LoRA scope (a reward model: and its head) on frozen base weights"
+    )
+    lora_r: int = option(8, "LoRA rank")
+
+
+def default_for(name: str, value: Any, cls: Optional[type] = None) -> Any:
     """The option `name` of `cls` with another default, for a stage whose default differs
     (`lr: float = default_for("lr", 2e-3)`); the help text stays the one declared above."""
-    declared = {field.name: field for field in dataclasses.fields(cls)}[name]
+    options = [cls] if cls is not None else [LoopOptions, LoraOptions]
+    declared = {f.name: f for option_cls in options for f in dataclasses.fields(option_cls)}[name]
     return dataclasses.field(default=value, metadata=declared.metadata)
