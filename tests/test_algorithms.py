@@ -13,16 +13,16 @@ from torch.testing import assert_close
 
 from palm_rlhf.cli import main
 from palm_rlhf.data.tokenizer import ByteTokenizer
-from palm_rlhf.model.palm import PaLM
-from palm_rlhf.rl.estimators import (
-    global_normalized_advantages,
+from palm_rlhf.functional.advantages import (
     group_normalized_advantages,
     leave_one_out_advantages,
     reinforce_pp_returns,
 )
+from palm_rlhf.functional.kl import kl_per_token
+from palm_rlhf.functional.masked import whiten
+from palm_rlhf.model.palm import PaLM
 from palm_rlhf.rl.ppo.config import PPOConfig
 from palm_rlhf.rl.ppo.trainer import RLHFTrainer
-from palm_rlhf.rl_math import kl_per_token
 from tests.helpers import launch
 from tests.test_cli_pipeline import FIXTURES, pipeline  # noqa: F401  (the module fixture)
 from tests.toy_ppo import final_kl, mean_reward, toy_palm, toy_trainer
@@ -118,9 +118,7 @@ def test_reinforce_pp_whitens_kl_shaped_returns_over_the_batch():
     kl = kl_per_token(experience.old_logprobs, experience.ref_logprobs, "k1")
     returns = reinforce_pp_returns(experience.scores, kl, mask, 0.1)
     assert_close(experience.returns, returns, atol=1e-6, rtol=1e-6)
-    assert_close(
-        experience.advantages, global_normalized_advantages(returns, mask), atol=1e-6, rtol=1e-6
-    )
+    assert_close(experience.advantages, whiten(returns, mask), atol=1e-6, rtol=1e-6)
 
 
 def test_config_validates_group_options_and_names_the_algorithms():
@@ -277,9 +275,9 @@ def test_two_processes_give_the_advantages_one_process_computes_for_the_same_sam
             for key in ("returns", "mask", "advantages")
         )
         mask = mask.bool()
-        together = global_normalized_advantages(returns, mask)
+        together = whiten(returns, mask)
         assert_close(got, together, atol=1e-5, rtol=1e-5)
-        local = global_normalized_advantages(returns[:16], mask[:16])
+        local = whiten(returns[:16], mask[:16])
         assert not torch.allclose(local, together[:16], atol=1e-3)  # the sum of moments matters
 
 

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from palm_rlhf.checkpoint import (
     PathLike,
 )
+from palm_rlhf.functional.masked import masked_mean
 from palm_rlhf.model.lora import DEFAULT_LORA_TARGETS
 from palm_rlhf.model.palm import PaLM, check_token_ids
 from palm_rlhf.model.reward_config import RewardConfig
@@ -65,7 +66,6 @@ from palm_rlhf.model.reward_weights import (
     reward_from_reference,
     save_reward,
 )
-from palm_rlhf.rl_math import masked_mean
 
 # ----------------------------------------------------------------------------- pure helpers
 

@@ -23,12 +23,12 @@ import torch
 from einops import einsum, rearrange, repeat
 from torch import Tensor, nn
 
+from palm_rlhf.functional.hl_gauss import HLGauss, hl_gauss_clipped_loss
+from palm_rlhf.functional.value_losses import value_loss
 from palm_rlhf.model.implicit_prm import ImplicitPRM, outcome_loss
 from palm_rlhf.model.palm import PaLM
-from palm_rlhf.rl.hl_gauss import HLGauss, hl_gauss_clipped_loss
 from palm_rlhf.rl.policies import Actor, update_dropout
 from palm_rlhf.rl.rollout import Experience
-from palm_rlhf.rl_math import value_loss
 from palm_rlhf.train import sharding
 
 

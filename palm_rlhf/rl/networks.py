@@ -17,11 +17,11 @@ from typing import Optional, Union
 
 from torch import nn
 
+from palm_rlhf.functional.hl_gauss import HLGauss
 from palm_rlhf.model.implicit_prm import ImplicitPRM
 from palm_rlhf.model.palm import PaLM
 from palm_rlhf.rl.critics import Critic, ProcessRewardCritic
 from palm_rlhf.rl.flowrl import LogPartition
-from palm_rlhf.rl.hl_gauss import HLGauss
 from palm_rlhf.rl.policies import Actor, bare_copy, claim_scope, prepare_each
 from palm_rlhf.rl.update import make_optimizers
 from palm_rlhf.train import sharding

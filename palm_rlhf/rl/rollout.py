@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from palm_rlhf.functional.logprobs import log_probs_from_logits
 from palm_rlhf.model.sampling import sample_tokens
-from palm_rlhf.rl_math import log_probs_from_logits
 
 
 class Rollout(NamedTuple):
