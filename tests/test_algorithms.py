@@ -324,3 +324,38 @@ def test_cli_trains_grpo_on_the_pipeline_fixtures(pipeline, capsys):  # noqa: F8
     latest = trainer_dir / (trainer_dir / "latest").read_text()
     assert not (latest / "critic.safetensors").exists()
     assert json.loads((latest / "trainer_state.json").read_text())["config"]["algorithm"] == "grpo"
+
+
+# ----------------------------------------------------------------------------- docs/extending.md
+
+
+def test_the_extending_page_python_blocks_run_as_written_and_can_fail(tmp_path):
+    """Every ```python block of docs/extending.md, in order, in a fresh interpreter (its
+    registration must not leak into the other tests), with no names injected."""
+    import re
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "docs" / "extending.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "docs/extending.md has no python block"
+
+    def run(code: str) -> subprocess.CompletedProcess:
+        script = tmp_path / "blocks.py"
+        script.write_text(code)
+        env = {"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+        return subprocess.run(
+            [sys.executable, str(script)],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=120,
+        )
+
+    done = run("\n".join(blocks))
+    assert done.returncode == 0, done.stderr[-2000:]
+    # the page's own assertion bites: a wrong expected advantage fails the run
+    broken = run("\n".join(blocks).replace("[2.0, 0.0]", "[2.5, 0.0]"))
+    assert broken.returncode != 0 and "AssertionError" in broken.stderr

@@ -19,6 +19,7 @@ from einops import rearrange
 from torch import Tensor
 
 from palm_rlhf.functional.advantages import group_normalized_advantages
+from palm_rlhf.functional.kl import kl_per_token
 from palm_rlhf.functional.masked import check_mask, check_same_shape, masked_mean, masked_sum
 
 
@@ -119,7 +120,7 @@ def policy_gradient_loss(
     with torch.no_grad():
         stats = PolicyLossStats(
             clip_fraction=masked_mean(((ratio - 1).abs() > clip_eps).to(ratio.dtype), mask),
-            approx_kl=masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            approx_kl=masked_mean(kl_per_token(old_logprobs, logprobs, "k3"), mask),
         )
     return loss, stats
 

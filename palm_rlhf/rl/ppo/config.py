@@ -20,10 +20,9 @@ from palm_rlhf.rl.algorithms import ALGORITHMS, policy_gradient_objective
 from palm_rlhf.train.run import RunOptions
 from palm_rlhf.typecheck import typechecked
 
-# the choices of `algorithm`: "ppo" has a critic; the others are critic-free (rl/algorithms.py)
+# the command line's choices of `algorithm`: the registry's keys ("ppo" has a critic; the others
+# are critic-free, see rl/algorithms.py); validation below reads the registry itself
 ALGORITHM_NAMES = tuple(ALGORITHMS)
-GROUP_ALGORITHMS = tuple(k for k, v in ALGORITHMS.items() if v.groups)  # several per prompt
-POLICY_GRADIENT = tuple(k for k, v in ALGORITHMS.items() if v.loss is policy_gradient_objective)
 
 
 @typechecked  # the generated __init__ checks every hyperparameter's type
@@ -123,6 +122,8 @@ class PPOConfig(RunOptions):
     def __post_init__(self):
         self.betas = tuple(self.betas)
         self.pad_value = int(self.pad_value)  # the reference project's default was the float 0.
+        groups = tuple(k for k, v in ALGORITHMS.items() if v.groups)  # several per prompt
+        gradient = tuple(k for k, v in ALGORITHMS.items() if v.loss is policy_gradient_objective)
         checks = {
             "minibatch_size >= 1": self.minibatch_size >= 1,
             "epochs >= 1": self.epochs >= 1,
@@ -147,16 +148,16 @@ class PPOConfig(RunOptions):
             "value_head_init in ('mean_return', 'zero')": self.value_head_init
             in ("mean_return", "zero"),
             "nan_policy in ('raise', 'skip')": self.nan_policy in ("raise", "skip"),
-            f"algorithm in {ALGORITHM_NAMES}": self.algorithm in ALGORITHMS,
-            f"group_size >= 2 for {GROUP_ALGORITHMS}, >= 1 otherwise": self.group_size
-            >= (2 if self.algorithm in GROUP_ALGORITHMS else 1),
+            f"algorithm in {tuple(ALGORITHMS)}": self.algorithm in ALGORITHMS,
+            f"group_size >= 2 for {groups}, >= 1 otherwise": self.group_size
+            >= (2 if self.algorithm in groups else 1),
             f"length_norm in {LENGTH_NORMS}": self.length_norm in LENGTH_NORMS,
             "flowrl_beta > 0": self.flowrl_beta > 0,
             "tpo_eta > 0": self.tpo_eta > 0,
             "critic_num_pred_bins >= 2 or None": self.critic_num_pred_bins is None
             or self.critic_num_pred_bins >= 2,
-            f"score_centering only with {POLICY_GRADIENT}": not self.score_centering
-            or self.algorithm in POLICY_GRADIENT,
+            f"score_centering only with {gradient}": not self.score_centering
+            or self.algorithm in gradient,
         }
         failed = [name for name, ok in checks.items() if not ok]
         if failed:
