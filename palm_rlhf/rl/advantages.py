@@ -48,15 +48,14 @@ def ppo_advantages(
     kl_coef: float,
     value_shift: Optional[Callable[[float], float]] = None,
     all_reduce: Optional[AllReduce] = None,
-    process_rewards: bool = False,
 ) -> tuple[Experience, dict[str, float]]:
     """PPO's phase 3 on a rollout with shaped scores: per-token rewards (score - kl_coef *
     KL_t), then advantages over the critic's values: GAE, or one baseline per sequence with
     `config.critic_pooled_values` (`pooled_advantages`). `value_shift`, when given, receives
     the global `mean_return_shift` and returns the shift it applied to the critic (the first
-    rollout starts it at the reward's scale); the rollout's values move by it too. With
-    `process_rewards` the rollout's "values" are an ImplicitPRM's dense rewards: they join
-    the per-token rewards and the baseline is 0. `all_reduce` makes statistics global over
+    rollout starts it at the reward's scale); the rollout's values move by it too. An
+    ImplicitPRM critic's dense `experience.process_rewards` join the per-token rewards and
+    the baseline is 0 (it values no state). `all_reduce` makes statistics global over
     processes (see `functional.masked.whiten`)."""
     scores, mask = experience.scores, experience.action_mask
     kl = kl_per_token(experience.old_logprobs, experience.ref_logprobs, config.kl_kind)
@@ -64,8 +63,9 @@ def ppo_advantages(
     if config.whiten_rewards:  # scale only: the mean stays
         rewards = whiten(rewards, mask, shift_mean=False, all_reduce=all_reduce)
     values, pooled = experience.old_values, config.critic_pooled_values
-    if process_rewards:
-        rewards, values, pooled = rewards + torch.where(mask, values, 0), values * 0, False
+    process_rewards = experience.process_rewards
+    if process_rewards is not None:
+        rewards, pooled = rewards + torch.where(mask, process_rewards, 0), False
     elif value_shift is not None:
         shift = mean_return_shift(rewards, values, mask, config.gamma, pooled, all_reduce)
         values = torch.where(mask, values + value_shift(float(shift)), 0)
@@ -80,7 +80,7 @@ def ppo_advantages(
         **kl_stats(kl, mask),
         explained_variance=float(explained_variance(values, returns, mask)),
     )
-    if process_rewards:
-        stats["process_reward"] = float(masked_sum(experience.old_values, mask, dim=-1).mean())
+    if process_rewards is not None:
+        stats["process_reward"] = float(masked_sum(process_rewards, mask, dim=-1).mean())
     experience = experience._replace(old_values=values, advantages=advantages, returns=returns)
     return experience, stats

@@ -229,9 +229,7 @@ class RLHFTrainer:
             return critic_free_advantages(experience, config, kl_coef, global_sum)
         # a fresh value head moves to the first rollout's mean return
         shift = None if self.value_head_initialised else self._init_value_head
-        experience, stats = ppo_advantages(
-            experience, config, kl_coef, shift, global_sum, self.process_rewards
-        )
+        experience, stats = ppo_advantages(experience, config, kl_coef, shift, global_sum)
         return experience, {**stats, "kl_coef": kl_coef}
 
     def _init_value_head(self, shift: float) -> float:
