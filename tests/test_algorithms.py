@@ -359,3 +359,29 @@ def test_the_extending_page_python_blocks_run_as_written_and_can_fail(tmp_path):
     # the page's own assertion bites: a wrong expected advantage fails the run
     broken = run("\n".join(blocks).replace("[2.0, 0.0]", "[2.5, 0.0]"))
     assert broken.returncode != 0 and "AssertionError" in broken.stderr
+
+
+def test_a_one_token_batch_gives_ppo_and_reinforce_pp_their_raw_advantage_alike():
+    """Whitening has one tiny-batch rule for every algorithm: with fewer than 2 tokens in the
+    batch the entries pass through (REINFORCE++ used to raise where PPO passed through)."""
+    from types import SimpleNamespace
+
+    from palm_rlhf.rl.algorithms import AdvantageInputs, reinforce_pp_advantages
+
+    config = SimpleNamespace(gamma=1.0, group_size=1)
+    scores, kl, mask = (
+        torch.tensor([2.0]),
+        torch.tensor([[0.5, 9.0]]),
+        torch.tensor([[True, False]]),
+    )
+    # r = -0.1 * 0.5 + 2 = 1.95 at the one token; G = 1.95; whitening leaves it as it is
+    inputs = AdvantageInputs(scores, kl, mask, config, 0.1, lambda t: t)
+    advantages, returns = reinforce_pp_advantages(inputs)
+    assert_close(returns, torch.tensor([[1.95, 0.0]]), atol=1e-6, rtol=0)
+    assert_close(advantages, torch.tensor([[1.95, 0.0]]), atol=1e-6, rtol=0)
+    # the same batch one process sees when another holds a second token (return 0.95):
+    # mean 1.45, var 0.5 -> (1.95 - 1.45) / sqrt(0.5)
+    other = torch.tensor([1.0, 0.95, 0.95**2], dtype=torch.float64)
+    inputs = inputs._replace(all_reduce=lambda t: t + other)
+    advantages, _ = reinforce_pp_advantages(inputs)
+    assert_close(advantages, torch.tensor([[0.5 / 0.5**0.5, 0.0]]), atol=1e-5, rtol=0)
