@@ -267,7 +267,7 @@ def _ppo(ratios, advantages, mask=None, eps=0.2):
         (0.5, 2.0, -1.0, False),  # A > 0, r < 0.8: min(1.0, 1.6) = 1.0, unclipped side wins
     ],
 )
-def test_ppo_policy_loss_points_by_hand(ratio, advantage, expected, clipped):
+def test_ppo_clipped_loss_points_by_hand(ratio, advantage, expected, clipped):
     loss, _, logprobs = _ppo([ratio], [advantage])
     assert_close(loss, tensor(expected), **TIGHT)
     loss.backward()
@@ -276,7 +276,7 @@ def test_ppo_policy_loss_points_by_hand(ratio, advantage, expected, clipped):
     assert_close(logprobs.grad, tensor([[grad]]), **TIGHT)
 
 
-def test_ppo_policy_loss_masked_batch_and_stats():
+def test_ppo_clipped_loss_masked_batch_and_stats():
     loss, stats, _ = _ppo([1.1, 1.5, 0.5, 7.0], [2.0, 2.0, -1.0, 5.0], mask=[T, T, T, F_])
     assert_close(loss, tensor(-(2.2 + 2.4 - 0.8) / 3), **TIGHT)
     assert_close(stats.clip_fraction, tensor(2 / 3), **TIGHT)  # |r-1| > 0.2 for 1.5 and 0.5
