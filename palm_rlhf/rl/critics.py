@@ -8,9 +8,11 @@
                         bins (`critic_num_pred_bins`, trained with the HL-Gauss loss)
     ProcessRewardCritic an `ImplicitPRM` in the critic's place (PRIME, Cui et al. 2025): no value
                         function; its per-token implicit rewards are dense process rewards
-                        added to the reward stream, and it is trained online on outcome labels
+                        added to the reward stream (`rollout.Experience.process_rewards`),
+                        and it is trained online on outcome labels
 
-Every critic answers the same three questions the trainer asks: `forward(tokens, action_mask)`
+Both are `policies.ScopedPaLM`s (a scope or full weights, like the actor). Every critic
+answers the same three questions the trainer asks: `forward(tokens, action_mask)`
 -> its raw output (b, n - 1, k); `values(raw)` -> (b, n - 1) floats; `loss(raw, batch,
 value_clip)` -> the scalar its optimizer minimises.
 """
