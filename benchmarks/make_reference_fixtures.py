@@ -31,6 +31,10 @@ What is written (all tiny):
 - ``facts.json``: configs of the fixtures and behaviour of the reference measured by running
   and instrumenting it (``RLHFTrainer.train`` work counts, ``generate`` defaults, prompt
   padding, what ``actor_lora=False`` trains, the reward model's outputs and labels).
+- ``dropin.json``, ``dropin.safetensors``: the reference's other trainers (``grpo``, ``flowrl``,
+  ``tpo``) for ``tests/test_dropin_trainers.py``: their keyword defaults and ``train()`` counts,
+  the advantages / TPO targets each stores for fixed group rewards, one grpo ``learn()`` loss
+  and its gradient under each loss option, and the top-level ``score_centering_loss``.
 """
 
 from __future__ import annotations
@@ -787,7 +791,7 @@ def _memories(tensors: dict, prefix: str):
     return seq, prompt_mask, mask, old_probs, old_log_prob, advantages, logits
 
 
-def record_grpo_losses(tensors: dict) -> None:
+def record_grpo_losses(tensors: dict) -> dict:
     """The loss and its gradient with respect to the actor's logits, of one reference grpo
     learn() minibatch on `_memories`, under each loss option (learn() as written: the actor
     replaced by a table of logits, indexed by each row's first token)."""
@@ -836,6 +840,7 @@ def record_grpo_losses(tensors: dict) -> None:
         trainer.learn(memories)
         tensors[f"dropin.grpo.loss.{case}"] = losses[0].reshape(1)
         tensors[f"dropin.grpo.grad.{case}"] = table.grad
+    return cases
 
 
 def record_score_centering(tensors: dict) -> None:
@@ -901,7 +906,7 @@ def build_dropin_fixtures(out: Path) -> None:
     )
     tensors: dict = {}
     record_dropin_advantages(tensors)
-    record_grpo_losses(tensors)
+    facts["grpo_loss_cases"] = record_grpo_losses(tensors)  # the keywords of each case
     record_score_centering(tensors)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "dropin.safetensors"))
     (out / "dropin.json").write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")

@@ -26,28 +26,13 @@ class FlowRLTrainer(ref.ReferenceTrainer):
 
     name, algorithm = NAME, "flowrl"
     reference_defaults = dict(
-        prompts=None,
-        prompts_path=None,
-        prompt_token_ids=None,
-        tokenizer=None,
+        ref.SHARED_DEFAULTS,
         flowrl_num_times_sample=8,
         beta=15.0,
-        actor_lr=1e-4,
-        actor_wd=0.0,
-        actor_lora=True,
-        actor_lora_r=8,
-        actor_dropout=0.0,
-        betas=(0.9, 0.999),
-        max_norm=None,
         eps_clip=0.2,
-        beta_s=0.01,
-        pad_value=0.0,
-        minibatch_size=16,
-        epochs=1,
         kl_div_loss_weight=0.1,
         partition_function_hidden_dim=REFERENCE_HIDDEN_DIM,
         partition_function_lr=1e-4,
-        accelerate_kwargs={},
     )
 
     @staticmethod

@@ -28,23 +28,9 @@ class RLHFTrainer(ref.ReferenceTrainer):
 
     name, algorithm = NAME, "grpo"
     reference_defaults = dict(
-        prompts=None,
-        prompts_path=None,
-        prompt_token_ids=None,
-        tokenizer=None,
+        ref.SHARED_DEFAULTS,
         grpo_num_times_sample_rewards=10,
-        actor_lr=1e-4,
-        actor_wd=0.0,
-        actor_lora=True,
-        actor_lora_r=8,
-        actor_dropout=0.0,
-        betas=(0.9, 0.999),
-        max_norm=None,
         eps_clip=0.2,
-        beta_s=0.01,
-        pad_value=0.0,
-        minibatch_size=16,
-        epochs=1,
         kl_div_loss_weight=0.1,
         use_simple_policy_optimization=False,
         use_dr_grpo=False,
@@ -56,7 +42,6 @@ class RLHFTrainer(ref.ReferenceTrainer):
         add_entropy_to_advantage=False,
         entropy_to_advantage_kappa=2.0,
         entropy_to_advantage_scale=0.4,
-        accelerate_kwargs={},
     )
 
     @staticmethod

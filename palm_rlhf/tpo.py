@@ -26,24 +26,9 @@ class RLHFTrainer(ref.ReferenceTrainer):
 
     name, algorithm = NAME, "tpo"
     reference_defaults = dict(
-        prompts=None,
-        prompts_path=None,
-        prompt_token_ids=None,
-        tokenizer=None,
+        ref.SHARED_DEFAULTS,
         num_times_sample_rewards=10,
-        actor_lr=1e-4,
-        actor_wd=0.0,
-        actor_lora=True,
-        actor_lora_r=8,
-        actor_dropout=0.0,
-        betas=(0.9, 0.999),
-        max_norm=None,
-        beta_s=0.01,
-        pad_value=0.0,
-        minibatch_size=16,
-        epochs=1,
         tpo_eta=1.0,
-        accelerate_kwargs={},
     )
 
     @staticmethod

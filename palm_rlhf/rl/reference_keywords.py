@@ -46,6 +46,25 @@ TRAINER_KEYWORDS = tuple(
 CONFIG_FIELDS = tuple(f.name for f in fields(PPOConfig))
 # passed through unchanged: the reference's names for these mean what ours do
 SHARED_INPUTS = ("prompts", "prompts_path", "prompt_token_ids", "tokenizer", "accelerate_kwargs")
+# keyword defaults all three reference trainers share (beside palm and reward_model)
+SHARED_DEFAULTS = dict(
+    prompts=None,
+    prompts_path=None,
+    prompt_token_ids=None,
+    tokenizer=None,
+    actor_lr=1e-4,
+    actor_wd=0.0,
+    actor_lora=True,
+    actor_lora_r=8,
+    actor_dropout=0.0,
+    betas=(0.9, 0.999),
+    max_norm=None,
+    beta_s=0.01,
+    pad_value=0.0,
+    minibatch_size=16,
+    epochs=1,
+    accelerate_kwargs={},
+)
 SAME_MEANING = (
     "actor_lr",
     "actor_wd",
