@@ -33,8 +33,9 @@ What is written (all tiny):
   padding, what ``actor_lora=False`` trains, the reward model's outputs and labels).
 - ``dropin.json``, ``dropin.safetensors``: the reference's other trainers (``grpo``, ``flowrl``,
   ``tpo``) for ``tests/test_dropin_trainers.py``: their keyword defaults and ``train()`` counts,
-  the advantages / TPO targets each stores for fixed group rewards, one grpo ``learn()`` loss
-  and its gradient under each loss option, and the top-level ``score_centering_loss``.
+  the advantages / TPO targets each stores for fixed group rewards, one ``learn()`` loss and
+  its gradient of each (grpo: under each loss option), and the top-level
+  ``score_centering_loss``.
 """
 
 from __future__ import annotations
@@ -843,6 +844,114 @@ def record_grpo_losses(tensors: dict) -> dict:
     return cases
 
 
+class _OneBatch:
+    """Stands in for TPO's replay buffer: its dataloader yields the one given batch."""
+
+    def __init__(self, *batch):
+        self.batch = batch
+
+    def dataloader(self, **kwargs):
+        return [self.batch]
+
+
+def record_tpo_losses(tensors: dict) -> None:
+    """One reference TPO learn() minibatch (2 groups of 3, prompt 2, vocabulary 6) with the
+    actor replaced by a table of logits: the loss and its gradient, with and without beta_s."""
+    import random
+
+    import torch
+
+    gen = torch.Generator().manual_seed(13)
+    groups, k, n, v = 2, 3, 6, 6
+    seq = torch.randint(0, v, (groups, k, n), generator=gen)
+    seq[..., 0] = torch.arange(groups * k).reshape(groups, k)  # row i starts with token i
+    prompt_mask = (torch.arange(n) < 2).expand(groups, k, n)
+    mask = torch.arange(n) < torch.tensor([[6, 5, 4], [6, 6, 3]])[..., None]
+    target_q = (torch.randn(groups, k, generator=gen)).softmax(-1)
+    logits = torch.randn(groups * k, n, v, generator=gen) * 0.8
+    batch = dict(seq=seq, prompt_mask=prompt_mask, mask=mask, target_q=target_q, logits=logits)
+    tensors.update({f"dropin.tpo.batch.{key}": value for key, value in batch.items()})
+    for case, beta_s in (("plain", 0.0), ("beta_s", 0.01)):
+        torch.manual_seed(0)
+        random.seed(0)
+        trainer = _dropin_trainer("tpo", minibatch_size=2, beta_s=beta_s)
+        table = logits.clone().requires_grad_()
+        trainer.actor.forward = lambda x, mask=None, table=table: table[x[:, 0]]
+        losses = []
+
+        def backward(loss, losses=losses):
+            losses.append(loss.detach())
+            loss.backward()
+
+        trainer.accelerate.backward = backward
+        trainer.learn(_OneBatch(seq, prompt_mask, mask, target_q))
+        tensors[f"dropin.tpo.loss.{case}"] = losses[0].reshape(1)
+        tensors[f"dropin.tpo.grad.{case}"] = table.grad
+
+
+def record_flowrl_loss(tensors: dict) -> None:
+    """One reference FlowRL learn() minibatch (one group of 4 full-length responses) with the
+    actor, the reference PaLM and log Z replaced by tables: the loss and its gradients. The
+    stored "log-probs" are probabilities there, as its train() stores them."""
+    import random
+
+    import torch
+    from palm_rlhf_pytorch.flowrl import Memory
+
+    gen = torch.Generator().manual_seed(14)
+    b, n, v, prompt = 4, 6, 5, 2
+    seq = torch.randint(0, v, (b, n), generator=gen)
+    seq[:, 0] = torch.arange(b)
+    prompt_mask = torch.arange(n)[None].expand(b, n) < prompt
+    mask = torch.ones(b, n, dtype=torch.bool)
+    old_probs = (torch.randn(b, n, v, generator=gen) * 0.8).softmax(-1)
+    old_action_prob = old_probs.gather(-1, seq[..., None])[..., 0][:, prompt:]
+    rewards = torch.tensor([0.5, -1.2, 1.4, -0.7])
+    logits, ref_logits = (torch.randn(b, n, v, generator=gen) * 0.8 for _ in range(2))
+    log_z = torch.tensor([0.3, 0.3, -0.2, -0.2])
+    batch = dict(
+        seq=seq,
+        prompt_mask=prompt_mask,
+        mask=mask,
+        old_probs=old_probs,
+        old_action_prob=old_action_prob,
+        rewards=rewards,
+        logits=logits,
+        ref_logits=ref_logits,
+        log_z=log_z,
+    )
+    tensors.update({f"dropin.flowrl.batch.{key}": value for key, value in batch.items()})
+    torch.manual_seed(0)
+    random.seed(0)
+    trainer = _dropin_trainer("flowrl", minibatch_size=4, beta=2.0, eps_clip=0.2)
+    table, z = logits.clone().requires_grad_(), log_z.clone().requires_grad_()
+    trainer.actor.forward = lambda x, mask=None: table[x[:, 0]]
+
+    def palm_forward(x, return_only_embedding=False, **kwargs):
+        if return_only_embedding:  # log Z's features: each row's id (its first token)
+            features = torch.zeros(*x.shape, REWARD_PALM_CONFIG["dim"])
+            features[..., 0] = x[:, :1].float()
+            return features
+        return ref_logits[x[:, 0]]
+
+    # rows arrive shuffled: each row's log Z is looked up by its id
+    trainer.palm.forward = palm_forward
+    trainer.partition_function.forward = lambda features: z[features[:, 0].long()]
+    losses = []
+
+    def backward(loss):
+        losses.append(loss.detach())
+        loss.backward()
+
+    trainer.accelerate.backward = backward
+    trainer.learn(
+        [Memory(*row) for row in zip(seq, prompt_mask, mask, old_probs, old_action_prob, rewards)]
+    )
+    tensors["dropin.flowrl.loss"] = losses[0].reshape(1)
+    tensors["dropin.flowrl.grad"] = table.grad
+    tensors["dropin.flowrl.log_z_grad"] = z.grad
+
+
 def record_score_centering(tensors: dict) -> None:
     """The reference's top-level score_centering_loss: per-token losses (b, n) and the
     gradient of a fixed weighting of them, full vocabulary and top-k, with and without a
@@ -908,6 +1017,8 @@ def build_dropin_fixtures(out: Path) -> None:
     record_dropin_advantages(tensors)
     facts["grpo_loss_cases"] = record_grpo_losses(tensors)  # the keywords of each case
     record_score_centering(tensors)
+    record_tpo_losses(tensors)
+    record_flowrl_loss(tensors)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "dropin.safetensors"))
     (out / "dropin.json").write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
 

@@ -17,7 +17,7 @@ from torch.testing import assert_close
 
 from palm_rlhf import PaLM, RewardModel, flowrl, grpo, tpo
 from palm_rlhf.rl.estimators import group_normalized_advantages
-from palm_rlhf.rl.losses import tpo_targets
+from palm_rlhf.rl.losses import flowrl_loss, tpo_targets
 from palm_rlhf.rl.rollout import Experience
 from palm_rlhf.rl.update import minibatch_loss
 
@@ -479,3 +479,109 @@ def test_top_level_score_centering_loss_is_the_references(tensors, advantages, t
     assert out.shape == (2, 3)
     assert_close(out.detach(), tensors[key + ".loss"], atol=1e-6, rtol=1e-5)
     assert_close(logits.grad, tensors[key + ".grad"], atol=1e-6, rtol=1e-5)
+
+
+def recorded_batch(tensors: dict, prefix: str, grouped: tuple = ()) -> dict:
+    """A recorded batch by name; the `grouped` ones (g, k, ...) flattened to rows (g k, ...)."""
+    out = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k: v.flatten(0, 1) if k in grouped else v for k, v in out.items()}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "plain",
+        pytest.param(
+            "beta_s",
+            marks=pytest.mark.xfail(
+                strict=True, raises=NotImplementedError, reason=LOSS_PENDING["beta_s"]
+            ),
+        ),
+    ],
+)
+def test_tpo_loss_and_gradient_match_the_references_learn_step(tensors, case):
+    """The reference TPO's learn() on a recorded batch of 2 groups of 3 with given targets q,
+    through our loss (`minibatch_loss`, the front door's config). Ours builds q from the old
+    sequence log-probs and the scores: with equal scores (z = 0) and old sequence log-probs
+    log q, its q is the recorded one."""
+    batch = recorded_batch(
+        tensors, "dropin.tpo.batch.", grouped=("seq", "prompt_mask", "mask", "target_q")
+    )
+    beta_s = 0.01 if case == "beta_s" else 0.0
+    torch.manual_seed(0)
+    trainer = tpo.RLHFTrainer(
+        palm=PaLM(**PALM),
+        reward_model=lambda s, m, p: m.float().mean(-1),
+        prompt_token_ids=[[1, 2]],
+        progress=False,
+        num_times_sample_rewards=2,
+        beta_s=beta_s,
+    )
+    tokens, action_mask = batch["seq"], (~batch["prompt_mask"] & batch["mask"])[:, 1:]
+    first = action_mask.int().argmax(-1)  # each row's first response position
+    old = torch.zeros(action_mask.shape)
+    old[torch.arange(len(first)), first] = batch["target_q"].flatten().log()
+    zeros = torch.zeros(action_mask.shape)
+    experience = Experience(
+        tokens=tokens,
+        mask=batch["mask"],
+        prompt_mask=batch["prompt_mask"],
+        action_mask=action_mask,
+        old_logprobs=old,
+        ref_logprobs=old,
+        old_values=zeros,
+        advantages=zeros,
+        returns=zeros,
+        scores=torch.zeros(len(tokens)),
+    )
+    table = batch["logits"].clone().requires_grad_()
+    actor = lambda tokens: table[tokens[:, 0]]  # noqa: E731 - row i starts with token i
+    loss, _ = minibatch_loss(
+        {"actor": actor}, experience, trainer.config, trainer.kl_coef, 1.0, action_mask.shape[1]
+    )
+    loss.backward()
+    assert_close(loss.detach().reshape(1), tensors[f"dropin.tpo.loss.{case}"], atol=1e-6, rtol=1e-5)
+    assert_close(table.grad, tensors[f"dropin.tpo.grad.{case}"], atol=1e-6, rtol=1e-5)
+
+
+def test_flowrl_reference_loss_is_ours_with_probabilities_for_log_probabilities(tensors):
+    """The reference FlowRL's learn() (one group of 4 full-length responses, beta 2, clip 0.2)
+    equals our trajectory balance `flowrl_loss` fed token PROBABILITIES where the paper (and
+    ours) has log-probabilities, for the policy, the reference and the importance weight:
+    the one way their loss differs from ours (the porting table's FlowRL row). Gradients too."""
+    batch = recorded_batch(tensors, "dropin.flowrl.batch.")
+    tokens, prompt = batch["seq"], int(batch["prompt_mask"][0].sum())
+    table, log_z = batch["logits"].clone().requires_grad_(), batch["log_z"].clone().requires_grad_()
+
+    def token_probs(logits):  # our frame: position t scores token t + 1; response part only
+        probs = logits[tokens[:, 0]][:, :-1].softmax(-1)
+        return probs.gather(-1, tokens[:, 1:, None])[..., 0][:, prompt - 1 :]
+
+    policy, reference = token_probs(table), token_probs(batch["ref_logits"])
+    mask = torch.ones(policy.shape, dtype=torch.bool)
+    config = build("flowrl", beta=2.0, eps_clip=0.2).config
+    loss, _ = flowrl_loss(
+        policy,
+        reference,
+        batch["old_action_prob"],
+        mask,
+        batch["rewards"],
+        log_z,
+        config.flowrl_beta,
+        config.eps_clip,
+    )
+    loss.backward()
+    assert_close(loss.detach().reshape(1), tensors["dropin.flowrl.loss"], atol=1e-6, rtol=1e-5)
+    assert_close(table.grad, tensors["dropin.flowrl.grad"], atol=1e-6, rtol=1e-5)
+    assert_close(log_z.grad, tensors["dropin.flowrl.log_z_grad"], atol=1e-6, rtol=1e-5)
+    with_log_probs, _ = flowrl_loss(
+        policy.log(),
+        reference.log(),
+        batch["old_action_prob"].log(),
+        mask,
+        batch["rewards"],
+        log_z,
+        2.0,
+        0.2,
+    )
+    assert abs(float(with_log_probs.detach()) - float(tensors["dropin.flowrl.loss"])) > 0.1
