@@ -792,6 +792,20 @@ def _memories(tensors: dict, prefix: str):
     return seq, prompt_mask, mask, old_probs, old_log_prob, advantages, logits
 
 
+def _table_actor(trainer, logits):
+    """Replace a reference trainer's actor by a table of logits, looked up by each row's first
+    token (rows arrive shuffled), and record each loss at its backward. Returns (table, losses)."""
+    table, losses = logits.clone().requires_grad_(), []
+    trainer.actor.forward = lambda x, mask=None: table[x[:, 0]]
+
+    def backward(loss):
+        losses.append(loss.detach())
+        loss.backward()
+
+    trainer.accelerate.backward = backward
+    return table, losses
+
+
 def record_grpo_losses(tensors: dict) -> dict:
     """The loss and its gradient with respect to the actor's logits, of one reference grpo
     learn() minibatch on `_memories`, under each loss option (learn() as written: the actor
@@ -826,15 +840,7 @@ def record_grpo_losses(tensors: dict) -> dict:
         torch.manual_seed(0)
         random.seed(0)
         trainer = _dropin_trainer("grpo", minibatch_size=4, epochs=1, **kwargs)
-        table = logits.clone().requires_grad_()
-        trainer.actor.forward = lambda x, mask=None, table=table: table[x[:, 0]]
-        losses = []
-
-        def backward(loss, losses=losses):
-            losses.append(loss.detach())
-            loss.backward()
-
-        trainer.accelerate.backward = backward
+        table, losses = _table_actor(trainer, logits)
         memories = [
             Memory(*row) for row in zip(seq, prompt_mask, mask, old_probs, old_log_prob, advantages)
         ]
@@ -875,15 +881,7 @@ def record_tpo_losses(tensors: dict) -> None:
         torch.manual_seed(0)
         random.seed(0)
         trainer = _dropin_trainer("tpo", minibatch_size=2, beta_s=beta_s)
-        table = logits.clone().requires_grad_()
-        trainer.actor.forward = lambda x, mask=None, table=table: table[x[:, 0]]
-        losses = []
-
-        def backward(loss, losses=losses):
-            losses.append(loss.detach())
-            loss.backward()
-
-        trainer.accelerate.backward = backward
+        table, losses = _table_actor(trainer, logits)
         trainer.learn(_OneBatch(seq, prompt_mask, mask, target_q))
         tensors[f"dropin.tpo.loss.{case}"] = losses[0].reshape(1)
         tensors[f"dropin.tpo.grad.{case}"] = table.grad
@@ -924,8 +922,8 @@ def record_flowrl_loss(tensors: dict) -> None:
     torch.manual_seed(0)
     random.seed(0)
     trainer = _dropin_trainer("flowrl", minibatch_size=4, beta=2.0, eps_clip=0.2)
-    table, z = logits.clone().requires_grad_(), log_z.clone().requires_grad_()
-    trainer.actor.forward = lambda x, mask=None: table[x[:, 0]]
+    table, losses = _table_actor(trainer, logits)
+    z = log_z.clone().requires_grad_()
 
     def palm_forward(x, return_only_embedding=False, **kwargs):
         if return_only_embedding:  # log Z's features: each row's id (its first token)
@@ -937,13 +935,6 @@ def record_flowrl_loss(tensors: dict) -> None:
     # rows arrive shuffled: each row's log Z is looked up by its id
     trainer.palm.forward = palm_forward
     trainer.partition_function.forward = lambda features: z[features[:, 0].long()]
-    losses = []
-
-    def backward(loss):
-        losses.append(loss.detach())
-        loss.backward()
-
-    trainer.accelerate.backward = backward
     trainer.learn(
         [Memory(*row) for row in zip(seq, prompt_mask, mask, old_probs, old_action_prob, rewards)]
     )

@@ -320,6 +320,36 @@ def test_a_reference_notebook_does_the_same_work(run):
 # ----------------------------------------------------------------------------- option math
 
 
+def front_door(kind: str, **keywords):
+    """A front door over a tiny PaLM and a length reward, for the loss tests."""
+    torch.manual_seed(0)
+    return TRAINERS[kind](
+        palm=PaLM(**PALM),
+        reward_model=lambda s, m, p: m.float().mean(-1),
+        prompt_token_ids=[[1, 2]],
+        progress=False,
+        **keywords,
+    )
+
+
+def one_batch(tokens, mask, prompt_mask, old_logprobs, advantages=None) -> Experience:
+    """A recorded batch as our Experience: action-frame fields (b, n - 1), scores 0."""
+    action_mask = (~prompt_mask & mask)[:, 1:]
+    zeros = torch.zeros(action_mask.shape)
+    return Experience(
+        tokens=tokens,
+        mask=mask,
+        prompt_mask=prompt_mask,
+        action_mask=action_mask,
+        old_logprobs=old_logprobs,
+        ref_logprobs=old_logprobs,
+        old_values=zeros,
+        advantages=zeros if advantages is None else advantages,
+        returns=zeros,
+        scores=torch.zeros(len(tokens)),
+    )
+
+
 def fixed_rewards(rewards: torch.Tensor):
     """A reward function giving the group's rows the recorded rewards, in row order."""
     return lambda seq, mask, prompt_mask: rewards[: seq.shape[0]].clone()
@@ -410,31 +440,15 @@ def test_grpo_loss_and_gradient_match_the_references_learn_step(tensors, case):
     t; ours: position t scores token t + 1, so ours is theirs without the first column."""
     recorded = FACTS["grpo_loss_cases"][case]  # the reference's defaults where not given
     keywords = {"beta_s": 0.01, "kl_div_loss_weight": 0.1, **recorded}
-    torch.manual_seed(0)
-    trainer = grpo.RLHFTrainer(
-        palm=PaLM(**PALM),
-        reward_model=lambda s, m, p: m.float().mean(-1),
-        prompt_token_ids=[[1, 2]],
-        progress=False,
-        **keywords,
-    )
+    trainer = front_door("grpo", **keywords)
     batch = {
         k: tensors[f"dropin.grpo.batch.{k}"]
         for k in ("seq", "prompt_mask", "mask", "old_probs", "old_log_prob", "advantages", "logits")
     }
     action_mask = (~batch["prompt_mask"] & batch["mask"])[:, 1:]
-    zeros = torch.zeros(action_mask.shape)
-    experience = Experience(
-        tokens=batch["seq"],
-        mask=batch["mask"],
-        prompt_mask=batch["prompt_mask"],
-        action_mask=action_mask,
-        old_logprobs=batch["old_log_prob"][:, 1:],
-        ref_logprobs=batch["old_log_prob"][:, 1:],
-        old_values=zeros,
-        advantages=torch.where(action_mask, batch["advantages"][:, None], 0.0),
-        returns=zeros,
-        scores=torch.zeros(4),
+    advantages = torch.where(action_mask, batch["advantages"][:, None], 0.0)
+    experience = one_batch(
+        batch["seq"], batch["mask"], batch["prompt_mask"], batch["old_log_prob"][:, 1:], advantages
     )
     table = batch["logits"].clone().requires_grad_()
     actor = lambda tokens: table[tokens[:, 0]]  # noqa: E731 - row i starts with token i
@@ -508,32 +522,12 @@ def test_tpo_loss_and_gradient_match_the_references_learn_step(tensors, case):
         tensors, "dropin.tpo.batch.", grouped=("seq", "prompt_mask", "mask", "target_q")
     )
     beta_s = 0.01 if case == "beta_s" else 0.0
-    torch.manual_seed(0)
-    trainer = tpo.RLHFTrainer(
-        palm=PaLM(**PALM),
-        reward_model=lambda s, m, p: m.float().mean(-1),
-        prompt_token_ids=[[1, 2]],
-        progress=False,
-        num_times_sample_rewards=2,
-        beta_s=beta_s,
-    )
-    tokens, action_mask = batch["seq"], (~batch["prompt_mask"] & batch["mask"])[:, 1:]
+    trainer = front_door("tpo", num_times_sample_rewards=2, beta_s=beta_s)
+    action_mask = (~batch["prompt_mask"] & batch["mask"])[:, 1:]
     first = action_mask.int().argmax(-1)  # each row's first response position
     old = torch.zeros(action_mask.shape)
     old[torch.arange(len(first)), first] = batch["target_q"].flatten().log()
-    zeros = torch.zeros(action_mask.shape)
-    experience = Experience(
-        tokens=tokens,
-        mask=batch["mask"],
-        prompt_mask=batch["prompt_mask"],
-        action_mask=action_mask,
-        old_logprobs=old,
-        ref_logprobs=old,
-        old_values=zeros,
-        advantages=zeros,
-        returns=zeros,
-        scores=torch.zeros(len(tokens)),
-    )
+    experience = one_batch(batch["seq"], batch["mask"], batch["prompt_mask"], old)
     table = batch["logits"].clone().requires_grad_()
     actor = lambda tokens: table[tokens[:, 0]]  # noqa: E731 - row i starts with token i
     loss, _ = minibatch_loss(
