@@ -579,3 +579,56 @@ def test_flowrl_reference_loss_is_ours_with_probabilities_for_log_probabilities(
         0.2,
     )
     assert abs(float(with_log_probs.detach()) - float(tensors["dropin.flowrl.loss"])) > 0.1
+
+
+NOTEBOOK = """
+import torch
+from palm_rlhf import PaLM, RewardModel
+{import_line}
+
+palm = PaLM(num_tokens=32, dim=16, depth=1, heads=2, dim_head=8)
+reward_model = RewardModel(palm, num_binned_output=5)
+prompts = torch.randint(1, 32, (4, 3))
+trainer = {trainer}(palm=palm, reward_model=reward_model, prompt_token_ids=prompts,
+                    {samples}=2, minibatch_size={minibatch}{extra})
+trainer.train(num_episodes=1, max_timesteps=2, update_timesteps=2, max_seq_len=6)
+answer = trainer.generate(8, prompt=prompts[0], num_samples=4)
+"""
+
+
+@pytest.mark.parametrize(
+    "import_line, trainer, samples, minibatch, extra",
+    [
+        ("from palm_rlhf.grpo import RLHFTrainer", "RLHFTrainer", SAMPLES["grpo"], 3, ""),
+        (
+            "from palm_rlhf.flowrl import FlowRLTrainer",
+            "FlowRLTrainer",
+            SAMPLES["flowrl"],
+            3,
+            ", partition_function_hidden_dim=16",
+        ),
+        ("from palm_rlhf.tpo import RLHFTrainer", "RLHFTrainer", SAMPLES["tpo"], 1, ""),
+    ],
+)
+def test_a_reference_notebook_runs_with_only_the_import_changed(
+    import_line, trainer, samples, minibatch, extra
+):
+    """The reference's usage, word for word but for `palm_rlhf_pytorch` -> `palm_rlhf`."""
+    namespace = {}
+    code = NOTEBOOK.format(
+        import_line=import_line, trainer=trainer, samples=samples, minibatch=minibatch, extra=extra
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unapplied beta_s / kl_div_loss_weight defaults
+        exec(compile(code, "notebook", "exec"), namespace)
+    trainer = namespace["trainer"]
+    assert trainer.episodes == 2 * 3 and len(trainer.history) == 1
+    assert namespace["answer"][:3].tolist() == namespace["prompts"][0].tolist()
+
+
+def test_score_centering_loss_refuses_advantages_of_another_shape():
+    from palm_rlhf import score_centering_loss
+
+    log_probs = torch.randn(2, 3, 6).log_softmax(-1)
+    with pytest.raises(ValueError, match=r"advantages must be \(b,\) or \(b, n\) = \(2, 3\)"):
+        score_centering_loss(log_probs, log_probs.exp(), torch.zeros(2, 3).long(), torch.ones(3))

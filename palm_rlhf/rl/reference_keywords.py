@@ -38,6 +38,7 @@ from palm_rlhf.model.palm import PaLM
 from palm_rlhf.rl import losses
 from palm_rlhf.rl.ppo.config import PPOConfig
 from palm_rlhf.rl.ppo.trainer import RLHFTrainer
+from palm_rlhf.rl_math import typechecked
 
 # Constructor keywords of ours that are not PPOConfig fields (prompts, networks, Accelerate)
 TRAINER_KEYWORDS = tuple(
@@ -116,6 +117,7 @@ def unapplied_defaults(trainer: str, keywords: dict, given: dict, names: tuple) 
         )
 
 
+@typechecked
 def score_centering_loss(
     train_log_probs: Tensor,
     samp_probs: Tensor,
@@ -130,8 +132,14 @@ def score_centering_loss(
     (b, n); the caller masks and reduces them. The math is `losses.score_centering_loss`
     (Marek & Ryabinin 2026), applied to each token on its own."""
     b, n = actions.shape
+    if train_log_probs.shape[:2] != (b, n) or samp_probs.shape != train_log_probs.shape:
+        raise ValueError("train_log_probs and samp_probs must be (b, n, v) for actions (b, n)")
     if advantages.shape == (b,):
         advantages = rearrange(advantages, "b -> b 1").expand(b, n)
+    if advantages.shape != (b, n):
+        raise ValueError(
+            f"advantages must be (b,) or (b, n) = {(b, n)}, got {tuple(advantages.shape)}"
+        )
 
     def one_token(log_probs, sampler_probs, action, advantage):  # each (1, 1, ...)
         mask = torch.ones_like(action, dtype=torch.bool)
