@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from palm_rlhf import PaLM, RewardModel, flowrl, grpo, tpo
-from palm_rlhf.rl.estimators import group_normalized_advantages
-from palm_rlhf.rl.losses import flowrl_loss, tpo_targets
+from palm_rlhf.functional.advantages import group_normalized_advantages
+from palm_rlhf.functional.policy_losses import flowrl_loss, tpo_targets
 from palm_rlhf.rl.rollout import Experience
 from palm_rlhf.rl.update import minibatch_loss
 

@@ -34,11 +34,11 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from palm_rlhf.functional import policy_losses
 from palm_rlhf.model.palm import PaLM
-from palm_rlhf.rl import losses
 from palm_rlhf.rl.ppo.config import PPOConfig
 from palm_rlhf.rl.ppo.trainer import RLHFTrainer
-from palm_rlhf.rl_math import typechecked
+from palm_rlhf.typecheck import typechecked
 
 # Constructor keywords of ours that are not PPOConfig fields (prompts, networks, Accelerate)
 TRAINER_KEYWORDS = tuple(
@@ -129,7 +129,7 @@ def score_centering_loss(
 ) -> Tensor:
     """The reference's `score_centering_loss` (its top-level export): per-token losses (b, n)
     from log-probs and sampler probabilities (b, n, v), actions (b, n) and advantages (b,) or
-    (b, n); the caller masks and reduces them. The math is `losses.score_centering_loss`
+    (b, n); the caller masks and reduces them. The math is `policy_losses.score_centering_loss`
     (Marek & Ryabinin 2026), applied to each token on its own."""
     b, n = actions.shape
     if train_log_probs.shape[:2] != (b, n) or samp_probs.shape != train_log_probs.shape:
@@ -143,7 +143,7 @@ def score_centering_loss(
 
     def one_token(log_probs, sampler_probs, action, advantage):  # each (1, 1, ...)
         mask = torch.ones_like(action, dtype=torch.bool)
-        return losses.score_centering_loss(
+        return policy_losses.score_centering_loss(
             log_probs, sampler_probs, action, advantage, mask, topk, weight_fn, "token", eps
         )
 
