@@ -12,6 +12,7 @@ import difflib
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Union
 
+from palm_rlhf.model.sampling_options import SamplingOptions
 from palm_rlhf.options import option
 from palm_rlhf.rl.hl_gauss import HLGauss
 from palm_rlhf.rl.losses import LENGTH_NORMS
@@ -25,7 +26,7 @@ GROUP_ALGORITHMS = ("grpo", "rloo", "flowrl", "tpo")  # need several responses p
 
 @typechecked  # the generated __init__ checks every hyperparameter's type
 @dataclass
-class PPOConfig(RunOptions):
+class PPOConfig(RunOptions, SamplingOptions):
     # the algorithm: PPO (actor-critic) or a critic-free one (no critic network is built)
     algorithm: str = option("ppo", "online RL algorithm", choices=ALGORITHMS)
     group_size: int = option(
@@ -112,12 +113,11 @@ class PPOConfig(RunOptions):
     ptx_seq_len: int = option(128, "pretraining window length for PPO-ptx")
     # rollouts
     rollout_batch_size: int = option(32, "prompts sampled at once")
-    temperature: float = option(1.0, "sampling temperature of rollouts")
-    top_k: Optional[int] = option(None, "top-k filter of rollouts (off-policy if set)")
-    top_p: Optional[float] = option(None, "top-p filter of rollouts (off-policy if set)")
+    # temperature, top_k, top_p of the rollouts: inherited from SamplingOptions
     pad_value: Union[int, float] = option(0, "token id of padding")
 
     def __post_init__(self):
+        self.check_sampling()  # temperature, top_k, top_p
         self.betas = tuple(self.betas)
         self.pad_value = int(self.pad_value)  # the reference project's default was the float 0.
         checks = {
@@ -140,7 +140,6 @@ class PPOConfig(RunOptions):
             "reward_clip > 0 or None": self.reward_clip is None or self.reward_clip > 0,
             "ptx_coef >= 0": self.ptx_coef >= 0,
             "ptx_seq_len >= 1": self.ptx_seq_len >= 1,
-            "temperature >= 0": self.temperature >= 0,
             "value_head_init in ('mean_return', 'zero')": self.value_head_init
             in ("mean_return", "zero"),
             "nan_policy in ('raise', 'skip')": self.nan_policy in ("raise", "skip"),
