@@ -1,6 +1,7 @@
 """The first hour of a new user: readable --help, one-line errors (from `palm-rlhf` and from
 train.py), tracebacks only with --debug, and --log-with failing clearly without its package."""
 
+import argparse
 import gzip
 import importlib.util
 import subprocess
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from palm_rlhf.cli import build_parser, main
+from palm_rlhf.cli import TokenizerConfig, build_parser, main
+from palm_rlhf.options import config_parser
 from palm_rlhf.train.history import check_trackers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,3 +72,34 @@ def test_log_with_tensorboard_writes_events(tmp_path):
     assert main([*args, "--generate-every", "0", "--log-with", "tensorboard", "--no-progress"]) == 0
     assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
     assert (tmp_path / "run" / "history.jsonl").read_text().count("\n") == 2
+
+
+def _parsers(parser):
+    """The parser and every subparser below it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def test_no_parser_takes_an_abbreviated_flag(capsys):
+    parsers = list(_parsers(build_parser()))
+    assert len(parsers) > 10 and all(not p.allow_abbrev for p in parsers)
+    assert not config_parser(TokenizerConfig).allow_abbrev  # train.py's and the benchmarks' kind
+    # --epoch is not --epochs (before: silently taken as it)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["dpo", "--base", "b", "--data", "d", "--epoch", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: palm-rlhf dpo ")
+    assert err.strip().splitlines()[-1] == "palm-rlhf dpo: error: unrecognized arguments: --epoch 1"
+
+
+def test_an_unknown_flag_shows_the_stage_usage_not_the_top_level_one(capsys):
+    with pytest.raises(SystemExit):
+        main(["ppo", "--policy", "p", "--reward", "r", "--prompts", "q", "--num-episodes", "4"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: palm-rlhf ppo ") and "--rollouts-per-update" in err
+    last = err.strip().splitlines()[-1]
+    assert last == "palm-rlhf ppo: error: unrecognized arguments: --num-episodes 4"
