@@ -20,8 +20,6 @@ from palm_rlhf.model.sampling_options import GenerationOptions, with_defaults
 from palm_rlhf.options import option
 from palm_rlhf.train.loading import load_base
 
-DEFAULT_CONTEXT = 1024  # for a model saved without max_seq_len
-
 
 @dataclass
 class SampleConfig(with_defaults(GenerationOptions, max_new_tokens=200, temperature=0.8, top_k=40)):
@@ -53,8 +51,8 @@ class ChatSession:
 
     def __init__(self, model, tokenizer, config: ChatConfig):
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.window = model.config.max_seq_len or DEFAULT_CONTEXT
-        self.budget = config.prompt_budget(self.window)  # refuses a too long --max-new-tokens
+        # prompt tokens that fit beside the answer; refuses a too long --max-new-tokens
+        self.budget = config.prompt_budget(model.config.max_seq_len)
         self.turns: list[list[int]] = []  # token ids of each finished turn (human or assistant)
         self.generator = torch.Generator(device=model.device).manual_seed(config.seed)
 
@@ -153,7 +151,7 @@ def run_sample(config: SampleConfig) -> list[str]:
     model, tokenizer = load_base(config.checkpoint, log=lambda *_: None)
     generator = torch.Generator().manual_seed(config.seed)
     prompt = tokenizer.encode(config.prompt) if config.prompt else [tokenizer.eos_id]
-    prompt = config.fit_prompt(prompt, model.config.max_seq_len or DEFAULT_CONTEXT)
+    prompt = config.fit_prompt(prompt, model.config.max_seq_len)
     texts = []
     for index in range(config.num_samples):
         tokens = iter_sample(

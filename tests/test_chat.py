@@ -265,6 +265,8 @@ def test_an_overlong_prompt_keeps_its_most_recent_tokens():
     assert options.fit_prompt([1, 2], context=8) == [1, 2]
     with pytest.raises(ValueError, match="use at most 2"):
         GenerationOptions(max_new_tokens=3).fit_prompt([1], context=3)
+    # a model saved without max_seq_len: the default 1024-token window
+    assert GenerationOptions(max_new_tokens=1000).prompt_budget(None) == 24
 
 
 def test_the_sampling_options_reach_the_sampler(checkpoint, monkeypatch):

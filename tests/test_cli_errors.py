@@ -2,6 +2,7 @@
 train.py), tracebacks only with --debug, and --log-with failing clearly without its package."""
 
 import argparse
+import ast
 import gzip
 import importlib.util
 import subprocess
@@ -103,3 +104,24 @@ def test_an_unknown_flag_shows_the_stage_usage_not_the_top_level_one(capsys):
     assert err.startswith("usage: palm-rlhf ppo ") and "--rollouts-per-update" in err
     last = err.strip().splitlines()[-1]
     assert last == "palm-rlhf ppo: error: unrecognized arguments: --num-episodes 4"
+
+
+def test_every_parser_in_the_repository_refuses_abbreviations():
+    """Static: each ArgumentParser(...) / add_parser(...) call of the package, train.py, the
+    benchmarks and the examples passes allow_abbrev=False."""
+    files = [*(REPO / "palm_rlhf").rglob("*.py"), REPO / "train.py"]
+    files += [*(REPO / "benchmarks").glob("*.py"), *(REPO / "examples").glob("*.py")]
+    calls = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in (
+                "ArgumentParser",
+                "add_parser",
+            ):
+                keywords = {k.arg: k.value for k in node.keywords}
+                ok = isinstance(keywords.get("allow_abbrev"), ast.Constant) and (
+                    keywords["allow_abbrev"].value is False
+                )
+                calls.append((f"{path.relative_to(REPO)}:{node.lineno}", ok))
+    assert len(calls) >= 10
+    assert [where for where, ok in calls if not ok] == []

@@ -12,8 +12,6 @@ from palm_rlhf.train.loading import load_base
 
 __all__ = ["model_generator", "read_prompts"]
 
-DEFAULT_CONTEXT = 1024  # for a model saved without max_seq_len
-
 
 def model_generator(checkpoint: str, options: GenerationOptions):
     """Load `checkpoint` and return `generate(prompt, count, seed) -> count response texts`,
@@ -23,8 +21,8 @@ def model_generator(checkpoint: str, options: GenerationOptions):
     model, tokenizer = load_base(checkpoint, log=lambda *_: None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()
-    window = model.config.max_seq_len or DEFAULT_CONTEXT
-    options.prompt_budget(window)
+    window = model.config.max_seq_len
+    options.prompt_budget(window)  # refuses a too long max_new_tokens before serving
 
     def generate(prompt: str, count: int, seed: int) -> list:
         ids = options.fit_prompt(tokenizer.encode(prompt), window)

@@ -14,6 +14,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+DEFAULT_CONTEXT = 1024  # the window assumed for a model saved without max_seq_len
+
 
 def option(default, help: str):
     """A field with its command-line help (the `help` metadata `palm_rlhf.options` reads; the
@@ -59,9 +61,11 @@ class GenerationOptions(SamplingOptions):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
-    def prompt_budget(self, context: int) -> int:
-        """How many prompt tokens fit in a `context`-token window beside the response; a
-        response that leaves no room for even one is refused, naming the largest that fits."""
+    def prompt_budget(self, context: Optional[int]) -> int:
+        """How many prompt tokens fit in a `context`-token window (a model's max_seq_len; None:
+        DEFAULT_CONTEXT) beside the response; a response that leaves no room for even one is
+        refused, naming the largest that fits."""
+        context = context or DEFAULT_CONTEXT
         if self.max_new_tokens >= context:
             raise ValueError(
                 f"max_new_tokens={self.max_new_tokens} leaves no room for a prompt in the "
@@ -69,7 +73,7 @@ class GenerationOptions(SamplingOptions):
             )
         return context - self.max_new_tokens
 
-    def fit_prompt(self, ids: list, context: int) -> list:
+    def fit_prompt(self, ids: list, context: Optional[int]) -> list:
         """The end of the prompt `ids` that fits beside the response (an overlong prompt keeps
         its most recent tokens)."""
         return ids[-self.prompt_budget(context) :]
