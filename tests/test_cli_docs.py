@@ -7,6 +7,7 @@ copies of the repository's `examples/`, `data/` and `train.py`, with `palm-rlhf`
 Blocks fenced ```text or ```console are shown, not run.
 """
 
+import json
 import os
 import re
 import shutil
@@ -73,6 +74,14 @@ def test_cli_page_runs_as_written(tmp_path, monkeypatch):
     root = tmp_path / "page"
     for stage in ("sft", "reward", "reward-ratings", "ppo/final", "grpo/final", "dpo", "coh"):
         assert (root / "runs" / stage).is_dir(), stage
+    # the example data teaches even these tiny models a little (a chance level is 0.5 / ln 2)
+    history = {
+        stage: [json.loads(line) for line in (root / "runs" / stage / "history.jsonl").open()]
+        for stage in ("sft", "reward", "dpo")
+    }
+    assert history["sft"][-1]["loss"] < history["sft"][0]["loss"] - 0.2
+    assert [r["valid_accuracy"] for r in history["reward"] if "valid_accuracy" in r][-1] >= 0.8
+    assert history["dpo"][-1]["loss"] < 0.5
 
 
 @pytest.mark.parametrize("name", ["sft", "comparisons", "ratings", "prompts"])
