@@ -1055,7 +1055,7 @@ def main_worker(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true", help="run inside the reference venv")
     parser.add_argument("--out", type=Path, default=FIXTURES)
     args = parser.parse_args()

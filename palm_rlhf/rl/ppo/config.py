@@ -15,6 +15,7 @@ from typing import Any, Optional, Union
 from palm_rlhf.functional.hl_gauss import HLGauss
 from palm_rlhf.functional.kl import KL_KINDS
 from palm_rlhf.functional.policy_losses import LENGTH_NORMS
+from palm_rlhf.model.sampling_options import SamplingOptions
 from palm_rlhf.options import option
 from palm_rlhf.rl.algorithms import ALGORITHMS, policy_gradient_objective
 from palm_rlhf.train.run import RunOptions
@@ -27,7 +28,7 @@ ALGORITHM_NAMES = tuple(ALGORITHMS)
 
 @typechecked  # the generated __init__ checks every hyperparameter's type
 @dataclass
-class PPOConfig(RunOptions):
+class PPOConfig(RunOptions, SamplingOptions):
     # the algorithm: PPO (actor-critic) or a critic-free one (no critic network is built)
     algorithm: str = option("ppo", "online RL algorithm", choices=ALGORITHM_NAMES)
     group_size: int = option(
@@ -114,12 +115,11 @@ class PPOConfig(RunOptions):
     ptx_seq_len: int = option(128, "pretraining window length for PPO-ptx")
     # rollouts
     rollout_batch_size: int = option(32, "prompts sampled at once")
-    temperature: float = option(1.0, "sampling temperature of rollouts")
-    top_k: Optional[int] = option(None, "top-k filter of rollouts (off-policy if set)")
-    top_p: Optional[float] = option(None, "top-p filter of rollouts (off-policy if set)")
+    # temperature, top_k, top_p of the rollouts: inherited from SamplingOptions
     pad_value: Union[int, float] = option(0, "token id of padding")
 
     def __post_init__(self):
+        self.check_sampling()  # temperature, top_k, top_p
         self.betas = tuple(self.betas)
         self.pad_value = int(self.pad_value)  # the reference project's default was the float 0.
         groups = tuple(k for k, v in ALGORITHMS.items() if v.groups)  # several per prompt
@@ -144,7 +144,6 @@ class PPOConfig(RunOptions):
             "reward_clip > 0 or None": self.reward_clip is None or self.reward_clip > 0,
             "ptx_coef >= 0": self.ptx_coef >= 0,
             "ptx_seq_len >= 1": self.ptx_seq_len >= 1,
-            "temperature >= 0": self.temperature >= 0,
             "value_head_init in ('mean_return', 'zero')": self.value_head_init
             in ("mean_return", "zero"),
             "nan_policy in ('raise', 'skip')": self.nan_policy in ("raise", "skip"),
