@@ -37,10 +37,11 @@ from torch import Tensor, nn
 
 from palm_rlhf.checkpoint import CheckpointError, load_json
 from palm_rlhf.data.examples import step_rows
+from palm_rlhf.functional.logprobs import shifted_log_probs
+from palm_rlhf.functional.masked import masked_sum
 from palm_rlhf.model.lora import DEFAULT_LORA_TARGETS
 from palm_rlhf.model.palm import PaLM
 from palm_rlhf.options import option
-from palm_rlhf.rl_math import masked_sum, shifted_log_probs
 from palm_rlhf.train import sharding
 from palm_rlhf.train.accelerator import loop_accelerator
 from palm_rlhf.train.checkpointing import checkpoint_on_main, resume_training
