@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from palm_rlhf.checkpoint import latest_checkpoint
+from palm_rlhf.checkpoint import latest_checkpoint, load_state
 from palm_rlhf.data.tokenizer import load_tokenizer
 from palm_rlhf.model.palm import PaLM
 from palm_rlhf.train.pretrain import PretrainConfig, pretrain
@@ -155,6 +155,12 @@ def test_resuming_a_finished_run_says_so_in_one_line_never_nan(corpus_dir, tmp_p
     assert not re.search(r"\bnan\b", out) and "checkpoint None" not in out
     assert f"final valid loss {done.valid_loss:.4f}, bpc {done.valid_bpc:.4f}" in out
     assert f"checkpoint {done.checkpoint}" in out
+    # the optimiser it ran with: the builder's, decay 0.1 on matrices only, betas (0.9, 0.95)
+    groups = load_state(done.checkpoint / "optimizer.pt")["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [
+        (0.1, (0.9, 0.95)),
+        (0.0, (0.9, 0.95)),
+    ]
 
 
 def test_help_shows_every_default():
