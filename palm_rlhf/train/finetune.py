@@ -270,7 +270,8 @@ def run_finetune(
             before_save=fold,
         )
 
-    parts = LoopParts(name, num_steps, micro_batches, loss, evaluate, checkpoint)
+    longer = "--epochs or --max-steps"
+    parts = LoopParts(name, num_steps, micro_batches, loss, evaluate, checkpoint, None, longer)
     result = train_loop(accelerator, model, optimizer, scheduler, config, parts, resumed)
     valid = {k.removeprefix("valid_"): v for k, v in result.valid.items()}
     return FinetuneResult(

@@ -61,6 +61,7 @@ class LoopParts(NamedTuple):
     evaluate: Callable[[], dict[str, float]]  # -> record entries named valid_* ({}: no data)
     checkpoint: Callable[[int, bool], Optional[Path]]  # (step, run finished) -> folder or None
     after_step: Optional[Callable[[int, bool], None]] = None  # (step, last step of this call)
+    length_flag: str = "--max-steps"  # the option that makes the run longer
 
 
 class LoopResult(NamedTuple):
@@ -96,8 +97,8 @@ def add_totals(totals: dict, more: dict) -> dict:
     return totals
 
 
-def means(totals: dict, prefix: str = "") -> dict[str, float]:
-    return {prefix + k: (s / c if c else math.nan) for k, (s, c) in totals.items()}
+def means(totals: dict) -> dict[str, float]:
+    return {k: (s / c if c else math.nan) for k, (s, c) in totals.items()}
 
 
 def every(step: int, interval: int) -> bool:
@@ -114,16 +115,16 @@ def describe(name: str, record: dict) -> str:
     return f"{name} step {record['step']}: {shown}"
 
 
-def _finished_before(parts: LoopParts, resumed: Resumed, options, log) -> LoopResult:
+def _finished_before(parts: LoopParts, resumed: Resumed, log) -> LoopResult:
     """The result of a resumed run that had already finished: its last record, its folder."""
     last = resumed.history[-1] if resumed.history else {}
     valid = {k: v for k, v in last.items() if k.startswith("valid_")}
     train = {k: v for k, v in last.items() if k not in ("step", "lr") and k not in valid}
     log(
-        f"{parts.name}: the run in {options.out_dir} already finished at step {resumed.step} "
-        f"(of {parts.num_steps}); nothing to train, its checkpoint is {resumed.folder}. To "
-        f"continue another run, name it (--out-dir DIR --resume latest); to train this one "
-        f"longer, raise its length."
+        f"{parts.name}: the run in {resumed.folder.parent} already finished at step "
+        f"{resumed.step} (of {parts.num_steps}); nothing to train, its checkpoint is "
+        f"{resumed.folder}. To continue another run, name it (--out-dir DIR --resume latest); "
+        f"to train this one longer, raise {parts.length_flag}."
     )
     return LoopResult(resumed.step, resumed.history, train, valid, resumed.folder, True)
 
@@ -142,7 +143,7 @@ def train_loop(
     log = main_process_log(accelerator)
     step, history = resumed.step, resumed.history
     if resumed.folder is not None and step >= parts.num_steps:
-        return _finished_before(parts, resumed, config, log)
+        return _finished_before(parts, resumed, log)
     params = [p for p in model.parameters() if p.requires_grad]
     world = accelerator.num_processes
     train, valid, saved, start = {}, {}, None, time.monotonic()

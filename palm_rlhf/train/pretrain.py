@@ -183,6 +183,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         evaluate=evaluate,
         checkpoint=checkpoint,
         after_step=sample,
+        length_flag="--num-steps",
     )
     result = train_loop(accelerator, model, optimizer, scheduler, config, parts, resumed)
     valid_loss = result.valid.get("valid_loss", math.nan)

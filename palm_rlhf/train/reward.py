@@ -346,6 +346,7 @@ def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
             model, valid_loader, accelerator, config.kind, config.margin
         ),
         checkpoint=checkpoint,
+        length_flag="--max-steps or --epochs",
     )
     result = train_loop(accelerator, model, optimizer, scheduler, config, parts, resumed)
     return RewardTrainResult(
