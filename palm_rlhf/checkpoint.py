@@ -1,5 +1,10 @@
 """Checkpoint I/O: atomic files, safetensors + JSON, step folders. It knows no model class.
 
+Every training run, PPO included, writes its resumable state as `root/step-XXXXXXX/` folders
+(the optimizer step, or the PPO update, zero-padded to 7 digits) with `root/latest` naming the
+newest complete one; the oldest are pruned to `keep_last`. RLHFTrainer once named them
+`update-XXXXXXX`: such folders still load, resume and count in pruning.
+
 Tensors go to safetensors files with string metadata (a model's config travels there, so a
 file alone can rebuild its model). Other state (optimizer, scheduler, RNG) goes through
 `torch.save` and is read back with `weights_only=True`, which refuses to execute pickled code.
@@ -176,6 +181,36 @@ def save_checkpoint_dir(
         if leftover.is_dir():
             remove_tree(leftover)
     return final
+
+
+STEP_PREFIX = "step-"
+LEGACY_PREFIXES = ("update-",)  # RLHFTrainer's folder names before there was one scheme
+
+
+def step_folder_name(step: int) -> str:
+    """The folder name of the checkpoint taken after `step` optimizer steps (or PPO updates)."""
+    return f"{STEP_PREFIX}{step:07d}"
+
+
+def step_folders(root: PathLike) -> list[Path]:
+    """The checkpoint folders under `root`, oldest first (by number; old names included)."""
+    found = []
+    for prefix in (STEP_PREFIX, *LEGACY_PREFIXES):
+        for folder in Path(root).glob(f"{prefix}*"):
+            number = folder.name[len(prefix) :]
+            if folder.is_dir() and number.isdigit():
+                found.append((int(number), folder.name, folder))
+    return [folder for *_, folder in sorted(found)]
+
+
+def prune_checkpoints(root: PathLike, keep_last: int) -> None:
+    """Remove all but the newest `keep_last` checkpoint folders (0: keep every one); the one
+    `latest` names is never removed."""
+    current = latest_checkpoint(root)
+    folders = step_folders(root)
+    for folder in folders[:-keep_last] if keep_last > 0 else []:
+        if folder != current:
+            remove_tree(folder)
 
 
 def latest_checkpoint(root: PathLike) -> Optional[Path]:

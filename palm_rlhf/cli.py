@@ -119,7 +119,7 @@ DEBUG_HELP = "show the full traceback of an error instead of one line"
 def user_errors() -> tuple[type, ...]:
     """Exceptions that mean the user's input is wrong (one line), not that the code is."""
     from palm_rlhf.checkpoint import CheckpointError
-    from palm_rlhf.train.run import NonFiniteLossError
+    from palm_rlhf.train.step import NonFiniteLossError
 
     # RecordError and TokenizerMismatchError are ValueErrors; CheckpointNotFoundError is both
     return (OSError, ValueError, CheckpointError, NonFiniteLossError)

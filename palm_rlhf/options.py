@@ -49,6 +49,24 @@ def json_object(text: str):
     return value
 
 
+def _number_or_none(kind):
+    """An Optional[int | float] option's type: a number, or 'none' (made None later)."""
+
+    def parse(text: str):
+        return text if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse's error says "invalid float value"
+    return parse
+
+
+def _arg_type(kind, optional: bool):
+    if kind is dict:
+        return json_object
+    if optional and kind in (int, float):
+        return _number_or_none(kind)
+    return kind if kind in (int, float, str) else str
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
     hints = typing.get_type_hints(cls)
     for field in _own_fields_first(cls):
@@ -82,7 +100,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> argparse.Ar
         parser.add_argument(
             flag,
             required=field.metadata.get("required", False),
-            type=json_object if kind is dict else kind if kind in (int, float, str) else str,
+            type=_arg_type(kind, optional),
             default=default,
             choices=choices,
             help=help_text,

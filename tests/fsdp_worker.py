@@ -10,7 +10,7 @@ import torch
 
 from palm_rlhf.model.sampling import sample_tokens
 from palm_rlhf.train import sharding
-from palm_rlhf.train.run import make_accelerator
+from palm_rlhf.train.accelerator import make_accelerator
 from tests.helpers import randomize_lora, tiny_palm
 
 

@@ -1,7 +1,7 @@
 """Run by tests/test_ppo_processes.py in 2 gloo processes. Writes OUT/rank-<i>.json with
 - this rank's half of a fixed experience, whitened with global statistics;
 - an uninterrupted PPO run's update-2 record, and the record of a fresh trainer that loaded
-  the update-1 checkpoint and ran update 2."""
+  the step-1 checkpoint and ran update 2."""
 
 import json
 import sys
@@ -95,9 +95,9 @@ def main(out: Path) -> None:
     run = dict(max_response_tokens=6, rollouts_per_update=16, progress=False)
     first.train(num_rollouts=16, checkpoint_every=1, checkpoint_dir=out / "ckpt", **run)
     uninterrupted = first.train(num_rollouts=16, **run)[0]
-    resumed = trainer().load(out / "ckpt" / "update-0000001")
+    resumed = trainer().load(out / "ckpt" / "step-0000001")
     continued = resumed.train(num_rollouts=16, **run)[0]
-    rng = torch.load(out / "ckpt" / "update-0000001" / "rng.pt", weights_only=True)
+    rng = torch.load(out / "ckpt" / "step-0000001" / "rng.pt", weights_only=True)
     record = {
         "world": world,
         "shard": {k: v.tolist() for k, v in shard.items()},

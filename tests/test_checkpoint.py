@@ -8,8 +8,11 @@ from palm_rlhf.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     load_state,
+    prune_checkpoints,
     save_checkpoint_dir,
     save_state,
+    step_folder_name,
+    step_folders,
 )
 from palm_rlhf.model.palm import PaLM
 from tests.helpers import randomize_lora, tiny_palm
@@ -111,3 +114,53 @@ def test_checkpoint_folders_and_latest_pointer(tmp_path):
         )
     assert latest_checkpoint(tmp_path) == tmp_path / "step-1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-1"]
+
+
+def test_one_folder_scheme_prunes_old_names_by_number(tmp_path):
+    """step-N for every stage; an older PPO run's update-N folders count in pruning by their
+    number, and the folder `latest` names is never removed."""
+    for name in ("update-0000001", "update-0000002", "step-0000003", "step-notanumber"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "latest").write_text("update-0000001")  # e.g. pointing at an old folder
+    assert [p.name for p in step_folders(tmp_path)] == [
+        "update-0000001",
+        "update-0000002",
+        "step-0000003",
+    ]
+    prune_checkpoints(tmp_path, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest",
+        "step-0000003",
+        "step-notanumber",
+        "update-0000001",
+    ]
+    assert step_folder_name(12) == "step-0000012"
+
+
+def test_rlhf_trainer_uses_step_folders_keeps_the_last_ones_and_reads_old_names(tmp_path):
+    """PPO's folders were update-N (and never pruned); they are step-N now, pruned to
+    keep_last, and a run saved under the old name still loads and resumes."""
+    import shutil
+
+    from tests.toy_ppo import toy_palm, toy_trainer
+
+    run = dict(max_response_tokens=4, rollouts_per_update=32, progress=False)
+    trainer = toy_trainer(keep_last=2, minibatch_size=32)
+    trainer.train(num_rollouts=96, checkpoint_every=1, checkpoint_dir=tmp_path / "new", **run)
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [
+        "latest",
+        "step-0000002",
+        "step-0000003",
+    ]
+    # the same state as an old run wrote it: update-0000003 and latest naming it
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "new" / "step-0000003", old / "update-0000003")
+    (old / "latest").write_text("update-0000003")
+    expected = trainer.train(num_rollouts=32, **run)[0]
+    resumed = toy_trainer(palm=toy_palm(), keep_last=2, minibatch_size=32).load(old)
+    assert resumed.updates == 3 and resumed.history == trainer.history[:3]
+    got = resumed.train(num_rollouts=32, checkpoint_every=1, checkpoint_dir=old, **run)[0]
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+    # the resumed run writes the new name next to the old one, which is pruned in turn
+    assert sorted(p.name for p in old.iterdir()) == ["latest", "step-0000004", "update-0000003"]

@@ -13,12 +13,9 @@ import torch
 
 from palm_rlhf.checkpoint import CheckpointError, latest_checkpoint
 from palm_rlhf.model.palm import PaLM
+from palm_rlhf.train.checkpointing import load_training_checkpoint, save_training_checkpoint
 from palm_rlhf.train.pretrain import PretrainConfig, pretrain
-from palm_rlhf.train.run import (
-    NonFiniteLossError,
-    load_training_checkpoint,
-    save_training_checkpoint,
-)
+from palm_rlhf.train.step import NonFiniteLossError
 from tests.helpers import tiny_palm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +25,7 @@ SLOW_WRITER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     sys.path.insert(0, {repo!r})
-    from palm_rlhf.train.run import save_training_checkpoint
+    from palm_rlhf.train.checkpointing import save_training_checkpoint
     from tests.helpers import tiny_palm
 
     root = Path(sys.argv[1])

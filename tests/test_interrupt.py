@@ -5,6 +5,7 @@ continues with exactly the losses of an uninterrupted run."""
 import gzip
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from palm_rlhf.checkpoint import latest_checkpoint
+from palm_rlhf.options import config_parser, dataclass_from_args
 from palm_rlhf.train.history import read_history
 from palm_rlhf.train.pretrain import PretrainConfig, pretrain
 from palm_rlhf.train.stopping import StopOnSignal, TrainingInterrupted
@@ -79,6 +81,16 @@ def test_ctrl_c_saves_the_step_and_resume_continues_exactly(corpus_dir, tmp_path
     step = json.loads((folder / "trainer_state.json").read_text())["step"]
     assert 3 <= step < TINY["num_steps"], "the run must stop early, at the step it finished"
     assert f"checkpoint saved in {folder}" in stderr and "--resume latest" in stderr
+    # the exact command that continues THIS run: `--resume latest` alone resumed the default
+    # run (checkpoints/pretrain), so the printed line names the out_dir and every flag given
+    command = stderr.split("continue with: ")[1].splitlines()[0]
+    words = shlex.split(command)
+    assert words[:2] == ["python", str(REPO / "train.py")], command
+    parser = config_parser(PretrainConfig)
+    given = dict(TINY, data_dir=str(corpus_dir), out_dir=str(out), progress=False)
+    assert dataclass_from_args(PretrainConfig, parser.parse_args(words[2:])) == PretrainConfig(
+        **given, resume="latest"
+    )
     assert [r["step"] for r in read_history(out)] == list(range(1, step + 1))
 
     # an uninterrupted run with the same schedule, and the interrupted one resumed in-process
@@ -131,6 +143,9 @@ def test_sigterm_in_reward_training_saves_and_resumes_exactly(tmp_path, monkeypa
     with pytest.raises(TrainingInterrupted) as stopped:
         train_reward_model(RewardTrainConfig(out_dir=str(tmp_path / "b"), **config))
     assert stopped.value.step == 2 and stopped.value.exit_code == 128 + signal.SIGTERM
+    command = stopped.value.command  # every stage says how to continue it, with its out_dir
+    assert command.startswith("palm-rlhf reward ") and command.endswith("--resume latest")
+    assert f"--out-dir {tmp_path / 'b'}" in command and "--max-steps 5" in command
     assert stopped.value.checkpoint == latest_checkpoint(tmp_path / "b")
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
     monkeypatch.setattr(reward, "batch_loss", loss)

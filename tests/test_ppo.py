@@ -268,7 +268,7 @@ def test_save_load_resumes_with_identical_updates(tmp_path, lora):
     original = toy_trainer(**options)
     original.train(num_rollouts=128, **run)
     folder = original.save(tmp_path)
-    assert folder.name == "update-0000002" and (tmp_path / "latest").read_text() == folder.name
+    assert folder.name == "step-0000002" and (tmp_path / "latest").read_text() == folder.name
     expected = original.train(num_rollouts=64, **run)[0]
 
     resumed = toy_trainer(palm=toy_palm(), **options).load(tmp_path)

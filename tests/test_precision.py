@@ -5,8 +5,8 @@ import warnings
 import pytest
 from accelerate.state import AcceleratorState
 
-from palm_rlhf.train import run
-from palm_rlhf.train.run import SlowPrecisionWarning, make_accelerator
+from palm_rlhf.train import accelerator as accelerator_module
+from palm_rlhf.train.accelerator import SlowPrecisionWarning, make_accelerator
 
 
 @pytest.fixture(autouse=True)
@@ -22,7 +22,7 @@ def fresh_accelerate_state():
     [("bf16", False, True), ("bf16", True, False), ("no", False, False)],
 )
 def test_emulated_bf16_on_the_cpu_is_warned_about(monkeypatch, precision, native, warned):
-    monkeypatch.setattr(run, "native_cpu_bf16", lambda: native)
+    monkeypatch.setattr(accelerator_module, "native_cpu_bf16", lambda: native)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         accelerator = make_accelerator(precision, cpu=True)
@@ -30,5 +30,5 @@ def test_emulated_bf16_on_the_cpu_is_warned_about(monkeypatch, precision, native
     assert len(slow) == int(warned)
     if warned:
         assert "--mixed-precision no" in str(slow[0].message)
-        assert slow[0].filename == __file__  # points at the caller, not at run.py
+        assert slow[0].filename == __file__  # points at the caller, not at accelerator.py
     assert accelerator.mixed_precision == precision  # a warning, the run goes on

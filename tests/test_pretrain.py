@@ -1,11 +1,13 @@
+import dataclasses
 import gzip
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from palm_rlhf.checkpoint import latest_checkpoint
+from palm_rlhf.checkpoint import latest_checkpoint, load_state
 from palm_rlhf.data.tokenizer import load_tokenizer
 from palm_rlhf.model.palm import PaLM
 from palm_rlhf.train.pretrain import PretrainConfig, pretrain
@@ -133,3 +135,48 @@ def test_missing_data_is_a_clear_error(tmp_path):
         pretrain(
             PretrainConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "o"), num_steps=1, **TINY)
         )
+
+
+def test_resuming_a_finished_run_says_so_in_one_line_never_nan(corpus_dir, tmp_path, capsys):
+    """`train.py --resume latest` on a run that had finished once printed `final valid loss
+    nan, bpc nan; checkpoint None`: now one line says it finished, and the summary is the run's
+    own last validation and checkpoint."""
+    from palm_rlhf.cli import run_pretrain
+
+    config = PretrainConfig(
+        data_dir=str(corpus_dir), out_dir=str(tmp_path / "a"), num_steps=2, progress=False, **TINY
+    )
+    done = pretrain(config)
+    capsys.readouterr()
+    run_pretrain(PretrainConfig(**{**config.__dict__, "resume": "latest"}))
+    out = capsys.readouterr().out
+    finished = [line for line in out.splitlines() if "already finished" in line]
+    assert len(finished) == 1 and str(tmp_path / "a") in finished[0], out
+    assert not re.search(r"\bnan\b", out) and "checkpoint None" not in out
+    assert f"final valid loss {done.valid_loss:.4f}, bpc {done.valid_bpc:.4f}" in out
+    assert f"checkpoint {done.checkpoint}" in out
+    # the optimiser it ran with: the builder's, decay 0.1 on matrices only, betas (0.9, 0.95)
+    groups = load_state(done.checkpoint / "optimizer.pt")["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [
+        (0.1, (0.9, 0.95)),
+        (0.0, (0.9, 0.95)),
+    ]
+
+
+def test_help_shows_every_default():
+    """`train.py --help` names the default of every option that has one."""
+    run = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    options = run.stdout.split("options:")[1]
+    entries = [" ".join(e.split()) for e in re.split(r"\n  (?=-)", options)]  # unwrapped
+    for field in dataclasses.fields(PretrainConfig):
+        if field.default is None:
+            continue  # off unless given: its help says what leaving it out does
+        flag = "--" + field.name.replace("_", "-")
+        (entry,) = [e for e in entries if e.startswith((f"{flag} ", f"{flag},"))]
+        assert entry.endswith(f"(default: {field.default})"), entry

@@ -602,7 +602,13 @@ def test_command_line(tmp_path, capsys):
         warnings.simplefilter("ignore")
         assert cli_main(["reward", *args]) == 0
     out = capsys.readouterr().out
-    assert "held-out (1 records): valid_accuracy" in out and (tmp_path / "latest").is_file()
+    # records and pairs said apart: 2 records trained on, 1 held out with 6 ranked pairs (its
+    # 4 responses have distinct ranks: 6 pairs), the accuracy being a share of those pairs
+    summary = next(line for line in out.splitlines() if line.startswith("reward: trained"))
+    assert summary.startswith(
+        "reward: trained on 2 records; held out 1 record (6 ranked pairs): accuracy "
+    ), summary
+    assert "count" not in summary and (tmp_path / "latest").is_file()
     with pytest.raises(SystemExit):
         cli_main(["reward", "--kind", "ratings"])  # --data is required
 

@@ -16,11 +16,13 @@ from palm_rlhf.rl.algorithms import critic_free_objective
 from palm_rlhf.rl.policies import evaluation_mode, only_these_require_grad
 from palm_rlhf.rl.ppo.objective import ppo_objective
 from palm_rlhf.rl.rollout import Experience, group_minibatches, tempered_logits
+from palm_rlhf.train.optim import make_optimizer
 
 
 def make_optimizers(nets: dict[str, nn.Module], config) -> list[torch.optim.Optimizer]:
-    """AdamW per network: the actor's learning rate and decay for the actor, the critic's for
-    the critic (and for FlowRL's log Z head, which takes the critic's place)."""
+    """The one optimiser builder (`train/optim.py`) per network: the actor's learning rate and
+    decay for the actor, the critic's for the critic (and for FlowRL's log Z head, which takes
+    the critic's place), `config.betas` for both; decay on matrices only."""
     optimizers = []
     for name, net in nets.items():
         lr, wd = (
@@ -28,9 +30,7 @@ def make_optimizers(nets: dict[str, nn.Module], config) -> list[torch.optim.Opti
             if name == "actor"
             else (config.critic_lr, config.critic_wd)
         )
-        optimizers.append(
-            torch.optim.AdamW(net.trainable_parameters(), lr, config.betas, weight_decay=wd)
-        )
+        optimizers.append(make_optimizer(net.trainable_parameters(), lr, wd, config.betas))
     return optimizers
 
 

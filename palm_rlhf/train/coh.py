@@ -37,11 +37,12 @@ from palm_rlhf.model.sampling import sample_tokens
 from palm_rlhf.options import option
 from palm_rlhf.train.finetune import (
     FinetuneConfig,
+    FinetuneMethod,
     FinetuneResult,
-    Stage,
-    run_stage,
+    run_finetune,
     token_loss_fn,
 )
+from palm_rlhf.train.run_options import default_for
 
 MODES = ("p", "n", "pn", "np", "both")
 POSITIVE, NEGATIVE = "A good answer:", "A bad answer:"
@@ -53,7 +54,7 @@ class CoHConfig(FinetuneConfig):
     data: Optional[str] = option(
         None, "comparison data: pairs, ranked lists or HH-RLHF", required=True
     )
-    out_dir: str = option("checkpoints/coh", "where step-N checkpoint folders are written")
+    out_dir: Optional[str] = default_for("out_dir", "checkpoints/coh")
     mode: str = option("both", "which answers each sequence holds, in which order", choices=MODES)
     positive_phrase: str = option(POSITIVE, "feedback phrase before a preferred answer")
     negative_phrase: str = option(NEGATIVE, "feedback phrase before a dispreferred answer")
@@ -149,7 +150,7 @@ def pretraining_chunks(
 def train_coh(config: CoHConfig) -> FinetuneResult:
     """Chain-of-Hindsight fine-tuning of `config.base` on comparison data (+ optional ptx)."""
 
-    def build(model, tokenizer) -> Stage:
+    def build(model, tokenizer) -> FinetuneMethod:
         def encode(record: ComparisonRecord) -> list[TokenExample]:
             return hindsight_sequences(
                 record,
@@ -170,7 +171,7 @@ def train_coh(config: CoHConfig) -> FinetuneResult:
         mixed = config.ptx_ratio > 0  # then the loss is reported for each kind too
         metrics = {HINDSIGHT: "answer_loss", PRETRAINING: "ptx_loss"} if mixed else {}
         scope = "coh" if config.use_lora else None
-        return Stage(
+        return FinetuneMethod(
             "coh",
             train,
             valid,
@@ -178,7 +179,7 @@ def train_coh(config: CoHConfig) -> FinetuneResult:
             token_loss_fn(scope, metrics),
         )
 
-    return run_stage(config, build, "coh")
+    return run_finetune(config, build, "coh")
 
 
 @torch.no_grad()

@@ -37,7 +37,9 @@ from palm_rlhf.data.records import ComparisonRecord, read_comparisons
 from palm_rlhf.functional.logprobs import sequence_log_probs, shifted_log_probs
 from palm_rlhf.functional.preference import dpo_loss
 from palm_rlhf.options import option
-from palm_rlhf.train.finetune import FinetuneConfig, FinetuneResult, LossTerms, Stage, run_stage
+from palm_rlhf.train.finetune import FinetuneConfig, FinetuneMethod, FinetuneResult, run_finetune
+from palm_rlhf.train.loop import LossTerms
+from palm_rlhf.train.run_options import default_for
 
 
 @dataclass
@@ -45,10 +47,10 @@ class DPOConfig(FinetuneConfig):
     data: Optional[str] = option(
         None, "comparison data: pairs, ranked lists or HH-RLHF", required=True
     )
-    out_dir: str = option("checkpoints/dpo", "where step-N checkpoint folders are written")
+    out_dir: Optional[str] = default_for("out_dir", "checkpoints/dpo")
     beta: float = option(0.1, "β: strength of the implicit KL constraint to the reference")
     label_smoothing: float = option(0.0, "assumed share of flipped labels (conservative DPO)")
-    lr: float = option(1e-5, "peak learning rate (AdamW); LoRA usually wants about 10x more")
+    lr: float = default_for("lr", 1e-5)
 
     def __post_init__(self):
         super().__post_init__()
@@ -121,7 +123,7 @@ def dpo_forward(
 
 
 def dpo_loss_fn(beta: float, label_smoothing: float, scope: Optional[str], reference=None):
-    """A `Stage.loss_fn`: the pair losses summed, and reward metrics (sums over pairs)."""
+    """A `FinetuneMethod.loss_fn`: the pair losses summed, and reward metrics (sums over pairs)."""
 
     def loss_fn(model, batch: dict[str, Tensor], unwrapped) -> LossTerms:
         # a LoRA reference runs on the unwrapped model, outside any distributed wrapper
@@ -144,7 +146,7 @@ def dpo_loss_fn(beta: float, label_smoothing: float, scope: Optional[str], refer
 def train_dpo(config: DPOConfig) -> FinetuneResult:
     """DPO of `config.base` on comparison data; metrics: loss, accuracy, rewards, margin."""
 
-    def build(model, tokenizer) -> Stage:
+    def build(model, tokenizer) -> FinetuneMethod:
         def encode(record: ComparisonRecord) -> list[PairExample]:
             return [
                 dpo_pair(tokenizer, record.prompt, chosen, rejected, config.max_len)
@@ -154,7 +156,7 @@ def train_dpo(config: DPOConfig) -> FinetuneResult:
         train, valid = load_examples(config, read_comparisons, encode, "comparison")
         reference = None if config.use_lora else copy.deepcopy(model).requires_grad_(False)
         scope = "dpo" if config.use_lora else None
-        return Stage(
+        return FinetuneMethod(
             "dpo",
             train,
             valid,
@@ -163,7 +165,7 @@ def train_dpo(config: DPOConfig) -> FinetuneResult:
             frozen=(reference,) if reference is not None else (),
         )
 
-    return run_stage(config, build, "dpo")
+    return run_finetune(config, build, "dpo")
 
 
 def run_dpo(config: DPOConfig) -> FinetuneResult:

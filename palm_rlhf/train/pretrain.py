@@ -1,20 +1,19 @@
 """Pretraining a byte-level PaLM on enwik8 (or the embedded corpus): the loop behind train.py.
 
-Phases per step: batch -> loss (reduced over processes) -> guard -> backward -> clip -> step;
-now and then: validation loss and bits per character, a text sample, a checkpoint.
+The loop is `train/loop.py`'s; this stage brings the data (random windows of the training
+split), the next-token loss, validation loss and bits per character, and a text sample now and
+then.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
 from palm_rlhf.data.corpus import (
     RandomChunkDataset,
@@ -27,53 +26,43 @@ from palm_rlhf.model.palm import PaLM
 from palm_rlhf.model.sampling import sample_tokens
 from palm_rlhf.options import option
 from palm_rlhf.train import sharding
-from palm_rlhf.train.history import HistoryLog
-from palm_rlhf.train.run import (
-    RunOptions,
-    checkpoint_on_main,
-    cosine_schedule,
-    guarded_step,
-    make_optimizer,
-    progress_bar,
-    resume_training,
-    stage_accelerator,
-)
-from palm_rlhf.train.stopping import StopOnSignal, TrainingInterrupted
+from palm_rlhf.train.accelerator import loop_accelerator
+from palm_rlhf.train.checkpointing import checkpoint_on_main, resume_training
+from palm_rlhf.train.loop import LoopParts, LossTerms, train_loop
+from palm_rlhf.train.optim import cosine_schedule, make_optimizer
+from palm_rlhf.train.progress import main_process_log
+from palm_rlhf.train.run_options import LoopOptions, default_for
 
 
 @dataclass
-class PretrainConfig(RunOptions):
+class PretrainConfig(LoopOptions):
     data_dir: str = option("data", "folder with enwik8.gz, else the embedded corpus.txt.gz is used")
     tokenizer: Optional[str] = option(
         None, "sentencepiece tokenizer folder (palm-rlhf tokenizer); default: bytes"
     )
-    out_dir: str = option("checkpoints/pretrain", "where step-N checkpoint folders are written")
     dim: int = option(256, "model width")
     depth: int = option(4, "number of parallel transformer blocks")
     heads: int = option(4, "query heads (one shared key/value head)")
     dim_head: int = option(64, "width of each attention head")
     ff_mult: int = option(4, "feed-forward expansion factor")
     seq_len: int = option(256, "training context length in bytes (also the model's max_seq_len)")
-    batch_size: int = option(16, "GLOBAL batch size per optimizer step (split over processes)")
-    grad_accum: int = option(1, "gradient accumulation steps (each a batch of batch_size)")
-    num_steps: int = option(
-        800, "optimizer steps (the default takes about 10 minutes on 2 CPU cores)"
-    )
-    max_minutes: Optional[float] = option(None, "stop (validate and save) after this many minutes")
-    lr: float = option(2e-3, "peak learning rate (AdamW)")
-    min_lr_ratio: float = option(
-        0.1, "final learning rate as a fraction of the peak (cosine decay)"
-    )
-    warmup_steps: int = option(100, "linear warm-up steps")
-    weight_decay: float = option(0.1, "AdamW weight decay on matrices (not norms)")
-    max_norm: Optional[float] = option(1.0, "gradient clipping norm ('none' disables)")
-    eval_every: int = option(250, "steps between validation runs")
+    batch_size: int = option(16, "GLOBAL batch size per micro-step (split over processes)")
+    num_steps: int = option(800, "optimizer steps in the whole run")
     val_batches: int = option(8, "validation batches per run (the same batches every time)")
     generate_every: int = option(500, "steps between text samples (0 disables)")
     generate_length: int = option(200, "bytes to sample")
-    save_every: int = option(500, "steps between checkpoints")
-    resume: Optional[str] = option(None, "'latest' or a checkpoint folder to continue from")
-    log_every: int = option(10, "steps between history entries")
+    out_dir: Optional[str] = default_for("out_dir", "checkpoints/pretrain")
+    lr: float = default_for("lr", 2e-3)
+    warmup_steps: int = default_for("warmup_steps", 100)
+    weight_decay: float = default_for("weight_decay", 0.1)
+    eval_every: int = default_for("eval_every", 250)
+    save_every: int = default_for("save_every", 500)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("dim", "depth", "heads", "dim_head", "seq_len", "batch_size", "num_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 class PretrainResult(NamedTuple):
@@ -110,8 +99,8 @@ def validation_loss(model, loader, accelerator) -> float:
 
 
 def pretrain(config: PretrainConfig) -> PretrainResult:
-    accelerator = stage_accelerator(config)
-    log = tqdm.write if accelerator.is_main_process else (lambda *_: None)
+    accelerator = loop_accelerator(config)
+    log = main_process_log(accelerator)
     splits, source = load_pretraining_data(config.data_dir)
     log(f"data: {source}; {accelerator.num_processes} process(es) on {accelerator.device}")
     tokenizer = ByteTokenizer() if config.tokenizer is None else load_tokenizer(config.tokenizer)
@@ -148,14 +137,31 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         where = f"sharded over {accelerator.num_processes} processes"
         log(f"fsdp: {where if sharded else 'one process, nothing to shard'}")
 
-    step, history, *_ = resume_training(
+    resumed = resume_training(
         config.out_dir, config.resume, unwrapped, optimizer, scheduler, log, template=template
     )
-    if step:
-        train_loader = accelerator.skip_first_batches(train_loader, step * config.grad_accum)
+    if resumed.step:
+        train_loader = accelerator.skip_first_batches(
+            train_loader, resumed.step * config.grad_accum
+        )
+    batches = iter(train_loader)
 
-    def checkpoint() -> Optional[Path]:
-        trainer_state = {"config": asdict(config), "history": history}
+    def evaluate() -> dict[str, float]:
+        valid_loss = validation_loss(model, val_loader, accelerator)
+        sharding.settle(unwrapped)
+        return {"valid_loss": valid_loss, "valid_bpc": valid_loss / math.log(2) / bytes_per_token}
+
+    def sample(step: int, last: bool) -> None:
+        # a sharded model samples on every process together (each holds part of the weights)
+        due = config.generate_every and (step % config.generate_every == 0 or last)
+        if due and (accelerator.is_main_process or sharded):
+            log(sample_text(unwrapped, splits.valid, config, tokenizer, seed=config.seed + step))
+            sharding.settle(unwrapped)
+
+    def checkpoint(step: int, finished: bool) -> Optional[Path]:
+        if config.out_dir is None:
+            return None
+        trainer_state = {"config": asdict(config), "history": resumed.history}
         return checkpoint_on_main(
             accelerator,
             config.out_dir,
@@ -169,73 +175,21 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
             template,
         )
 
-    valid_loss, saved, start = math.nan, None, time.monotonic()
-    bar = progress_bar(
-        accelerator, config.progress, total=config.num_steps, initial=step, desc="pretrain"
+    parts = LoopParts(
+        "pretrain",
+        config.num_steps,
+        micro_batches=lambda step: (next(batches) for _ in range(config.grad_accum)),
+        loss=lambda batch: LossTerms(model(batch, return_loss=True), 1.0),
+        evaluate=evaluate,
+        checkpoint=checkpoint,
+        after_step=sample,
+        length_flag="--num-steps",
     )
-    model.train()
-    batches = iter(train_loader)
-    run_log = HistoryLog(accelerator, config.out_dir, history, "pretrain", asdict(config))
-    with run_log, StopOnSignal() as stop:
-        while step < config.num_steps:
-            for _ in range(config.grad_accum):
-                batch = next(batches)
-                with accelerator.accumulate(model):
-                    loss = model(batch, return_loss=True)
-                    mean_loss, _ = guarded_step(
-                        accelerator,
-                        loss,
-                        step,
-                        model.parameters(),
-                        optimizer,
-                        config.max_norm,
-                        config.nan_policy,
-                    )
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            record = {"step": step, "loss": float(mean_loss), "lr": scheduler.get_last_lr()[0]}
-            out_of_time = (
-                config.max_minutes is not None
-                and time.monotonic() - start > 60 * config.max_minutes
-            )
-            last = step == config.num_steps or out_of_time
-            if step % config.eval_every == 0 or last:
-                valid_loss = validation_loss(model, val_loader, accelerator)
-                sharding.settle(unwrapped)
-                record.update(
-                    valid_loss=valid_loss, valid_bpc=valid_loss / math.log(2) / bytes_per_token
-                )
-                log(
-                    f"step {step}: train loss {record['loss']:.4f}, valid loss "
-                    f"{valid_loss:.4f}, bpc {record['valid_bpc']:.4f}"
-                )
-            if step % config.log_every == 0 or "valid_loss" in record:
-                run_log.append(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}")
-            # a sharded model samples on every process together (each holds part of the weights)
-            if (
-                config.generate_every
-                and (step % config.generate_every == 0 or last)
-                and (accelerator.is_main_process or sharded)
-            ):
-                log(
-                    sample_text(unwrapped, splits.valid, config, tokenizer, seed=config.seed + step)
-                )
-                sharding.settle(unwrapped)
-            if step % config.save_every == 0 or last:
-                saved = checkpoint()
-            if out_of_time:
-                log(f"stopping after {config.max_minutes} minutes at step {step}")
-                break
-            signum = stop.requested(accelerator)
-            if signum and not last:  # Ctrl-C / SIGTERM: the step is done; save it and stop
-                bar.close()
-                if not (step % config.save_every == 0 or last):
-                    saved = checkpoint()
-                raise TrainingInterrupted("pretrain", step, saved, signum)
-    bar.close()
-    return PretrainResult(history, valid_loss, valid_loss / math.log(2) / bytes_per_token, saved)
+    result = train_loop(accelerator, model, optimizer, scheduler, config, parts, resumed)
+    valid_loss = result.valid.get("valid_loss", math.nan)
+    return PretrainResult(
+        result.history, valid_loss, valid_loss / math.log(2) / bytes_per_token, result.checkpoint
+    )
 
 
 def tokenize_splits(splits: Splits, tokenizer) -> tuple[Splits, float]:

@@ -17,7 +17,6 @@ same batches as an uninterrupted one.
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -27,7 +26,6 @@ from typing import NamedTuple, Optional
 import torch
 from accelerate import PartialState
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from palm_rlhf.checkpoint import find_weights
 from palm_rlhf.data.collate import (
@@ -41,25 +39,20 @@ from palm_rlhf.model.palm import PaLM
 from palm_rlhf.model.reward import RewardModel
 from palm_rlhf.options import option
 from palm_rlhf.train import sharding
-from palm_rlhf.train.history import HistoryLog
+from palm_rlhf.train.accelerator import loop_accelerator
+from palm_rlhf.train.checkpointing import checkpoint_on_main, resume_training
 from palm_rlhf.train.loading import load_base
+from palm_rlhf.train.loop import LoopParts, LossTerms, train_loop
+from palm_rlhf.train.optim import cosine_schedule, make_optimizer
+from palm_rlhf.train.progress import main_process_log
 from palm_rlhf.train.reward_metrics import batch_loss, evaluate_reward
-from palm_rlhf.train.run import (
-    RunOptions,
-    checkpoint_on_main,
-    cosine_schedule,
-    guarded_step,
-    progress_bar,
-    resume_training,
-    stage_accelerator,
-)
-from palm_rlhf.train.stopping import StopOnSignal, TrainingInterrupted
+from palm_rlhf.train.run_options import LoopOptions, LoraOptions, default_for
 
 KINDS = ("comparisons", "ratings")
 
 
 @dataclass
-class RewardTrainConfig(RunOptions):
+class RewardTrainConfig(LoopOptions, LoraOptions):
     data: str = option(
         "", "JSON Lines file of comparisons or ratings (.jsonl or .jsonl.gz)", required=True
     )
@@ -91,32 +84,24 @@ class RewardTrainConfig(RunOptions):
     )
     batch_size: int = option(16, "GLOBAL records per step (split over processes)")
     eval_batch_size: Optional[int] = option(None, "records per held-out batch (default batch_size)")
-    grad_accum: int = option(1, "gradient accumulation steps (each a batch of batch_size)")
     epochs: float = option(1.0, "passes over the training records")
     max_steps: Optional[int] = option(None, "stop after this many optimizer steps")
-    max_minutes: Optional[float] = option(None, "stop (evaluate and save) after this many minutes")
-    lr: float = option(5e-4, "peak learning rate (AdamW)")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    warmup_steps: int = option(10, "linear warm-up steps")
-    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak (cosine)")
-    max_norm: Optional[float] = option(1.0, "gradient clipping norm ('none' disables)")
     margin: float = option(0.0, "ranking loss margin: better responses must win by this much")
-    use_lora: bool = option(True, "train a LoRA scope + head (else fine-tune every weight)")
-    lora_r: int = option(8, "LoRA rank")
+    use_lora: bool = default_for("use_lora", True)
     pooling: str = option(
         "last", "score from the last token or the response mean", choices=("last", "mean")
     )
     dropout: float = option(0.1, "dropout on the pooled features before the head")
-    out_dir: Optional[str] = option("checkpoints/reward", "checkpoint folder ('none': no saving)")
-    save_every: int = option(0, "steps between checkpoints (0: at the end only)")
-    eval_every: int = option(0, "steps between held-out evaluations (0: at the end only)")
-    resume: Optional[str] = option(None, "'latest' or a checkpoint folder to continue from")
     on_error: str = option(
         "raise", "malformed records: stop, or skip with a warning", choices=("raise", "skip")
     )
-    log_every: int = option(10, "steps between history entries")
+    out_dir: Optional[str] = default_for("out_dir", "checkpoints/reward")
+    lr: float = default_for("lr", 5e-4)
+    save_every: int = default_for("save_every", 0)
+    eval_every: int = default_for("eval_every", 0)
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.data or self.kind not in KINDS:
             raise ValueError(f"data (a JSON Lines file) is required and kind one of {KINDS}")
         if self.num_bins is None:
@@ -125,7 +110,7 @@ class RewardTrainConfig(RunOptions):
             raise ValueError(f"num_bins must be 0 (scalar) or >= 2, got {self.num_bins}")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ValueError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
-        for name in ("batch_size", "grad_accum", "max_len", "keep_last", "log_every"):
+        for name in ("batch_size", "max_len", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.epochs <= 0 and self.max_steps is None:
@@ -275,8 +260,8 @@ def reward_base(config: RewardTrainConfig):
 
 def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
     """Train a reward model as `config` says; see the module docstring for data and phases."""
-    accelerator = stage_accelerator(config)
-    log = tqdm.write if accelerator.is_main_process else (lambda *_: None)
+    accelerator = loop_accelerator(config)
+    log = main_process_log(accelerator)
     palm, tokenizer, base_path = reward_base(config)
     palm.checkpoint_activations = config.checkpoint_activations  # a copy made below keeps it
     train, valid = split_records(config, tokenizer)
@@ -289,8 +274,7 @@ def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
         pooling=config.pooling,
     )
     model.base_checkpoint = str(base_path.resolve()) if base_path is not None else None
-    trainable = model.trainable_parameters()
-    wanted = {id(p) for p in trainable}
+    wanted = {id(p) for p in model.trainable_parameters()}
     for param in model.parameters():  # the trainer owns this model: freeze all it does not train
         param.requires_grad_(id(param) in wanted)
     # sharded (--fsdp): split before the optimizer is made; sharding replaces the parameters
@@ -309,7 +293,7 @@ def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
 
     per_step = config.batch_size * config.grad_accum
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * len(train) / per_step))
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(trainable, config.lr, config.weight_decay)
     scheduler = cosine_schedule(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
     collate = partial(_collate, tokenizer=tokenizer, max_len=config.max_len, kind=config.kind)
     stream = training_stream(train, total_steps * per_step, config.seed)
@@ -327,16 +311,18 @@ def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
     valid_loader = accelerator.prepare(valid_loader) if valid_loader is not None else None
     unwrapped = accelerator.unwrap_model(model)
 
-    step, history, *_ = resume_training(
+    resumed = resume_training(
         config.out_dir, config.resume, unwrapped, optimizer, scheduler, log, template=template
     )
-    if step:
-        train_loader = accelerator.skip_first_batches(train_loader, step * config.grad_accum)
+    if resumed.step:
+        skipped = resumed.step * config.grad_accum
+        train_loader = accelerator.skip_first_batches(train_loader, skipped)
+    batches = iter(train_loader)
 
-    def checkpoint() -> Optional[Path]:
+    def checkpoint(step: int, finished: bool) -> Optional[Path]:
         if config.out_dir is None:
             return None
-        trainer_state = {"config": asdict(config), "history": history}
+        trainer_state = {"config": asdict(config), "history": resumed.history}
         return checkpoint_on_main(
             accelerator,
             config.out_dir,
@@ -350,76 +336,51 @@ def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
             template,
         )
 
-    metrics, saved, start = {}, None, time.monotonic()
-    bar = progress_bar(accelerator, config.progress, total=total_steps, initial=step, desc="reward")
-    model.train()
-    batches = iter(train_loader)
-    run_log = HistoryLog(accelerator, config.out_dir, history, "reward", asdict(config))
-    with run_log, StopOnSignal() as stop:
-        while step < total_steps:
-            for _ in range(config.grad_accum):
-                batch = next(batches)
-                with accelerator.accumulate(model):
-                    loss = batch_loss(model, batch, config.kind, config.margin)
-                    mean_loss, _ = guarded_step(
-                        accelerator,
-                        loss,
-                        step,
-                        trainable,
-                        optimizer,
-                        config.max_norm,
-                        config.nan_policy,
-                    )
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            record = {"step": step, "loss": float(mean_loss), "lr": scheduler.get_last_lr()[0]}
-            minutes = (time.monotonic() - start) / 60
-            last = step == total_steps or (
-                config.max_minutes is not None and minutes > config.max_minutes
-            )
-            if (config.eval_every and step % config.eval_every == 0) or last:
-                metrics = evaluate_reward(
-                    model, valid_loader, accelerator, config.kind, config.margin
-                )
-                record.update(metrics)
-                if metrics:
-                    log(
-                        f"step {step}: loss {record['loss']:.4f}, held-out accuracy "
-                        f"{metrics['valid_accuracy']:.4f}"
-                    )
-            if step % config.log_every == 0 or "valid_accuracy" in record:
-                run_log.append(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}")
-            if (config.save_every and step % config.save_every == 0) or last:
-                saved = checkpoint()
-            if last:
-                break
-            signum = stop.requested(accelerator)
-            if signum:  # Ctrl-C / SIGTERM: the step is done; save it (unless just saved) and stop
-                bar.close()
-                if not (config.save_every and step % config.save_every == 0):
-                    saved = checkpoint()
-                raise TrainingInterrupted("reward", step, saved, signum)
-    bar.close()
-    return RewardTrainResult(unwrapped, history, metrics, saved, len(train), len(valid))
+    parts = LoopParts(
+        "reward",
+        total_steps,
+        micro_batches=lambda step: (next(batches) for _ in range(config.grad_accum)),
+        # `batch_loss` looked up at each call (a test may wrap it)
+        loss=lambda batch: LossTerms(batch_loss(model, batch, config.kind, config.margin), 1.0),
+        evaluate=lambda: evaluate_reward(
+            model, valid_loader, accelerator, config.kind, config.margin
+        ),
+        checkpoint=checkpoint,
+        length_flag="--max-steps or --epochs",
+    )
+    result = train_loop(accelerator, model, optimizer, scheduler, config, parts, resumed)
+    return RewardTrainResult(
+        unwrapped, result.history, result.valid, result.checkpoint, len(train), len(valid)
+    )
 
 
 # ----------------------------------------------------------------------------- command line
+
+
+def _counted(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def summary_line(result: RewardTrainResult, kind: str) -> str:
+    """One line: records trained on and held out (and, for comparisons, the ranked pairs the
+    held-out accuracy is a share of), then the held-out metrics."""
+    metrics = dict(result.metrics)
+    pairs = metrics.pop("valid_count", None)  # pairs (comparisons) or records (ratings)
+    held_out = _counted(result.num_valid, "record")
+    if kind == "comparisons" and pairs is not None:
+        held_out += f" ({_counted(pairs, 'ranked pair')})"
+    shown = ", ".join(f"{k.removeprefix('valid_')} {v:.4f}" for k, v in metrics.items())
+    return (
+        f"reward: trained on {_counted(result.num_train, 'record')}; held out "
+        f"{held_out}: {shown or 'no held-out metrics'}"
+    )
 
 
 def run_reward(config: RewardTrainConfig) -> RewardTrainResult:
     """`palm-rlhf reward`: train, then print the held-out metrics and the checkpoint."""
     result = train_reward_model(config)
     if PartialState().is_main_process:
-        summary = ", ".join(
-            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-            for k, v in result.metrics.items()
-        )
-        print(
-            f"trained {result.num_train} records; held-out ({result.num_valid} records): "
-            f"{summary or 'none'}"
-        )
+        print(summary_line(result, config.kind))
         if result.checkpoint is not None:
             print(f"checkpoint: {result.checkpoint}")
     return result

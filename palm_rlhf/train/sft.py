@@ -5,7 +5,7 @@ next-token loss on the response tokens and its EOS only, the prompt being contex
 
 Examples are padded one to a row, or packed several to a row (`pack`): packed examples follow
 each other after their EOS and attend to earlier ones in the row, as in GPT-style packing; the
-loss still covers only response tokens. The training loop is `finetune.run_stage`.
+loss still covers only response tokens. The training loop is `finetune.run_finetune`.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ from palm_rlhf.functional.masked import masked_sum
 from palm_rlhf.options import option
 from palm_rlhf.train.finetune import (
     FinetuneConfig,
+    FinetuneMethod,
     FinetuneResult,
-    Stage,
-    run_stage,
+    run_finetune,
     token_loss_fn,
 )
+from palm_rlhf.train.run_options import default_for
 
 
 @dataclass
@@ -41,7 +42,7 @@ class SFTConfig(FinetuneConfig):
     data: Optional[str] = option(
         None, 'SFT data: {"prompt": ..., "response": ...} lines', required=True
     )
-    out_dir: str = option("checkpoints/sft", "where step-N checkpoint folders are written")
+    out_dir: Optional[str] = default_for("out_dir", "checkpoints/sft")
     pack: bool = option(False, "pack several examples into each max_len row instead of padding")
 
 
@@ -108,7 +109,7 @@ def pack_examples(examples: list[TokenExample], max_len: int) -> list[TokenExamp
 def train_sft(config: SFTConfig) -> FinetuneResult:
     """Fine-tune `config.base` on `config.data`; returns history, metrics, checkpoint."""
 
-    def build(model, tokenizer) -> Stage:
+    def build(model, tokenizer) -> FinetuneMethod:
         def encode(record: SFTRecord) -> list[TokenExample]:
             return [sft_example(tokenizer, record.prompt, record.response, config.max_len)]
 
@@ -119,7 +120,7 @@ def train_sft(config: SFTConfig) -> FinetuneResult:
                 pack_examples(valid, config.max_len),
             )
         scope = "sft" if config.use_lora else None
-        return Stage(
+        return FinetuneMethod(
             "sft",
             train,
             valid,
@@ -127,7 +128,7 @@ def train_sft(config: SFTConfig) -> FinetuneResult:
             token_loss_fn(scope),
         )
 
-    return run_stage(config, build, "sft")
+    return run_finetune(config, build, "sft")
 
 
 def run_sft(config: SFTConfig) -> FinetuneResult:

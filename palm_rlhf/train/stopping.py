@@ -3,7 +3,8 @@
 The loop checks the flag after each optimizer step (never inside one, so the weights, the
 optimizer and the step counter agree), writes a checkpoint with the ordinary atomic writer and
 raises `TrainingInterrupted`, which the command line turns into one line and exit code 128 +
-the signal number (130 for Ctrl-C). `--resume latest` then continues exactly where it stopped.
+the signal number (130 for Ctrl-C). The line holds the exact command that continues the run
+(`train/continuing.py`), which then carries on exactly where it stopped.
 
 A second Ctrl-C while the step finishes interrupts at once (the previous checkpoint is intact).
 Handlers can only be installed in the main thread; elsewhere the loop runs without them.
@@ -26,10 +27,23 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on a signal after saving `checkpoint` at `step` (a KeyboardInterrupt,
     so a notebook or a script that does not catch it stops as it would on Ctrl-C)."""
 
-    def __init__(self, stage: str, step: int, checkpoint: Optional[Path], signum: int):
+    def __init__(
+        self,
+        stage: str,
+        step: int,
+        checkpoint: Optional[Path],
+        signum: int,
+        command: Optional[str] = None,
+    ):
         self.stage, self.step, self.checkpoint, self.signum = stage, step, checkpoint, signum
+        self.command = command  # the command line that continues the run, when known
         where = f"checkpoint saved in {checkpoint}" if checkpoint else "no checkpoint written"
-        resume = "; continue with --resume latest" if checkpoint else ""
+        if not checkpoint:
+            resume = ""
+        elif command:
+            resume = f"; continue with: {command}"
+        else:  # a library call: the caller knows its own arguments
+            resume = f"; continue by resuming from {checkpoint.parent}"
         super().__init__(f"{stage} interrupted at step {step}: {where}{resume}")
 
     @property

@@ -1,7 +1,7 @@
 """RLHFTrainer state on disk: one atomic, pickle-free folder per save. I/O only — the trainer
 owns its state (`state_dict` / `load_state_dict`); this writes and reads it.
 
-    root/update-XXXXXXX/
+    root/step-XXXXXXX/        (XXXXXXX: the update count; older runs' update-XXXXXXX/ still load)
         actor.safetensors     the actor's trained tensors: LoRA adapters ("lora.*") or full
                               weights ("palm.*"), under names independent of the scope's name
         critic.safetensors    the same for the critic, plus "value_head.*" (PPO only)
@@ -31,18 +31,21 @@ from palm_rlhf.checkpoint import (
     load_json,
     load_state,
     load_tensors,
+    prune_checkpoints,
     save_checkpoint_dir,
     save_json,
     save_state,
     save_tensors,
+    step_folder_name,
 )
 
 FORMAT = "palm_rlhf.ppo/1"
 NETWORKS = ("actor", "critic", "log_z")  # the trained networks a state may hold
 
 
-def write_trainer_state(root: PathLike, name: str, state: dict) -> Path:
-    """Write a trainer's `state_dict()` as the folder `root/name` and point `latest` at it."""
+def write_trainer_state(root: PathLike, updates: int, state: dict, keep_last: int = 2) -> Path:
+    """Write a trainer's `state_dict()` as the folder `root/step-XXXXXXX` (the update count),
+    point `latest` at it and prune all but the newest `keep_last` (0: keep all)."""
     writers = {
         f"{net}.safetensors": lambda p, net=net: save_tensors(p, state[net])
         for net in NETWORKS
@@ -53,7 +56,9 @@ def write_trainer_state(root: PathLike, name: str, state: dict) -> Path:
         "rng.pt": lambda p: save_state(p, state["rng"]),
         "trainer_state.json": lambda p: save_json(p, {"format": FORMAT, **state["meta"]}),
     }
-    return save_checkpoint_dir(root, name, writers)
+    folder = save_checkpoint_dir(root, step_folder_name(updates), writers)
+    prune_checkpoints(root, keep_last)
+    return folder
 
 
 def resolve(path: PathLike) -> Path:

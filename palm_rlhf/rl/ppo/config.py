@@ -3,7 +3,8 @@
 `RLHFTrainer(**keywords)` builds a PPOConfig from its keywords (names as in the reference
 project where one exists), `palm-rlhf ppo` builds its flags from the same fields, and the
 config is saved with every checkpoint. It inherits the run options every stage shares (seed,
-mixed precision, NaN policy, progress bar, checkpoints kept).
+mixed precision, NaN policy, progress bar, sharding, trackers, checkpoints kept); `max_norm`
+is the loop stages' option with the reference's default (None).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from palm_rlhf.functional.policy_losses import LENGTH_NORMS
 from palm_rlhf.model.sampling_options import SamplingOptions
 from palm_rlhf.options import option
 from palm_rlhf.rl.algorithms import ALGORITHMS, policy_gradient_objective
-from palm_rlhf.train.run import RunOptions
+from palm_rlhf.train.run_options import RunOptions, default_for
 from palm_rlhf.typecheck import typechecked
 
 # the command line's choices of `algorithm`: the registry's keys ("ppo" has a critic; the others
@@ -54,7 +55,8 @@ class PPOConfig(RunOptions, SamplingOptions):
     actor_wd: float = option(0.0, "actor weight decay")
     critic_wd: float = option(0.0, "critic weight decay")
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
-    max_norm: Optional[float] = option(None, "gradient clipping norm of each network")
+    # the loop stages' option (its help declared once), with the reference's default: no clipping
+    max_norm: Optional[float] = default_for("max_norm", None)
     # networks
     actor_lora: bool = option(True, "train the actor as a LoRA scope (else full weights)")
     critic_lora: bool = option(True, "train the critic as a LoRA scope (else full weights)")

@@ -21,8 +21,10 @@ from palm_rlhf.model.reward import RewardModel
 from palm_rlhf.options import option
 from palm_rlhf.rl.ppo.config import PPOConfig
 from palm_rlhf.rl.ppo.trainer import RLHFTrainer
+from palm_rlhf.train.continuing import continue_command
 from palm_rlhf.train.history import HISTORY_NAME, write_history
 from palm_rlhf.train.loading import check_tokenizer, load_base
+from palm_rlhf.train.stopping import TrainingInterrupted
 
 
 @dataclass
@@ -112,6 +114,12 @@ def train_ppo(config: PPOStageConfig) -> PPOResult:
         elif config.resume != "latest":
             raise FileNotFoundError(f"--resume {config.resume}: no trainer checkpoint there")
     remaining = config.num_rollouts - trainer.episodes
+    if remaining <= 0 and trainer.episodes:
+        trainer.print(
+            f"ppo: the run in {config.out_dir} already finished ({trainer.episodes} of "
+            f"{config.num_rollouts} rollouts); nothing to train. To continue another run, name "
+            f"it (--out-dir DIR --resume latest); to train this one longer, raise --num-rollouts."
+        )
     try:
         if remaining > 0:
             trainer.train(
@@ -123,6 +131,10 @@ def train_ppo(config: PPOStageConfig) -> PPOResult:
                 checkpoint_dir=state_dir,
                 progress=config.progress,
             )
+    except TrainingInterrupted as stopped:  # say how to continue this run, flags and all
+        command = continue_command(config, "ppo")
+        where = (stopped.stage, stopped.step, stopped.checkpoint, stopped.signum)
+        raise TrainingInterrupted(*where, command) from None
     finally:  # the curves so far, even when stopped by Ctrl-C or an error
         if trainer.accelerator.is_main_process:
             write_history(Path(config.out_dir) / HISTORY_NAME, trainer.history)

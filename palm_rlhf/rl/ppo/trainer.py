@@ -45,9 +45,11 @@ from palm_rlhf.rl.rollout import Experience, collect, concat_experience
 from palm_rlhf.rl.schedule import response_budget, rollout_schedule
 from palm_rlhf.rl.text_reward import TextRewardFn, resolve_reward
 from palm_rlhf.rl.update import minibatch_loss, run_epochs, step_networks
+from palm_rlhf.train.accelerator import make_accelerator
 from palm_rlhf.train.history import tracker_config
-from palm_rlhf.train.run import guard_loss, make_accelerator, mean_over_processes, progress_bar
+from palm_rlhf.train.progress import mean_over_processes, progress_bar
 from palm_rlhf.train.sharding import load_optimizer_state, optimizer_state
+from palm_rlhf.train.step import guard_loss
 from palm_rlhf.train.stopping import StopOnSignal, TrainingInterrupted
 from palm_rlhf.typecheck import typechecked
 
@@ -479,13 +481,12 @@ class RLHFTrainer:
         self.history = list(meta["history"])
 
     def save(self, path: Union[str, Path]) -> Optional[Path]:
-        """Write `path/update-XXXXXXX/` (and the `path/latest` pointer) atomically; see
-        `ppo/checkpoint.py`. Every process takes part; the main process writes. Returns the
-        folder (None on the others)."""
+        """Write `path/step-<updates>/` and `path/latest` atomically (see `ppo/checkpoint.py`).
+        Every process takes part; the main process writes. Returns the folder (None elsewhere)."""
         self.accelerator.wait_for_everyone()
         folder, state = None, self.state_dict()
         if self.accelerator.is_main_process:
-            folder = io.write_trainer_state(path, f"update-{self.updates:07d}", state)
+            folder = io.write_trainer_state(path, self.updates, state, self.config.keep_last)
         self.accelerator.wait_for_everyone()
         return folder
 
