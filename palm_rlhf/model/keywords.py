@@ -74,3 +74,10 @@ def checked(owner: str, cls, values: dict[str, Any]) -> dict[str, Any]:
     """`values` (field name -> value) each checked against its field's annotation in `cls`."""
     hints = typing.get_type_hints(cls)
     return {name: checked_value(owner, name, value, hints[name]) for name, value in values.items()}
+
+
+def pop_option(owner: str, signature: inspect.Signature, values: dict[str, Any], name: str) -> Any:
+    """Remove option `name` (one not in the config) from bound `values`: its value, or its
+    default from `signature`, checked against its annotation there."""
+    param = signature.parameters[name]
+    return checked_value(owner, name, values.pop(name, param.default), param.annotation)

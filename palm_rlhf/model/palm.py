@@ -31,8 +31,8 @@ from palm_rlhf.model.keywords import (
     POSITIONAL,
     bind_call,
     checked,
-    checked_value,
     field_parameters,
+    pop_option,
 )
 from palm_rlhf.model.lora import DEFAULT_LORA_TARGETS, make_scope
 from palm_rlhf.model.sampling import generate
@@ -49,7 +49,7 @@ class PaLM(nn.Module):
         defaults); `finetune_scopes` names LoRA scopes to add at once."""
         super().__init__()
         values = bind_call("PaLM", PaLM.__signature__, args, kwargs)
-        finetune_scopes = values.pop("finetune_scopes", ())
+        finetune_scopes = pop_option("PaLM", PaLM.__signature__, values, "finetune_scopes")
         self.config = config = PaLMConfig(**checked("PaLM", PaLMConfig, values))
         self.num_tokens, self.dim, self.causal = config.num_tokens, config.dim, config.causal
         self.token_emb = nn.Embedding(config.num_tokens, config.dim)
@@ -63,7 +63,7 @@ class PaLM(nn.Module):
         self.finetune_modules = nn.ModuleDict()
         # scope -> {"r", "alpha", "targets"}, saved with the weights
         self.lora_specs: dict[str, dict] = {}
-        for scope in checked_value("PaLM", SCOPES.name, finetune_scopes, SCOPES.annotation):
+        for scope in finetune_scopes:
             self.add_finetune_params(scope)
 
     @staticmethod
@@ -376,7 +376,10 @@ class PaLM(nn.Module):
 
 
 # a PaLM option that is not part of its config: the scopes are saved with the weights instead
-SCOPES = inspect.Parameter(
-    "finetune_scopes", POSITIONAL, default=(), annotation=Union[tuple[str, ...], list[str]]
+SCOPES = Union[tuple[str, ...], list[str]]
+PaLM.__signature__ = inspect.Signature(
+    [
+        *field_parameters(PaLMConfig),
+        inspect.Parameter("finetune_scopes", POSITIONAL, default=(), annotation=SCOPES),
+    ]
 )
-PaLM.__signature__ = inspect.Signature([*field_parameters(PaLMConfig), SCOPES])
