@@ -91,7 +91,8 @@ def _add_missing_scopes(model, specs: dict) -> None:
 
 
 def load_palm_into(model, path: PathLike, strict: bool = True) -> None:
-    """Load into an existing model. Everything is checked before any weight is touched.
+    """Load into an existing model. Everything is checked before any weight is touched; the
+    model takes on the file's rotary positions and attention scale (`FUNCTION_FIELDS`).
 
     A file written by the reference project (`torch.save(palm.state_dict())`, read with
     `weights_only=True`) is mapped to this model's names first; see `reference_weights.py`."""
@@ -122,6 +123,7 @@ def load_palm_into(model, path: PathLike, strict: bool = True) -> None:
                 f"{path}: tensor {key} has shape {tuple(tensor.shape)}, "
                 f"model expects {tuple(expected[key].shape)}"
             )
+    model.use_config(model.config.with_function_of(config.to_dict()))
     model.load_state_dict(tensors, strict=False)
 
 
