@@ -51,21 +51,26 @@ class BlockInputs(NamedTuple):
 
 
 def add_input_adapters(
-    proj: Tensor, normed: Tensor, lora: nn.ModuleDict, slices: dict[str, slice]
-) -> Tensor:
-    """The fused projection (..., fused) with each LoRA target that reads the normed input
-    added to its slice. In place when no graph is recorded (decoding); with autograd, one
-    concatenation, so backward does not copy the projection's gradient once per target."""
-    if not torch.is_grad_enabled():
-        for name, part in slices.items():
-            if name in lora:
-                proj[..., part] += lora[name](normed)
-        return proj
-    pieces = [
-        proj[..., part] + lora[name](normed) if name in lora else proj[..., part]
-        for name, part in slices.items()
-    ]
-    return torch.cat(pieces, dim=-1)
+    parts: tuple[Tensor, ...], normed: Tensor, lora: nn.ModuleDict, heads_dim: int
+) -> tuple[Tensor, ...]:
+    """(qk, v, ff_value, ff_gate), the fused projection's parts, with each LoRA target that
+    reads the normed input added: q and k to the two ends of qk (the first `heads_dim`
+    features are the queries), v, and ff_in's two halves. In place when no graph is recorded
+    (decoding: the parts are views of one fresh projection), else out of place."""
+    qk, v, ff_value, ff_gate = parts
+    add = torch.Tensor.add_ if not torch.is_grad_enabled() else torch.add
+    if "q" in lora or "k" in lora:
+        deltas = [
+            lora[name](normed) if name in lora else normed.new_zeros(*normed.shape[:-1], size)
+            for name, size in (("q", heads_dim), ("k", qk.shape[-1] - heads_dim))
+        ]
+        qk = add(qk, torch.cat(deltas, dim=-1))
+    if "v" in lora:
+        v = add(v, lora["v"](normed))
+    if "ff_in" in lora:
+        value_delta, gate_delta = lora["ff_in"](normed).chunk(2, dim=-1)
+        ff_value, ff_gate = add(ff_value, value_delta), add(ff_gate, gate_delta)
+    return qk, v, ff_value, ff_gate
 
 
 class ParallelBlock(nn.Module):
@@ -77,6 +82,9 @@ class ParallelBlock(nn.Module):
         self.index = index  # this block's layer in a KV cache
         dim, dim_head = config.dim, config.dim_head
         self.fused_dims = (config.attn_inner_dim, dim_head, dim_head, config.ff_inner_dim * 2)
+        # the output's parts: q and k together, v, the SwiGLU value and gate halves
+        inner = config.ff_inner_dim
+        self.split_dims = (config.attn_inner_dim + dim_head, dim_head, inner, inner)
         # the LoRA targets that read the normed input: where each lands in the fused output
         starts = accumulate(self.fused_dims, initial=0)
         self.fused_slices = {
@@ -107,11 +115,14 @@ class ParallelBlock(nn.Module):
         normed = self.norm(x)
         # (b, n, h*d + d + d + 2*ff): q | k | v | ff value half | ff gate half
         proj = project(normed, self.fused_attn_ff_proj, inputs.row_blocks)
+        # one split into every part (backward assembles the projection's gradient with one
+        # copy); queries and the shared key stay adjacent: one (b, n, h + 1, d) tensor
+        # rotates both
+        parts = proj.split(self.split_dims, dim=-1)
         if lora is not None:
-            proj = add_input_adapters(proj, normed, lora, self.fused_slices)
-        split = (heads + 1) * dim_head
-        # queries and the shared key are adjacent: one (b, n, h + 1, d) tensor rotates both
-        qk = proj[..., :split].unflatten(-1, (heads + 1, dim_head))
+            parts = add_input_adapters(parts, normed, lora, self.config.attn_inner_dim)
+        qk, v, ff_value, ff_gate = parts  # v: (b, n, d)
+        qk = qk.unflatten(-1, (heads + 1, dim_head))
         if self.config.qk_rmsnorm:
             scales = torch.cat((self.q_scale.expand(heads, dim_head), self.k_scale[None]))
             qk = F.normalize(qk, dim=-1) * scales
@@ -120,10 +131,8 @@ class ParallelBlock(nn.Module):
         cos, sin = (t.to(qk.dtype) for t in inputs.rotation)
         qk = torch.addcmul(qk * cos, qk.roll(dim_head // 2, dims=-1), sin)
         q, k = qk[..., :heads, :], qk[..., heads, :]  # (b, n, h, d), (b, n, d)
-        v = proj[..., split : split + dim_head]  # (b, n, d)
         out = self.attend(q, k, v, inputs)  # (b, n, h*d)
 
-        ff_value, ff_gate = proj[..., split + dim_head :].chunk(2, dim=-1)
         ff_hidden = F.dropout(F.silu(ff_gate) * ff_value, self.config.ff_dropout, self.training)
         attn_out = project(out, self.attn_out, inputs.row_blocks)
         ff_out = project(ff_hidden, self.ff_out, inputs.row_blocks)
