@@ -128,12 +128,16 @@ class ParallelBlock(nn.Module):
             qk = F.normalize(qk, dim=-1) * scales
         # rotary (+ xPos): t * cos + rotate_half(t) * sin, rotate_half folded into a roll and
         # the sign of sin's first half
-        cos, sin = (t.to(qk.dtype) for t in inputs.rotation)
+        cos, sin = inputs.rotation
+        if cos.dtype != qk.dtype:  # a check, not a no-op cast: the decode step counts calls
+            cos, sin = cos.to(qk.dtype), sin.to(qk.dtype)
         qk = torch.addcmul(qk * cos, qk.roll(dim_head // 2, dims=-1), sin)
         q, k = qk[..., :heads, :], qk[..., heads, :]  # (b, n, h, d), (b, n, d)
         out = self.attend(q, k, v, inputs)  # (b, n, h*d)
 
-        ff_hidden = F.dropout(F.silu(ff_gate) * ff_value, self.config.ff_dropout, self.training)
+        ff_hidden = F.silu(ff_gate) * ff_value
+        if self.training:
+            ff_hidden = F.dropout(ff_hidden, self.config.ff_dropout)
         attn_out = project(out, self.attn_out, inputs.row_blocks)
         ff_out = project(ff_hidden, self.ff_out, inputs.row_blocks)
         attn_out, ff_out = add_output_adapters(lora, out, attn_out, ff_hidden, ff_out)
