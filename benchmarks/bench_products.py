@@ -10,7 +10,7 @@ times one pass of products over all block weights, cycling through them as decod
 
     linear       nn.Linear's own product, x @ W^T
     input-major  x @ W_t with a contiguous (in, out) copy of the weight (what decode used to do)
-    blocks C     `decode.row_block_product`: one batched product over C row blocks of W
+    blocks C     `cpu_tuning.row_block_product`: one batched product over C row blocks of W
 
 and the read-only bandwidth probe of bench_decode.py (a `sum` over 256 MB) just before each
 size. Prints a Markdown table of ms per pass and GB/s (weight bytes / time); best of --repeats.
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_decode import DEPTHS, PROBE_BYTES, probe_bandwidth  # noqa: E402
-from palm_rlhf.model.decode import row_block_product  # noqa: E402
+from palm_rlhf.model.cpu_tuning import row_block_product  # noqa: E402
 
 
 def block_weights(dim: int) -> list[torch.Tensor]:

@@ -26,6 +26,9 @@ What is written (all tiny):
 - ``reward_scalar.pt``, ``reward_binned.pt``: ``torch.save(reward_model.state_dict())`` of
   reference ``RewardModel``s (LoRA scope ``"reward"``, r=4; the second with
   ``num_binned_output=5``) over a depth-1 PaLM; the reference's ``RewardModel.load`` reads it.
+- ``palm_default.pt``, ``default_load.safetensors``: a reference ``PaLM(num_tokens=32,
+  dim=16, depth=1)`` (all else default), and the logits of a fresh such PaLM after
+  ``palm.load("palm_default.pt")``: the porting user's snippet, checked on our side as is.
 - ``outputs.safetensors``: fixed inputs and the reference's outputs for them (eval mode), incl.
   its HL-Gauss critic loss (``hl-gauss-pytorch``) and ``ImplicitPRM`` rewards.
 - ``facts.json``: configs of the fixtures and behaviour of the reference measured by running
@@ -54,6 +57,7 @@ FIXTURES = ROOT / "tests" / "fixtures" / "reference"
 PALM_CONFIG = dict(num_tokens=32, dim=16, depth=2, dim_head=8, heads=2, ff_mult=2)
 PALM_LORA_CONFIG = dict(PALM_CONFIG, rotary_xpos_scale_base=8)
 REWARD_PALM_CONFIG = dict(num_tokens=32, dim=16, depth=1, dim_head=8, heads=2, ff_mult=2)
+DEFAULT_PALM_CONFIG = dict(num_tokens=32, dim=16, depth=1)  # every other option by default
 
 
 # ----------------------------------------------------------------------------- host side
@@ -360,6 +364,30 @@ def build_palm_fixtures(out: Path, tensors: dict, facts: dict) -> None:
     facts["palm_lora.pt"] = dict(
         config=PALM_LORA_CONFIG, lora_scope="actor", lora_r=4, keys=sorted(lora.state_dict())
     )
+
+
+def build_default_load_fixtures(out: Path) -> None:
+    """The porting user's snippet on the reference side: a PaLM given only num_tokens, dim and
+    depth (every other option the reference's default: xPos at 512, dim_head 64, 8 heads), its
+    state dict saved, then a second such PaLM made fresh that `load`s the file; its logits on
+    a 32-token sequence. Own files (`palm_default.pt`, `default_load.safetensors`, the config
+    in the latter's metadata), so the other fixtures are untouched."""
+    import torch
+    from palm_rlhf_pytorch import PaLM
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    saved = PaLM(**DEFAULT_PALM_CONFIG)
+    _randomise(saved, 4)
+    torch.save(saved.state_dict(), out / "palm_default.pt")
+    palm = PaLM(**DEFAULT_PALM_CONFIG)
+    palm.load(out / "palm_default.pt")
+    palm.eval()
+    seq = torch.randint(0, DEFAULT_PALM_CONFIG["num_tokens"], (2, 32))
+    with torch.no_grad():
+        tensors = {"seq": seq, "logits": palm(seq), "loss": palm(seq, return_loss=True).reshape(1)}
+    metadata = {"config": json.dumps(DEFAULT_PALM_CONFIG, sort_keys=True)}
+    save_file(tensors, str(out / "default_load.safetensors"), metadata=metadata)
 
 
 def build_critic_fixtures(out: Path, tensors: dict, facts: dict) -> None:
@@ -1038,6 +1066,7 @@ def main_worker(out: Path) -> None:
     build_palm_fixtures(out, tensors, facts)
     build_reward_fixtures(out, tensors, facts)
     build_critic_fixtures(out, tensors, facts)
+    build_default_load_fixtures(out)
     facts["train_counts"] = [
         measure_train(2, 3, 2, 6),
         measure_train(1, 5, 5, 6, minibatch_size=2, epochs=2),

@@ -5,6 +5,7 @@ the toy task of test_ppo.py."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 
@@ -12,13 +13,14 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from palm_rlhf import ActorCritic, ImplicitPRM, PaLM
+from palm_rlhf import ActorCritic, ImplicitPRM, PaLM, RLHFTrainer
 from palm_rlhf.cli import build_parser
 from palm_rlhf.functional.advantages import pooled_advantages
 from palm_rlhf.functional.hl_gauss import HLGauss, hl_gauss_clipped_loss
+from palm_rlhf.rl.networks import NETWORK_OPTIONS
 from palm_rlhf.rl.ppo.config import PPOConfig
 from tests.test_reference_compat import load_palm_checkpoint
-from tests.toy_ppo import fraction_of_target, mean_reward, toy_palm, toy_trainer
+from tests.toy_ppo import PROMPTS, fraction_of_target, mean_reward, toy_palm, toy_trainer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference"
 
@@ -256,12 +258,48 @@ def test_implicit_prm_as_the_critic_gives_process_rewards_and_trains_on_outcomes
 
 
 # ----------------------------------------------------------------------------- actor_critic=
+def test_actor_critic_takes_its_defaults_from_ppo_config():
+    """ActorCritic declares no default of its own: each is PPOConfig's (and the signature
+    shows them), so the two cannot drift."""
+    defaults = PPOConfig.from_keywords(None)
+    bundle = ActorCritic(toy_palm())
+    assert bundle.options == {name: getattr(defaults, name) for name in NETWORK_OPTIONS}
+    shown = inspect.signature(ActorCritic).parameters
+    assert shown["actor_lora_r"].default == defaults.actor_lora_r
+    assert shown["pooled_values"].default == defaults.critic_pooled_values
+    assert shown["critic_dim_out"].default == defaults.critic_num_pred_bins
+    with pytest.raises(TypeError, match="unknown keyword.*actor_lora_rank"):
+        ActorCritic(toy_palm(), actor_lora_rank=4)
 
 
-def test_a_prebuilt_actor_critic_is_used_and_its_options_win():
+@pytest.mark.parametrize(
+    "given",
+    [dict(actor_lora_r=16), dict(config=PPOConfig(actor_lora_r=16)), dict(actor_lora=False)],
+    ids=["keyword", "config", "default_bundle_other_mode"],
+)
+def test_a_trainer_option_that_contradicts_the_actor_critic_is_an_error(given):
+    """RLHFTrainer(actor_critic=ac, actor_lora_r=16) with ac built at rank 8 used 8 silently."""
     palm = toy_palm()
-    bundle = ActorCritic(palm, pooled_values=True, critic_dim_out=6, actor_lora_r=2)
-    trainer = toy_trainer(palm=palm, actor_critic=bundle, critic_pooled_values=False)
+    bundle = ActorCritic(palm)  # rank 8, LoRA actor
+    built = "actor_lora_r=8" if "actor_lora" not in given else "actor_lora=True"
+    with pytest.raises(ValueError, match=f"actor_critic= was built with {built}"):
+        RLHFTrainer(
+            palm=palm,
+            reward_model=fraction_of_target,
+            prompt_token_ids=PROMPTS,
+            actor_critic=bundle,
+            **given,
+        )
+    assert bundle.options["actor_lora_r"] == 8
+
+
+def test_a_prebuilt_actor_critic_is_used_with_its_options():
+    palm = toy_palm()
+    bundle = ActorCritic(
+        palm, pooled_values=True, critic_dim_out=6, actor_lora_r=2, critic_lora_r=4
+    )
+    # the same values given to the trainer too (toy_trainer passes critic_lora_r=4) agree
+    trainer = toy_trainer(palm=palm, actor_critic=bundle, actor_lora_r=2, critic_pooled_values=True)
     assert trainer.actor_module is bundle.actor and trainer.critic_module is bundle.critic
     assert trainer.config.critic_pooled_values and trainer.config.critic_num_pred_bins == 6
     assert trainer.config.actor_lora_r == 2

@@ -1,13 +1,11 @@
 """The single-token decode step (model/decode.py) computes what the uncached forward does."""
 
-import os
-
 import pytest
 import torch
 from torch.testing import assert_close
 
-from palm_rlhf.model import decode
-from palm_rlhf.model.attention import RotaryEmbedding, apply_rotary
+from palm_rlhf.model import cpu_tuning
+from palm_rlhf.model.attention import RotaryEmbedding
 from palm_rlhf.model.sampling import sample_tokens
 from tests.helpers import randomize_lora, tiny_palm
 
@@ -55,19 +53,19 @@ def test_decode_steps_equal_the_uncached_forward_with_padding_and_lora(overrides
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("blocks", [1, 3, 4, 16])
 def test_row_block_product_equals_the_linear(rows, blocks, monkeypatch):
-    monkeypatch.setattr(decode, "ROW_BLOCKS_MIN_BYTES", 0)  # the split even for a tiny weight
+    monkeypatch.setattr(cpu_tuning, "ROW_BLOCKS_MIN_BYTES", 0)  # the split even for a tiny weight
     linear = torch.nn.Linear(6, 12, bias=False)
     x = torch.randn(rows, 6)
-    assert_close(decode.project(x, linear, blocks), linear(x))  # 16 -> gcd(12, 16) = 4 blocks
-    assert_close(decode.row_block_product(x, linear.weight, 3), linear(x))
+    assert_close(cpu_tuning.project(x, linear, blocks), linear(x))  # 16 -> gcd(12, 16) = 4 blocks
+    assert_close(cpu_tuning.row_block_product(x, linear.weight, 3), linear(x))
     strided = torch.nn.Linear(12, 6, bias=False)
     strided.weight = torch.nn.Parameter(torch.randn(12, 6).t())  # (6, 12), not contiguous
     y = torch.randn(rows, 12)
-    assert_close(decode.project(y, strided, blocks), strided(y))
+    assert_close(cpu_tuning.project(y, strided, blocks), strided(y))
 
 
 def test_float32_decode_with_row_blocks_equals_the_forward(monkeypatch):
-    monkeypatch.setattr(decode, "ROW_BLOCKS_MIN_BYTES", 0)  # tiny weights: split them anyway
+    monkeypatch.setattr(cpu_tuning, "ROW_BLOCKS_MIN_BYTES", 0)  # tiny weights: split them anyway
     model = tiny_palm().eval()
     assert model.init_cache(1, 4).row_blocks > 1  # the split products are in use here
     seq, mask = padded_batch()
@@ -98,32 +96,38 @@ def test_greedy_decode_with_lora_and_left_padding_equals_uncached_decode():
     assert torch.equal(runs[0], runs[1])
 
 
+def rotate_half(t):
+    first, second = t.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
 @pytest.mark.parametrize("xpos", [None, 8])
-def test_rotary_table_rotates_like_apply_rotary(xpos):
+def test_rotation_factors_rotate_like_the_written_out_formula(xpos):
+    """`factors` and `table` (the decode step's lookup) give t * cos + rotate_half(t) * sin,
+    with xPos's scale on queries and its inverse on the key."""
     rotary = RotaryEmbedding(16, xpos_scale_base=xpos)
     positions = torch.arange(10)
-    cos, sin = rotary(positions)
+    cos, sin = (t[:, None].double() for t in rotary(positions))  # (n, 1, d)
     q, k = torch.randn(10, 3, 16, dtype=torch.float64), torch.randn(10, 1, 16, dtype=torch.float64)
-    expected_q = apply_rotary(q, cos[:, None], sin[:, None])
-    expected_k = apply_rotary(k, cos[:, None], sin[:, None])
+    expected_q, expected_k = (t * cos + rotate_half(t) * sin for t in (q, k))
     if xpos is not None:
         scale = rotary.xpos(positions, 5)[:, None]
         expected_q, expected_k = expected_q * scale, expected_k / scale
-    table = rotary.table(10, 4, center=5).double()  # (n, 2, r, d), r = 3 query heads + 1 key
-    qk = torch.cat((q, k), dim=1)
-    rotated = qk * table[:, 0] + qk.roll(8, dims=-1) * table[:, 1]
-    assert_close(rotated, torch.cat((expected_q, expected_k), dim=1), atol=1e-6, rtol=1e-6)
+    expected = torch.cat((expected_q, expected_k), dim=1)
+    qk = torch.cat((q, k), dim=1)  # (n, r, d), r = 3 query heads + 1 key
+    table = rotary.table(10, 4, center=5).double()  # (n, 2, r, d)
+    factors = [t.double() for t in rotary.factors(positions, 4, center=5)]
+    for f_cos, f_sin in ((table[:, 0], table[:, 1]), factors):
+        rotated = qk * f_cos + qk.roll(8, dims=-1) * f_sin
+        assert_close(rotated, expected, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.skipif(
-    not os.environ.get("PALM_RLHF_TEST_COMPILE"),
-    reason="torch.compile of the decode step takes 20-60 s on a small CPU; "
-    "set PALM_RLHF_TEST_COMPILE=1 to run it",
-)
 def test_compiled_decode_equals_eager_decode():
-    model = tiny_palm().eval()
+    """The compiled step (`compile_decode=True`) at a size that compiles in well under a
+    minute on 2 cores: one block, so one graph of a dozen kernels."""
+    model = tiny_palm(depth=1).eval()
     seq, mask = padded_batch()
     with torch.no_grad():  # the compiled step is for sampling: without autograd
-        eager = decode_logits(model, seq, 4, mask=mask)
-        compiled = decode_logits(model, seq, 4, mask=mask, cache_kwargs={"compile": True})
+        eager = decode_logits(model, seq, 8, mask=mask)
+        compiled = decode_logits(model, seq, 8, mask=mask, cache_kwargs={"compile": True})
     assert_close(compiled[mask], eager[mask], atol=1e-5, rtol=1e-5)

@@ -69,3 +69,20 @@ def test_finetune_scopes_keyword_of_the_constructor():
     model = tiny_palm(finetune_scopes=("actor", "critic"), lora_r=3)
     assert model.finetune_scopes == ("actor", "critic")
     assert model.finetune_modules["actor"][0]["q"].A.shape[1] == 3
+
+
+def test_input_adapters_in_place_without_autograd_equal_the_graph_path():
+    """The block adds LoRA deltas in place when no graph is recorded (decoding) and out of
+    place otherwise: both give the same outputs, for every target."""
+    model = tiny_palm().eval()
+    model.add_finetune_params("all", targets=("q", "k", "v", "o", "ff_in", "ff_out"))
+    model.add_finetune_params("ff_only", targets=("ff_in",))
+    model.add_finetune_params("k_only", targets=("k",))
+    seq = torch.randint(0, 32, (2, 9))
+    for scope in ("all", "ff_only", "k_only"):
+        randomize_lora(model, scope, std=0.3)
+        with_graph = model(seq, finetune_scope=scope)
+        with torch.no_grad():
+            in_place = model(seq, finetune_scope=scope)
+        assert_close(in_place, with_graph.detach(), atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(with_graph, model(seq))  # the scope did change the logits

@@ -1,7 +1,11 @@
+import dataclasses
+import inspect
+
 import pytest
 import torch
 from torch.testing import assert_close
 
+from palm_rlhf.model.config import PaLMConfig
 from palm_rlhf.model.palm import PaLM
 from tests.helpers import tiny_palm
 
@@ -150,6 +154,57 @@ def test_reference_constructor_spellings_are_accepted():
         8,
         0,
     )
+
+
+def test_options_are_declared_once_by_the_config():
+    """PaLM's signature is PaLMConfig's fields with their defaults (plus finetune_scopes), and
+    a call binds against it: a default cannot drift between the model and its saved config."""
+    shown = inspect.signature(PaLM).parameters
+    fields = dataclasses.fields(PaLMConfig)
+    assert list(shown) == [f.name for f in fields] + ["finetune_scopes"]
+    for field in fields:
+        expected = (
+            inspect.Parameter.empty if field.default is dataclasses.MISSING else field.default
+        )
+        assert shown[field.name].default == expected
+    assert tiny_palm().config == PaLMConfig(
+        num_tokens=32, dim=32, depth=2, heads=4, dim_head=8, ff_mult=2
+    )
+    # positionally, in the config's order, as before
+    assert PaLM(32, 16, 1, 8, 2).config == PaLMConfig(32, 16, 1, 8, 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(dimhead=8), r"unknown keyword\(s\) 'dimhead' \(did you mean \['dim_head'"),
+        (dict(attn_dropout="0.1"), r"PaLM\(attn_dropout=\.\.\.\) must be float, got '0.1'"),
+        (dict(causal=1), r"PaLM\(causal=\.\.\.\) must be bool"),
+        (dict(finetune_scopes="actor"), r"PaLM\(finetune_scopes=\.\.\.\) must be"),
+    ],
+)
+def test_a_bad_option_is_one_clear_type_error(kwargs, error):
+    with pytest.raises(TypeError, match=error):
+        PaLM(num_tokens=10, dim=16, depth=1, dim_head=8, **kwargs)
+    with pytest.raises(TypeError, match="missing a required argument: 'depth'"):
+        PaLM(num_tokens=10, dim=16)
+
+
+def test_load_takes_on_the_files_rotary_positions_and_attention_scale(tmp_path):
+    """A file saved with xPos (or another rotary base, or qk_scale) loaded into a model built
+    without: the model computes what the saved one did, never a silently different function."""
+    saved = tiny_palm(rotary_xpos_scale_base=8, rotary_base=500.0, qk_rmsnorm=True, qk_scale=4.0)
+    saved.eval()
+    path = saved.save(tmp_path / "palm.safetensors")
+    loaded = tiny_palm(qk_rmsnorm=True, seed=1).load(path).eval()
+    assert loaded.config == saved.config
+    seq = torch.randint(0, 32, (2, 12))
+    with torch.no_grad():
+        assert_close(loaded(seq), saved(seq), atol=0, rtol=0)
+        # and that mattered: the same weights in the default model differ
+        plain = tiny_palm(qk_rmsnorm=True).eval()
+        plain.load_state_dict(saved.state_dict())
+        assert (plain(seq) - saved(seq)).abs().max() > 1e-3
 
 
 def test_set_dropout_sets_every_dropout_and_returns_the_model():

@@ -7,12 +7,15 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from palm_rlhf.checkpoint import CheckpointError
 from palm_rlhf.model.config import PaLMConfig
@@ -72,6 +75,57 @@ def test_palm_from_pretrained_and_load_read_reference_files(outputs):
     fresh.load(FIXTURES / "palm.pt").eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(outputs["palm.seq"]), outputs["palm.logits"], **TOL)
+
+
+def test_default_constructed_palm_then_load_gives_the_reference_logits():
+    """Issue 19 section 1, exactly the porting snippet: `PaLM(num_tokens, dim, depth)` then
+    `palm.load("palm.pt")` of a file a default reference PaLM wrote. Our default has no xPos;
+    the reference's always has it (scale base 512), so `load` takes it on from the file."""
+    recorded = load_file(FIXTURES / "default_load.safetensors")
+    with safe_open(FIXTURES / "default_load.safetensors", "pt") as handle:
+        config = json.loads(handle.metadata()["config"])
+    assert config == dict(num_tokens=32, dim=16, depth=1)  # nothing else passed
+    palm = PaLM(**config)
+    assert palm.config.rotary_xpos_scale_base is None
+    palm.load(FIXTURES / "palm_default.pt")
+    palm.eval()
+    assert palm.config.rotary_xpos_scale_base == 512
+    with torch.no_grad():
+        torch.testing.assert_close(palm(recorded["seq"]), recorded["logits"], **TOL)
+        loss = palm(recorded["seq"], return_loss=True)
+    torch.testing.assert_close(loss.reshape(1), recorded["loss"], **TOL)
+    # the xPos it took on matters at this length: plain rotary would be off by far more
+    plain = PaLM(**config).eval()
+    plain.load_state_dict(palm.state_dict())
+    with torch.no_grad():
+        assert (plain(recorded["seq"]) - recorded["logits"]).abs().max() > 1e-3
+    # the model's own scale base, when given, is kept (it is not in the file)
+    kept = PaLM(**config, rotary_xpos_scale_base=64)
+    assert kept.load(FIXTURES / "palm_default.pt").config.rotary_xpos_scale_base == 64
+
+
+def test_reference_file_into_another_shape_names_the_keywords_to_pass():
+    with pytest.raises(CheckpointError, match=r"PaLM\(\.\.\., qk_rmsnorm=True\)"):
+        PaLM(**REFERENCE_SHAPE, depth=1).load(FIXTURES / "palm_qk_rmsnorm.pt")
+    with pytest.raises(CheckpointError, match=r"PaLM\(\.\.\., depth=2\)"):
+        PaLM(**REFERENCE_SHAPE, depth=3).load(FIXTURES / "palm.pt")
+    with pytest.raises(CheckpointError, match=r"rotary_base=10000\.0"):
+        PaLM(**REFERENCE_SHAPE, depth=2, rotary_base=500).load(FIXTURES / "palm.pt")
+
+
+def test_reference_qk_rmsnorm_file_loads_with_the_reference_attention_scale(outputs):
+    """Our qk_rmsnorm default scale (8) is not the reference's (dim_head ** -0.5, whatever its
+    qk_scale says): `load` takes the reference's on."""
+    palm = PaLM(**REFERENCE_SHAPE, depth=1, qk_rmsnorm=True)
+    palm.load(FIXTURES / "palm_qk_rmsnorm.pt").eval()
+    assert palm.config.qk_scale == 8**-0.5
+    with torch.no_grad():
+        torch.testing.assert_close(
+            palm(outputs["palm.seq"]), outputs["palm_qk_rmsnorm.logits"], **TOL
+        )
+
+
+REFERENCE_SHAPE = dict(num_tokens=32, dim=16, dim_head=8, heads=2, ff_mult=2)
 
 
 def test_reference_lora_scope_and_xpos_scale_base(outputs):
@@ -383,9 +437,18 @@ def test_reference_reward_file_loads_into_a_reward_model_on_its_base(outputs):
     masks, seq = reward_inputs(outputs)
     with torch.no_grad():
         torch.testing.assert_close(model(seq, **masks), outputs["reward_scalar.head_output"], **TOL)
-    other = RewardModel(PaLM(num_tokens=32, dim=16, depth=1, heads=2, dim_head=8), lora_r=4)
+    shape = dict(num_tokens=32, dim=16, depth=1, heads=2, dim_head=8)
+    other = RewardModel(PaLM(**shape, ff_mult=2, rotary_xpos_scale_base=512), lora_r=4)
     with pytest.raises(CheckpointError, match="never overwrites a shared PaLM"):
         other.load(FIXTURES / "reward_scalar.pt")
+    # another shape: the keyword that would fit, named
+    with pytest.raises(CheckpointError, match=r"build the model with PaLM\(\.\.\., ff_mult=2\)"):
+        RewardModel(PaLM(**shape), lora_r=4).load(FIXTURES / "reward_scalar.pt")
+    # the same weights on a base built without xPos: refused, never a silent difference
+    plain = PaLM(**shape, ff_mult=2).eval()
+    plain.load_state_dict({k: v for k, v in palm.state_dict().items() if "finetune" not in k})
+    with pytest.raises(CheckpointError, match="rotary_xpos_scale_base"):
+        RewardModel(plain, lora_r=4).load(FIXTURES / "reward_scalar.pt")
     with pytest.raises(CheckpointError, match="another reward model"):
         RewardModel(palm, lora_r=4, num_binned_output=5).load(FIXTURES / "reward_scalar.pt")
 

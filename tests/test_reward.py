@@ -1,4 +1,6 @@
 import argparse
+import dataclasses
+import inspect
 import math
 import re
 import warnings
@@ -15,6 +17,7 @@ from palm_rlhf.data.records import ComparisonRecord, RatingRecord
 from palm_rlhf.data.tokenizer import ByteTokenizer
 from palm_rlhf.functional.preference import pairwise_ranking_loss, ranking_loss_from_scores
 from palm_rlhf.model.reward import RewardModel
+from palm_rlhf.model.reward_config import RewardConfig
 from palm_rlhf.options import add_dataclass_arguments
 from palm_rlhf.train.reward import RewardTrainConfig, fit_records, train_reward_model
 from palm_rlhf.train.reward_metrics import score_comparisons
@@ -644,3 +647,32 @@ def test_lora_reward_checkpoint_still_loads_after_its_folder_moves(tmp_path):
     (tmp_path / "moved" / "base" / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="keep the base checkpoint folder beside"):
         RewardModel.from_pretrained(tmp_path / "moved" / "reward")
+
+
+# ----------------------------------------------------------------------------- constructor
+
+
+def test_reward_model_options_are_the_configs_in_the_references_order():
+    """RewardModel's options and defaults are RewardConfig's; the positional order is the
+    reference's (palm, dropout, num_binned_output, use_lora, lora_r, reward_lora_scope,
+    sample_from_bins, sample_temperature), our own options keyword-only after them."""
+    shown = inspect.signature(RewardModel).parameters
+    reference = ["palm", "dropout", "num_binned_output", "use_lora", "lora_r"]
+    reference += ["reward_lora_scope", "sample_from_bins", "sample_temperature"]
+    assert list(shown)[: len(reference)] == reference
+    defaults = RewardConfig()
+    for field in dataclasses.fields(RewardConfig):
+        assert shown[field.name].default == field.default
+    assert all(shown[name].kind is inspect.Parameter.KEYWORD_ONLY for name in list(shown)[8:])
+    palm = tiny_palm()
+    model = RewardModel(palm, 0.0, 3, True, 4, "judge", True, 0.5)
+    assert model.reward_lora_scope == "judge" and model.sample_from_bins is True
+    assert (model.config.num_binned_output, model.config.lora_r) == (3, 4)
+    assert model.config.sample_temperature == 0.5 and model.config.freeze_base
+    # freeze_base follows use_lora unless given, resolved in the config (saved resolved)
+    assert RewardModel(palm, use_lora=False).config.freeze_base is False
+    assert defaults.freeze_base is True
+    with pytest.raises(TypeError, match=r"unknown keyword\(s\) 'poling'"):
+        RewardModel(palm, poling="mean")
+    with pytest.raises(TypeError, match=r"RewardModel\(palm=\.\.\.\) must be PaLM"):
+        RewardModel("not a palm")

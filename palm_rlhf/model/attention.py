@@ -52,35 +52,31 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.cat((freqs, freqs), dim=-1)
         return freqs.cos(), freqs.sin()
 
-    def table(self, max_len: int, rows: int, center: int) -> Tensor:
-        """Rotation factors of every position below `max_len`, for the single-token decode step:
-        (max_len, 2, r, d) float32 holding cos and a signed sin, such that for features t
-        (..., r, d) at position p, t * cos + t.roll(d / 2, -1) * sin == apply_rotary(t, ...).
+    def factors(self, positions: Tensor, rows: int, center: int) -> tuple[Tensor, Tensor]:
+        """Rotation factors of `positions` (n,) or (b, n): cos and a signed sin, each (..., n,
+        r, d) float32, such that for features t (..., n, r, d) at those positions
+        t * cos + t.roll(d / 2, -1) * sin is t rotated (t * cos + rotate_half(t) * sin).
 
         rotate_half(t) is t with its halves swapped and the first one negated, so the sign
         moves onto the first half of sin. With xPos the scale is folded in too: rows 0..r-2
         are query heads (scaled by `xpos`), the last row the shared key (scaled by its
-        inverse); without xPos r is 1 (every row is rotated alike)."""
-        positions = torch.arange(max_len, device=self.inv_freq.device)
-        cos, sin = self(positions)  # (max_len, d)
+        inverse); without xPos r is 1 (every row is rotated alike) whatever `rows` says."""
+        cos, sin = self(positions)  # (..., n, d)
         half = sin.shape[-1] // 2
-        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
-        table = rearrange(torch.stack((cos, sin)), "two n d -> n two 1 d")
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        cos, sin = cos[..., None, :], sin[..., None, :]  # (..., n, 1, d)
         scale = self.xpos(positions, center)
         if scale is None:
-            return table
-        per_row = torch.cat((repeat(scale, "n d -> n r d", r=rows - 1), scale[:, None] ** -1), 1)
-        return table * per_row[:, None]
+            return cos, sin
+        queries = repeat(scale, "... d -> ... r d", r=rows - 1)
+        per_row = torch.cat((queries, scale[..., None, :] ** -1), dim=-2)  # (..., n, r, d)
+        return cos * per_row, sin * per_row
 
-
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate features of `t` (..., n, d) by position; cos/sin broadcast against it."""
-    return t * cos.to(t.dtype) + rotate_half(t) * sin.to(t.dtype)
+    def table(self, max_len: int, rows: int, center: int) -> Tensor:
+        """`factors` of every position below `max_len`, stacked for the decode step's lookup:
+        (max_len, 2, r, d) float32, cos then signed sin."""
+        positions = torch.arange(max_len, device=self.inv_freq.device)
+        return torch.stack(self.factors(positions, rows, center), dim=1)
 
 
 def attention_mask(
@@ -153,6 +149,34 @@ def reference_attention(
     return torch.einsum("b h i j, b j d -> b h i d", attn, v)
 
 
+def cached_step_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cache: KVCache,
+    layer: int,
+    keys_end: Optional[int],
+    scale: float,
+    flash_attn: bool,
+) -> Tensor:
+    """One new query per row against the cache: q (b, h, d), the new k, v (b, 1, d), written
+    to `cache.slot` of `layer` in place -> (b, h, d). Attends the slots below `keys_end` (None:
+    the whole buffer, as the compiled step does), `cache.attn_bias` (-inf on padding and on
+    slots not written yet) added to the logits. Batched products, not SDPA: at one query a
+    fused kernel saves nothing and its dispatch costs more. The softmax runs in at least
+    float32 (SDPA's precision), in float32 exactly when `flash_attn` is off (the reference
+    path's)."""
+    keys, values = cache.keys[layer], cache.values[layer]  # (b, max_len, d)
+    keys.index_copy_(1, cache.slot, k.to(keys.dtype))
+    values.index_copy_(1, cache.slot, v.to(values.dtype))
+    keys, values = keys[:, :keys_end], values[:, :keys_end]
+    bias = cache.attn_bias[:, :, :keys_end]  # (b, 1, j)
+    scores = torch.baddbmm(bias.to(q.dtype), q, keys.transpose(1, 2).to(q.dtype), alpha=scale)
+    exact = scores.dtype if flash_attn else torch.float32
+    attn = scores.softmax(dim=-1, dtype=torch.promote_types(exact, torch.float32))
+    return torch.bmm(attn.to(values.dtype), values)
+
+
 class KVCache:
     """Preallocated key/value cache for all layers, one shared head per layer.
 
@@ -166,7 +190,7 @@ class KVCache:
     on slots not written yet; `slot` (1,), the slot the next token is written to; and
     `rotary_table` (max_len, 2, r, d), every position's rotation (`RotaryEmbedding.table`).
     `compile` asks the model to run that step through `torch.compile`; `row_blocks` is how
-    many row blocks that step splits each weight product into (`decode.row_blocks`).
+    many row blocks that step splits each weight product into (`cpu_tuning.row_blocks`).
     """
 
     def __init__(

@@ -7,7 +7,7 @@ exact architecture without the caller repeating the hyperparameters.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Optional
 
 import torch
@@ -16,6 +16,9 @@ from torch import Tensor
 # the fields that decide which weights a model has (and what they mean); a checkpoint saved
 # with other values cannot be loaded into the model
 SHAPE_FIELDS = ("num_tokens", "dim", "depth", "dim_head", "heads", "ff_mult", "qk_rmsnorm")
+# fields that change what the weights compute but not which weights there are: a model that
+# loads a file takes the file's values on (a silent difference otherwise)
+FUNCTION_FIELDS = ("rotary_base", "rotary_xpos_scale_base", "qk_scale")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,11 @@ class PaLMConfig:
             for name in SHAPE_FIELDS
             if name in other and other[name] != getattr(self, name)
         }
+
+    def with_function_of(self, other: dict[str, Any]) -> PaLMConfig:
+        """This config with `other`'s (a saved config's dict) FUNCTION_FIELDS, where it has
+        them."""
+        return replace(self, **{name: other[name] for name in FUNCTION_FIELDS if name in other})
 
     @property
     def attn_inner_dim(self) -> int:

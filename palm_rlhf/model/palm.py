@@ -1,191 +1,74 @@
 """PaLM: a decoder-only transformer as in Chowdhery et al. 2022, section 2.
 
-Each block reads one LayerNorm'd input into a single fused projection that is split into the
-queries, the shared key and value (multi-query attention), and the two SwiGLU halves; the
-attention and feed-forward outputs are added to the residual together (the "parallel"
-formulation). Rotary positions, no biases, input and output embeddings tied.
+Token embeddings, a stack of parallel blocks (`block.py`: one fused input projection for
+multi-query attention and SwiGLU, their outputs added to the residual together), a final
+LayerNorm and the output projection tied to the embeddings. Rotary positions, no biases.
 
-The model knows nothing of devices, processes or optimisers: trainers own those.
+The model knows nothing of devices, processes or optimisers: trainers own those. Its options
+are the fields of `PaLMConfig`, declared once there: `PaLM(...)` binds its keywords against
+the signature derived from them (`keywords.py`).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
-from itertools import accumulate
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
-from beartype import beartype
 from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as recompute
 
-from palm_rlhf.model.attention import (
-    KVCache,
-    RotaryEmbedding,
-    apply_rotary,
-    attention_mask,
-    reference_attention,
-    sdpa_attention,
-)
+from palm_rlhf.model.attention import KVCache, RotaryEmbedding, attention_mask
+from palm_rlhf.model.block import BlockInputs, ParallelBlock
 from palm_rlhf.model.config import PaLMConfig, check_token_ids
-from palm_rlhf.model.decode import (
-    compiled_decode,
-    decode_block,
-    decode_step,
-    row_blocks,
+from palm_rlhf.model.cpu_tuning import row_blocks
+from palm_rlhf.model.decode import compiled_decode, decode_step
+from palm_rlhf.model.keywords import (
+    POSITIONAL,
+    bind_call,
+    checked,
+    field_parameters,
+    pop_option,
 )
-from palm_rlhf.model.lora import DEFAULT_LORA_TARGETS, add_output_adapters, make_scope
+from palm_rlhf.model.lora import DEFAULT_LORA_TARGETS, make_scope
 from palm_rlhf.model.sampling import generate
 from palm_rlhf.model.weights import load_palm_into, palm_from_pretrained, save_palm
 
-
-class ParallelBlock(nn.Module):
-    """x + Attention(LN(x)) + SwiGLU-FF(LN(x)), with one fused input projection."""
-
-    def __init__(self, config: PaLMConfig):
-        super().__init__()
-        self.config = config
-        dim, dim_head = config.dim, config.dim_head
-        self.fused_dims = (config.attn_inner_dim, dim_head, dim_head, config.ff_inner_dim * 2)
-        # the output is split with both SwiGLU halves apart (value, gate), not split then
-        # chunked: backward then assembles the projection's gradient with one copy, not two
-        self.split_dims = (*self.fused_dims[:3], config.ff_inner_dim, config.ff_inner_dim)
-        # the LoRA targets that read the normed input: where each lands in the fused output
-        starts = accumulate(self.fused_dims, initial=0)
-        self.fused_slices = {
-            name: slice(start, start + size)
-            for name, start, size in zip(("q", "k", "v", "ff_in"), starts, self.fused_dims)
-        }
-        self.norm = nn.LayerNorm(dim, bias=False)
-        self.fused_attn_ff_proj = nn.Linear(dim, sum(self.fused_dims), bias=False)
-        self.attn_out = nn.Linear(config.attn_inner_dim, dim, bias=False)
-        self.ff_out = nn.Linear(config.ff_inner_dim, dim, bias=False)
-        if config.qk_rmsnorm:
-            self.q_scale = nn.Parameter(torch.ones(dim_head))
-            self.k_scale = nn.Parameter(torch.ones(dim_head))
-        self.scale = config.qk_scale if config.qk_rmsnorm else dim_head**-0.5
-
-    def forward(
-        self,
-        x: Tensor,
-        cos: Optional[Tensor] = None,
-        sin: Optional[Tensor] = None,
-        mask: Optional[Tensor] = None,
-        square_causal: bool = False,
-        lora: Optional[nn.ModuleDict] = None,
-        cache: Optional[KVCache] = None,
-        layer_index: int = 0,
-        xpos: Optional[Tensor] = None,
-        decode: Optional[tuple] = None,
-    ) -> Tensor:
-        """x (b, n, dim) -> (b, n, dim). `decode` = (rotation, keys_end, row blocks):
-        x is (b, dim), one new token per row, through `decode.decode_block` (called from here,
-        so a wrapper's hooks on this block, FSDP's gathers, run for it as for any forward)."""
-        if decode is not None:
-            return decode_block(self, x, cache, layer_index, lora, *decode)
-        normed = self.norm(x)
-        q, k, v, ff_value, ff_gate = self.fused_attn_ff_proj(normed).split(self.split_dims, -1)
-        if lora is not None:
-            q, k, v = (
-                t + lora[name](normed) if name in lora else t
-                for t, name in ((q, "q"), (k, "k"), (v, "v"))
-            )
-            if "ff_in" in lora:
-                lora_value, lora_gate = lora["ff_in"](normed).chunk(2, dim=-1)
-                ff_value, ff_gate = ff_value + lora_value, ff_gate + lora_gate
-
-        q = rearrange(q, "b n (h d) -> b h n d", h=self.config.heads)
-        if self.config.qk_rmsnorm:
-            q = F.normalize(q, dim=-1) * self.q_scale
-            k = F.normalize(k, dim=-1) * self.k_scale
-
-        # cos/sin are (n, d) for shared positions or (b, n, d) per row; queries carry a head axis
-        q_cos, q_sin = (cos, sin) if cos.dim() == 2 else (cos[:, None], sin[:, None])
-        q, k = apply_rotary(q, q_cos, q_sin), apply_rotary(k, cos, sin)
-        if xpos is not None:  # xPos: queries scaled up, keys down, by position (before caching)
-            q = q * (xpos if xpos.dim() == 2 else xpos[:, None]).to(q.dtype)
-            k = k * (xpos**-1).to(k.dtype)
-
-        if cache is not None:
-            k, v = cache.update(layer_index, k, v)
-
-        dropout = self.config.attn_dropout if self.training else 0.0
-        if self.config.flash_attn:
-            out = sdpa_attention(q, k, v, mask, square_causal, self.scale, dropout)
-        else:
-            out = reference_attention(q, k, v, mask, self.scale, dropout, self.training)
-        out = rearrange(out, "b h n d -> b n (h d)")
-
-        attn_out = self.attn_out(out)
-        ff_hidden = F.dropout(F.silu(ff_gate) * ff_value, self.config.ff_dropout, self.training)
-        ff_out = self.ff_out(ff_hidden)
-        attn_out, ff_out = add_output_adapters(lora, out, attn_out, ff_hidden, ff_out)
-        return x + attn_out + ff_out
+__all__ = ["PaLM", "ParallelBlock", "check_token_ids"]
 
 
 class PaLM(nn.Module):
     """Decoder-only PaLM. `palm(seq)` -> logits (b, n, num_tokens); `return_loss=True` -> loss."""
 
-    @beartype
-    def __init__(
-        self,
-        num_tokens: int,
-        dim: int,
-        depth: int,
-        dim_head: int = 64,
-        heads: int = 8,
-        ff_mult: int = 4,
-        causal: bool = True,
-        flash_attn: bool = True,
-        attn_dropout: Union[int, float] = 0.0,
-        ff_dropout: Union[int, float] = 0.0,
-        qk_rmsnorm: bool = False,
-        qk_scale: Union[int, float] = 8.0,
-        lora_r: int = 8,
-        rotary_base: Union[int, float] = 10000.0,
-        rotary_xpos_scale_base: Optional[int] = None,
-        max_seq_len: Optional[int] = None,
-        cross_entropy_ignore_index: int = 0,
-        finetune_scopes: Union[tuple[str, ...], list[str]] = (),
-    ):
+    def __init__(self, *args, **kwargs):
+        """See `PaLMConfig` for the options (`inspect.signature(PaLM)` lists them with their
+        defaults); `finetune_scopes` names LoRA scopes to add at once."""
         super().__init__()
-        self.config = PaLMConfig(
-            num_tokens=num_tokens,
-            dim=dim,
-            depth=depth,
-            dim_head=dim_head,
-            heads=heads,
-            ff_mult=ff_mult,
-            causal=causal,
-            flash_attn=flash_attn,
-            attn_dropout=float(attn_dropout),
-            ff_dropout=float(ff_dropout),
-            qk_rmsnorm=qk_rmsnorm,
-            qk_scale=float(qk_scale),
-            lora_r=lora_r,
-            rotary_base=float(rotary_base),
-            rotary_xpos_scale_base=rotary_xpos_scale_base,
-            max_seq_len=max_seq_len,
-            cross_entropy_ignore_index=cross_entropy_ignore_index,
-        )
-        self.num_tokens, self.dim, self.causal = num_tokens, dim, causal
-        self.token_emb = nn.Embedding(num_tokens, dim)
+        values = bind_call("PaLM", PaLM.__signature__, args, kwargs)
+        finetune_scopes = pop_option("PaLM", PaLM.__signature__, values, "finetune_scopes")
+        self.config = config = PaLMConfig(**checked("PaLM", PaLMConfig, values))
+        self.num_tokens, self.dim, self.causal = config.num_tokens, config.dim, config.causal
+        self.token_emb = nn.Embedding(config.num_tokens, config.dim)
         nn.init.normal_(self.token_emb.weight, std=0.02)
-        self.rotary = RotaryEmbedding(dim_head, rotary_base, rotary_xpos_scale_base)
-        self.layers = nn.ModuleList(ParallelBlock(self.config) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim, bias=False)
+        self.rotary = self._rotary(config)
+        self.layers = nn.ModuleList(ParallelBlock(config, i) for i in range(config.depth))
+        self.norm = nn.LayerNorm(config.dim, bias=False)
         # recompute each block's activations in the backward pass instead of keeping them (less
         # memory, one more forward per block); a training choice, so not part of the config
         self.checkpoint_activations = False
         self.finetune_modules = nn.ModuleDict()
-        self.lora_specs: dict[
-            str, dict
-        ] = {}  # scope -> {"r", "alpha", "targets"}, saved with weights
+        # scope -> {"r", "alpha", "targets"}, saved with the weights
+        self.lora_specs: dict[str, dict] = {}
         for scope in finetune_scopes:
             self.add_finetune_params(scope)
+
+    @staticmethod
+    def _rotary(config: PaLMConfig) -> RotaryEmbedding:
+        return RotaryEmbedding(config.dim_head, config.rotary_base, config.rotary_xpos_scale_base)
 
     @classmethod
     def from_config(cls, config: PaLMConfig) -> PaLM:
@@ -220,14 +103,21 @@ class PaLM(nn.Module):
         return self.use_config(replace(self.config, attn_dropout=dropout, ff_dropout=dropout))
 
     def use_config(self, config: PaLMConfig) -> PaLM:
-        """Switch to `config`, which may differ from the current one in its rates only (the
-        blocks read their dropout from it); returns the model."""
+        """Switch to `config`, which may differ from the current one in anything but the
+        weights' shapes (rates, rotary positions, attention scale: the blocks read them from
+        it); returns the model."""
         mismatched = self.config.shape_mismatch(config.to_dict())
         if mismatched:
             raise ValueError(f"use_config cannot change the model's shape: {mismatched}")
+        rotary_changed = (config.rotary_base, config.rotary_xpos_scale_base) != (
+            self.config.rotary_base,
+            self.config.rotary_xpos_scale_base,
+        )
         self.config = config
         for layer in self.layers:
             layer.config = config
+        if rotary_changed:  # its buffers are derived, not saved: rebuilt where the model is
+            self.rotary = self._rotary(config).to(self.device)
         return self
 
     # ---------------------------------------------------------------- forward
@@ -326,9 +216,10 @@ class PaLM(nn.Module):
         if not square_causal:
             attn_mask = attention_mask(n, num_keys, self.causal, key_mask, x.device)
 
-        cos, sin = self.rotary(positions)
         # xPos centre: any fixed value works (it cancels in q.k); a cache fixes it for all steps
-        xpos = self.rotary.xpos(positions, (cache.max_len if cache is not None else n) // 2)
+        center = (cache.max_len if cache is not None else n) // 2
+        rotation = self.rotary.factors(positions, self.config.heads + 1, center)
+        inputs = BlockInputs(rotation, attn_mask, square_causal, cache)
         h = self.token_emb(x)
         if extra_embed is not None:
             h = h + extra_embed
@@ -337,15 +228,17 @@ class PaLM(nn.Module):
         recomputed = self.checkpoint_activations and cache is None and torch.is_grad_enabled()
         for index, layer in enumerate(self.layers):
             lora = loras[index] if loras is not None else None
-            args = (h, cos, sin, attn_mask, square_causal, lora, cache, index, xpos)
             # non-reentrant checkpointing restores the RNG state, so dropout masks repeat
-            h = recompute(layer, *args, use_reentrant=False) if recomputed else layer(*args)
+            if recomputed:
+                h = recompute(layer, h, inputs, lora, use_reentrant=False)
+            else:
+                h = layer(h, inputs, lora)
         if cache is not None:
             cache.advance(mask, n)
         return self.norm(h)
 
     def _decode(self, x, loras, extra_embed, cache: KVCache) -> Tensor:
-        """One new token per row through `model/decode.py` (compiled if the cache asks)."""
+        """One new token per row through `decode.decode_step` (compiled if the cache asks)."""
         cache.register(None, 1)
         if cache.compile and not torch.is_grad_enabled():  # sampling runs without autograd
             h = compiled_decode()(self, x, loras, extra_embed, cache)
@@ -480,3 +373,13 @@ class PaLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], map_location: str = "cpu") -> PaLM:
         return palm_from_pretrained(cls, path, map_location=map_location)
+
+
+# a PaLM option that is not part of its config: the scopes are saved with the weights instead
+SCOPES = Union[tuple[str, ...], list[str]]
+PaLM.__signature__ = inspect.Signature(
+    [
+        *field_parameters(PaLMConfig),
+        inspect.Parameter("finetune_scopes", POSITIONAL, default=(), annotation=SCOPES),
+    ]
+)

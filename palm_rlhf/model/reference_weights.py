@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -180,6 +181,36 @@ def infer_reference_config(
         values["lora_r"] = ranks.pop()
     values.update(overrides)
     return PaLMConfig(**values)
+
+
+def reference_architecture(config: PaLMConfig, state: dict[str, Tensor]) -> PaLMConfig:
+    """`config` switched to the architecture a reference PaLM with `state`'s weights had, so
+    that loading the file into a model of `config` gives the reference's logits.
+
+    The reference's PaLM always applies xPos when causal (its `use_xpos` is not a PaLM
+    keyword) and always scales attention by `dim_head ** -0.5`; neither is in the file, so
+    they are set here: xPos at `config`'s scale base if it has one, else at the reference's
+    default (512), and `qk_scale` to `dim_head ** -0.5` under qk_rmsnorm. What the file does
+    decide (shapes, qk_rmsnorm) and the rotary base (always 10000 there) must already match:
+    otherwise one line names the keywords to build the model with."""
+    xpos = config.rotary_xpos_scale_base or REFERENCE_XPOS_SCALE_BASE
+    file = infer_reference_config(
+        state, xpos if config.causal else None, causal=config.causal, lora_r=config.lora_r
+    )
+    wanted = {
+        name: file_value for name, (file_value, _) in config.shape_mismatch(file.to_dict()).items()
+    }
+    if config.rotary_base != file.rotary_base:
+        wanted["rotary_base"] = file.rotary_base
+    if wanted:
+        keywords = ", ".join(f"{name}={value!r}" for name, value in wanted.items())
+        raise ReferenceCheckpointError(
+            f"this palm-rlhf-pytorch state dict was written by a PaLM with {keywords}: "
+            f"build the model with PaLM(..., {keywords}) to load it"
+        )
+    return replace(
+        config, rotary_xpos_scale_base=file.rotary_xpos_scale_base, qk_scale=file.qk_scale
+    )
 
 
 def reference_lora_specs(state: dict[str, Tensor]) -> dict[str, dict]:

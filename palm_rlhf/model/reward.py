@@ -42,6 +42,7 @@ trains the head only.
 from __future__ import annotations
 
 import copy
+import inspect
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -49,7 +50,6 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-from beartype import beartype
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -57,7 +57,14 @@ from palm_rlhf.checkpoint import (
     PathLike,
 )
 from palm_rlhf.functional.masked import last_true_index, masked_mean
-from palm_rlhf.model.lora import DEFAULT_LORA_TARGETS
+from palm_rlhf.model.keywords import (
+    KEYWORD,
+    POSITIONAL,
+    bind_call,
+    checked,
+    field_parameters,
+    pop_option,
+)
 from palm_rlhf.model.palm import PaLM, check_token_ids
 from palm_rlhf.model.reward_config import RewardConfig
 from palm_rlhf.model.reward_weights import (
@@ -103,35 +110,19 @@ def pool_hidden(hidden: Tensor, mask: Tensor, response_mask: Tensor, pooling: st
 class RewardModel(nn.Module):
     """`reward_model(seq, mask=None, prompt_mask=None)` -> reward (b,); `labels=` -> loss."""
 
-    @beartype
-    def __init__(
-        self,
-        palm: PaLM,
-        dropout: float = 0.1,
-        num_binned_output: int = 0,
-        use_lora: bool = True,
-        lora_r: int = 8,
-        reward_lora_scope: str = "reward",
-        pooling: str = "last",
-        lora_alpha: Optional[float] = None,
-        lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
-        freeze_base: Optional[bool] = None,
-        sample_from_bins: Optional[bool] = None,
-        sample_temperature: float = 1.0,
-    ):
+    def __init__(self, *args, **kwargs):
+        """See `RewardConfig` for the options (`inspect.signature(RewardModel)` lists them with
+        their defaults); `reward_lora_scope` names the LoRA scope added to `palm`."""
         super().__init__()
-        self.config = RewardConfig(
-            dropout=dropout,
-            num_binned_output=num_binned_output,
-            use_lora=use_lora,
-            lora_r=lora_r,
-            lora_alpha=lora_alpha,
-            lora_targets=tuple(lora_targets),
-            pooling=pooling,
-            freeze_base=use_lora if freeze_base is None else freeze_base,
-            sample_from_bins=sample_from_bins,
-            sample_temperature=sample_temperature,
-        )
+        signature = RewardModel.__signature__
+        values = bind_call("RewardModel", signature, args, kwargs)
+        palm = pop_option("RewardModel", signature, values, "palm")
+        reward_lora_scope = pop_option("RewardModel", signature, values, "reward_lora_scope")
+        self.config = config = RewardConfig(**checked("RewardModel", RewardConfig, values))
+        use_lora, lora_r, lora_alpha = config.use_lora, config.lora_r, config.lora_alpha
+        lora_targets, dropout = config.lora_targets, config.dropout
+        sample_from_bins, num_binned_output = config.sample_from_bins, config.num_binned_output
+        sample_temperature = config.sample_temperature
         self.palm = palm if use_lora else copy.deepcopy(palm)
         self.reward_lora_scope: Optional[str] = None
         if use_lora:
@@ -353,3 +344,18 @@ class RewardModel(nn.Module):
         """A RewardModel holding a reference `.pt` file's weights, pooling as the reference did
         ("mean_all"; pass pooling= to change). Other keywords go to the constructor."""
         return reward_from_reference(cls, path, pooling, **kwargs)
+
+
+# positional order of the reference's RewardModel (palm, dropout, num_binned_output, use_lora,
+# lora_r, reward_lora_scope, sample_from_bins, sample_temperature), then our own options
+_REFERENCE_ORDER = ("dropout", "num_binned_output", "use_lora", "lora_r")
+_OURS = ("pooling", "lora_alpha", "lora_targets", "freeze_base")
+RewardModel.__signature__ = inspect.Signature(
+    [
+        inspect.Parameter("palm", POSITIONAL, annotation=PaLM),
+        *field_parameters(RewardConfig, _REFERENCE_ORDER),
+        inspect.Parameter("reward_lora_scope", POSITIONAL, default="reward", annotation=str),
+        *field_parameters(RewardConfig, ("sample_from_bins", "sample_temperature")),
+        *field_parameters(RewardConfig, _OURS, kind=KEYWORD),
+    ]
+)

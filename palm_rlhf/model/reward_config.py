@@ -37,12 +37,15 @@ class RewardConfig:
     lora_alpha: Optional[float] = None
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     pooling: str = "last"
-    freeze_base: bool = True
+    # None: as use_lora (a LoRA model trains its scope and head; use_lora=False the whole copy)
+    freeze_base: Optional[bool] = None
     # binned inference: None the expected class index, True a sampled one, False the logits
     sample_from_bins: Optional[bool] = None
     sample_temperature: float = 1.0
 
     def __post_init__(self):
+        if self.freeze_base is None:  # frozen dataclass: resolved once, saved resolved
+            object.__setattr__(self, "freeze_base", self.use_lora)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.num_binned_output == 1 or self.num_binned_output < 0:

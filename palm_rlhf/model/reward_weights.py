@@ -26,9 +26,11 @@ from palm_rlhf.checkpoint import (
 from palm_rlhf.model.config import PaLMConfig
 from palm_rlhf.model.palm import PaLM
 from palm_rlhf.model.reference_weights import (
+    ReferenceCheckpointError,
     checkpoint_format,
     palm_from_reference_state_dict,
     read_torch_state_dict,
+    reference_architecture,
     split_reference_reward_state,
 )
 from palm_rlhf.model.reward_config import FORMAT, FORMAT_VERSION, STRUCTURAL, RewardConfig
@@ -138,13 +140,13 @@ def reward_from_reference(cls, path: PathLike, pooling: str = "mean_all", **kwar
     parts = split_reference_reward_state(read_torch_state_dict(find_weights(path)))
     palm = palm_from_reference_state_dict(PaLM, parts["palm"])
     scope = parts["scope"]
+    found = dict(lora_r=parts["lora_r"], reward_lora_scope=scope)  # None: no LoRA scope
     model = cls(
         palm,
         num_binned_output=parts["num_binned_output"],
         use_lora=scope is not None,
-        lora_r=parts["lora_r"] or 8,
-        reward_lora_scope=scope or "reward",
         pooling=pooling,
+        **{name: value for name, value in found.items() if value is not None},
         **kwargs,
     )
     return load_reference_parts(model, parts)
@@ -154,6 +156,19 @@ def load_reference_parts(model, parts: dict):
     """Copy `split_reference_reward_state` parts in. The base PaLM's weights are copied
     only into a PaLM of our own (use_lora=False); a shared base must already hold them."""
     tensors, own = dict(parts["tensors"]), model.palm.state_dict()
+    try:  # the reference PaLM's xPos and attention scale, which the file does not hold
+        architecture = reference_architecture(model.palm.config, parts["palm"])
+    except ReferenceCheckpointError as err:
+        raise CheckpointError(f"the reference reward model's base: {err}") from None
+    if model.shares_base and architecture != model.palm.config:
+        changed = {
+            k: v for k, v in architecture.to_dict().items() if v != getattr(model.palm.config, k)
+        }
+        keywords = ", ".join(f"{k}={v!r}" for k, v in changed.items())
+        raise CheckpointError(
+            f"the reference file's base PaLM computes with {keywords}, the shared PaLM "
+            f"otherwise: build it with PaLM(..., {keywords}) or palm.load the reference PaLM"
+        )
     if model.shares_base:
         differs = [k for k, v in parts["base"].items() if not torch.equal(v.to(own[k]), own[k])]
         if differs:
@@ -171,6 +186,7 @@ def load_reference_parts(model, parts: dict):
             f"the reference file was saved for another reward model: {bad[:3]} do not fit, "
             f"{sorted(lora - set(tensors))[:3]} missing (head, bins, LoRA rank must match)"
         )
+    model.palm.use_config(architecture)
     with torch.no_grad():
         for key, tensor in tensors.items():
             expected[key].copy_(tensor)

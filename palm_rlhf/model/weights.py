@@ -21,11 +21,12 @@ from palm_rlhf.checkpoint import (
 )
 from palm_rlhf.model.config import PaLMConfig
 from palm_rlhf.model.reference_weights import (
+    ReferenceCheckpointError,
     checkpoint_format,
-    infer_reference_config,
     map_reference_state_dict,
     palm_from_reference_state_dict,
     read_torch_state_dict,
+    reference_architecture,
     reference_lora_specs,
 )
 from palm_rlhf.model.reward_config import FORMAT as REWARD_FORMAT
@@ -90,7 +91,8 @@ def _add_missing_scopes(model, specs: dict) -> None:
 
 
 def load_palm_into(model, path: PathLike, strict: bool = True) -> None:
-    """Load into an existing model. Everything is checked before any weight is touched.
+    """Load into an existing model. Everything is checked before any weight is touched; the
+    model takes on the file's rotary positions and attention scale (`FUNCTION_FIELDS`).
 
     A file written by the reference project (`torch.save(palm.state_dict())`, read with
     `weights_only=True`) is mapped to this model's names first; see `reference_weights.py`."""
@@ -121,25 +123,26 @@ def load_palm_into(model, path: PathLike, strict: bool = True) -> None:
                 f"{path}: tensor {key} has shape {tuple(tensor.shape)}, "
                 f"model expects {tuple(expected[key].shape)}"
             )
+    model.use_config(model.config.with_function_of(config.to_dict()))
     model.load_state_dict(tensors, strict=False)
 
 
 def _load_reference_into(model, path: Path) -> None:
+    """A reference state dict into `model`, which takes on the file's architecture switches
+    (`reference_architecture`: xPos, the attention scale) so its logits are the reference's;
+    a model of another shape is refused, naming the keywords to pass."""
     state = read_torch_state_dict(path)
-    xpos = model.config.rotary_xpos_scale_base
-    config = infer_reference_config(state, xpos, causal=model.config.causal)
-    mismatched = model.config.shape_mismatch(config.to_dict())
-    if mismatched:
-        detail = ", ".join(f"{k}: file {a} vs model {b}" for k, (a, b) in mismatched.items())
-        raise CheckpointError(
-            f"{path} (a palm-rlhf-pytorch state dict) fits another model ({detail})"
-        )
+    try:
+        config = reference_architecture(model.config, state)
+    except ReferenceCheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
     mapped = map_reference_state_dict(state, config)
     _add_missing_scopes(model, reference_lora_specs(state))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(mapped))
     if missing:
         raise CheckpointError(f"{path}: the reference state dict lacks {missing[:5]}")
+    model.use_config(config)
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in mapped.items()}, strict=False)
 
 

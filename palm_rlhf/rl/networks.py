@@ -8,21 +8,25 @@
                it, or it trained in place) or an `ImplicitPRM` (see `critics.py`)
 
 `ActorCritic` is the reference project's prebuilt bundle of the three, for
-`RLHFTrainer(actor_critic=...)`; `build_networks` makes the same from a PPOConfig.
+`RLHFTrainer(actor_critic=...)` (its options are PPOConfig's fields, declared there once);
+`build_networks` makes the same from a PPOConfig.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Union
 
 from torch import nn
 
 from palm_rlhf.functional.hl_gauss import HLGauss
 from palm_rlhf.model.implicit_prm import ImplicitPRM
+from palm_rlhf.model.keywords import POSITIONAL, bind_call, field_parameters, pop_option
 from palm_rlhf.model.palm import PaLM
 from palm_rlhf.rl.critics import ProcessRewardCritic, ValueCritic
 from palm_rlhf.rl.flowrl import LogPartition
 from palm_rlhf.rl.policies import Actor, bare_copy, claim_scope, prepare_each
+from palm_rlhf.rl.ppo.config import PPOConfig
 from palm_rlhf.rl.update import make_optimizers
 from palm_rlhf.train import sharding
 
@@ -64,54 +68,109 @@ def build_critic(
     return ValueCritic(critic if critic is not None else bare_copy(palm), None, pooled, hl_gauss)
 
 
+# the PPOConfig fields an ActorCritic is built from; the reference spells two of them otherwise
+NETWORK_OPTIONS = (
+    "actor_lora",
+    "critic_lora",
+    "actor_lora_r",
+    "critic_lora_r",
+    "actor_dropout",
+    "critic_dropout",
+    "critic_pooled_values",
+    "critic_num_pred_bins",
+    "hl_gauss_loss_kwargs",
+)
+REFERENCE_NAMES = {
+    "pooled_values": "critic_pooled_values",
+    "critic_dim_out": "critic_num_pred_bins",
+}
+
+
 class ActorCritic(nn.Module):
     """The reference's `ActorCritic(palm, critic=None, pooled_values=False, ...)`: actor,
     reference policy and critic built once, for `RLHFTrainer(actor_critic=...)`. Its options
-    are the trainer's (`critic_dim_out` is `critic_num_pred_bins`: None for a regression
-    critic), and they take precedence over the trainer's keywords."""
+    are the trainer's PPOConfig fields, with their defaults (`critic_dim_out` is
+    `critic_num_pred_bins`: None for a regression critic); `options` holds the values it was
+    built with, which the trainer adopts (a trainer keyword that disagrees is an error:
+    `trainer_options`)."""
 
-    def __init__(
-        self,
-        palm: PaLM,
-        critic: Optional[CriticModel] = None,
-        pooled_values: bool = False,
-        actor_lora: bool = True,
-        critic_lora: bool = True,
-        actor_lora_r: int = 8,
-        critic_lora_r: int = 8,
-        actor_lora_scope: Optional[str] = None,
-        critic_lora_scope: Optional[str] = None,
-        actor_dropout: float = 0.0,
-        critic_dropout: float = 0.0,
-        critic_dim_out: Optional[int] = None,
-        hl_gauss_loss_kwargs: Optional[dict] = None,
-    ):
+    def __init__(self, *args, **kwargs):
         super().__init__()
-        hl = HLGauss.from_kwargs(critic_dim_out, hl_gauss_loss_kwargs) if critic_dim_out else None
-        self.options = dict(
-            actor_lora=actor_lora,
-            critic_lora=critic_lora and not isinstance(critic, ImplicitPRM),
-            actor_lora_r=actor_lora_r,
-            critic_lora_r=critic_lora_r,
-            actor_dropout=actor_dropout,
-            critic_dropout=critic_dropout,
-            critic_pooled_values=pooled_values,
-            critic_num_pred_bins=critic_dim_out,
-            hl_gauss_loss_kwargs=hl_gauss_loss_kwargs,
+        signature = ActorCritic.__signature__
+        values = bind_call("ActorCritic", signature, args, kwargs)
+        palm, critic, actor_scope, critic_scope = (
+            pop_option("ActorCritic", signature, values, name)
+            for name in ("palm", "critic", "actor_lora_scope", "critic_lora_scope")
         )
-        self.actor, reference = build_actor(palm, actor_lora, actor_lora_r, actor_lora_scope)
+        options = {REFERENCE_NAMES.get(name, name): value for name, value in values.items()}
+        if isinstance(critic, ImplicitPRM):
+            options["critic_lora"] = False  # a PRM is trained whole
+        config = PPOConfig.from_keywords(None, **options)  # the defaults, types and ranges
+        self.options = {name: getattr(config, name) for name in NETWORK_OPTIONS}
+        bins = config.critic_num_pred_bins
+        hl = HLGauss.from_kwargs(bins, config.hl_gauss_loss_kwargs) if bins else None
+        self.actor, reference = build_actor(
+            palm, config.actor_lora, config.actor_lora_r, actor_scope
+        )
         self.critic = build_critic(
             reference,
             palm,
             critic,
-            self.options["critic_lora"],
-            critic_lora_r,
-            critic_lora_scope,
-            pooled_values,
+            config.critic_lora,
+            config.critic_lora_r,
+            critic_scope,
+            config.critic_pooled_values,
             hl,
         )
-        self.actor.dropout, self.critic.dropout = actor_dropout, critic_dropout
+        self.actor.dropout, self.critic.dropout = config.actor_dropout, config.critic_dropout
         self.reference = reference
+
+
+_CRITIC = Optional[Union[PaLM, ImplicitPRM]]
+_SCOPE = Optional[str]
+ActorCritic.__signature__ = inspect.Signature(
+    [
+        inspect.Parameter("palm", POSITIONAL, annotation=PaLM),
+        inspect.Parameter("critic", POSITIONAL, default=None, annotation=_CRITIC),
+        *field_parameters(
+            PPOConfig,
+            ("pooled_values", "actor_lora", "critic_lora", "actor_lora_r", "critic_lora_r"),
+            renamed=REFERENCE_NAMES,
+        ),
+        inspect.Parameter("actor_lora_scope", POSITIONAL, default=None, annotation=_SCOPE),
+        inspect.Parameter("critic_lora_scope", POSITIONAL, default=None, annotation=_SCOPE),
+        *field_parameters(
+            PPOConfig,
+            ("actor_dropout", "critic_dropout", "critic_dim_out", "hl_gauss_loss_kwargs"),
+            renamed=REFERENCE_NAMES,
+        ),
+    ]
+)
+
+
+def trainer_options(actor_critic: ActorCritic, config: Optional[PPOConfig], keywords: dict) -> dict:
+    """The trainer's keywords with a prebuilt ActorCritic's network options added. A network
+    option the caller also gave the trainer (a keyword, or a field of `config` set away from
+    its default) must equal the bundle's: otherwise a ValueError names both values, since the
+    networks are built already and the trainer's value could only be ignored."""
+    defaults = PPOConfig.from_keywords(None)
+    given = {
+        name: getattr(config, name)
+        for name in NETWORK_OPTIONS
+        if config is not None and getattr(config, name) != getattr(defaults, name)
+    }
+    given.update({name: keywords[name] for name in NETWORK_OPTIONS if name in keywords})
+    conflicts = {
+        name: value for name, value in given.items() if value != actor_critic.options[name]
+    }
+    if conflicts:
+        built = ", ".join(f"{name}={actor_critic.options[name]!r}" for name in conflicts)
+        asked = ", ".join(f"{name}={value!r}" for name, value in conflicts.items())
+        raise ValueError(
+            f"actor_critic= was built with {built} but the trainer was given {asked}: pass "
+            "network options to ActorCritic(...) only"
+        )
+    return {**keywords, **actor_critic.options}
 
 
 def build_networks(
@@ -125,20 +184,14 @@ def build_networks(
     """(reference, trained networks by name) for a PPOConfig's algorithm: the actor; the
     critic for PPO only; FlowRL's log-partition head (`flowrl.LogPartition`) for FlowRL."""
     if config.has_critic:
+        spelt = {field: name for name, field in REFERENCE_NAMES.items()}
+        options = {spelt.get(name, name): getattr(config, name) for name in NETWORK_OPTIONS}
         bundle = ActorCritic(
             palm,
             critic,
-            config.critic_pooled_values,
-            config.actor_lora,
-            config.critic_lora,
-            config.actor_lora_r,
-            config.critic_lora_r,
-            actor_lora_scope,
-            critic_lora_scope,
-            config.actor_dropout,
-            config.critic_dropout,
-            config.critic_num_pred_bins,
-            config.hl_gauss_loss_kwargs,
+            actor_lora_scope=actor_lora_scope,
+            critic_lora_scope=critic_lora_scope,
+            **options,
         )
         return networks_of(bundle, device)
     if critic is not None:

@@ -36,7 +36,7 @@ from palm_rlhf.rl.advantages import ppo_advantages, shape_scores
 from palm_rlhf.rl.algorithms import critic_free_advantages
 from palm_rlhf.rl.best_of_n import BestOfN, best_of_n
 from palm_rlhf.rl.kl_controller import KLController
-from palm_rlhf.rl.networks import ActorCritic, prepare_networks
+from palm_rlhf.rl.networks import ActorCritic, prepare_networks, trainer_options
 from palm_rlhf.rl.policies import evaluation_mode
 from palm_rlhf.rl.ppo import checkpoint as io
 from palm_rlhf.rl.ppo.config import PPOConfig
@@ -77,7 +77,7 @@ class RLHFTrainer:
         tokenizer=None,
         ptx_data: Optional[Tensor] = None,
         critic: Optional[Union[PaLM, ImplicitPRM]] = None,  # a separate critic, see networks.py
-        actor_critic: Optional[ActorCritic] = None,  # prebuilt networks; their options win
+        actor_critic: Optional[ActorCritic] = None,  # prebuilt networks, see networks.py
         actor_lora_scope: Optional[str] = None,
         critic_lora_scope: Optional[str] = None,
         accelerate_kwargs: Optional[dict] = None,
@@ -88,7 +88,7 @@ class RLHFTrainer:
         if actor_critic is not None:
             if actor_critic.actor.palm is not palm or critic is not None:
                 raise ValueError("actor_critic= must be built on palm=, with no separate critic=")
-            hyperparameters.update(actor_critic.options)
+            hyperparameters = trainer_options(actor_critic, config, hyperparameters)
         self.config = config = PPOConfig.from_keywords(config, **hyperparameters)
         reward_model = resolve_reward(reward_model, text_reward_fn, tokenizer)
         if config.ptx_coef > 0 and ptx_data is None:
