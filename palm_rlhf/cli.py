@@ -143,7 +143,16 @@ def data_warnings_as_lines(prog: str) -> Callable:
 
 
 def run_command(prog: str, run: Callable, config, debug: bool = False) -> int:
-    """Run a stage; a user error or an interrupt becomes one line on stderr and an exit code."""
+    """Run a stage; a user error or an interrupt becomes one line on stderr and an exit code.
+    A multi-process run leaves here with that code (`release_processes`)."""
+    from palm_rlhf.train.accelerator import release_processes
+
+    code = _run_stage(prog, run, config, debug)
+    release_processes(exit_code=code)
+    return code
+
+
+def _run_stage(prog: str, run: Callable, config, debug: bool) -> int:
     from palm_rlhf.train.stopping import TrainingInterrupted
 
     try:
@@ -165,6 +174,7 @@ def run_command(prog: str, run: Callable, config, debug: bool = False) -> int:
         print(f"{prog}: {message}", file=sys.stderr)
         return 2
     return 0
+
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,4 +57,7 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
+    from palm_rlhf.train.accelerator import release_processes
+
     main(Path(sys.argv[1]))
+    release_processes(exit_code=0)

@@ -119,7 +119,10 @@ BINNED = dict(
 )
 
 if __name__ == "__main__":
+    from palm_rlhf.train.accelerator import release_processes
+
     if sys.argv[2:3] == ["fsdp"]:
         sharded(Path(sys.argv[1]), BINNED if sys.argv[3:] == ["binned"] else {})
     else:
         main(Path(sys.argv[1]))
+    release_processes(exit_code=0)

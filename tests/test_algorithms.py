@@ -242,6 +242,8 @@ for algorithm in ("grpo", "reinforce++"):
 rank = trainer.accelerator.process_index
 with open({out!r} + f"/rank{{rank}}.json", "w") as handle:
     json.dump(out, handle)
+from palm_rlhf.train.accelerator import release_processes
+release_processes(exit_code=0)
 """
 
 

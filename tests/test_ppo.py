@@ -403,6 +403,8 @@ out = dict(
 )
 with open({out!r} + f"/rank{{rank}}.json", "w") as handle:
     json.dump(out, handle)
+from palm_rlhf.train.accelerator import release_processes
+release_processes(exit_code=0)
 """
 
 

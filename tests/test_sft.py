@@ -320,6 +320,8 @@ base, data, out = sys.argv[1:4]
 result = train_sft(SFTConfig(base=base, data=data, valid_data=data, out_dir=out, **{kwargs}))
 if result.checkpoint is not None:
     (result.checkpoint.parent / "history.json").write_text(json.dumps(result.history))
+from palm_rlhf.train.accelerator import release_processes
+release_processes(exit_code=0)
 """
 
 
