@@ -437,6 +437,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument(
         "--sft-only", action="store_true", help="stop after evaluating the SFT model"
     )
+    parser.add_argument(
+        "--sft-dir",
+        help="keep the SFT model here (model.safetensors), or start from the one already there "
+        "(it must come from the same --quick/--sft-steps/--seed)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -463,7 +468,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     }
     with tempfile.TemporaryDirectory(prefix="bench-reasoning-") as work:
         start = time.monotonic()
-        sft = run_sft(task, budget, Path(work), args.seed)
+        saved = Path(args.sft_dir) / "model.safetensors" if args.sft_dir else None
+        if saved is not None and saved.is_file():  # an SFT model of an earlier run
+            sft = PaLM.from_pretrained(saved).eval()
+            results["sft"]["from"] = str(saved)
+        else:
+            sft = run_sft(task, budget, Path(work), args.seed)
+            if saved is not None:
+                sft.save(saved)
         results["sft"]["seconds"] = round(time.monotonic() - start, 1)
         results["sft"]["eval"] = evaluate((sft, None), sft, task, ByteTokenizer(), budget.samples)
         print(table(results).splitlines()[0], f"({results['sft']['seconds']} s)", flush=True)

@@ -138,7 +138,10 @@ def run_ours(setting: Setting) -> dict:
 
     palm = PaLM(num_tokens=setting.vocab, dim=256, depth=4, heads=8, dim_head=32)
 
+    scored = [0]
+
     def share_of_target(seq, mask, prompt_mask):
+        scored[0] += seq.shape[0]
         response = mask & ~prompt_mask
         hits = ((seq == setting.target) & response).sum(dim=1).float()
         return hits / response.sum(dim=1).clamp(min=1)
@@ -177,7 +180,11 @@ def run_ours(setting: Setting) -> dict:
         setting,
         clock,
         params,
-        {"library": f"palm_rlhf {palm_rlhf.__version__}", "module_file": palm_rlhf.__file__},
+        {
+            "library": f"palm_rlhf {palm_rlhf.__version__}",
+            "module_file": palm_rlhf.__file__,
+            "completions_scored": scored[0],
+        },
     )
 
 
@@ -223,7 +230,10 @@ def run_trl(setting: Setting) -> dict:
     model = LlamaForCausalLM(config).float()
     target = names[setting.target]
 
+    scored = [0]
+
     def share_of_target(completions, **kwargs):
+        scored[0] += len(completions)
         return [c.split().count(target) / max(1, len(c.split())) for c in completions]
 
     prompts = [" ".join(names[i] for i in row) for row in setting.prompts()]
@@ -294,6 +304,7 @@ def run_trl(setting: Setting) -> dict:
         {
             "library": f"trl {trl.__version__}, transformers {transformers.__version__}",
             "loss_type": "grpo",
+            "completions_scored": scored[0],
             "module_file": trl.__file__,
         },
     )
@@ -383,6 +394,9 @@ def main(argv=None) -> dict:
         print(f"running {side} (load {os.getloadavg()[0]:.2f})", flush=True)
         results[side] = run_side(side, setting)
     results["load_end"] = os.getloadavg()
+    for side in ("ours", "trl"):  # both did the same work
+        if results[side]["completions_scored"] != setting.steps * setting.batch:
+            raise SystemExit(f"{side} scored {results[side]['completions_scored']} completions")
     results["ratio"] = results["ours"]["completions_per_s"] / results["trl"]["completions_per_s"]
     name = "trl.json" if args.steps >= Setting.steps else "trl-quick.json"
     (HERE / "results").mkdir(exist_ok=True)
