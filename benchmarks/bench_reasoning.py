@@ -1,8 +1,11 @@
 """Does RL here make a model better at a task with an exact answer? (issue 20, part 1)
 
-    python benchmarks/bench_reasoning.py                    # the full sweep (see --help)
+    python benchmarks/bench_reasoning.py                    # SFT, then every method (see --help)
     python benchmarks/bench_reasoning.py --quick            # tiny sizes, < 1 minute: a smoke run
     python benchmarks/bench_reasoning.py --methods grpo --episodes 1024   # one method, short
+    python benchmarks/bench_reasoning.py --sft-dir runs/sft-add3 --methods ppo,tpo   # SFT once,
+                                                             # methods in separate commands
+    python benchmarks/bench_reasoning.py --set actor_lora=false   # a keyword for every method
 
 The task is multi-digit addition, generated in code: the prompt "347+082=" (operands zero-
 padded to `digits`, so every prompt has the same length and no row needs left padding), the
@@ -17,7 +20,8 @@ Pipeline, every stage a public library call:
 2. RL    from that SFT model, `RLHFTrainer(algorithm=...)` for each method with the exact-match
          reward `exact_match(prompts, responses)` through `text_reward_fn` (1 when the response
          is the sum, else 0), on training prompts, every method the same episode budget and
-         otherwise the library's documented defaults. Dr. GRPO = grpo with
+         otherwise the library's documented defaults (`--set KEY=VALUE` changes one for every method
+         and is recorded). Dr. GRPO = grpo with
          `scale_by_std=False, length_norm="constant"`.
 3. eval  on the held-out problems, every `eval_every` episodes: pass@1 greedy (temperature 0),
          pass@1 sampled (the mean over `samples` draws at temperature 1, the rollouts'
@@ -59,6 +63,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from palm_rlhf import ByteTokenizer, PaLM, RLHFTrainer  # noqa: E402
+from palm_rlhf.rl.ppo.config import PPOConfig  # noqa: E402  (RLHFTrainer's config=)
 from palm_rlhf.train.sft import SFTConfig, train_sft  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -147,8 +152,14 @@ class Budget:
     samples: int  # sampled answers per held-out problem (pass@1 sampled, pass@k, KL)
 
 
-FULL = Budget(3, 500, 128, 4, 4, 32, 50_000, 500, 64, 2e-3, 4096, 64, 512, 8)
-QUICK = Budget(2, 100, 32, 2, 2, 16, 2_000, 60, 32, 3e-3, 128, 32, 64, 4)
+def sft_fields(budget: Budget) -> dict:
+    """The fields that decide the SFT model (a reused --sft-dir must match them)."""
+    return {k: v for k, v in asdict(budget).items() if k not in RL_FIELDS}
+
+
+RL_FIELDS = ("episodes", "per_update", "eval_every", "samples")
+FULL = Budget(3, 500, 128, 4, 4, 32, 50_000, 500, 64, 2e-3, 8192, 64, 1024, 8)
+QUICK = Budget(2, 100, 32, 2, 2, 16, 2_000, 60, 32, 3e-3, 64, 32, 64, 4)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -269,7 +280,9 @@ def run_sft(task: Addition, budget: Budget, work: Path, seed: int) -> PaLM:
     return result.model.eval()
 
 
-def run_method(name: str, sft: PaLM, task: Addition, budget: Budget, seed: int) -> dict:
+def run_method(
+    name: str, sft: PaLM, task: Addition, budget: Budget, seed: int, shared: dict
+) -> dict:
     """RL from a copy of the SFT model; the held-out curve every `eval_every` episodes."""
     tokenizer = ByteTokenizer()
     palm = PaLM.from_config(sft.config)
@@ -282,7 +295,7 @@ def run_method(name: str, sft: PaLM, task: Addition, budget: Budget, seed: int) 
         tokenizer=tokenizer,
         seed=seed,
         progress=False,
-        **METHODS[name],
+        **{**METHODS[name], **shared},
     )
 
     def point() -> dict:
@@ -313,7 +326,7 @@ def run_method(name: str, sft: PaLM, task: Addition, budget: Budget, seed: int) 
         )
     seconds = time.monotonic() - started - eval_seconds
     return {
-        "keywords": METHODS[name],
+        "keywords": {**METHODS[name], **shared},
         "episodes": trainer.episodes,
         "train_seconds": round(seconds, 1),
         "before": curve[0],
@@ -442,12 +455,33 @@ def main(argv: Optional[list[str]] = None) -> dict:
         help="keep the SFT model here (model.safetensors), or start from the one already there "
         "(it must come from the same --quick/--sft-steps/--seed)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an RLHFTrainer keyword for every method (JSON value), e.g. --set actor_lr=1e-3",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    shared = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            shared[key] = json.loads(value)
+        except json.JSONDecodeError:
+            shared[key] = value  # a bare string
+    for name in args.methods.split(","):  # a bad keyword fails now, not after the SFT stage
+        try:
+            PPOConfig.from_keywords(**{**METHODS[name], **shared})
+        except (TypeError, ValueError) as err:
+            parser.error(f"{name}: {err}")
     torch.set_num_threads(args.threads)
     budget = QUICK if args.quick else FULL
     if args.episodes is not None:
@@ -461,6 +495,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "task": asdict(task),
         "budget": asdict(budget),
         "seed": args.seed,
+        "shared_keywords": shared,
         "machine": machine(args.threads),
         "load_start": os.getloadavg(),
         "sft": {},
@@ -469,20 +504,25 @@ def main(argv: Optional[list[str]] = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-reasoning-") as work:
         start = time.monotonic()
         saved = Path(args.sft_dir) / "model.safetensors" if args.sft_dir else None
+        made_by = {"task": results["task"], "budget": sft_fields(budget), "seed": args.seed}
         if saved is not None and saved.is_file():  # an SFT model of an earlier run
+            recorded = json.loads((saved.parent / "made_by.json").read_text())
+            if recorded != made_by:
+                raise SystemExit(f"{saved} was made with {recorded}, not {made_by}")
             sft = PaLM.from_pretrained(saved).eval()
             results["sft"]["from"] = str(saved)
         else:
             sft = run_sft(task, budget, Path(work), args.seed)
             if saved is not None:
                 sft.save(saved)
+                (saved.parent / "made_by.json").write_text(json.dumps(made_by) + "\n")
         results["sft"]["seconds"] = round(time.monotonic() - start, 1)
         results["sft"]["eval"] = evaluate((sft, None), sft, task, ByteTokenizer(), budget.samples)
         print(table(results).splitlines()[0], f"({results['sft']['seconds']} s)", flush=True)
         write(results, args.quick)
         for name in [] if args.sft_only else args.methods.split(","):
             print(f"\n=== {name} === (load {os.getloadavg()[0]:.2f})", flush=True)
-            results["methods"][name] = run_method(name, sft, task, budget, args.seed)
+            results["methods"][name] = run_method(name, sft, task, budget, args.seed, shared)
             write(results, args.quick)
     results["load_end"] = os.getloadavg()
     write(results, args.quick)
