@@ -447,6 +447,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "--episodes", type=int, help="RL episodes per method (default: the budget's)"
     )
     parser.add_argument("--sft-steps", type=int, help="SFT steps (default: the budget's)")
+    parser.add_argument("--per-update", type=int, help="RL episodes per learning step")
     parser.add_argument(
         "--sft-only", action="store_true", help="stop after evaluating the SFT model"
     )
@@ -488,8 +489,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
         budget = replace(
             budget, episodes=args.episodes, eval_every=min(budget.eval_every, args.episodes)
         )
+    if args.per_update is not None:
+        budget = replace(budget, per_update=args.per_update)
     if args.sft_steps is not None:
         budget = replace(budget, sft_steps=args.sft_steps)
+    if budget.eval_every % budget.per_update or budget.episodes % budget.per_update:
+        parser.error(
+            f"--episodes ({budget.episodes}) and the evaluation interval ({budget.eval_every}) "
+            f"must be multiples of the episodes per update ({budget.per_update})"
+        )
     task = Addition(budget.digits, budget.held_out, args.seed)
     results: dict = {
         "task": asdict(task),
