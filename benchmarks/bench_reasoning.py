@@ -429,12 +429,12 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write(results: dict, quick: bool) -> None:
+def write(results: dict, quick: bool, folder: Path) -> None:
     suffix = "-quick" if quick else ""
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"reasoning{suffix}.json").write_text(json.dumps(results, indent=1) + "\n")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"reasoning{suffix}.json").write_text(json.dumps(results, indent=1) + "\n")
     if results["methods"]:
-        plot(results, RESULTS / f"reasoning{suffix}.png")
+        plot(results, folder / f"reasoning{suffix}.png")
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -463,6 +463,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         metavar="KEY=VALUE",
         help="an RLHFTrainer keyword for every method (JSON value), e.g. --set actor_lr=1e-3",
     )
+    parser.add_argument("--out-dir", default=str(RESULTS), help="where the JSON and PNG go")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -527,13 +528,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         results["sft"]["seconds"] = round(time.monotonic() - start, 1)
         results["sft"]["eval"] = evaluate((sft, None), sft, task, ByteTokenizer(), budget.samples)
         print(table(results).splitlines()[0], f"({results['sft']['seconds']} s)", flush=True)
-        write(results, args.quick)
+        write(results, args.quick, Path(args.out_dir))
         for name in [] if args.sft_only else args.methods.split(","):
             print(f"\n=== {name} === (load {os.getloadavg()[0]:.2f})", flush=True)
             results["methods"][name] = run_method(name, sft, task, budget, args.seed, shared)
-            write(results, args.quick)
+            write(results, args.quick, Path(args.out_dir))
     results["load_end"] = os.getloadavg()
-    write(results, args.quick)
+    write(results, args.quick, Path(args.out_dir))
     print("\n" + table(results))
     print(f"\nload {results['load_start']} -> {results['load_end']}")
     return results

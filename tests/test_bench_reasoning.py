@@ -2,6 +2,7 @@
 exact-match reward that reaches the trainer through the library's text-reward path."""
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -79,3 +80,21 @@ def test_pass_at_k_matches_hand_values(bench):
     assert math.isclose(bench.pass_at_k(4, 1, 2), 0.5)
     assert bench.pass_at_k(4, 0, 4) == 0.0
     assert bench.pass_at_k(4, 3, 2) == 1.0  # fewer than k wrong: some draw of k is right
+
+
+def test_quick_run_end_to_end(bench, tmp_path):
+    """SFT and one RL method at toy sizes through the public API, the JSON written: catches
+    a renamed trainer keyword or entry point before a long run does."""
+    results = bench.main(["--quick", "--methods", "grpo", "--out-dir", str(tmp_path)])
+    written = json.loads((tmp_path / "reasoning-quick.json").read_text())
+    method = written["methods"]["grpo"]
+    assert method["episodes"] == bench.QUICK.episodes
+    assert [p["episodes"] for p in method["curve"]] == [0, bench.QUICK.episodes]
+    assert set(written["sft"]["eval"]) == {
+        "pass1_greedy",
+        "pass1_sampled",
+        "pass_at_k",
+        "kl_to_sft",
+    }
+    assert written["machine"]["commit"] and "avx512_bf16" in written["machine"]
+    assert results["methods"]["grpo"]["before"]["kl_to_sft"] == 0.0  # the SFT model itself
