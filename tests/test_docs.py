@@ -1,0 +1,245 @@
+"""Every code block of README.md and docs/*.md runs exactly as a reader copies it.
+
+The convention, one for every page:
+- ```python blocks run in document order in one namespace per page;
+- ```bash blocks run in that order too (interleaved with the python ones), each as its own
+  `bash -euo pipefail` process: no variables or `cd` carry over from one block to the next;
+- all blocks of a page run in one fresh temporary directory holding copies of the
+  repository's `examples/`, `data/` and `train.py`, with `python` (this interpreter) and
+  `palm-rlhf` (this checkout's command) first on PATH;
+- ```text and ```console blocks are not run (a server session, a multi-GPU launch, output).
+
+Nothing is injected and no size is substituted: a page that needs a model, a file or a name
+makes it in an earlier block of the same page. The two install commands of the README cannot
+run here (they install packages); the tests below hold them to `.ci/run` and to `train.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RUN = ("python", "bash")
+NOT_RUN = ("text", "console")
+FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
+# pages other helpers write on their own branches: linked from the README, merged later
+PENDING_PAGES = {"docs/cli.md", "docs/extending.md"}
+BASH_TIMEOUT_S = 300
+
+
+class Block(NamedTuple):
+    language: str
+    code: str
+    line: int  # where the block's code starts in its page, 1-based
+
+
+def pages() -> list[Path]:
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def page_id(page: Path) -> str:
+    return str(page.relative_to(REPO))
+
+
+def blocks(text: str) -> list[Block]:
+    return [
+        Block(match.group(1).strip(), match.group(2), text.count("\n", 0, match.start()) + 2)
+        for match in FENCE.finditer(text)
+    ]
+
+
+def workspace(root: Path) -> dict:
+    """Copies of examples/, data/ and train.py in `root`, and the environment bash blocks get."""
+    for name in ("examples", "data"):
+        shutil.copytree(REPO / name, root / name)
+    shutil.copy(REPO / "train.py", root / "train.py")
+    bin_dir = root.parent / f"{root.name}-bin"
+    bin_dir.mkdir()
+    shims = {"python": 'exec "{python}" "$@"', "palm-rlhf": 'exec "{python}" -m palm_rlhf "$@"'}
+    for name, line in shims.items():
+        shim = bin_dir / name
+        shim.write_text("#!/bin/sh\n" + line.format(python=sys.executable) + "\n")
+        shim.chmod(0o755)
+    path = os.environ.get("PYTHONPATH", "")
+    return {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), path))),
+    }
+
+
+def run_block(block: Block, where: str, namespace: dict, env: dict, cwd: Path) -> None:
+    if block.language == "python":
+        try:
+            exec(compile(block.code, where, "exec"), namespace)
+        except Exception as error:  # name the block and show it
+            pytest.fail(f"{where} failed: {error!r}\n\n{block.code}")
+        return
+    try:
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", block.code],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=BASH_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{where} ran past {BASH_TIMEOUT_S} s\n\n{block.code}")
+    if done.returncode != 0:
+        pytest.fail(
+            f"{where} exited {done.returncode}\n\n{block.code}\n--- stdout\n"
+            f"{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}"
+        )
+
+
+@pytest.mark.parametrize("page", pages(), ids=page_id)
+def test_every_block_of_the_page_runs_as_copied(page, tmp_path, monkeypatch):
+    runnable = [b for b in blocks(page.read_text(encoding="utf-8")) if b.language in RUN]
+    if not runnable:
+        pytest.skip("no python or bash blocks")
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    env = workspace(cwd)
+    monkeypatch.chdir(cwd)
+    namespace: dict = {"__name__": "__main__"}
+    for block in runnable:
+        where = f"{page_id(page)}:{block.line} ({block.language} block)"
+        run_block(block, where, namespace, env, cwd)
+
+
+@pytest.mark.parametrize("page", pages(), ids=page_id)
+def test_every_fence_names_a_language_the_executor_knows(page):
+    text = page.read_text(encoding="utf-8")
+    unknown = [
+        f"line {b.line}: {b.language!r}" for b in blocks(text) if b.language not in RUN + NOT_RUN
+    ]
+    assert not unknown, f"fence each block as one of {RUN + NOT_RUN}: {unknown}"
+    indented = [n + 1 for n, line in enumerate(text.splitlines()) if re.match(r"\s+```", line)]
+    assert not indented, f"indented fences (never run) at lines {indented}"
+
+
+def test_executor_finds_blocks_in_order_with_their_line_numbers():
+    text = "intro\n```python\nx = 1\n```\n\n```bash\necho $HOME\n```\n```text\nout\n```\n"
+    assert blocks(text) == [
+        Block("python", "x = 1\n", 3),
+        Block("bash", "echo $HOME\n", 7),
+        Block("text", "out\n", 10),
+    ]
+
+
+def test_a_failing_bash_line_fails_its_block(tmp_path):
+    """`-euo pipefail`: a failure inside a pipe or before the last line is not hidden."""
+    env = {**os.environ}
+    for code in ("false | cat\necho fine\n", "false\necho fine\n", "echo $UNSET_NAME_X\n"):
+        with pytest.raises(pytest.fail.Exception):
+            run_block(Block("bash", code, 1), "t", {}, env, tmp_path)
+    run_block(Block("bash", "true | cat\n", 1), "t", {}, env, tmp_path)
+
+
+# -------------------------------------------------------------- the README as a front door
+
+
+def readme() -> str:
+    return (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def console_commands(text: str) -> list[str]:
+    return [b.code.strip() for b in blocks(text) if b.language == "console"]
+
+
+def install_commands() -> tuple[list[str], list[str]]:
+    """The README's two commands, each split on `&&`: (main job, tests)."""
+    found = [c for c in console_commands(readme()) if c.startswith("pip install")]
+    assert len(found) == 2, f"expected the two install commands, found {found}"
+    main, tests = ([part.strip() for part in c.split("&&")] for c in found)
+    return main, tests
+
+
+def ci_commands() -> list[str]:
+    """`.ci/run`'s pip and pytest lines, as a reader would type them: no `python3 -m` before
+    pip, no quiet flags."""
+    commands = []
+    for line in (REPO / ".ci" / "run").read_text().splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["python3"]:
+            words = words[1:]
+            if words[:2] == ["-m", "pip"]:
+                words = words[1:]
+            else:
+                words = ["python", *words]
+            quiet = ("--quiet", "--disable-pip-version-check")
+            commands.append(shlex.join(w for w in words if w not in quiet))
+    return commands
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    _, tests = install_commands()
+    assert [shlex.join(shlex.split(part)) for part in tests] == ci_commands()
+    assert tests[-1] == "python -m pytest -q"
+
+
+def test_main_job_is_the_same_install_then_python_train_py(tmp_path):
+    """The main command installs what CI installs (without the test extra) and runs
+    `python train.py`; run here as written, stopped by its documented `--num-steps`."""
+    main, tests = install_commands()
+    assert main[:-1] == [tests[0], tests[1].replace('-e ".[test]"', "-e .")]
+    assert main[-1] == "python train.py"
+    assert "--num-steps" in readme()  # the step limit is documented next to the command
+    env = workspace(tmp_path / "work")
+    done = subprocess.run(
+        [*shlex.split(main[-1]), "--num-steps", "2", "--no-progress"],
+        cwd=tmp_path / "work",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=BASH_TIMEOUT_S,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "embedded" in readme() and "corpus.txt.gz" in done.stdout
+    assert (tmp_path / "work" / "checkpoints" / "pretrain" / "latest").is_file()
+
+
+def test_readme_is_short_and_the_tour_is_on_the_first_screen():
+    lines = readme().splitlines()
+    assert len(lines) <= 250
+    first_python = next(b.line for b in blocks(readme()) if b.language == "python")
+    assert first_python <= 60, f"the first python block starts at line {first_python}"
+
+
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+@pytest.mark.parametrize("page", pages(), ids=page_id)
+def test_relative_links_point_at_files_in_the_tree(page):
+    text = page.read_text(encoding="utf-8")
+    missing = []
+    for target in LINK.findall(text):
+        if re.match(r"[a-z]+:", target):
+            continue  # https:, mailto:
+        path = (page.parent / target).resolve()
+        if not path.exists() and str(path.relative_to(REPO)) not in PENDING_PAGES:
+            missing.append(target)
+    assert not missing, f"{page_id(page)} links to missing files: {missing}"
+
+
+def test_readme_links_every_docs_page():
+    linked = set(LINK.findall(readme()))
+    pages_here = {f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")} | PENDING_PAGES
+    assert pages_here <= linked, f"not linked from the README: {sorted(pages_here - linked)}"
+
+
+@pytest.mark.parametrize("page", pages(), ids=page_id)
+def test_prose_names_no_internal_issue_numbers(page):
+    text = FENCE.sub("", page.read_text(encoding="utf-8"))
+    found = re.findall(r"(?:issue|PR|pull request)?\s?#\d+\b", text, flags=re.IGNORECASE)
+    assert not found, f"{page_id(page)}: {found}"
