@@ -158,8 +158,10 @@ def console_commands(text: str) -> list[str]:
 
 
 def install_commands() -> tuple[list[str], list[str]]:
-    """The README's two commands, each split on `&&`: (main job, tests)."""
-    found = [c for c in console_commands(readme()) if c.startswith("pip install")]
+    """The two commands of the README's "Two commands" section, each split on `&&`:
+    (main job, tests)."""
+    section = readme().split("\n## Two commands\n", 1)[1].split("\n## ", 1)[0]
+    found = console_commands(section)
     assert len(found) == 2, f"expected the two install commands, found {found}"
     main, tests = ([part.strip() for part in c.split("&&")] for c in found)
     return main, tests
