@@ -16,6 +16,7 @@ run here (they install packages); the tests below hold them to `.ci/run` and to 
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shlex
@@ -245,3 +246,116 @@ def test_prose_names_no_internal_issue_numbers(page):
     text = FENCE.sub("", page.read_text(encoding="utf-8"))
     found = re.findall(r"(?:issue|PR|pull request)?\s?#\d+\b", text, flags=re.IGNORECASE)
     assert not found, f"{page_id(page)}: {found}"
+
+
+# ------------------------------------------------------------------- docs/layout.md's tree
+
+NAME = re.compile(r"^[\w.]+(?:\.py|/)$")
+
+
+def layout_tree(text: str) -> set[str]:
+    """Paths named by the first ```text tree of docs/layout.md: a line's leading names (`x.py`
+    or `dir/`, two spaces apart) live in the folder its indentation puts them in; other lines
+    continue a description."""
+    tree = next(b.code for b in blocks(text) if b.language == "text")
+    named, folders = set(), []  # folders: (indent, name) from the root down
+    for line in tree.splitlines():
+        indent = len(line) - len(line.lstrip())
+        words = re.split(r"\s{2,}", line.strip())
+        leading = []
+        for word in words:
+            if not NAME.match(word):
+                break
+            leading.append(word)
+        if not leading:
+            continue
+        folders = [(i, f) for i, f in folders if i < indent]
+        prefix = "".join(f for _, f in folders)
+        named.update(prefix + name for name in leading)
+        if leading[-1].endswith("/"):
+            folders.append((indent, leading[-1]))
+    return named
+
+
+def test_layout_tree_parser_follows_indentation():
+    tree = "```text\npkg/\n  a.py  b.py   what\n  sub/     about\n    c.py   x.py is named\n"
+    tree += "           continued, y.py\n  d.py\n```\n"
+    assert layout_tree(tree) == {
+        "pkg/",
+        "pkg/a.py",
+        "pkg/b.py",
+        "pkg/sub/",
+        "pkg/sub/c.py",
+        "pkg/d.py",
+    }
+
+
+def test_layout_names_every_module_and_nothing_else():
+    named = layout_tree((REPO / "docs" / "layout.md").read_text(encoding="utf-8"))
+    package = REPO / "palm_rlhf"
+    on_disk = {f"palm_rlhf/{p.relative_to(package)}" for p in package.rglob("*.py")}
+    on_disk |= {f"palm_rlhf/{p.relative_to(package)}/" for p in package.rglob("*") if p.is_dir()}
+    on_disk = {p for p in on_disk if "__pycache__" not in p} | {"palm_rlhf/"}
+    on_disk -= {p for p in on_disk if p.endswith("/__init__.py") and p != "palm_rlhf/__init__.py"}
+    assert not on_disk - named, f"docs/layout.md does not name {sorted(on_disk - named)}"
+    assert not named - on_disk, f"docs/layout.md names what is not there: {sorted(named - on_disk)}"
+
+
+# ------------------------------------------------------------------------ docs/results.md
+
+
+def results_page():
+    return importlib.import_module("benchmarks.results_page")
+
+
+def test_results_page_is_what_the_script_renders_from_the_json_in_the_tree():
+    page = (REPO / "docs" / "results.md").read_text(encoding="utf-8")
+    assert page == results_page().render(), "run: python benchmarks/results_page.py"
+
+
+def test_every_results_table_says_where_it_was_measured():
+    page = (REPO / "docs" / "results.md").read_text(encoding="utf-8")
+    sections = page.split("\n## ")[1:]
+    assert sections and all("Measured at commit" in s for s in sections)
+
+
+def test_provenance_line_for_new_legacy_and_unrecorded_json():
+    line = results_page().provenance_line
+    machine = {"cpu": "CPU X", "cores": 4, "avx512": True, "avx512_bf16": False}
+    machine |= {"amx_bf16": True, "torch": "2.13.0", "threads": 2}
+    new = {"commit": "abc1234", "dirty": True, "date": "2026-12-03T08:00:00+00:00"}
+    assert line({"provenance": {**new, "machine": machine}}) == (
+        "Measured at commit `abc1234` with uncommitted changes on 2026-12-03: CPU X, 4 cores "
+        "(avx512, amx_bf16), 2 threads, torch 2.13.0."
+    )
+    clean = {**new, "dirty": False, "machine": {**machine, "avx512": False, "amx_bf16": False}}
+    assert line({"provenance": clean}).startswith(
+        "Measured at commit `abc1234` on 2026-12-03: CPU X, 4 cores (no AVX-512),"
+    )
+    legacy = {"ours_commit": "e8f3edc", "date": "2026-11-22T01:07:52+00:00", "cpu": "AMD EPYC"}
+    legacy |= {"logical_cpus": 2, "threads": 2, "torch": "2.13.0+cpu"}
+    assert line({"machine": legacy}) == (
+        "Measured at commit `e8f3edc` (clean or not: not recorded) on 2026-11-22: AMD EPYC, "
+        "2 cores (CPU flags not recorded), 2 threads, torch 2.13.0+cpu."
+    )
+    assert (
+        line({"machine": "x86_64"}) == "Measured at commit unknown, date unknown; machine: x86_64."
+    )
+    assert line({}) == "Measured at commit unknown, date unknown; machine: not recorded."
+
+
+def test_results_page_refuses_a_results_json_it_has_no_section_for(tmp_path):
+    (tmp_path / "new-benchmark.json").write_text("{}")
+    (tmp_path / "palm-quick.json").write_text("{}")  # smoke runs are left out
+    with pytest.raises(SystemExit, match="no section for new-benchmark.json"):
+        results_page().render(tmp_path)
+
+
+def test_provenance_records_this_checkout_and_machine():
+    record = importlib.import_module("benchmarks.provenance").provenance(threads=3)
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    assert record["commit"] == head and isinstance(record["dirty"], bool)
+    assert record["machine"]["threads"] == 3 and record["machine"]["cores"] >= 1
+    assert {"cpu", "avx512", "avx512_bf16", "amx_bf16", "torch"} <= set(record["machine"])
