@@ -150,6 +150,29 @@ SECTIONS = (
         stored_markdown,
     ),
     Section(
+        "products.json",
+        "The decode step's weight products",
+        "The few-row weight products of a decode step by method (`nn.Linear`, an input-major "
+        "copy of the weight, row blocks), ms and GB/s of weights read beside the bandwidth "
+        "probe: `python benchmarks/bench_products.py`.",
+        stored_markdown,
+    ),
+    Section(
+        "defaults.json",
+        "Does PPO learn with its default hyperparameters?",
+        "A toy task (reward = share of one token in the response), default `RLHFTrainer` "
+        "hyperparameters, two seeds; reward of fresh rollouts before and after training, KL of "
+        "the last update: `python benchmarks/bench_defaults.py`.",
+        stored_markdown,
+    ),
+    Section(
+        "defaults-demo.json",
+        "The pipeline demo's PPO stage, LoRA initialisations and learning rates",
+        "The demo's PPO stage rerun from a finished demo's SFT policy and reward model: "
+        "`python benchmarks/bench_defaults.py --demo DIR`.",
+        stored_markdown,
+    ),
+    Section(
         "reward_hh.json",
         "A reward model on human preferences (HH-RLHF)",
         "Trained on pairs of Anthropic's HH-RLHF harmless-base test file and scored on held-out "
