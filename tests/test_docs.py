@@ -138,6 +138,15 @@ def test_executor_finds_blocks_in_order_with_their_line_numbers():
     ]
 
 
+def test_a_python_block_gets_no_names_it_did_not_make(tmp_path):
+    """Nothing is injected: a name no earlier block of the page defined fails the block."""
+    namespace: dict = {"__name__": "__main__"}
+    with pytest.raises(pytest.fail.Exception, match="NameError"):
+        run_block(Block("python", "trainer.train(prompts)\n", 1), "t", namespace, {}, tmp_path)
+    run_block(Block("python", "prompts = [1]\n", 1), "t", namespace, {}, tmp_path)
+    run_block(Block("python", "assert prompts == [1]\n", 1), "t", namespace, {}, tmp_path)
+
+
 def test_a_failing_bash_line_fails_its_block(tmp_path):
     """`-euo pipefail`: a failure inside a pipe or before the last line is not hidden."""
     env = {**os.environ}
