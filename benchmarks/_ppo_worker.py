@@ -233,7 +233,7 @@ def toy(impl: str, args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(allow_abbrev=False)
     p.add_argument("--impl", choices=("ours", "reference"), required=True)
     p.add_argument("--task", choices=("throughput", "toy"), required=True)
     p.add_argument("--threads", type=int, default=2)

@@ -285,7 +285,7 @@ def task_memory(args, cfg) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--impl", choices=sorted(PACKAGES), required=True)
     p.add_argument("--task", choices=("train", "sample", "memory", "matmul"), required=True)
     p.add_argument("--threads", type=int, default=2)

@@ -176,7 +176,9 @@ def ppo_table(rows: list[dict]) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="KV-cached decode speed vs the bandwidth roofline")
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description="KV-cached decode speed vs the bandwidth roofline"
+    )
     p.add_argument("--jobs", default="eager,compiled,ppo", help="subset of eager,compiled,ppo")
     p.add_argument("--quick", action="store_true", help="dims 128,256; 32 new tokens; no ppo")
     p.add_argument("--dims", default="128,256,512,1024")

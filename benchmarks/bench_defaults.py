@@ -139,7 +139,7 @@ def main_demo(demo: Path, rows: str) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--demo", type=Path, help="a finished pipeline_demo.py --out-dir")
     parser.add_argument(
         "--rows",

@@ -59,11 +59,12 @@ from benchmarks.provenance import provenance  # noqa: E402
 from palm_rlhf.checkpoint import find_weights  # noqa: E402
 from palm_rlhf.data.collate import left_pad_prompts  # noqa: E402
 from palm_rlhf.data.records import read_comparisons  # noqa: E402
+from palm_rlhf.functional.logprobs import log_probs_from_logits  # noqa: E402
+from palm_rlhf.functional.masked import masked_sum  # noqa: E402
 from palm_rlhf.model.reward import RewardModel  # noqa: E402
 from palm_rlhf.model.sampling import sample_tokens  # noqa: E402
 from palm_rlhf.rl.ppo.trainer import RLHFTrainer  # noqa: E402
 from palm_rlhf.rl.rollout import Rollout, join_prompt_response, score_sequences  # noqa: E402
-from palm_rlhf.rl_math import log_probs_from_logits, masked_sum  # noqa: E402
 from palm_rlhf.train.coh import CoHConfig, feedback_text, train_coh  # noqa: E402
 from palm_rlhf.train.dpo import DPOConfig, train_dpo  # noqa: E402
 from palm_rlhf.train.loading import load_base  # noqa: E402
@@ -852,7 +853,9 @@ def frozen(model):
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="toy sizes: a 1-2 minute smoke run")
     parser.add_argument("--seed", type=int, default=0)

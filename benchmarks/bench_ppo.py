@@ -128,7 +128,9 @@ def markdown(rows: list[dict], machine: dict, settings: dict) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="PPO: palm_rlhf vs palm-rlhf-pytorch 0.8.0 on CPU")
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description="PPO: palm_rlhf vs palm-rlhf-pytorch 0.8.0 on CPU"
+    )
     p.add_argument("--quick", action="store_true", help="tiny model, few episodes, 3 s budget")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=1, help="repeat every job; report medians")

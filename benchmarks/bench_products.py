@@ -56,7 +56,9 @@ def time_pass(products, repeats: int) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="few-row weight products: GB/s by method")
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description="few-row weight products: GB/s by method"
+    )
     p.add_argument("--dims", default="256,512")
     p.add_argument("--rows", default="1,8")
     p.add_argument("--blocks", default="2,4,8")

@@ -31,6 +31,11 @@ What is written (all tiny):
 - ``facts.json``: configs of the fixtures and behaviour of the reference measured by running
   and instrumenting it (``RLHFTrainer.train`` work counts, ``generate`` defaults, prompt
   padding, what ``actor_lora=False`` trains, the reward model's outputs and labels).
+- ``dropin.json``, ``dropin.safetensors``: the reference's other trainers (``grpo``, ``flowrl``,
+  ``tpo``) for ``tests/test_dropin_trainers.py``: their keyword defaults and ``train()`` counts,
+  the advantages / TPO targets each stores for fixed group rewards, one ``learn()`` loss and
+  its gradient of each (grpo: under each loss option), and the top-level
+  ``score_centering_loss``.
 """
 
 from __future__ import annotations
@@ -543,6 +548,472 @@ def build_reward_fixtures(out: Path, tensors: dict, facts: dict) -> None:
         facts[f"reward_{kind}.pt"] = row
 
 
+# ----------------------------------------------------------------------------- drop-in trainers
+# palm_rlhf_pytorch.grpo.RLHFTrainer, .flowrl.FlowRLTrainer and .tpo.RLHFTrainer, recorded for
+# palm_rlhf.grpo / .flowrl / .tpo (tests/test_dropin_trainers.py). Written to dropin.json and
+# dropin.safetensors so the files above stay as they were.
+
+DROPIN_MODULES = dict(grpo="RLHFTrainer", flowrl="FlowRLTrainer", tpo="RLHFTrainer")
+DROPIN_GROUP_KEYWORD = dict(
+    grpo="grpo_num_times_sample_rewards",
+    flowrl="flowrl_num_times_sample",
+    tpo="num_times_sample_rewards",
+)
+
+
+def _dropin_class(kind: str):
+    import importlib
+
+    return getattr(importlib.import_module(f"palm_rlhf_pytorch.{kind}"), DROPIN_MODULES[kind])
+
+
+def _dropin_trainer(kind: str, reward_model=None, prompts=None, **kwargs):
+    """A reference `kind` trainer over a tiny PaLM (its log Z MLP sized to the PaLM for flowrl)."""
+    import torch
+    from palm_rlhf_pytorch import PaLM, RewardModel
+
+    palm = PaLM(**REWARD_PALM_CONFIG)
+    if reward_model is None:
+        reward_model = RewardModel(PaLM(**REWARD_PALM_CONFIG), use_lora=True, lora_r=4)
+    if kind == "flowrl":
+        kwargs.setdefault("partition_function_hidden_dim", REWARD_PALM_CONFIG["dim"])
+    prompts = torch.randint(1, 32, (3, 3)) if prompts is None else prompts
+    return _dropin_class(kind)(
+        palm=palm, reward_model=reward_model, prompt_token_ids=prompts, **kwargs
+    )
+
+
+def _signature_defaults(fn) -> dict:
+    import inspect
+
+    out = {}
+    for name, param in inspect.signature(fn).parameters.items():
+        if param.default is inspect.Parameter.empty:
+            continue
+        value = param.default
+        out[name] = (
+            value.__name__
+            if callable(value)
+            else list(value)
+            if isinstance(value, tuple)
+            else value
+        )
+    return out
+
+
+def measure_dropin_train(kind, E, T, U, L, samples, minibatch_size, epochs=1, prompt_len=3):
+    """Run a reference drop-in trainer's train() on a tiny model and count what it does:
+    generate calls (one prompt each), sequences per call, learn calls, optimizer steps."""
+    import random
+
+    import torch
+
+    torch.manual_seed(0)
+    random.seed(0)
+    trainer = _dropin_trainer(
+        kind,
+        prompts=torch.randint(1, 32, (3, prompt_len)),
+        minibatch_size=minibatch_size,
+        epochs=epochs,
+        **{DROPIN_GROUP_KEYWORD[kind]: samples},
+    )
+    counts: dict = {}
+    batch, lengths, per_learn = [], [], []
+
+    def on_generate(args, kwargs, out):
+        batch.append(int(args[0].shape[0]))
+        lengths.append(int(out[1].shape[-1]) - int(args[0].shape[-1]))
+
+    if kind == "tpo":
+        trainer.actor.generate = _counting(trainer.actor.generate, counts, "rollouts", on_generate)
+    else:
+        trainer.actor_generate = _counting(trainer.actor_generate, counts, "rollouts", on_generate)
+    learn = trainer.learn
+
+    def counting_learn(memories):
+        per_learn.append(counts.get("rollouts", 0) - sum(per_learn))
+        return learn(memories)
+
+    trainer.learn = counting_learn
+    trainer.actor_optim.step = _counting(trainer.actor_optim.step, counts, "actor_optim_steps")
+    if kind == "flowrl":
+        optim = trainer.partition_function_optim
+        optim.step = _counting(optim.step, counts, "partition_function_optim_steps")
+    trainer.train(num_episodes=E, max_timesteps=T, update_timesteps=U, max_seq_len=L)
+    return dict(
+        trainer=kind,
+        num_episodes=E,
+        max_timesteps=T,
+        update_timesteps=U,
+        max_seq_len=L,
+        prompt_len=prompt_len,
+        samples_keyword=DROPIN_GROUP_KEYWORD[kind],
+        samples_keyword_value=samples,
+        minibatch_size=minibatch_size,
+        epochs=epochs,
+        rollouts=counts.get("rollouts", 0),
+        sequences_per_rollout=sorted(set(batch)),
+        new_tokens_per_rollout=sorted(set(lengths)),
+        learn_calls=len(per_learn),
+        rollouts_per_learn=per_learn,
+        actor_optim_steps=counts.get("actor_optim_steps", 0),
+        partition_function_optim_steps=counts.get("partition_function_optim_steps"),
+    )
+
+
+class _StopTraining(Exception):
+    pass
+
+
+def _fixed_reward_model(rewards):
+    import torch
+
+    class FixedRewards(torch.nn.Module):
+        """Returns the given (g,) rewards for every group, whatever the sequences."""
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("rewards", rewards.clone())
+
+        def forward(self, seq, prompt_mask=None, mask=None):
+            return self.rewards[: seq.shape[0]].clone()
+
+    return FixedRewards()
+
+
+def _recording_buffer(base):
+    """The reference TPO's replay buffer class, keeping what `store` is given."""
+
+    class RecordingBuffer(base):
+        stored: list = []
+
+        def store(self, **data):
+            RecordingBuffer.stored.append(data)
+            return super().store(**data)
+
+    return RecordingBuffer
+
+
+def record_dropin_advantages(tensors: dict) -> None:
+    """The advantages (grpo, flowrl) and TPO targets each reference trainer stores for fixed
+    group rewards: one train() step of one prompt, learn() replaced by a recorder."""
+    import random
+
+    import torch
+    from palm_rlhf_pytorch import tpo
+
+    groups = dict(
+        mixed=torch.tensor([1.0, 2.0, 2.0, 4.0, 0.5]),
+        negative_mean=torch.tensor([-1.0, -3.0, 0.5, -2.0, 1.0]),
+        constant=torch.tensor([2.0, 2.0, 2.0, 2.0, 2.0]),
+    )
+    options = dict(
+        grpo=dict(
+            default={},
+            dr_grpo=dict(use_dr_grpo=True),
+            dr_grpo_constant_3=dict(dr_grpo_constant=3.0),
+            max_rl=dict(use_max_rl=True),
+        ),
+        flowrl=dict(default={}),
+    )
+    for name, rewards in groups.items():
+        tensors[f"dropin.rewards.{name}"] = rewards
+        for kind, cases in options.items():
+            for case, kwargs in cases.items():
+                torch.manual_seed(0)
+                random.seed(0)
+                trainer = _dropin_trainer(
+                    kind, _fixed_reward_model(rewards), **{DROPIN_GROUP_KEYWORD[kind]: 4}, **kwargs
+                )
+                seen = []
+
+                def capture(memories, seen=seen):
+                    seen.append(torch.stack([m[5] for m in memories]))
+                    raise _StopTraining
+
+                trainer.learn = capture
+                try:
+                    trainer.train(
+                        num_episodes=1, max_timesteps=1, update_timesteps=1, max_seq_len=6
+                    )
+                except _StopTraining:
+                    pass
+                tensors[f"dropin.{kind}.{case}.advantages.{name}"] = seen[0]
+
+        # TPO: the target distribution over the group, and the old sequence log-probs it tilts
+        torch.manual_seed(0)
+        random.seed(0)
+        trainer = _dropin_trainer(
+            "tpo", _fixed_reward_model(rewards), num_times_sample_rewards=4, tpo_eta=0.5
+        )
+        real_buffer = tpo.ReplayBuffer
+        tpo.ReplayBuffer = _recording_buffer(real_buffer)
+        trainer.learn = lambda buffer: (_ for _ in ()).throw(_StopTraining())
+        try:
+            trainer.train(num_episodes=1, max_timesteps=1, update_timesteps=1, max_seq_len=6)
+        except _StopTraining:
+            pass
+        finally:
+            stored, tpo.ReplayBuffer = tpo.ReplayBuffer.stored, real_buffer
+        data = stored[0]
+        with torch.no_grad():
+            action_masks = ~data["prompt_mask"] & data["mask"]
+            per_token, _ = trainer.get_log_probs(data["sequence"], action_masks)
+        tensors[f"dropin.tpo.eta_0.5.old_sequence_logprobs.{name}"] = per_token.sum(-1)
+        tensors[f"dropin.tpo.eta_0.5.targets.{name}"] = data["target_q"].float()
+
+
+def _memories(tensors: dict, prefix: str):
+    """A fixed batch of 4 rows (prompt 2 tokens, lengths 6/5/4/6, vocabulary 5) as the grpo
+    reference stores it: sequence, prompt mask, mask, old probs (b, n, v), old log-probs,
+    advantages. Row i starts with token i, so a stand-in actor can look its logits up."""
+    import torch
+
+    gen = torch.Generator().manual_seed(11)
+    b, n, v = 4, 6, 5
+    seq = torch.randint(0, v, (b, n), generator=gen)
+    seq[:, 0] = torch.arange(b)
+    prompt_mask = torch.arange(n)[None].expand(b, n) < 2
+    mask = torch.arange(n)[None] < torch.tensor([[6], [5], [4], [6]])
+    old_probs = (torch.randn(b, n, v, generator=gen) * 0.8).softmax(-1)
+    old_log_prob = old_probs.gather(-1, seq[..., None])[..., 0].log()
+    advantages = torch.tensor([1.0, -0.5, 2.0, -1.5])
+    logits = torch.randn(b, n, v, generator=gen) * 0.8
+    for key, value in dict(
+        seq=seq,
+        prompt_mask=prompt_mask,
+        mask=mask,
+        old_probs=old_probs,
+        old_log_prob=old_log_prob,
+        advantages=advantages,
+        logits=logits,
+    ).items():
+        tensors[f"{prefix}.{key}"] = value
+    return seq, prompt_mask, mask, old_probs, old_log_prob, advantages, logits
+
+
+def _table_actor(trainer, logits):
+    """Replace a reference trainer's actor by a table of logits, looked up by each row's first
+    token (rows arrive shuffled), and record each loss at its backward. Returns (table, losses)."""
+    table, losses = logits.clone().requires_grad_(), []
+    trainer.actor.forward = lambda x, mask=None: table[x[:, 0]]
+
+    def backward(loss):
+        losses.append(loss.detach())
+        loss.backward()
+
+    trainer.accelerate.backward = backward
+    return table, losses
+
+
+def record_grpo_losses(tensors: dict) -> dict:
+    """The loss and its gradient with respect to the actor's logits, of one reference grpo
+    learn() minibatch on `_memories`, under each loss option (learn() as written: the actor
+    replaced by a table of logits, indexed by each row's first token)."""
+    import random
+
+    import torch
+    from palm_rlhf_pytorch.grpo import Memory
+
+    seq, prompt_mask, mask, old_probs, old_log_prob, advantages, logits = _memories(
+        tensors, "dropin.grpo.batch"
+    )
+    plain = dict(kl_div_loss_weight=0.0, beta_s=0.0)
+    cases = dict(
+        clipped=plain,
+        kl_div_loss_weight=dict(plain, kl_div_loss_weight=0.1),
+        beta_s=dict(plain, beta_s=0.01),
+        reference_defaults={},
+        simple_policy_optimization=dict(plain, use_simple_policy_optimization=True),
+        score_centering=dict(plain, use_score_centering=True),
+        score_centering_topk=dict(plain, use_score_centering=True, score_centering_topk=2),
+        entropy_to_advantage=dict(plain, add_entropy_to_advantage=True),
+        entropy_to_advantage_kl=dict(
+            plain,
+            add_entropy_to_advantage=True,
+            kl_div_loss_weight=0.1,
+            entropy_to_advantage_kappa=4.0,
+            entropy_to_advantage_scale=0.5,
+        ),
+    )
+    for case, kwargs in cases.items():
+        torch.manual_seed(0)
+        random.seed(0)
+        trainer = _dropin_trainer("grpo", minibatch_size=4, epochs=1, **kwargs)
+        table, losses = _table_actor(trainer, logits)
+        memories = [
+            Memory(*row) for row in zip(seq, prompt_mask, mask, old_probs, old_log_prob, advantages)
+        ]
+        trainer.learn(memories)
+        tensors[f"dropin.grpo.loss.{case}"] = losses[0].reshape(1)
+        tensors[f"dropin.grpo.grad.{case}"] = table.grad
+    return cases
+
+
+class _OneBatch:
+    """Stands in for TPO's replay buffer: its dataloader yields the one given batch."""
+
+    def __init__(self, *batch):
+        self.batch = batch
+
+    def dataloader(self, **kwargs):
+        return [self.batch]
+
+
+def record_tpo_losses(tensors: dict) -> None:
+    """One reference TPO learn() minibatch (2 groups of 3, prompt 2, vocabulary 6) with the
+    actor replaced by a table of logits: the loss and its gradient, with and without beta_s."""
+    import random
+
+    import torch
+
+    gen = torch.Generator().manual_seed(13)
+    groups, k, n, v = 2, 3, 6, 6
+    seq = torch.randint(0, v, (groups, k, n), generator=gen)
+    seq[..., 0] = torch.arange(groups * k).reshape(groups, k)  # row i starts with token i
+    prompt_mask = (torch.arange(n) < 2).expand(groups, k, n)
+    mask = torch.arange(n) < torch.tensor([[6, 5, 4], [6, 6, 3]])[..., None]
+    target_q = (torch.randn(groups, k, generator=gen)).softmax(-1)
+    logits = torch.randn(groups * k, n, v, generator=gen) * 0.8
+    batch = dict(seq=seq, prompt_mask=prompt_mask, mask=mask, target_q=target_q, logits=logits)
+    tensors.update({f"dropin.tpo.batch.{key}": value for key, value in batch.items()})
+    for case, beta_s in (("plain", 0.0), ("beta_s", 0.01)):
+        torch.manual_seed(0)
+        random.seed(0)
+        trainer = _dropin_trainer("tpo", minibatch_size=2, beta_s=beta_s)
+        table, losses = _table_actor(trainer, logits)
+        trainer.learn(_OneBatch(seq, prompt_mask, mask, target_q))
+        tensors[f"dropin.tpo.loss.{case}"] = losses[0].reshape(1)
+        tensors[f"dropin.tpo.grad.{case}"] = table.grad
+
+
+def record_flowrl_loss(tensors: dict) -> None:
+    """One reference FlowRL learn() minibatch (one group of 4 full-length responses) with the
+    actor, the reference PaLM and log Z replaced by tables: the loss and its gradients. The
+    stored "log-probs" are probabilities there, as its train() stores them."""
+    import random
+
+    import torch
+    from palm_rlhf_pytorch.flowrl import Memory
+
+    gen = torch.Generator().manual_seed(14)
+    b, n, v, prompt = 4, 6, 5, 2
+    seq = torch.randint(0, v, (b, n), generator=gen)
+    seq[:, 0] = torch.arange(b)
+    prompt_mask = torch.arange(n)[None].expand(b, n) < prompt
+    mask = torch.ones(b, n, dtype=torch.bool)
+    old_probs = (torch.randn(b, n, v, generator=gen) * 0.8).softmax(-1)
+    old_action_prob = old_probs.gather(-1, seq[..., None])[..., 0][:, prompt:]
+    rewards = torch.tensor([0.5, -1.2, 1.4, -0.7])
+    logits, ref_logits = (torch.randn(b, n, v, generator=gen) * 0.8 for _ in range(2))
+    log_z = torch.tensor([0.3, 0.3, -0.2, -0.2])
+    batch = dict(
+        seq=seq,
+        prompt_mask=prompt_mask,
+        mask=mask,
+        old_probs=old_probs,
+        old_action_prob=old_action_prob,
+        rewards=rewards,
+        logits=logits,
+        ref_logits=ref_logits,
+        log_z=log_z,
+    )
+    tensors.update({f"dropin.flowrl.batch.{key}": value for key, value in batch.items()})
+    torch.manual_seed(0)
+    random.seed(0)
+    trainer = _dropin_trainer("flowrl", minibatch_size=4, beta=2.0, eps_clip=0.2)
+    table, losses = _table_actor(trainer, logits)
+    z = log_z.clone().requires_grad_()
+
+    def palm_forward(x, return_only_embedding=False, **kwargs):
+        if return_only_embedding:  # log Z's features: each row's id (its first token)
+            features = torch.zeros(*x.shape, REWARD_PALM_CONFIG["dim"])
+            features[..., 0] = x[:, :1].float()
+            return features
+        return ref_logits[x[:, 0]]
+
+    # rows arrive shuffled: each row's log Z is looked up by its id
+    trainer.palm.forward = palm_forward
+    trainer.partition_function.forward = lambda features: z[features[:, 0].long()]
+    trainer.learn(
+        [Memory(*row) for row in zip(seq, prompt_mask, mask, old_probs, old_action_prob, rewards)]
+    )
+    tensors["dropin.flowrl.loss"] = losses[0].reshape(1)
+    tensors["dropin.flowrl.grad"] = table.grad
+    tensors["dropin.flowrl.log_z_grad"] = z.grad
+
+
+def record_score_centering(tensors: dict) -> None:
+    """The reference's top-level score_centering_loss: per-token losses (b, n) and the
+    gradient of a fixed weighting of them, full vocabulary and top-k, with and without a
+    weight function."""
+    import torch
+    from palm_rlhf_pytorch import score_centering_loss
+
+    gen = torch.Generator().manual_seed(12)
+    logits = torch.randn(2, 3, 6, generator=gen)
+    samp_probs = (logits + 0.5 * torch.randn(2, 3, 6, generator=gen)).softmax(-1)
+    actions = torch.randint(0, 6, (2, 3), generator=gen)
+    weights = torch.randn(2, 3, generator=gen)
+    tensors.update(
+        {
+            "dropin.score_centering.logits": logits,
+            "dropin.score_centering.samp_probs": samp_probs,
+            "dropin.score_centering.actions": actions,
+            "dropin.score_centering.weights": weights,
+        }
+    )
+    for adv_name, adv in (
+        ("seq", torch.tensor([1.5, -0.7])),
+        ("token", torch.randn(2, 3, generator=gen)),
+    ):
+        tensors[f"dropin.score_centering.advantages_{adv_name}"] = adv
+        for topk in (None, 2):
+            for weight_name, weight_fn in (
+                ("ones", torch.ones_like),
+                ("clamp2", lambda r: r.clamp(max=2.0)),
+            ):
+                x = logits.clone().requires_grad_()
+                out = score_centering_loss(
+                    x.log_softmax(-1), samp_probs, actions, adv, topk=topk, weight_fn=weight_fn
+                )
+                (out * weights).sum().backward()
+                key = f"dropin.score_centering.{adv_name}.topk_{topk}.{weight_name}"
+                tensors[f"{key}.loss"] = out.detach()
+                tensors[f"{key}.grad"] = x.grad
+
+
+def build_dropin_fixtures(out: Path) -> None:
+    """dropin.json (train() counts, keyword defaults) and dropin.safetensors (option math)."""
+    from safetensors.torch import save_file
+
+    facts = dict(
+        defaults={
+            kind: dict(
+                init=_signature_defaults(_dropin_class(kind).__init__),
+                train=_signature_defaults(_dropin_class(kind).train),
+            )
+            for kind in DROPIN_MODULES
+        },
+        train_counts=[
+            measure_dropin_train("grpo", 2, 3, 2, 6, samples=2, minibatch_size=3),
+            measure_dropin_train("grpo", 1, 5, 2, 6, samples=1, minibatch_size=4, epochs=2),
+            measure_dropin_train("flowrl", 2, 3, 2, 6, samples=2, minibatch_size=3),
+            measure_dropin_train("flowrl", 1, 3, 3, 5, samples=1, minibatch_size=2, epochs=2),
+            measure_dropin_train("tpo", 2, 3, 2, 6, samples=2, minibatch_size=2),
+            measure_dropin_train("tpo", 1, 5, 2, 6, samples=1, minibatch_size=1, epochs=2),
+        ],
+    )
+    tensors: dict = {}
+    record_dropin_advantages(tensors)
+    facts["grpo_loss_cases"] = record_grpo_losses(tensors)  # the keywords of each case
+    record_score_centering(tensors)
+    record_tpo_losses(tensors)
+    record_flowrl_loss(tensors)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "dropin.safetensors"))
+    (out / "dropin.json").write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
+
+
 def main_worker(out: Path) -> None:
     import importlib.metadata
     import random
@@ -580,10 +1051,11 @@ def main_worker(out: Path) -> None:
     facts["critic_paths"] = measure_critic_paths()
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "outputs.safetensors"))
     (out / "facts.json").write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
+    build_dropin_fixtures(out)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true", help="run inside the reference venv")
     parser.add_argument("--out", type=Path, default=FIXTURES)
     args = parser.parse_args()

@@ -15,9 +15,10 @@ from palm_rlhf.data.collate import left_pad_prompts
 from palm_rlhf.data.corpus import SequentialChunkDataset, load_pretraining_data
 from palm_rlhf.data.examples import TokenExample, collate_token_examples
 from palm_rlhf.data.records import ComparisonRecord, SFTRecord, read_comparisons, read_sft
+from palm_rlhf.functional.logprobs import log_probs_from_logits
+from palm_rlhf.functional.masked import masked_sum
 from palm_rlhf.model.sampling import sample_tokens
 from palm_rlhf.rl.rollout import join_prompt_response, score_sequences
-from palm_rlhf.rl_math import log_probs_from_logits, masked_sum
 from palm_rlhf.train.coh import coh_generate, feedback_text, hindsight_sequences
 from palm_rlhf.train.dpo import response_log_probs
 from palm_rlhf.train.sft import response_loss_terms, sft_example

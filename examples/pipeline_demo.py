@@ -568,6 +568,7 @@ def save_plot(curve: list[dict], path: Path) -> Optional[Path]:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     f = FULL
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"""budgets of the full run, with the seconds each stage took (training and

@@ -13,6 +13,7 @@ from palm_rlhf.model.reward import RewardModel
 from palm_rlhf.model.sampling import sample_tokens
 from palm_rlhf.rl.networks import ActorCritic
 from palm_rlhf.rl.ppo.trainer import RLHFTrainer
+from palm_rlhf.rl.reference_keywords import score_centering_loss  # the reference's signature
 
 __all__ = [
     "PaLM",
@@ -25,4 +26,5 @@ __all__ = [
     "ByteTokenizer",
     "SentencePieceTokenizer",
     "load_tokenizer",
+    "score_centering_loss",
 ]

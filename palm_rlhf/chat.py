@@ -11,19 +11,18 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Callable, Optional, TextIO
+from typing import Callable, TextIO
 
 import torch
 
 from palm_rlhf.model.sampling import iter_sample
+from palm_rlhf.model.sampling_options import GenerationOptions, with_defaults
 from palm_rlhf.options import option
 from palm_rlhf.train.loading import load_base
 
-DEFAULT_CONTEXT = 1024  # for a model saved without max_seq_len
-
 
 @dataclass
-class SampleConfig:
+class SampleConfig(with_defaults(GenerationOptions, max_new_tokens=200, temperature=0.8, top_k=40)):
     checkpoint: str = option(
         "",
         "model: a checkpoint folder, a run folder (its latest) or a .safetensors file",
@@ -31,25 +30,17 @@ class SampleConfig:
     )
     prompt: str = option("", "text to continue (empty: start from the EOS token)")
     num_samples: int = option(1, "how many continuations")
-    max_new_tokens: int = option(200, "tokens to sample per continuation")
-    temperature: float = option(0.8, "sampling temperature (0 = greedy)")
-    top_k: Optional[int] = option(40, "keep the k most likely tokens")
-    top_p: Optional[float] = option(None, "nucleus sampling threshold")
     stop_at_eos: bool = option(True, "stop a continuation at the EOS token")
     seed: int = option(0, "random seed")
 
 
 @dataclass
-class ChatConfig:
+class ChatConfig(with_defaults(GenerationOptions, temperature=0.7, top_k=40)):
     checkpoint: str = option(
         "",
         "model: a checkpoint folder, a run folder (its latest) or a .safetensors file",
         required=True,
     )
-    max_new_tokens: int = option(128, "longest answer in tokens")
-    temperature: float = option(0.7, "sampling temperature (0 = greedy)")
-    top_k: Optional[int] = option(40, "keep the k most likely tokens")
-    top_p: Optional[float] = option(None, "nucleus sampling threshold")
     human_prefix: str = option("\n\nHuman: ", "text before each of your turns")
     assistant_prefix: str = option("\n\nAssistant:", "text before each answer")
     seed: int = option(0, "random seed")
@@ -60,12 +51,8 @@ class ChatSession:
 
     def __init__(self, model, tokenizer, config: ChatConfig):
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.window = model.config.max_seq_len or DEFAULT_CONTEXT
-        if config.max_new_tokens >= self.window:
-            raise ValueError(
-                f"max_new_tokens={config.max_new_tokens} leaves no room in the "
-                f"{self.window}-token context"
-            )
+        # prompt tokens that fit beside the answer; refuses a too long --max-new-tokens
+        self.budget = config.prompt_budget(model.config.max_seq_len)
         self.turns: list[list[int]] = []  # token ids of each finished turn (human or assistant)
         self.generator = torch.Generator(device=model.device).manual_seed(config.seed)
 
@@ -78,11 +65,10 @@ class ChatSession:
 
     def _fit(self, human: list[int]) -> list[int]:
         """History + this turn, within the window less room for the answer."""
-        budget = self.window - self.config.max_new_tokens
-        while self.turns and sum(map(len, self.turns)) + len(human) > budget:
+        while self.turns and sum(map(len, self.turns)) + len(human) > self.budget:
             self.turns.pop(0)  # forget the oldest turn first
         prompt = [t for turn in self.turns for t in turn] + human
-        return prompt[-budget:]  # a single overlong message keeps its end
+        return prompt[-self.budget :]  # a single overlong message keeps its end
 
     def respond(self, message: str) -> Iterator[str]:
         """Sample an answer, yielding its text as it grows; the turn then joins the history."""
@@ -94,9 +80,7 @@ class ChatSession:
             self.model,
             prompt,
             config.max_new_tokens,
-            temperature=config.temperature,
-            top_k=config.top_k,
-            top_p=config.top_p,
+            **config.sample_kwargs(),
             eos_token=tokenizer.eos_id,
             generator=self.generator,
         )
@@ -167,17 +151,14 @@ def run_sample(config: SampleConfig) -> list[str]:
     model, tokenizer = load_base(config.checkpoint, log=lambda *_: None)
     generator = torch.Generator().manual_seed(config.seed)
     prompt = tokenizer.encode(config.prompt) if config.prompt else [tokenizer.eos_id]
-    window = model.config.max_seq_len or DEFAULT_CONTEXT
-    prompt = prompt[-(window - config.max_new_tokens) :]
+    prompt = config.fit_prompt(prompt, model.config.max_seq_len)
     texts = []
     for index in range(config.num_samples):
         tokens = iter_sample(
             model,
             torch.tensor([prompt]),
             config.max_new_tokens,
-            temperature=config.temperature,
-            top_k=config.top_k,
-            top_p=config.top_p,
+            **config.sample_kwargs(),
             generator=generator,
             eos_token=tokenizer.eos_id if config.stop_at_eos else None,
         )

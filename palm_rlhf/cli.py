@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -124,12 +125,31 @@ def user_errors() -> tuple[type, ...]:
     return (OSError, ValueError, CheckpointError, NonFiniteLossError)
 
 
+def data_warnings_as_lines(prog: str) -> Callable:
+    """A `warnings.showwarning` that prints a data warning (lines skipped by --on-error skip) as
+    one line, `<prog>: warning: <message>`, instead of Python's file:line and source line,
+    which read like a crash; other warnings keep their usual form."""
+    from palm_rlhf.data.records import RecordWarning
+
+    usual = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, RecordWarning):
+            print(f"{prog}: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            usual(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def run_command(prog: str, run: Callable, config, debug: bool = False) -> int:
     """Run a stage; a user error or an interrupt becomes one line on stderr and an exit code."""
     from palm_rlhf.train.stopping import TrainingInterrupted
 
     try:
-        run(config)
+        with warnings.catch_warnings():
+            warnings.showwarning = data_warnings_as_lines(prog)
+            run(config)
     except TrainingInterrupted as interrupted:
         print(f"{prog}: {interrupted}", file=sys.stderr)
         return interrupted.exit_code
@@ -148,7 +168,10 @@ def run_command(prog: str, run: Callable, config, debug: bool = False) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="palm-rlhf", description="PaLM + RLHF, stage by stage.")
+    # allow_abbrev=False everywhere: a misspelt --epoch must not be taken as --epochs
+    parser = argparse.ArgumentParser(
+        prog="palm-rlhf", description="PaLM + RLHF, stage by stage.", allow_abbrev=False
+    )
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, config_cls, run) in _stages().items():
@@ -157,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=help_text,
             description=help_text,
             formatter_class=HelpFormatter,
+            allow_abbrev=False,
         )
         add_dataclass_arguments(sub, config_cls)
         # also accepted after the stage name; SUPPRESS keeps the top-level value otherwise
@@ -166,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # the stage's own usage and error, not the top-level one
+        args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
     config = config_from_args(args.subparser, args.config_cls, args)
     return run_command(f"palm-rlhf {args.command}", args.run, config, args.debug)
 

@@ -132,7 +132,7 @@ def config_parser(
 ) -> argparse.ArgumentParser:
     """An argument parser with one option per field of the config dataclass `cls`."""
     parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=HelpFormatter
+        prog=prog, description=description, formatter_class=HelpFormatter, allow_abbrev=False
     )
     return add_dataclass_arguments(parser, cls)
 

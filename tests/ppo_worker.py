@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
-from palm_rlhf.rl.advantages import gae_advantages, per_token_rewards, whiten
+from palm_rlhf.functional.advantages import gae, kl_penalized_rewards
+from palm_rlhf.functional.kl import kl_per_token
+from palm_rlhf.functional.masked import whiten
 from palm_rlhf.rl.ppo.trainer import RLHFTrainer
 from tests.toy_ppo import toy_palm, toy_trainer
 
@@ -23,6 +25,18 @@ def fixed_experience():
     lengths = torch.randint(1, 7, (8,), generator=generator)
     mask = torch.arange(6)[None] < lengths[:, None]
     return x, values, mask
+
+
+def batch_statistics(x, values, mask, all_reduce=None) -> dict:
+    """What PPO whitens over the batch, for the fixed experience (or one process's shard)."""
+    advantages, _ = gae(x, values, mask, 0.9, 0.95)
+    rewards = kl_penalized_rewards(x[:, 0], kl_per_token(values, values * 0.5), mask, 0.1)
+    return dict(
+        whiten=whiten(x, mask, all_reduce=all_reduce),
+        scale_only=whiten(x, mask, shift_mean=False, all_reduce=all_reduce),
+        gae=whiten(advantages, mask, all_reduce=all_reduce),
+        rewards=whiten(rewards, mask, shift_mean=False, all_reduce=all_reduce),
+    )
 
 
 def trainer(**overrides) -> RLHFTrainer:
@@ -76,14 +90,7 @@ def main(out: Path) -> None:
     x, values, mask = fixed_experience()
     mine = slice(rank * 8 // world, (rank + 1) * 8 // world)
     all_reduce = partial(accelerator.reduce, reduction="sum")
-    shard = dict(
-        whiten=whiten(x[mine], mask[mine], all_reduce=all_reduce),
-        scale_only=whiten(x[mine], mask[mine], shift_mean=False, all_reduce=all_reduce),
-        gae=gae_advantages(x[mine], values[mine], mask[mine], 0.9, 0.95, True, all_reduce)[0],
-        rewards=per_token_rewards(
-            x[mine, 0], values[mine], values[mine] * 0.5, mask[mine], 0.1, "k1", True, all_reduce
-        ),
-    )
+    shard = batch_statistics(x[mine], values[mine], mask[mine], all_reduce)
 
     run = dict(max_response_tokens=6, rollouts_per_update=16, progress=False)
     first.train(num_rollouts=16, checkpoint_every=1, checkpoint_dir=out / "ckpt", **run)

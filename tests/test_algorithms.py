@@ -13,16 +13,16 @@ from torch.testing import assert_close
 
 from palm_rlhf.cli import main
 from palm_rlhf.data.tokenizer import ByteTokenizer
-from palm_rlhf.model.palm import PaLM
-from palm_rlhf.rl.estimators import (
-    global_normalized_advantages,
+from palm_rlhf.functional.advantages import (
     group_normalized_advantages,
     leave_one_out_advantages,
     reinforce_pp_returns,
 )
+from palm_rlhf.functional.kl import kl_per_token
+from palm_rlhf.functional.masked import whiten
+from palm_rlhf.model.palm import PaLM
 from palm_rlhf.rl.ppo.config import PPOConfig
 from palm_rlhf.rl.ppo.trainer import RLHFTrainer
-from palm_rlhf.rl_math import kl_per_token
 from tests.helpers import launch
 from tests.test_cli_pipeline import FIXTURES, pipeline  # noqa: F401  (the module fixture)
 from tests.toy_ppo import final_kl, mean_reward, toy_palm, toy_trainer
@@ -118,9 +118,7 @@ def test_reinforce_pp_whitens_kl_shaped_returns_over_the_batch():
     kl = kl_per_token(experience.old_logprobs, experience.ref_logprobs, "k1")
     returns = reinforce_pp_returns(experience.scores, kl, mask, 0.1)
     assert_close(experience.returns, returns, atol=1e-6, rtol=1e-6)
-    assert_close(
-        experience.advantages, global_normalized_advantages(returns, mask), atol=1e-6, rtol=1e-6
-    )
+    assert_close(experience.advantages, whiten(returns, mask), atol=1e-6, rtol=1e-6)
 
 
 def test_config_validates_group_options_and_names_the_algorithms():
@@ -277,9 +275,9 @@ def test_two_processes_give_the_advantages_one_process_computes_for_the_same_sam
             for key in ("returns", "mask", "advantages")
         )
         mask = mask.bool()
-        together = global_normalized_advantages(returns, mask)
+        together = whiten(returns, mask)
         assert_close(got, together, atol=1e-5, rtol=1e-5)
-        local = global_normalized_advantages(returns[:16], mask[:16])
+        local = whiten(returns[:16], mask[:16])
         assert not torch.allclose(local, together[:16], atol=1e-3)  # the sum of moments matters
 
 
@@ -326,3 +324,64 @@ def test_cli_trains_grpo_on_the_pipeline_fixtures(pipeline, capsys):  # noqa: F8
     latest = trainer_dir / (trainer_dir / "latest").read_text()
     assert not (latest / "critic.safetensors").exists()
     assert json.loads((latest / "trainer_state.json").read_text())["config"]["algorithm"] == "grpo"
+
+
+# ----------------------------------------------------------------------------- docs/extending.md
+
+
+def test_the_extending_page_python_blocks_run_as_written_and_can_fail(tmp_path):
+    """Every ```python block of docs/extending.md, in order, in a fresh interpreter (its
+    registration must not leak into the other tests), with no names injected."""
+    import re
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "docs" / "extending.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "docs/extending.md has no python block"
+
+    def run(code: str) -> subprocess.CompletedProcess:
+        script = tmp_path / "blocks.py"
+        script.write_text(code)
+        env = {"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+        return subprocess.run(
+            [sys.executable, str(script)],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=120,
+        )
+
+    done = run("\n".join(blocks))
+    assert done.returncode == 0, done.stderr[-2000:]
+    # the page's own assertion bites: a wrong expected advantage fails the run
+    broken = run("\n".join(blocks).replace("[2.0, 0.0]", "[2.5, 0.0]"))
+    assert broken.returncode != 0 and "AssertionError" in broken.stderr
+
+
+def test_a_one_token_batch_gives_ppo_and_reinforce_pp_their_raw_advantage_alike():
+    """Whitening has one tiny-batch rule for every algorithm: with fewer than 2 tokens in the
+    batch the entries pass through (REINFORCE++ used to raise where PPO passed through)."""
+    from types import SimpleNamespace
+
+    from palm_rlhf.rl.algorithms import AdvantageInputs, reinforce_pp_advantages
+
+    config = SimpleNamespace(gamma=1.0, group_size=1)
+    scores, kl, mask = (
+        torch.tensor([2.0]),
+        torch.tensor([[0.5, 9.0]]),
+        torch.tensor([[True, False]]),
+    )
+    # r = -0.1 * 0.5 + 2 = 1.95 at the one token; G = 1.95; whitening leaves it as it is
+    inputs = AdvantageInputs(scores, kl, mask, config, 0.1, lambda t: t)
+    advantages, returns = reinforce_pp_advantages(inputs)
+    assert_close(returns, torch.tensor([[1.95, 0.0]]), atol=1e-6, rtol=0)
+    assert_close(advantages, torch.tensor([[1.95, 0.0]]), atol=1e-6, rtol=0)
+    # the same batch one process sees when another holds a second token (return 0.95):
+    # mean 1.45, var 0.5 -> (1.95 - 1.45) / sqrt(0.5)
+    other = torch.tensor([1.0, 0.95, 0.95**2], dtype=torch.float64)
+    inputs = inputs._replace(all_reduce=lambda t: t + other)
+    advantages, _ = reinforce_pp_advantages(inputs)
+    assert_close(advantages, torch.tensor([[0.5 / 0.5**0.5, 0.0]]), atol=1e-5, rtol=0)

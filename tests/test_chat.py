@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import pty
 import select
@@ -18,8 +19,13 @@ from palm_rlhf.chat import (
     run_sample,
     visible_text,
 )
+from palm_rlhf.cli import main
 from palm_rlhf.data.tokenizer import ByteTokenizer
+from palm_rlhf.label.backend import model_generator
+from palm_rlhf.label.config import LabelConfig
 from palm_rlhf.model.palm import PaLM
+from palm_rlhf.model.sampling_options import GenerationOptions, SamplingOptions
+from palm_rlhf.rl.ppo.config import PPOConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -185,3 +191,93 @@ def test_sample_command_prints_continuations(checkpoint, capsys):
         timeout=120,
     )
     assert run.returncode == 0 and "--- sample 1 ---" in run.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# the sampling options, declared once (model/sampling_options.py)
+
+# each command's defaults before the options were shared: (max_new_tokens, temperature, top_k,
+# top_p); PPO rollouts have no max_new_tokens (the stage's --max-response-tokens)
+DEFAULTS = {
+    SampleConfig: (200, 0.8, 40, None),
+    ChatConfig: (128, 0.7, 40, None),
+    LabelConfig: (128, 0.8, 40, None),
+    PPOConfig: (None, 1.0, None, None),
+}
+
+
+def test_every_command_shares_the_sampling_fields_and_keeps_its_defaults():
+    shared = {f.name: f.metadata["help"] for f in dataclasses.fields(GenerationOptions)}
+    assert set(shared) == {"max_new_tokens", "temperature", "top_k", "top_p"}
+    for cls, (max_new, temperature, top_k, top_p) in DEFAULTS.items():
+        base = GenerationOptions if max_new is not None else SamplingOptions
+        assert issubclass(cls, base), cls
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name in {f.name for f in dataclasses.fields(base)}:
+            assert fields[name].metadata["help"] == shared[name], (cls, name)
+        config = cls(**{"checkpoint": "c", "prompts": "p"}) if cls is LabelConfig else None
+        config = config or (cls(checkpoint="c") if cls is not PPOConfig else cls())
+        assert (config.temperature, config.top_k, config.top_p) == (temperature, top_k, top_p)
+        assert getattr(config, "max_new_tokens", None) == max_new
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sample", "--temperature", "-1"], "temperature must be >= 0, got -1.0"),
+        (["chat", "--top-k", "0"], "top_k must be >= 1 (or None), got 0"),
+        (["sample", "--top-p", "1.5"], "top_p must be in (0, 1] (or None), got 1.5"),
+        (["sample", "--max-new-tokens", "0"], "max_new_tokens must be >= 1, got 0"),
+    ],
+)
+def test_bad_sampling_options_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--checkpoint", "c"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {message}")
+
+
+def test_sample_and_chat_refuse_a_response_longer_than_the_context_in_one_line(checkpoint, capsys):
+    # the checkpoint's context is 128 tokens; before, sample sliced the prompt with a negative
+    # index and failed 25 lines later on a float tensor
+    for command in ("sample", "chat"):
+        argv = [command, "--checkpoint", str(checkpoint), "--max-new-tokens", "300"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"palm-rlhf {command}: max_new_tokens=300 leaves no room for a prompt in the "
+            "model's 128-token context: use at most 127\n"
+        )
+    assert main(["sample", "--checkpoint", str(checkpoint), "--max-new-tokens", "127"]) == 0
+
+
+def test_label_refuses_a_response_longer_than_the_context_before_serving(checkpoint):
+    config = LabelConfig(checkpoint=str(checkpoint), prompts="p", max_new_tokens=128)
+    with pytest.raises(ValueError, match="use at most 127"):
+        model_generator(str(checkpoint), config)
+    generate = model_generator(str(checkpoint), dataclasses.replace(config, max_new_tokens=4))
+    assert len(generate("x" * 500, 2, seed=0)) == 2  # an overlong prompt keeps its end
+
+
+def test_an_overlong_prompt_keeps_its_most_recent_tokens():
+    options = GenerationOptions(max_new_tokens=3)
+    assert options.fit_prompt(list(range(10)), context=8) == [5, 6, 7, 8, 9]
+    assert options.fit_prompt([1, 2], context=8) == [1, 2]
+    with pytest.raises(ValueError, match="use at most 2"):
+        GenerationOptions(max_new_tokens=3).fit_prompt([1], context=3)
+    # a model saved without max_seq_len: the default 1024-token window
+    assert GenerationOptions(max_new_tokens=1000).prompt_budget(None) == 24
+
+
+def test_the_sampling_options_reach_the_sampler(checkpoint, monkeypatch):
+    seen = {}
+
+    def recording_iter_sample(model, prompt, max_new_tokens, **kwargs):
+        seen.update(kwargs, max_new_tokens=max_new_tokens)
+        yield torch.tensor([65])
+
+    monkeypatch.setattr(chat_module, "iter_sample", recording_iter_sample)
+    argv = ["--checkpoint", str(checkpoint), "--temperature", "0.5", "--top-k", "7"]
+    assert main(["sample", *argv, "--top-p", "0.9", "--max-new-tokens", "9"]) == 0
+    assert (seen["temperature"], seen["top_k"], seen["top_p"]) == (0.5, 7, 0.9)
+    assert seen["max_new_tokens"] == 9

@@ -352,3 +352,28 @@ def test_plot_draws_a_ppo_history_against_updates(tmp_path, capsys):
     assert (tmp_path / "curves.png").is_file() and "(reward, kl)" in capsys.readouterr().out
     assert main(["plot", str(tmp_path), "--metrics", "nope"]) == 2
     assert "no metric ['nope']" in capsys.readouterr().err
+
+
+def test_a_ratings_file_without_kind_ratings_says_which_kind_it_looks_like(pipeline, capsys):
+    ratings = REPO / "examples" / "data" / "ratings.jsonl"
+    argv = ["reward", "--base", str(pipeline / "pre"), "--data", str(ratings)]
+    assert main([*argv, "--out-dir", str(pipeline / "rm-kind"), "--max-len", "128"]) == 2
+    assert capsys.readouterr().err == (
+        f'palm-rlhf reward: {ratings}:1: missing key "chosen"; this line looks like a ratings '
+        "record: palm-rlhf reward --kind ratings reads it\n"
+    )
+
+
+def test_on_error_skip_is_one_summary_line_not_a_python_warning(pipeline, tmp_path, capsys):
+    good = (REPO / "examples" / "data" / "sft.jsonl").read_text().splitlines()[:4]
+    bad = tmp_path / "some-bad.jsonl"
+    bad.write_text("\n".join(good + ['{"prompt": "no response"}'] * 7 + ["{oops"]) + "\n")
+    args = ["sft", "--base", str(pipeline / "pre"), "--data", str(bad), "--on-error", "skip"]
+    args += ["--out-dir", str(tmp_path / "o"), "--max-steps", "1", "--max-len", "128"]
+    assert main([*args, "--no-progress"]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines  # no "warnings.warn(" source line, no file of records.py
+    shown = "; ".join(f'{bad}:{n}: missing key "response"' for n in range(5, 10))
+    assert lines[0] == (
+        f"palm-rlhf sft: warning: skipped 8 malformed SFT records in {bad}: {shown}; and 3 more"
+    )

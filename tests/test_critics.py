@@ -14,8 +14,8 @@ from torch.testing import assert_close
 
 from palm_rlhf import ActorCritic, ImplicitPRM, PaLM
 from palm_rlhf.cli import build_parser
-from palm_rlhf.rl.advantages import pooled_advantages
-from palm_rlhf.rl.hl_gauss import HLGauss, hl_gauss_clipped_loss
+from palm_rlhf.functional.advantages import pooled_advantages
+from palm_rlhf.functional.hl_gauss import HLGauss, hl_gauss_clipped_loss
 from palm_rlhf.rl.ppo.config import PPOConfig
 from tests.test_reference_compat import load_palm_checkpoint
 from tests.toy_ppo import fraction_of_target, mean_reward, toy_palm, toy_trainer

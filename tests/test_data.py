@@ -169,3 +169,36 @@ def test_damaged_gzip_names_file(tmp_path):
     (tmp_path / "fake.gz").write_bytes(b"not gzip at all")
     with pytest.raises(ValueError, match="fake.gz: damaged gzip"):
         read_enwik8(tmp_path / "fake.gz", train_bytes=5, valid_bytes=1, test_bytes=1)
+
+
+# ---- records that cannot be encoded ------------------------------------------------------
+
+
+def _encode_short(record):
+    if len(record.response) > 3:
+        raise ValueError("the response is too long")
+    return [record.response]
+
+
+def test_an_unencodable_record_is_named_by_its_file_and_line(tmp_path):
+    from palm_rlhf.data.examples import encode_file
+    from palm_rlhf.data.records import RecordError, RecordWarning, read_sft
+
+    path = tmp_path / "d.jsonl"
+    lines = ['{"prompt": "p", "response": "ok"}', "", '{"prompt": "p", "response": "long"}']
+    path.write_text("\n".join(lines) + "\n")
+    records = read_sft(path)
+    with pytest.raises(RecordError, match=rf"^{path}:3: the response is too long$"):
+        encode_file(path, records, _encode_short, "raise", "SFT")
+    with pytest.warns(RecordWarning) as caught:
+        assert encode_file(path, records, _encode_short, "skip", "SFT") == [["ok"]]
+    assert str(caught[0].message) == (
+        f"skipped 1 SFT record in {path} that could not be encoded: "
+        f"{path}:3: the response is too long"
+    )
+    # where the reader dropped a malformed line, a record's index no longer gives its line
+    path.write_text("\n".join(['{"prompt": "p"}', *lines]) + "\n")
+    with pytest.warns(RecordWarning):
+        records = read_sft(path, on_error="skip")
+    with pytest.warns(RecordWarning, match=rf"{path} record 2: the response is too long"):
+        encode_file(path, records, _encode_short, "skip", "SFT")

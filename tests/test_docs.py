@@ -1,17 +1,8 @@
-"""Every code block of README.md and docs/*.md runs exactly as a reader copies it.
-
-The convention, one for every page:
-- ```python blocks run in document order in one namespace per page;
-- ```bash blocks run in that order too (interleaved with the python ones), each as its own
-  `bash -euo pipefail` process: no variables or `cd` carry over from one block to the next;
-- all blocks of a page run in one fresh temporary directory holding copies of the
-  repository's `examples/`, `data/` and `train.py`, with `python` (this interpreter) and
-  `palm-rlhf` (this checkout's command) first on PATH;
-- ```text and ```console blocks are not run (a server session, a multi-GPU launch, output).
-
-Nothing is injected and no size is substituted: a page that needs a model, a file or a name
-makes it in an earlier block of the same page. The two install commands of the README cannot
-run here (they install packages); the tests below hold them to `.ci/run` and to `train.py`.
+"""Every code block of README.md and docs/*.md runs exactly as a reader copies it, under the
+convention of tests/doc_pages.py (the one executor), and the pages stay honest around those
+blocks: the README's two install commands (which cannot run here) are held to `.ci/run` and to
+`train.py`, links resolve, docs/layout.md names the package's modules, and docs/results.md is
+what benchmarks/results_page.py renders from the JSON in the tree.
 """
 
 from __future__ import annotations
@@ -20,102 +11,34 @@ import importlib
 import os
 import re
 import shlex
-import shutil
 import subprocess
-import sys
-from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-RUN = ("python", "bash")
-NOT_RUN = ("text", "console")
-FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
-# pages other helpers write on their own branches: linked from the README, merged later
-PENDING_PAGES = {"docs/cli.md", "docs/extending.md"}
-BASH_TIMEOUT_S = 300
+from tests.doc_pages import (
+    BASH_TIMEOUT_S,
+    FENCE,
+    NOT_RUN,
+    REPO,
+    RUN,
+    Block,
+    blocks,
+    page_id,
+    pages,
+    run_block,
+    run_page,
+    workspace,
+)
+
+# docs/cli.md runs in tests/test_cli_docs.py, which also checks what its tiny models learned
+OWN_TEST = {"docs/cli.md"}
 
 
-class Block(NamedTuple):
-    language: str
-    code: str
-    line: int  # where the block's code starts in its page, 1-based
-
-
-def pages() -> list[Path]:
-    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-
-
-def page_id(page: Path) -> str:
-    return str(page.relative_to(REPO))
-
-
-def blocks(text: str) -> list[Block]:
-    return [
-        Block(match.group(1).strip(), match.group(2), text.count("\n", 0, match.start()) + 2)
-        for match in FENCE.finditer(text)
-    ]
-
-
-def workspace(root: Path) -> dict:
-    """Copies of examples/, data/ and train.py in `root`, and the environment bash blocks get."""
-    for name in ("examples", "data"):
-        shutil.copytree(REPO / name, root / name)
-    shutil.copy(REPO / "train.py", root / "train.py")
-    bin_dir = root.parent / f"{root.name}-bin"
-    bin_dir.mkdir()
-    shims = {"python": 'exec "{python}" "$@"', "palm-rlhf": 'exec "{python}" -m palm_rlhf "$@"'}
-    for name, line in shims.items():
-        shim = bin_dir / name
-        shim.write_text("#!/bin/sh\n" + line.format(python=sys.executable) + "\n")
-        shim.chmod(0o755)
-    path = os.environ.get("PYTHONPATH", "")
-    return {
-        **os.environ,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), path))),
-    }
-
-
-def run_block(block: Block, where: str, namespace: dict, env: dict, cwd: Path) -> None:
-    if block.language == "python":
-        try:
-            exec(compile(block.code, where, "exec"), namespace)
-        except Exception as error:  # name the block and show it
-            pytest.fail(f"{where} failed: {error!r}\n\n{block.code}")
-        return
-    try:
-        done = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", block.code],
-            cwd=cwd,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=BASH_TIMEOUT_S,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{where} ran past {BASH_TIMEOUT_S} s\n\n{block.code}")
-    if done.returncode != 0:
-        pytest.fail(
-            f"{where} exited {done.returncode}\n\n{block.code}\n--- stdout\n"
-            f"{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}"
-        )
-
-
-@pytest.mark.parametrize("page", pages(), ids=page_id)
+@pytest.mark.parametrize("page", [p for p in pages() if page_id(p) not in OWN_TEST], ids=page_id)
 def test_every_block_of_the_page_runs_as_copied(page, tmp_path, monkeypatch):
-    runnable = [b for b in blocks(page.read_text(encoding="utf-8")) if b.language in RUN]
-    if not runnable:
+    if not any(b.language in RUN for b in blocks(page.read_text(encoding="utf-8"))):
         pytest.skip("no python or bash blocks")
-    cwd = tmp_path / "work"
-    cwd.mkdir()
-    env = workspace(cwd)
-    monkeypatch.chdir(cwd)
-    namespace: dict = {"__name__": "__main__"}
-    for block in runnable:
-        where = f"{page_id(page)}:{block.line} ({block.language} block)"
-        run_block(block, where, namespace, env, cwd)
+    run_page(page, tmp_path / "work", monkeypatch)
 
 
 @pytest.mark.parametrize("page", pages(), ids=page_id)
@@ -239,14 +162,14 @@ def test_relative_links_point_at_files_in_the_tree(page):
         if re.match(r"[a-z]+:", target):
             continue  # https:, mailto:
         path = (page.parent / target).resolve()
-        if not path.exists() and str(path.relative_to(REPO)) not in PENDING_PAGES:
+        if not path.exists():
             missing.append(target)
     assert not missing, f"{page_id(page)} links to missing files: {missing}"
 
 
 def test_readme_links_every_docs_page():
     linked = set(LINK.findall(readme()))
-    pages_here = {f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")} | PENDING_PAGES
+    pages_here = {f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")}
     assert pages_here <= linked, f"not linked from the README: {sorted(pages_here - linked)}"
 
 

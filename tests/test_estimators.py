@@ -7,15 +7,14 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from palm_rlhf.rl.estimators import (
-    global_normalized_advantages,
+from palm_rlhf.functional.advantages import (
     group_normalized_advantages,
     leave_one_out_advantages,
-    masked_moments,
     reinforce_pp_returns,
-    sum_moments,
 )
-from palm_rlhf.rl.losses import (
+from palm_rlhf.functional.kl import kl_per_token
+from palm_rlhf.functional.masked import whiten
+from palm_rlhf.functional.policy_losses import (
     flowrl_loss,
     policy_gradient_loss,
     reduce_token_losses,
@@ -23,7 +22,6 @@ from palm_rlhf.rl.losses import (
     tpo_loss,
     tpo_targets,
 )
-from palm_rlhf.rl_math import kl_per_token, masked_whiten
 
 TIGHT = dict(atol=1e-6, rtol=1e-6)
 T, F_ = True, False
@@ -98,24 +96,26 @@ def test_global_normalization_by_hand():
     # masked values 1 2 3: mean 2, unbiased var (1+0+1)/2 = 1 -> -1 0 1; masked-out inf -> 0
     values = tensor([[1.0, 2.0], [3.0, math.inf]])
     mask = torch.tensor([[T, T], [T, F_]])
-    assert_close(global_normalized_advantages(values, mask), tensor([[-1.0, 0.0], [1.0, 0.0]]))
+    assert_close(whiten(values, mask), tensor([[-1.0, 0.0], [1.0, 0.0]]))
 
 
 def test_global_normalization_from_two_shards_matches_one_process():
     generator = torch.Generator().manual_seed(0)
     values = torch.randn(6, 5, generator=generator) * 3 + 10
     mask = torch.rand(6, 5, generator=generator) > 0.3
-    whole = global_normalized_advantages(values, mask)
-    assert_close(whole, masked_whiten(values, mask), atol=1e-5, rtol=1e-5)
-    for shift in (0.0, 10.0):
-        # two "processes" each hold 3 rows; an all-reduce SUM of their moments is sum_moments
-        shards = [(values[:3], mask[:3]), (values[3:], mask[3:])]
-        reduced = sum_moments(*(masked_moments(v, m, shift=shift) for v, m in shards))
-        assert int(reduced.count) == int(mask.sum())
-        per_process = [global_normalized_advantages(v, m, moments=reduced) for v, m in shards]
-        assert_close(torch.cat(per_process), whole, atol=1e-6, rtol=1e-6)
-    with pytest.raises(ValueError, match="one shift"):
-        sum_moments(masked_moments(values, mask), masked_moments(values, mask, shift=1.0))
+    whole = whiten(values, mask)
+    kept = values[mask].double()
+    expected = torch.where(mask, (values - kept.mean()) / (kept.var() + 1e-8).sqrt(), 0)
+    assert_close(whole, expected.float(), atol=1e-5, rtol=1e-5)
+    # two "processes" each hold 3 rows; the all-reduce SUM of their moments, played by hand
+    shards = [(values[:3], mask[:3]), (values[3:], mask[3:])]
+    moments = []
+    for v, m in shards:
+        whiten(v, m, all_reduce=lambda t: moments.append(t) or t)
+    reduced = sum(moments)
+    assert int(reduced[0]) == int(mask.sum())  # the count of masked entries is global
+    per_process = [whiten(v, m, all_reduce=lambda _: reduced) for v, m in shards]
+    assert_close(torch.cat(per_process), whole, atol=1e-6, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- policy losses
@@ -169,7 +169,7 @@ def test_clipping_engages_and_cuts_the_gradient():
         reduce_token_losses(RATIOS, PG_MASK, "tokens")
 
 
-def test_k3_kl_values_from_rl_math():
+def test_k3_kl_values_from_functional_kl():
     # k3 = exp(ref - lp) - (ref - lp) - 1
     # lp 0, ref ln 2: 2 - ln 2 - 1 = 1 - ln 2;  lp ln 2, ref 0: 1/2 + ln 2 - 1;  equal: 0
     logprobs, ref = tensor([0.0, LOG2, -3.0]), tensor([LOG2, 0.0, -3.0])
@@ -334,7 +334,7 @@ def _bandit_loss(name, logits, log_z, arms, rewards):
         ref = torch.full_like(old, math.log(0.25))
         kl = kl_per_token(old, ref, "k1")
         returns = reinforce_pp_returns(rewards, kl, mask, kl_coef=0.01)
-        advantages = global_normalized_advantages(returns, mask)
+        advantages = whiten(returns, mask)
         return policy_gradient_loss(logprobs, old, advantages, mask, length_norm="token")[0]
     if name == "score_centering":
         sampler = log_pi.detach().exp().expand(arms.shape[0], 1, 4)

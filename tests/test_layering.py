@@ -12,12 +12,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "palm_rlhf"
 ALLOWED = {
     "checkpoint": set(),
     "options": set(),
-    "rl_math": set(),
-    "model": {"checkpoint", "rl_math"},
+    "typecheck": set(),
+    "functional": {"typecheck"},
+    "model": {"checkpoint", "typecheck", "functional"},
     "data": {"checkpoint"},
-    "train": {"checkpoint", "options", "rl_math", "model", "data"},
-    "rl": {"checkpoint", "options", "rl_math", "model", "data", "train"},
-    "label": {"checkpoint", "options", "rl_math", "model", "data", "train"},
+    "train": {"checkpoint", "options", "typecheck", "functional", "model", "data"},
+    "rl": {"checkpoint", "options", "typecheck", "functional", "model", "data", "train"},
+    "label": {"checkpoint", "options", "typecheck", "functional", "model", "data", "train"},
 }
 
 

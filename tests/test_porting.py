@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from palm_rlhf.functional.logprobs import log_probs_from_logits
 from palm_rlhf.rl.ppo.objective import ppo_objective
 from palm_rlhf.rl.prompts import load_prompts
 from palm_rlhf.rl.rollout import Experience
-from palm_rlhf.rl_math import log_probs_from_logits
 from tests.toy_ppo import base_weights, toy_palm, toy_trainer
 
 

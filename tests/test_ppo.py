@@ -16,12 +16,12 @@ from torch import nn
 from torch.testing import assert_close
 
 from palm_rlhf.checkpoint import CheckpointError
+from palm_rlhf.functional.logprobs import log_probs_from_logits
 from palm_rlhf.model.palm import PaLM
 from palm_rlhf.rl.kl_controller import KLController, adaptive_kl_coef
 from palm_rlhf.rl.ppo.trainer import RLHFTrainer
 from palm_rlhf.rl.prompts import load_prompts
 from palm_rlhf.rl.rollout import join_prompt_response
-from palm_rlhf.rl_math import log_probs_from_logits
 from tests.helpers import launch
 from tests.toy_ppo import (
     PROMPTS,

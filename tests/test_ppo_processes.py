@@ -9,31 +9,34 @@ import torch
 import torch.distributed as dist
 from torch.testing import assert_close
 
-from palm_rlhf.rl.advantages import gae_advantages, per_token_rewards, whiten
-from palm_rlhf.rl.estimators import masked_moments
+from palm_rlhf.functional.masked import whiten
 from palm_rlhf.rl.ppo.config import PPOConfig
 from palm_rlhf.rl.ppo.trainer import RLHFTrainer
-from palm_rlhf.rl_math import masked_whiten
 from tests.helpers import launch
-from tests.ppo_worker import fixed_experience
+from tests.ppo_worker import batch_statistics, fixed_experience
 from tests.toy_ppo import PROMPTS
 from tests.toy_ppo import fraction_of_target as reward
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_whiten_alone_equals_masked_whiten_and_shards_with_summed_moments_equal_the_whole():
+def test_whiten_alone_uses_the_tensors_own_statistics_and_shards_with_summed_moments_the_whole():
     x, _, mask = fixed_experience()
-    assert_close(whiten(x, mask), masked_whiten(x, mask), atol=1e-6, rtol=1e-6)
+    kept = x[mask].double()
+    expected = torch.where(mask, (x - kept.mean()) / (kept.var() + 1e-8).sqrt(), 0)
+    assert_close(whiten(x, mask), expected.float(), atol=1e-6, rtol=1e-6)
     assert_close(
         whiten(x, mask, shift_mean=False),
-        masked_whiten(x, mask, shift_mean=False),
+        torch.where(mask, expected + kept.mean(), 0).float(),
         atol=1e-6,
         rtol=1e-6,
     )
     # an all-reduce over two shards, played by hand: the sum of both shards' moments
     shards = (slice(0, 3), slice(3, 8))
-    summed = sum(torch.stack(masked_moments(x[s], mask[s])[:3]) for s in shards)
+    moments = []
+    for s in shards:  # record what each shard would send to the all-reduce
+        whiten(x[s], mask[s], all_reduce=lambda t: moments.append(t) or t)
+    summed = sum(moments)
     parts = [whiten(x[s], mask[s], all_reduce=lambda _: summed) for s in shards]
     assert_close(torch.cat(parts), whiten(x, mask), atol=1e-6, rtol=1e-6)
     # local statistics would NOT agree: the shards' means differ
@@ -42,8 +45,9 @@ def test_whiten_alone_equals_masked_whiten_and_shards_with_summed_moments_equal_
 
 
 def test_whiten_leaves_a_batch_with_fewer_than_two_tokens_alone():
+    # the masked entry passes through; the masked-out 5.0 is 0, as whiten's output always is
     x, mask = torch.tensor([[2.0, 5.0]]), torch.tensor([[True, False]])
-    assert_close(whiten(x, mask), x, atol=0, rtol=0)
+    assert_close(whiten(x, mask), torch.tensor([[2.0, 0.0]]), atol=0, rtol=0)
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
@@ -55,13 +59,7 @@ def test_two_processes_whiten_globally_and_resume_with_every_ranks_generators(tm
 
     # 1. the fixed experience split over 2 processes is whitened as one process whitens it
     x, values, mask = fixed_experience()
-    whole = dict(
-        whiten=whiten(x, mask),
-        scale_only=whiten(x, mask, shift_mean=False),
-        gae=gae_advantages(x, values, mask, 0.9, 0.95, True)[0],
-        rewards=per_token_rewards(x[:, 0], values, values * 0.5, mask, 0.1, "k1", True),
-    )
-    for key, expected in whole.items():
+    for key, expected in batch_statistics(x, values, mask).items():
         got = torch.tensor(ranks[0]["shard"][key] + ranks[1]["shard"][key])
         assert_close(got, expected, atol=1e-6, rtol=1e-6, msg=key)
 

@@ -478,3 +478,55 @@ def test_a_json_array_file_gets_a_jq_hint(tmp_path, text):
         read_sft(path)
     with pytest.raises(RecordError, match="JSON array"):
         list(iter_jsonl(path))
+
+
+def test_skip_summary_counts_every_line_and_names_the_first_five(tmp_path):
+    lines = [GOOD_SFT] + [j(prompt=f"p{i}") for i in range(7)]  # lines 2..8 lack "response"
+    path = write_lines(tmp_path / "s.jsonl", lines)
+    with pytest.warns(RecordWarning) as caught:
+        assert len(read_sft(path, on_error="skip")) == 1
+    shown = "; ".join(f'{path}:{n}: missing key "response"' for n in range(2, 7))
+    assert str(caught[0].message) == (
+        f"skipped 7 malformed SFT records in {path}: {shown}; and 2 more"
+    )
+
+
+@pytest.mark.parametrize(
+    "record, read, hint",
+    [
+        (
+            dict(prompt="p", response="r", rating=3),
+            read_comparisons,
+            'missing key "chosen"; this line looks like a ratings record: '
+            "palm-rlhf reward --kind ratings reads it",
+        ),
+        (
+            dict(prompt="p", chosen="a", rejected="b"),
+            read_ratings,
+            'missing key "response"; this line looks like a comparison record: '
+            "palm-rlhf reward --kind comparisons, dpo and coh read it",
+        ),
+        (
+            dict(prompt="p", response="r"),
+            read_ratings,
+            'missing key "rating"; this line looks like an SFT record: palm-rlhf sft reads it',
+        ),
+        (
+            dict(prompt="p", responses=["a", "b"], ranking=[0, 1]),
+            read_sft,
+            'missing key "response"; this line looks like a comparison record',
+        ),
+    ],
+)
+def test_a_record_of_another_kind_says_which_kind_it_looks_like(tmp_path, record, read, hint):
+    path = write_lines(tmp_path / "x.jsonl", [json.dumps(record)])
+    with pytest.raises(RecordError) as error:
+        read(path)
+    assert str(error.value).startswith(f"{path}:1: {hint}")
+
+
+def test_a_bad_record_of_the_right_kind_gets_no_kind_hint(tmp_path):
+    path = write_lines(tmp_path / "x.jsonl", [j(prompt="p", response="r", rating=9)])
+    with pytest.raises(RecordError) as error:
+        read_ratings(path, num_bins=5)
+    assert str(error.value) == f"{path}:1: rating 9 out of range (must be 1..5)"

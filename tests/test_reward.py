@@ -12,9 +12,9 @@ from palm_rlhf.cli import main as cli_main
 from palm_rlhf.data.collate import collate_comparisons
 from palm_rlhf.data.records import ComparisonRecord, RatingRecord
 from palm_rlhf.data.tokenizer import ByteTokenizer
+from palm_rlhf.functional.preference import pairwise_ranking_loss, ranking_loss_from_scores
 from palm_rlhf.model.reward import RewardModel
 from palm_rlhf.options import add_dataclass_arguments
-from palm_rlhf.rl_math import pairwise_ranking_loss, ranking_loss_from_scores
 from palm_rlhf.train.reward import RewardTrainConfig, fit_records, train_reward_model
 from palm_rlhf.train.reward_metrics import score_comparisons
 from tests.helpers import randomize_lora, tiny_palm

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
+from palm_rlhf.functional.masked import masked_mean
 from palm_rlhf.model.palm import PaLM
 from palm_rlhf.rl.ppo.trainer import RLHFTrainer
-from palm_rlhf.rl_math import masked_mean
 
 TARGET = 3
 PROMPTS = [torch.tensor([5, 6, 7]), torch.tensor([8, 9]), torch.tensor([4, 5, 6, 7, 8])]

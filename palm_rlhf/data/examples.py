@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import warnings
 from functools import lru_cache
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from palm_rlhf.data.collate import encode_prompt_response, pad_sequences
-from palm_rlhf.data.records import RecordError, RecordWarning, iter_jsonl
+from palm_rlhf.data.records import RecordError, RecordWarning, iter_jsonl, skip_summary
 
 
 class TokenExample(NamedTuple):
@@ -26,27 +26,35 @@ class TokenExample(NamedTuple):
     kind: int = 0  # a stage's label for metrics (CoH: 0 hindsight, 1 pretraining text)
 
 
+def _record_lines(path, count: int) -> Optional[list[int]]:
+    """The line number of each of the `count` records read from `path`, or None where the
+    reader skipped lines (then a record's index no longer tells its line)."""
+    try:
+        lines = [line for line, _ in iter_jsonl(path)]
+    except RecordError:
+        return None
+    return lines if len(lines) == count else None
+
+
 def encode_file(
     path, records: list, encode: Callable[[Any], list], on_error: str, what: str
 ) -> list[list]:
     """Encode each record into a list of examples; a ValueError (e.g. an over-long response)
-    names the file and line of its record, or skips it with one warning (on_error="skip")."""
-    groups, skipped = [], []
+    names the file and line of its record, or skips it (on_error="skip") with one warning
+    counting them and naming the first few `path:line`s."""
+    groups, skipped, lines = [], [], None
     for index, record in enumerate(records):
         try:
             groups.append(encode(record))
         except ValueError as error:
+            lines = lines or _record_lines(path, len(records))
+            where = f"{path}:{lines[index]}" if lines else f"{path} record {index + 1}"
             if on_error == "raise":
-                line = next(n for i, (n, _) in enumerate(iter_jsonl(path)) if i == index)
-                raise RecordError(f"{path}:{line}: {error}") from None
-            skipped.append(f"record {index + 1}: {error}")
+                raise RecordError(f"{where}: {error}") from None
+            skipped.append(f"{where}: {error}")
     if skipped:
-        warnings.warn(
-            f"skipped {len(skipped)} {what} record(s) of {path} that could not be encoded: "
-            + "; ".join(skipped[:3]),
-            RecordWarning,
-            stacklevel=2,
-        )
+        summary = skip_summary(skipped, what, path, " that could not be encoded")
+        warnings.warn(summary, RecordWarning, stacklevel=2)
     if not groups:
         raise RecordError(f"{path}: no {what} record could be encoded")
     return groups

@@ -33,8 +33,10 @@ Rules shared by every reader, each one a decision:
   response is everything after the split, several turns long; it is kept, not rejected.
 
 Every reader takes ``on_error``: ``"raise"`` (default) raises :class:`RecordError` at the first
-malformed line; ``"skip"`` drops malformed lines and emits one :class:`RecordWarning` naming how
-many were dropped and the first few reasons.
+malformed line; ``"skip"`` drops malformed lines and emits one :class:`RecordWarning`, one line
+naming how many were dropped and the first few ``path:line: reason``s (the command line prints
+it as that line, not as a Python warning). A line of another kind (a ratings record given to
+the comparisons reader) says which kind it looks like.
 """
 
 import gzip
@@ -185,23 +187,60 @@ def iter_jsonl(path: PathLike) -> Iterator[tuple[int, dict]]:
         first = False
 
 
+SHOWN_SKIPS = 5  # malformed lines a skip summary names; it counts them all
+
+
+def skip_summary(skipped: list[str], what: str, path: PathLike, why: str = "") -> str:
+    """One line: how many `what` records of `path` were skipped (`why`), and the first few
+    ``path:line: reason``s."""
+    noun = "record" if len(skipped) == 1 else "records"
+    more = len(skipped) - SHOWN_SKIPS
+    return (
+        f"skipped {len(skipped)} {what} {noun} in {path}{why}: "
+        + "; ".join(skipped[:SHOWN_SKIPS])
+        + (f"; and {more} more" if more > 0 else "")
+    )
+
+
+# the kinds of record, by the keys that give one away (checked in this order), and who reads it
+_KINDS = {
+    "rating": (("rating",), "a ratings record: palm-rlhf reward --kind ratings reads it"),
+    "comparison": (
+        ("chosen", "rejected", "responses", "ranking"),
+        "a comparison record: palm-rlhf reward --kind comparisons, dpo and coh read it",
+    ),
+    "SFT": (("response",), "an SFT record: palm-rlhf sft reads it"),
+}
+
+
+def kind_hint(obj: dict, what: str) -> str:
+    """`"; this line looks like <a kind of record>: <who reads it>"` when a record of another kind
+    failed the reader of `what` records (a ratings file given to the comparisons reader)."""
+    kind = next((k for k, (keys, _) in _KINDS.items() if any(key in obj for key in keys)), None)
+    if kind is None or kind == what:
+        return ""
+    return f"; this line looks like {_KINDS[kind][1]}"
+
+
 def _read(path: PathLike, parse: Callable[[dict], T], on_error: str, what: str) -> list[T]:
     """Parse every line with ``parse``; apply the ``on_error`` policy; refuse an empty result."""
     if on_error not in _ON_ERROR:
         raise ValueError(f"on_error must be one of {_ON_ERROR}, got {on_error!r}")
     records, skipped = [], []
     for line_number, raw in _iter_raw_lines(path):
+        obj = None
         try:
-            records.append(parse(_parse_line(raw, first=not (records or skipped))))
+            obj = _parse_line(raw, first=not (records or skipped))
+            records.append(parse(obj))
         except _LineError as e:
-            message = f"{path}:{line_number}: {e}"
+            hint = kind_hint(obj, what) if obj is not None else ""
+            message = f"{path}:{line_number}: {e}{hint}"
             if on_error == "raise":
                 raise RecordError(message) from None
             skipped.append(message)
     if skipped:
-        shown = "; ".join(skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
         warnings.warn(
-            f"skipped {len(skipped)} malformed {what} record(s) in {path}: {shown}",
+            skip_summary(skipped, f"malformed {what}", path),
             RecordWarning,
             stacklevel=_caller_stacklevel(),
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from palm_rlhf.model.sampling_options import GenerationOptions, with_defaults
 from palm_rlhf.options import option
 
 MODES = ("rank", "rate", "arena")
@@ -12,7 +13,7 @@ MAX_CHOICES = 9  # number keys 1..9 pick a response or a rating
 
 
 @dataclass
-class LabelConfig:
+class LabelConfig(with_defaults(GenerationOptions, temperature=0.8, top_k=40)):
     checkpoint: str = option(
         "",
         "policy to sample from: a checkpoint folder, a run folder (its latest) or a weights file",
@@ -32,10 +33,6 @@ class LabelConfig:
     )
     passes: int = option(1, "label each prompt this many times (fresh samples each pass)")
     seed: int = option(0, "seed of item ids and sampling; keep it to continue a label file")
-    max_new_tokens: int = option(128, "longest response in tokens")
-    temperature: float = option(0.8, "sampling temperature (0 = greedy)")
-    top_k: Optional[int] = option(40, "keep the k most likely tokens")
-    top_p: Optional[float] = option(None, "nucleus sampling threshold")
     ahead: int = option(3, "items generated ahead in the background")
     host: str = option("127.0.0.1", "address to listen on; a non-loopback one needs the token")
     port: int = option(8000, "port to listen on (0: any free port)")
@@ -44,6 +41,7 @@ class LabelConfig:
     )
 
     def __post_init__(self):
+        super().__post_init__()  # the sampling options' checks
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if (self.mode == "arena") != (self.checkpoint_b is not None):
@@ -51,7 +49,7 @@ class LabelConfig:
         for name in ("responses", "scale"):
             if not 2 <= getattr(self, name) <= MAX_CHOICES:
                 raise ValueError(f"{name} must be in 2..{MAX_CHOICES}, got {getattr(self, name)}")
-        for name in ("passes", "ahead", "max_new_tokens"):
+        for name in ("passes", "ahead"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:

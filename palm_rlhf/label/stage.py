@@ -81,16 +81,8 @@ def run_label(config: LabelConfig) -> None:
     sock = _bind(config.host, config.port)
     try:
         prompts = read_prompts(config.prompts)
-        sampling = dict(
-            max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-            top_k=config.top_k,
-            top_p=config.top_p,
-        )
-        generate = model_generator(config.checkpoint, **sampling)
-        generate_b = (
-            model_generator(config.checkpoint_b, **sampling) if config.checkpoint_b else None
-        )
+        generate = model_generator(config.checkpoint, config)
+        generate_b = model_generator(config.checkpoint_b, config) if config.checkpoint_b else None
         session = build_session(config, prompts, generate, generate_b)
     except (OSError, ValueError, LabelFileError) as error:  # missing files, bad records
         sock.close()

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from palm_rlhf.rl_math import shifted_log_probs
+from palm_rlhf.functional.logprobs import shifted_log_probs
 
 
 class ImplicitPRM(nn.Module):

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from palm_rlhf.checkpoint import (
     PathLike,
 )
+from palm_rlhf.functional.masked import last_true_index, masked_mean
 from palm_rlhf.model.lora import DEFAULT_LORA_TARGETS
 from palm_rlhf.model.palm import PaLM, check_token_ids
 from palm_rlhf.model.reward_config import RewardConfig
@@ -65,7 +66,6 @@ from palm_rlhf.model.reward_weights import (
     reward_from_reference,
     save_reward,
 )
-from palm_rlhf.rl_math import masked_mean
 
 # ----------------------------------------------------------------------------- pure helpers
 
@@ -93,8 +93,7 @@ def pool_hidden(hidden: Tensor, mask: Tensor, response_mask: Tensor, pooling: st
         keep = response_mask if pooling == "mean" else mask
         weights = rearrange(keep, "b n -> b n 1").expand_as(hidden)
         return masked_mean(hidden, weights, dim=1)
-    n = mask.shape[1]
-    last = n - 1 - mask.flip(-1).int().argmax(dim=-1)  # index of the last True in each row
+    last = last_true_index(mask)  # rows without a real token are refused before pooling
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 

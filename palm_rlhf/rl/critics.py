@@ -1,6 +1,6 @@
 """PPO's critics, all read in the shifted action frame (column t: the state before token t + 1).
 
-    Critic              a value head on a PaLM's final hidden states (a LoRA scope on the
+    ValueCritic         a value head on a PaLM's final hidden states (a LoRA scope on the
                         user's PaLM, a full copy, or a separate critic PaLM), in one of four kinds:
                         per token or pooled (`critic_pooled_values`: one value per sequence, the
                         masked mean of the response states, as the reference pools), and
@@ -8,9 +8,11 @@
                         bins (`critic_num_pred_bins`, trained with the HL-Gauss loss)
     ProcessRewardCritic an `ImplicitPRM` in the critic's place (PRIME, Cui et al. 2025): no value
                         function; its per-token implicit rewards are dense process rewards
-                        added to the reward stream, and it is trained online on outcome labels
+                        added to the reward stream (`rollout.Experience.process_rewards`),
+                        and it is trained online on outcome labels
 
-Every critic answers the same three questions the trainer asks: `forward(tokens, action_mask)`
+Both are `policies.ScopedPaLM`s (a scope or full weights, like the actor). Every critic
+answers the same three questions the trainer asks: `forward(tokens, action_mask)`
 -> its raw output (b, n - 1, k); `values(raw)` -> (b, n - 1) floats; `loss(raw, batch,
 value_clip)` -> the scalar its optimizer minimises.
 """
@@ -23,20 +25,20 @@ import torch
 from einops import einsum, rearrange, repeat
 from torch import Tensor, nn
 
+from palm_rlhf.functional.hl_gauss import HLGauss, hl_gauss_clipped_loss
+from palm_rlhf.functional.value_losses import value_loss
 from palm_rlhf.model.implicit_prm import ImplicitPRM, outcome_loss
 from palm_rlhf.model.palm import PaLM
-from palm_rlhf.rl.hl_gauss import HLGauss, hl_gauss_clipped_loss
-from palm_rlhf.rl.policies import Actor, update_dropout
+from palm_rlhf.rl.policies import ScopedPaLM, update_dropout
 from palm_rlhf.rl.rollout import Experience
-from palm_rlhf.rl_math import value_loss
 from palm_rlhf.train import sharding
 
 
-class Critic(Actor):
+class ValueCritic(ScopedPaLM):
     """The value function on a PaLM (see the module docstring for its kinds).
 
     The head's weight starts at zero, so every value starts at a constant: the bias (scalar
-    head) or the bins' mean (binned head); `start_at` moves that constant to the first
+    head) or the bins' mean (binned head); `shift_start` moves that constant to the first
     rollout's mean return (`PPOConfig.value_head_init`)."""
 
     def __init__(
@@ -118,7 +120,7 @@ class Critic(Actor):
         sharding.load_full_state(self.value_head, head)
 
 
-class ProcessRewardCritic(Actor):
+class ProcessRewardCritic(ScopedPaLM):
     """An ImplicitPRM in the critic's slot. Its output is the dense process reward of every
     response token (b, n - 1, 1), beta * log(pi_prm / pi_ref), which the advantages add to the
     per-token rewards (there is no value baseline: advantages are whitened returns). Its loss

@@ -5,8 +5,8 @@ Distributions", sec. 3): the one extra network FlowRL trains beside the policy.
     log Z(x)    = MLP(features(x))                                                     (b,)
 
 The features come from the frozen reference without gradient, so the head is a small regressor
-trained by the trajectory-balance loss (`losses.flowrl_loss`) with its own optimiser; the
-policy's gradient never flows into it through the PaLM.
+trained by the trajectory-balance loss (`functional.policy_losses.flowrl_loss`) with its own
+optimiser; the policy's gradient never flows into it through the PaLM.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from palm_rlhf.functional.masked import masked_mean
 from palm_rlhf.model.palm import PaLM
-from palm_rlhf.rl_math import masked_mean
 from palm_rlhf.train import sharding
 
 

@@ -17,11 +17,11 @@ from typing import Optional, Union
 
 from torch import nn
 
+from palm_rlhf.functional.hl_gauss import HLGauss
 from palm_rlhf.model.implicit_prm import ImplicitPRM
 from palm_rlhf.model.palm import PaLM
-from palm_rlhf.rl.critics import Critic, ProcessRewardCritic
+from palm_rlhf.rl.critics import ProcessRewardCritic, ValueCritic
 from palm_rlhf.rl.flowrl import LogPartition
-from palm_rlhf.rl.hl_gauss import HLGauss
 from palm_rlhf.rl.policies import Actor, bare_copy, claim_scope, prepare_each
 from palm_rlhf.rl.update import make_optimizers
 from palm_rlhf.train import sharding
@@ -46,7 +46,7 @@ def build_critic(
     scope: Optional[str],
     pooled: bool,
     hl_gauss: Optional[HLGauss],
-) -> Union[Critic, ProcessRewardCritic]:
+) -> Union[ValueCritic, ProcessRewardCritic]:
     """The critic network for `critic=` None (on the reference's PaLM or a copy of `palm`), a
     separate PaLM, or an ImplicitPRM (trained whole; pooling and bins do not apply)."""
     if isinstance(critic, ImplicitPRM):
@@ -60,8 +60,8 @@ def build_critic(
         )
     base = critic if critic is not None else reference
     if lora:
-        return Critic(base, claim_scope(base, scope, "critic", lora_r), pooled, hl_gauss)
-    return Critic(critic if critic is not None else bare_copy(palm), None, pooled, hl_gauss)
+        return ValueCritic(base, claim_scope(base, scope, "critic", lora_r), pooled, hl_gauss)
+    return ValueCritic(critic if critic is not None else bare_copy(palm), None, pooled, hl_gauss)
 
 
 class ActorCritic(nn.Module):
@@ -168,7 +168,7 @@ def shard_networks(accelerator, nets: dict[str, nn.Module], reference: PaLM, fsd
     critic = nets.get("critic")
     if isinstance(critic, ProcessRewardCritic):
         palms.append(critic.prm.ref_model)
-    heads = [critic.value_head] if isinstance(critic, Critic) else []
+    heads = [critic.value_head] if isinstance(critic, ValueCritic) else []
     heads += [nets["log_z"]] if "log_z" in nets else []
     distinct = {id(module): module for module in palms + heads}
     sharding.shard_modules(list(distinct.values()), accelerator)

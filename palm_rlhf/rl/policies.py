@@ -1,5 +1,7 @@
 """The policy side of RL over one PaLM, and the bookkeeping every trained network shares.
 
+    ScopedPaLM a trained network on a PaLM (a LoRA scope or full weights): what the actor and
+               the critics share
     Actor      the policy: a LoRA scope on the user's PaLM (`actor_lora=True`), or the PaLM
                itself trained in place (`actor_lora=False`)
     helpers    LoRA scope claiming, a bare copy of a PaLM, dropout for one update's forward,
@@ -66,16 +68,14 @@ def update_dropout(palm: PaLM, rate: float):
         palm.use_config(config).train(training)
 
 
-class Actor(nn.Module):
-    """The policy: `actor(tokens (b, n)) -> logits (b, n, num_tokens)` through its scope."""
+class ScopedPaLM(nn.Module):
+    """A trained network on a PaLM: its LoRA scope (or, with scope None, the PaLM's own
+    weights), its dropout during updates, and the parameters and state that train. The actor
+    and the critics (`critics.py`) are each one; they differ in their forward."""
 
     def __init__(self, palm: PaLM, scope: Optional[str], dropout: float = 0.0):
         super().__init__()
         self.palm, self.scope, self.dropout = palm, scope, dropout
-
-    def forward(self, tokens: Tensor, **palm_kwargs) -> Tensor:
-        with update_dropout(self.palm, self.dropout):
-            return self.palm(tokens, finetune_scope=self.scope, **palm_kwargs)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         if self.scope is None:
@@ -96,6 +96,14 @@ class Actor(nn.Module):
         target = self.palm if self.scope is None else self.palm.finetune_modules[self.scope]
         sharding.settle(self.palm)
         sharding.load_full_state(target, own)  # each rank takes its slice when sharded
+
+
+class Actor(ScopedPaLM):
+    """The policy: `actor(tokens (b, n)) -> logits (b, n, num_tokens)` through its scope."""
+
+    def forward(self, tokens: Tensor, **palm_kwargs) -> Tensor:
+        with update_dropout(self.palm, self.dropout):
+            return self.palm(tokens, finetune_scope=self.scope, **palm_kwargs)
 
 
 def prepare_each(

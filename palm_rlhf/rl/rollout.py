@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from palm_rlhf.functional.logprobs import log_probs_from_logits
 from palm_rlhf.model.sampling import sample_tokens
-from palm_rlhf.rl_math import log_probs_from_logits
 
 
 class Rollout(NamedTuple):
@@ -107,19 +107,21 @@ class Experience(NamedTuple):
     action_mask: Tensor  # (b, n - 1) bool
     old_logprobs: Tensor  # (b, n - 1) log pi_old(token t + 1)
     ref_logprobs: Tensor  # (b, n - 1) log pi_ref(token t + 1)
-    old_values: Tensor  # (b, n - 1) V_old(state before token t + 1)
+    old_values: Tensor  # (b, n - 1) V_old(state before token t + 1); 0 without a value critic
     advantages: Tensor  # (b, n - 1)
     returns: Tensor  # (b, n - 1) the critic's regression targets
     scores: Tensor  # (b,) reward model score (after penalty and clipping)
+    # (b, n - 1) dense per-token rewards of an ImplicitPRM critic (PRIME); None for other critics
+    process_rewards: Optional[Tensor] = None
 
     def select(self, index: Tensor) -> Experience:
         """Rows `index`, trimmed to the columns some selected row still uses."""
-        rows = Experience(*(field[index] for field in self))
+        rows = Experience(*(None if field is None else field[index] for field in self))
         used = int(rows.mask.any(dim=0).nonzero().max()) + 1
         return Experience(
             *(
                 field
-                if field.dim() == 1
+                if field is None or field.dim() == 1
                 else field[:, :used]
                 if field.shape[1] == self.tokens.shape[1]
                 else field[:, : used - 1]
@@ -139,6 +141,9 @@ def concat_experience(parts: list[Experience], pad_value: int) -> Experience:
     fields = []
     for name in Experience._fields:
         tensors = [getattr(part, name) for part in parts]
+        if tensors[0] is None:  # an optional field no chunk carries
+            fields.append(None)
+            continue
         if tensors[0].dim() == 1:
             fields.append(torch.cat(tensors))
             continue
@@ -176,8 +181,9 @@ def collect(
     """One batched rollout of left-padded prompts (b, P): sample `new_tokens` at most from
     the actor (an `Actor`: a PaLM + its LoRA scope), lay out, score with `reward_model`, and
     record old (actor) and reference log-probs and the critic's values (zeros without a
-    critic). Returns the experience (advantages and returns still 0) and whether each response
-    ended with EOS (b,). The caller sets eval mode and autocast; `sampling` holds top_k/top_p.
+    critic; an ImplicitPRM critic's output goes to `process_rewards` instead). Returns the
+    experience (advantages and returns still 0) and whether each response ended with EOS (b,).
+    The caller sets eval mode and autocast; `sampling` holds top_k/top_p.
     """
     samples = sample_tokens(
         actor.palm,
@@ -202,6 +208,9 @@ def collect(
     ref_logprobs = log_probs_from_logits(tempered_logits(ref_logits, temperature), targets)
     zeros = torch.zeros_like(old_logprobs)
     values = critic.values(critic(tokens, seqs.action_mask)) if critic is not None else zeros
+    process_rewards = None
+    if getattr(critic, "process_rewards", False):  # a PRM scores tokens, it values no state
+        process_rewards, values = values, zeros
     ended = torch.ones_like(scores, dtype=torch.bool)
     if eos_token is not None:
         ended = ((samples.tokens == eos_token) & samples.mask).any(dim=-1)
@@ -216,6 +225,7 @@ def collect(
         zeros,
         zeros,
         scores,
+        process_rewards,
     )
     return experience, ended
 

@@ -1,7 +1,7 @@
 """Phase 4 of an RL update, one minibatch at a time: the algorithm's loss from the networks'
 outputs (PPO's clipped policy + value loss, or a critic-free objective), and one optimizer step
-of every trained network. The trainer calls these; the math itself lives in `rl_math`,
-`rl/losses.py` and `rl/ppo/objective.py`."""
+of every trained network. The trainer calls these; the math itself lives in
+`palm_rlhf.functional`, the wiring per algorithm in `rl/algorithms.py` and `rl/ppo/objective.py`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from palm_rlhf.rl import critic_free
-from palm_rlhf.rl.critic_free import critic_free_objective
+from palm_rlhf.rl import algorithms
+from palm_rlhf.rl.algorithms import critic_free_objective
 from palm_rlhf.rl.policies import evaluation_mode, only_these_require_grad
 from palm_rlhf.rl.ppo.objective import ppo_objective
 from palm_rlhf.rl.rollout import Experience, group_minibatches, tempered_logits
@@ -93,7 +93,7 @@ def run_epochs(
     trainable = [p for net in nets for p in net.trainable_parameters()]
     per_process = max(1, config.minibatch_size // accelerator.num_processes)
     with evaluation_mode(nets), accelerator.autocast():  # fixed before the updates
-        rows = critic_free.per_row_inputs(experience, config, actor=nets[0], **row_inputs)
+        rows = algorithms.per_row_inputs(experience, config, actor=nets[0], **row_inputs)
     totals, count = {}, 0
     with evaluation_mode(nets), only_these_require_grad(nets, trainable):
         for _ in range(config.epochs):
@@ -102,7 +102,7 @@ def run_epochs(
             )
             for index in order:
                 batch = experience.select(index := index.to(accelerator.device))
-                extras = critic_free.select_rows(rows, index, batch.action_mask.shape[1])
+                extras = algorithms.select_rows(rows, index, batch.action_mask.shape[1])
                 stats = step(batch, **extras)
                 if stats is None:
                     continue

@@ -3,7 +3,7 @@ model and no sampling, by raising the policy's log-likelihood ratio to a referen
 responses relative to rejected ones:
 
     h = β [(log π(y_c|x) - log π_ref(y_c|x)) - (log π(y_r|x) - log π_ref(y_r|x))]
-    loss = -log σ(h)                                        (`rl_math.dpo_loss`, eq. 7)
+    loss = -log σ(h)                                 (`functional.preference.dpo_loss`, eq. 7)
 
 log π(y|x) sums the log-probs of the response tokens and its EOS only; the prompt is context.
 The implicit reward of a response is β (log π - log π_ref); we report its mean on chosen and
@@ -34,8 +34,9 @@ from palm_rlhf.data.examples import (
     sft_example,
 )
 from palm_rlhf.data.records import ComparisonRecord, read_comparisons
+from palm_rlhf.functional.logprobs import sequence_log_probs, shifted_log_probs
+from palm_rlhf.functional.preference import dpo_loss
 from palm_rlhf.options import option
-from palm_rlhf.rl_math import dpo_loss, sequence_log_probs, shifted_log_probs
 from palm_rlhf.train.finetune import FinetuneConfig, FinetuneResult, LossTerms, Stage, run_stage
 
 

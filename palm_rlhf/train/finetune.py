@@ -38,10 +38,11 @@ from tqdm.auto import tqdm
 
 from palm_rlhf.checkpoint import CheckpointError, load_json
 from palm_rlhf.data.examples import step_rows
+from palm_rlhf.functional.logprobs import shifted_log_probs
+from palm_rlhf.functional.masked import masked_sum
 from palm_rlhf.model.lora import DEFAULT_LORA_TARGETS
 from palm_rlhf.model.palm import PaLM
 from palm_rlhf.options import option
-from palm_rlhf.rl_math import masked_sum, shifted_log_probs
 from palm_rlhf.train import sharding
 from palm_rlhf.train.history import HistoryLog
 from palm_rlhf.train.loading import check_tokenizer, load_base

@@ -11,8 +11,8 @@ from einops import rearrange
 from torch import Tensor
 
 from palm_rlhf.data.collate import ComparisonBatch
+from palm_rlhf.functional.preference import ranking_loss_from_scores
 from palm_rlhf.model.reward import expected_class
-from palm_rlhf.rl_math import ranking_loss_from_scores
 from palm_rlhf.train import sharding
 
 

@@ -24,8 +24,9 @@ from palm_rlhf.data.examples import (
     sft_example,
 )
 from palm_rlhf.data.records import SFTRecord, read_sft
+from palm_rlhf.functional.logprobs import shifted_log_probs
+from palm_rlhf.functional.masked import masked_sum
 from palm_rlhf.options import option
-from palm_rlhf.rl_math import masked_sum, shifted_log_probs
 from palm_rlhf.train.finetune import (
     FinetuneConfig,
     FinetuneResult,

@@ -12,22 +12,25 @@ import difflib
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Union
 
+from palm_rlhf.functional.hl_gauss import HLGauss
+from palm_rlhf.functional.kl import KL_KINDS
+from palm_rlhf.functional.policy_losses import LENGTH_NORMS
+from palm_rlhf.model.sampling_options import SamplingOptions
 from palm_rlhf.options import option
-from palm_rlhf.rl.hl_gauss import HLGauss
-from palm_rlhf.rl.losses import LENGTH_NORMS
-from palm_rlhf.rl_math import KL_KINDS, typechecked
+from palm_rlhf.rl.algorithms import ALGORITHMS, policy_gradient_objective
 from palm_rlhf.train.run import RunOptions
+from palm_rlhf.typecheck import typechecked
 
-# "ppo" has a critic; the others are critic-free (see rl/critic_free.py and the README's table)
-ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce++", "flowrl", "tpo")
-GROUP_ALGORITHMS = ("grpo", "rloo", "flowrl", "tpo")  # need several responses per prompt
+# the command line's choices of `algorithm`: the registry's keys ("ppo" has a critic; the others
+# are critic-free, see rl/algorithms.py); validation below reads the registry itself
+ALGORITHM_NAMES = tuple(ALGORITHMS)
 
 
 @typechecked  # the generated __init__ checks every hyperparameter's type
 @dataclass
-class PPOConfig(RunOptions):
+class PPOConfig(RunOptions, SamplingOptions):
     # the algorithm: PPO (actor-critic) or a critic-free one (no critic network is built)
-    algorithm: str = option("ppo", "online RL algorithm", choices=ALGORITHMS)
+    algorithm: str = option("ppo", "online RL algorithm", choices=ALGORITHM_NAMES)
     group_size: int = option(
         4, "responses sampled per prompt, normalised together (all but ppo; >= 2 for groups)"
     )
@@ -112,14 +115,15 @@ class PPOConfig(RunOptions):
     ptx_seq_len: int = option(128, "pretraining window length for PPO-ptx")
     # rollouts
     rollout_batch_size: int = option(32, "prompts sampled at once")
-    temperature: float = option(1.0, "sampling temperature of rollouts")
-    top_k: Optional[int] = option(None, "top-k filter of rollouts (off-policy if set)")
-    top_p: Optional[float] = option(None, "top-p filter of rollouts (off-policy if set)")
+    # temperature, top_k, top_p of the rollouts: inherited from SamplingOptions
     pad_value: Union[int, float] = option(0, "token id of padding")
 
     def __post_init__(self):
+        self.check_sampling()  # temperature, top_k, top_p
         self.betas = tuple(self.betas)
         self.pad_value = int(self.pad_value)  # the reference project's default was the float 0.
+        groups = tuple(k for k, v in ALGORITHMS.items() if v.groups)  # several per prompt
+        gradient = tuple(k for k, v in ALGORITHMS.items() if v.loss is policy_gradient_objective)
         checks = {
             "minibatch_size >= 1": self.minibatch_size >= 1,
             "epochs >= 1": self.epochs >= 1,
@@ -140,20 +144,19 @@ class PPOConfig(RunOptions):
             "reward_clip > 0 or None": self.reward_clip is None or self.reward_clip > 0,
             "ptx_coef >= 0": self.ptx_coef >= 0,
             "ptx_seq_len >= 1": self.ptx_seq_len >= 1,
-            "temperature >= 0": self.temperature >= 0,
             "value_head_init in ('mean_return', 'zero')": self.value_head_init
             in ("mean_return", "zero"),
             "nan_policy in ('raise', 'skip')": self.nan_policy in ("raise", "skip"),
-            f"algorithm in {ALGORITHMS}": self.algorithm in ALGORITHMS,
-            f"group_size >= 2 for {GROUP_ALGORITHMS}, >= 1 otherwise": self.group_size
-            >= (2 if self.algorithm in GROUP_ALGORITHMS else 1),
+            f"algorithm in {tuple(ALGORITHMS)}": self.algorithm in ALGORITHMS,
+            f"group_size >= 2 for {groups}, >= 1 otherwise": self.group_size
+            >= (2 if self.algorithm in groups else 1),
             f"length_norm in {LENGTH_NORMS}": self.length_norm in LENGTH_NORMS,
             "flowrl_beta > 0": self.flowrl_beta > 0,
             "tpo_eta > 0": self.tpo_eta > 0,
             "critic_num_pred_bins >= 2 or None": self.critic_num_pred_bins is None
             or self.critic_num_pred_bins >= 2,
-            "score_centering only with grpo, rloo or reinforce++": not self.score_centering
-            or self.algorithm in ("grpo", "rloo", "reinforce++"),
+            f"score_centering only with {gradient}": not self.score_centering
+            or self.algorithm in gradient,
         }
         failed = [name for name, ok in checks.items() if not ok]
         if failed:
@@ -188,7 +191,7 @@ class PPOConfig(RunOptions):
 
     @property
     def has_critic(self) -> bool:
-        return self.algorithm == "ppo"
+        return ALGORITHMS[self.algorithm].has_critic
 
     @property
     def responses_per_prompt(self) -> int:

@@ -4,21 +4,19 @@
 
 Shapes follow `rollout.py`: logits (b, n - 1, v) in the shifted action frame, masked to response
 tokens everywhere. L_critic is the critic's own loss (`critics.py`: clipped value loss,
-HL-Gauss, or an ImplicitPRM's outcome loss). The math is `rl_math`'s; this only wires it.
+HL-Gauss, or an ImplicitPRM's outcome loss). The math is `palm_rlhf.functional`'s; this only
+wires it.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from palm_rlhf.functional.kl import kl_per_token
+from palm_rlhf.functional.logprobs import entropy_from_logits, log_probs_from_logits
+from palm_rlhf.functional.masked import masked_mean
+from palm_rlhf.functional.policy_losses import policy_gradient_loss
 from palm_rlhf.rl.rollout import Experience
-from palm_rlhf.rl_math import (
-    entropy_from_logits,
-    kl_per_token,
-    log_probs_from_logits,
-    masked_mean,
-    ppo_policy_loss,
-)
 
 
 def ppo_objective(
@@ -35,8 +33,8 @@ def ppo_objective(
     mask = batch.action_mask
     logprobs = log_probs_from_logits(logits, batch.tokens[:, 1:])
     entropy = masked_mean(entropy_from_logits(logits), mask)
-    policy_loss, policy_stats = ppo_policy_loss(
-        logprobs, batch.old_logprobs, batch.advantages, mask, eps_clip
+    policy_loss, policy_stats = policy_gradient_loss(
+        logprobs, batch.old_logprobs, batch.advantages, mask, eps_clip, length_norm="token"
     )
     loss = policy_loss - beta_s * entropy + critic_loss
     drift = masked_mean(kl_per_token(batch.old_logprobs, logprobs, "k3"), mask)

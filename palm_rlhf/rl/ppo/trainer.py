@@ -13,7 +13,7 @@ One PPO iteration (`step`) reads like the algorithm box of Ouyang et al. 2022 / 
 
 Critic-free algorithms (`algorithm="grpo" | "rloo" | "reinforce++" | "flowrl" | "tpo"`) run
 the same phases with `group_size` responses per prompt and no critic; phases 3 and 4 dispatch
-to `rl/critic_free.py`. An episode is one response (counts are global over processes). The
+to `rl/algorithms.py`. An episode is one response (counts are global over processes). The
 trainer is a plain object, not an `nn.Module`; `train` is a training loop, not `Module.train`.
 """
 
@@ -31,9 +31,9 @@ from palm_rlhf.checkpoint import CheckpointError
 from palm_rlhf.model.implicit_prm import ImplicitPRM
 from palm_rlhf.model.palm import PaLM
 from palm_rlhf.model.sampling import reference_filters, reference_top_k
-from palm_rlhf.rl import critic_free
 from palm_rlhf.rl import rollout as rollout_module
 from palm_rlhf.rl.advantages import ppo_advantages, shape_scores
+from palm_rlhf.rl.algorithms import critic_free_advantages
 from palm_rlhf.rl.best_of_n import BestOfN, best_of_n
 from palm_rlhf.rl.kl_controller import KLController
 from palm_rlhf.rl.networks import ActorCritic, prepare_networks
@@ -45,11 +45,11 @@ from palm_rlhf.rl.rollout import Experience, collect, concat_experience
 from palm_rlhf.rl.schedule import response_budget, rollout_schedule
 from palm_rlhf.rl.text_reward import TextRewardFn, resolve_reward
 from palm_rlhf.rl.update import minibatch_loss, run_epochs, step_networks
-from palm_rlhf.rl_math import typechecked
 from palm_rlhf.train.history import tracker_config
 from palm_rlhf.train.run import guard_loss, make_accelerator, mean_over_processes, progress_bar
 from palm_rlhf.train.sharding import load_optimizer_state, optimizer_state
 from palm_rlhf.train.stopping import StopOnSignal, TrainingInterrupted
+from palm_rlhf.typecheck import typechecked
 
 # reward_fn(seq (b, n) long, mask (b, n) bool, prompt_mask (b, n) bool) -> (b,) float
 RewardFn = Callable[..., Tensor]
@@ -57,7 +57,7 @@ RewardFn = Callable[..., Tensor]
 
 class RLHFTrainer:
     """Actor-critic PPO with GAE and a per-token KL penalty against the frozen start policy,
-    or a critic-free algorithm (`algorithm=`, see `critic_free.py`; no critic is built).
+    or a critic-free algorithm (`algorithm=`, see `algorithms.py`; no critic is built).
     The loop: the module docstring; the networks: `policies.py`; the value head's start:
     `PPOConfig.value_head_init`."""
 
@@ -165,7 +165,7 @@ class RLHFTrainer:
         self.accelerator.print(*args)
 
     def score(self, tokens: Tensor, mask: Tensor, prompt_mask: Tensor) -> Tensor:
-        """Reward of left-justified sequences (b, n) -> (b,); see `experience.score_sequences`."""
+        """Reward of left-justified sequences (b, n) -> (b,); see `rollout.score_sequences`."""
         return rollout_module.score_sequences(self.reward_model, tokens, mask, prompt_mask)
 
     # ------------------------------------------------------------------ phase 1: rollout
@@ -224,15 +224,12 @@ class RLHFTrainer:
             experience.scores, ended, config.missing_eos_penalty, config.reward_clip
         )
         experience = experience._replace(scores=scores)
+        global_sum = lambda t: self.accelerator.reduce(t, "sum")  # noqa: E731
         if self.critic is None:
-            reduce_sum = lambda t: self.accelerator.reduce(t, "sum")  # noqa: E731
-            return critic_free.critic_free_advantages(experience, config, kl_coef, reduce_sum)
+            return critic_free_advantages(experience, config, kl_coef, global_sum)
         # a fresh value head moves to the first rollout's mean return
         shift = None if self.value_head_initialised else self._init_value_head
-        global_sum = lambda t: self.accelerator.reduce(t, "sum")  # noqa: E731
-        experience, stats = ppo_advantages(
-            experience, config, kl_coef, shift, global_sum, self.process_rewards
-        )
+        experience, stats = ppo_advantages(experience, config, kl_coef, shift, global_sum)
         return experience, {**stats, "kl_coef": kl_coef}
 
     def _init_value_head(self, shift: float) -> float:

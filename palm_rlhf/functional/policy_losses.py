@@ -1,26 +1,31 @@
-"""Critic-free policy losses as pure tensor functions: clipped policy gradient (GRPO, Dr. GRPO,
-DAPO, RLOO, REINFORCE++), score centering, FlowRL trajectory balance and TPO cross-entropy.
+"""Policy losses as pure tensor functions: the clipped policy gradient (PPO, GRPO, Dr. GRPO,
+DAPO, RLOO, REINFORCE++) with its token reductions, score centering, FlowRL trajectory balance
+and TPO cross-entropy.
 
 Shapes: b = responses, n = response positions, v = vocabulary, p = prompts, g = responses per
-prompt with groups laid out contiguously (b = p * g, see `estimators.py`). Per-token log-probs
-are (b, n) with a bool mask (True = response token that counts). Per-token KL estimators live
-in `rl_math.kl_per_token` (k1, k2, k3 = Schulman's (r - 1) - log r); they are not repeated here.
+prompt with groups laid out contiguously (b = p * g). Per-token log-probs are (b, n) with a
+bool mask (True = response token that counts). Per-token KL estimators live in `kl.py`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from palm_rlhf.rl.estimators import group_normalized_advantages
-from palm_rlhf.rl_math import PolicyLossStats, masked_mean, masked_sum
+from palm_rlhf.functional.advantages import group_normalized_advantages
+from palm_rlhf.functional.kl import kl_per_token
+from palm_rlhf.functional.masked import check_mask, check_same_shape, masked_mean, masked_sum
 
-LENGTH_NORMS = ("sequence", "token", "constant")
+
+class PolicyLossStats(NamedTuple):
+    clip_fraction: Tensor  # fraction of masked tokens with |ratio - 1| > clip_eps
+    approx_kl: Tensor  # mean k3 estimate of KL(old || new): (ratio - 1) - log ratio
 
 
 def _per_token(advantages: Tensor, like: Tensor) -> Tensor:
@@ -32,6 +37,30 @@ def _per_token(advantages: Tensor, like: Tensor) -> Tensor:
     raise ValueError(
         f"advantages must be (b,) or (b, n) for {tuple(like.shape)}, got {tuple(advantages.shape)}"
     )
+
+
+def _sequence_mean(losses: Tensor, mask: Tensor, max_length: Optional[int]) -> Tensor:
+    per_sequence = masked_sum(losses, mask, dim=-1) / mask.sum(dim=-1).clamp(min=1)
+    return per_sequence.mean()
+
+
+def _token_mean(losses: Tensor, mask: Tensor, max_length: Optional[int]) -> Tensor:
+    return masked_mean(losses, mask)
+
+
+def _constant_mean(losses: Tensor, mask: Tensor, max_length: Optional[int]) -> Tensor:
+    length = losses.shape[-1] if max_length is None else max_length
+    return masked_sum(losses, mask) / (losses.shape[0] * length)
+
+
+# length_norm -> reduction of per-token losses (b, n) + mask (+ max_length) to a scalar; a new
+# aggregation is one function and one entry here, and its key a choice of `length_norm`
+TOKEN_REDUCTIONS: dict[str, Callable[[Tensor, Tensor, Optional[int]], Tensor]] = {
+    "sequence": _sequence_mean,
+    "token": _token_mean,
+    "constant": _constant_mean,
+}
+LENGTH_NORMS = tuple(TOKEN_REDUCTIONS)
 
 
 def reduce_token_losses(
@@ -52,15 +81,9 @@ def reduce_token_losses(
     """
     if mask.dtype != torch.bool or mask.shape != losses.shape:
         raise ValueError(f"need a bool mask shaped like the losses {tuple(losses.shape)}")
-    if length_norm == "sequence":
-        per_sequence = masked_sum(losses, mask, dim=-1) / mask.sum(dim=-1).clamp(min=1)
-        return per_sequence.mean()
-    if length_norm == "token":
-        return masked_mean(losses, mask)
-    if length_norm == "constant":
-        length = losses.shape[-1] if max_length is None else max_length
-        return masked_sum(losses, mask) / (losses.shape[0] * length)
-    raise ValueError(f"unknown length_norm {length_norm!r}; choose one of {LENGTH_NORMS}")
+    if length_norm not in TOKEN_REDUCTIONS:
+        raise ValueError(f"unknown length_norm {length_norm!r}; choose one of {LENGTH_NORMS}")
+    return TOKEN_REDUCTIONS[length_norm](losses, mask, max_length)
 
 
 def policy_gradient_loss(
@@ -72,7 +95,7 @@ def policy_gradient_loss(
     length_norm: str = "sequence",
     max_length: Optional[int] = None,
 ) -> tuple[Tensor, PolicyLossStats]:
-    """Clipped surrogate of GRPO / RLOO / REINFORCE++ (Schulman et al. 2017, eq. 7): -> scalar.
+    """The clipped surrogate of PPO, GRPO, RLOO, REINFORCE++ (Schulman et al. 2017, eq. 7).
 
         rho_t = exp(log pi(y_t) - log pi_old(y_t))
         l_t   = -min(rho_t * A_t, clip(rho_t, 1 - eps, 1 + eps) * A_t)
@@ -81,10 +104,12 @@ def policy_gradient_loss(
     logprobs, old_logprobs, mask: (b, n); advantages (b,) for outcome estimators (broadcast to
     every token of the response) or (b, n) for token-level ones (REINFORCE++). With
     old_logprobs = logprobs.detach() it is plain REINFORCE with a baseline. Stats are detached
-    token means: clip fraction (|rho - 1| > eps) and the k3 estimate of KL(pi_old || pi).
+    token means: clip fraction (|rho - 1| > eps, OpenAI baselines' definition) and the k3
+    estimate of KL(pi_old || pi). PPO uses it with per-token advantages and "token" (a masked
+    mean over the minibatch's tokens).
     """
-    if logprobs.shape != old_logprobs.shape:
-        raise ValueError(f"logprobs {tuple(logprobs.shape)} vs old {tuple(old_logprobs.shape)}")
+    check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs)
+    check_mask(mask, logprobs)
     advantages = _per_token(advantages, logprobs)
     log_ratio = logprobs - old_logprobs
     ratio = log_ratio.exp()
@@ -95,7 +120,7 @@ def policy_gradient_loss(
     with torch.no_grad():
         stats = PolicyLossStats(
             clip_fraction=masked_mean(((ratio - 1).abs() > clip_eps).to(ratio.dtype), mask),
-            approx_kl=masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            approx_kl=masked_mean(kl_per_token(old_logprobs, logprobs, "k3"), mask),
         )
     return loss, stats
 
@@ -213,7 +238,7 @@ def tpo_targets(
 
     p_old(i) is the behaviour policy renormalised over the group's g samples, i.e.
     softmax(log pi_old(y_i | x)) over the group; `old_sequence_logprobs` are summed token
-    log-probs (`rl_math.sequence_log_probs`). A group with equal rewards gets q = p_old: no
+    log-probs (`logprobs.sequence_log_probs`). A group with equal rewards gets q = p_old: no
     change asked. eta = 1 is the reference's default. The result is detached.
     """
     scores = group_normalized_advantages(rewards.detach().double(), group_size) / eta

@@ -25,6 +25,9 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from palm_rlhf.functional.masked import masked_mean
+from palm_rlhf.functional.value_losses import clip_values
+
 # what the reference's RLHFTrainer passes by default (`hl_gauss_loss_kwargs`): rewards 0..5
 REFERENCE_HL_GAUSS_KWARGS = dict(
     min_value=0.0,
@@ -144,7 +147,6 @@ def hl_gauss_clipped_loss(
     loss = hl.loss(logits, targets)
     if clip_eps is not None:
         values = hl.value(logits)
-        clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+        clipped = clip_values(values, old_values, clip_eps)
         loss = torch.maximum(loss, hl.value_loss(clipped, targets))
-    weights = mask.to(loss.dtype)
-    return (loss * weights).sum() / weights.sum().clamp(min=1)
+    return masked_mean(loss, mask)

@@ -1,4 +1,5 @@
-"""rl_math against values worked out by hand (arithmetic in the comments) and invariances."""
+"""palm_rlhf.functional against values worked out by hand (arithmetic in the comments) and
+invariances."""
 
 import itertools
 import math
@@ -8,25 +9,22 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from palm_rlhf.rl_math import (
-    dpo_loss,
+from palm_rlhf.functional.advantages import gae, kl_penalized_rewards
+from palm_rlhf.functional.kl import kl_per_token
+from palm_rlhf.functional.logprobs import (
     entropy_from_logits,
-    explained_variance,
-    gae,
-    kl_per_token,
     log_probs_from_logits,
-    masked_mean,
-    masked_sum,
-    masked_var,
-    masked_whiten,
+    sequence_log_probs,
+)
+from palm_rlhf.functional.masked import masked_mean, masked_sum, masked_var, whiten
+from palm_rlhf.functional.policy_losses import policy_gradient_loss
+from palm_rlhf.functional.preference import (
+    dpo_loss,
     pairwise_ranking_loss,
-    ppo_policy_loss,
     ranking_accuracy,
     ranking_loss_from_scores,
-    rewards_with_kl,
-    sequence_log_probs,
-    value_loss,
 )
+from palm_rlhf.functional.value_losses import explained_variance, value_loss
 
 TIGHT = dict(atol=1e-6, rtol=1e-6)
 T, F_ = True, False
@@ -67,8 +65,8 @@ def test_masked_var_rejects_too_few_entries_and_bad_masks():
         masked_mean(X, X_MASK[:, :3])
 
 
-def test_masked_whiten_by_hand_and_statistics():
-    out = masked_whiten(X, X_MASK, eps=0.0)
+def test_whiten_by_hand_and_statistics():
+    out = whiten(X, X_MASK, eps=0.0)
     # mean 3, unbiased var 2.5: (x - 3) / sqrt(2.5); masked-out positions are 0
     s = math.sqrt(2.5)
     expected = tensor([-2 / s, -1 / s, 0.0, 0.0], [1 / s, 2 / s, 0.0, 0.0])
@@ -77,19 +75,33 @@ def test_masked_whiten_by_hand_and_statistics():
     assert_close(masked_var(out, X_MASK), tensor(1.0), **TIGHT)
     # shift_mean=False keeps the mean: (x - 3) / sqrt(2.5) + 3
     assert_close(
-        masked_whiten(X, X_MASK, shift_mean=False, eps=0.0),
+        whiten(X, X_MASK, shift_mean=False, eps=0.0),
         torch.where(X_MASK, expected + 3, 0),
         **TIGHT,
     )
 
 
-def test_masked_whiten_ignores_masked_out_values():
+def test_whiten_ignores_masked_out_values():
     x = torch.randn(3, 5, dtype=torch.float64)
     mask = torch.rand(3, 5) > 0.4
     mask[0, :2] = True
     changed = torch.where(mask, x, x + 1e3 * torch.randn_like(x))
     assert torch.any(changed != x)
-    assert_close(masked_whiten(changed, mask), masked_whiten(x, mask), atol=0, rtol=0)
+    assert_close(whiten(changed, mask), whiten(x, mask), atol=0, rtol=0)
+
+
+def test_whiten_below_two_entries_passes_them_through_and_the_global_count_decides():
+    # one masked entry: Bessel's variance needs 2, so the entry passes through unchanged (2.0);
+    # the masked-out 5.0 is 0 as in every other output. PPO and REINFORCE++ both get this.
+    x, mask = tensor([[2.0, 5.0]]), torch.tensor([[T, F_]])
+    assert_close(whiten(x, mask), tensor([[2.0, 0.0]]), atol=0, rtol=0)
+    assert_close(whiten(x, mask, shift_mean=False), tensor([[2.0, 0.0]]), atol=0, rtol=0)
+    assert_close(whiten(x, torch.zeros_like(mask)), tensor([[0.0, 0.0]]), atol=0, rtol=0)
+    # the same shard when another process holds the entry 4.0 (count 1, sum 4, sum sq 16):
+    # global count 2, mean 3, var ((2-3)^2 + (4-3)^2) / 1 = 2 -> (2 - 3) / sqrt(2)
+    other = tensor([1.0, 4.0, 16.0])
+    out = whiten(x, mask, all_reduce=lambda moments: moments + other, eps=0.0)
+    assert_close(out, tensor([[-1 / math.sqrt(2), 0.0]]), **TIGHT)
 
 
 # ----------------------------------------------------------------------------- token statistics
@@ -175,23 +187,23 @@ def test_kl_zero_at_equality_k3_nonnegative_and_k1_k3_unbiased():
 # ----------------------------------------------------------------------------- PPO
 
 
-def test_rewards_with_kl_places_score_at_last_mask_position():
+def test_kl_penalized_rewards_places_score_at_last_mask_position():
     logp = tensor([0.2, -0.4, 9.0], [9.0, 0.5, 1.0])
     ref = torch.zeros_like(logp)  # k1 = logp
     mask = torch.tensor([[T, T, F_], [F_, T, T]])
-    out = rewards_with_kl(tensor([3.0, -1.0]), logp, ref, mask, kl_coef=0.1)
+    out = kl_penalized_rewards(tensor([3.0, -1.0]), kl_per_token(logp, ref), mask, kl_coef=0.1)
     # row 0: [-0.1*0.2, -0.1*(-0.4) + 3, 0] ; row 1: [0, -0.1*0.5, -0.1*1.0 - 1]
     assert_close(out, tensor([-0.02, 3.04, 0.0], [0.0, -0.05, -1.1]), **TIGHT)
     # a single-token response (position 0) receives the score too: -0.1*0.2 + 3
     single = torch.tensor([[T, F_, F_], [F_, F_, T]])
-    out = rewards_with_kl(tensor([3.0, -1.0]), logp, ref, single, kl_coef=0.1)
+    out = kl_penalized_rewards(tensor([3.0, -1.0]), kl_per_token(logp, ref), single, kl_coef=0.1)
     assert_close(out, tensor([2.98, 0.0, 0.0], [0.0, 0.0, -1.1]), **TIGHT)
 
 
-def test_rewards_with_kl_rejects_empty_rows():
+def test_kl_penalized_rewards_rejects_empty_rows():
     logp = torch.zeros(2, 3)
     with pytest.raises(ValueError, match=r"rows \[1\]"):
-        rewards_with_kl(torch.ones(2), logp, logp, torch.tensor([[T, F_, F_], [F_] * 3]), 0.1)
+        kl_penalized_rewards(torch.ones(2), logp, torch.tensor([[T, F_, F_], [F_] * 3]), 0.1)
 
 
 def test_gae_1x3_by_hand():
@@ -241,7 +253,7 @@ def _ppo(ratios, advantages, mask=None, eps=0.2):
     old = torch.zeros(1, len(ratios), dtype=torch.float64)
     logprobs = tensor([math.log(r) for r in ratios])[None].requires_grad_()
     mask = torch.ones_like(old, dtype=torch.bool) if mask is None else torch.tensor([mask])
-    loss, stats = ppo_policy_loss(logprobs, old, tensor([advantages]), mask, clip_eps=eps)
+    loss, stats = policy_gradient_loss(logprobs, old, tensor([advantages]), mask, eps, "token")
     return loss, stats, logprobs
 
 
@@ -255,7 +267,7 @@ def _ppo(ratios, advantages, mask=None, eps=0.2):
         (0.5, 2.0, -1.0, False),  # A > 0, r < 0.8: min(1.0, 1.6) = 1.0, unclipped side wins
     ],
 )
-def test_ppo_policy_loss_points_by_hand(ratio, advantage, expected, clipped):
+def test_ppo_clipped_loss_points_by_hand(ratio, advantage, expected, clipped):
     loss, _, logprobs = _ppo([ratio], [advantage])
     assert_close(loss, tensor(expected), **TIGHT)
     loss.backward()
@@ -264,7 +276,7 @@ def test_ppo_policy_loss_points_by_hand(ratio, advantage, expected, clipped):
     assert_close(logprobs.grad, tensor([[grad]]), **TIGHT)
 
 
-def test_ppo_policy_loss_masked_batch_and_stats():
+def test_ppo_clipped_loss_masked_batch_and_stats():
     loss, stats, _ = _ppo([1.1, 1.5, 0.5, 7.0], [2.0, 2.0, -1.0, 5.0], mask=[T, T, T, F_])
     assert_close(loss, tensor(-(2.2 + 2.4 - 0.8) / 3), **TIGHT)
     assert_close(stats.clip_fraction, tensor(2 / 3), **TIGHT)  # |r-1| > 0.2 for 1.5 and 0.5
