@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,8 +94,9 @@ def plan_test_runs(selection: list[str] | None) -> list[dict]:
     return [dict(name=f, args=[f"tests/{f}"], gpu=f not in GLOO) for f in order]
 
 
-def run_pytest(shard: dict, deadline: float, work: Path, dry_run: bool) -> dict:
-    """One pytest run, cut off at `deadline`; its verdict and last summary line."""
+def run_pytest(shard: dict, deadline: float, work: Path, scratch: Path, dry_run: bool) -> dict:
+    """One pytest run, cut off at `deadline`; its verdict and last summary line. Its log goes
+    to `work`, its temporary files (checkpoints...) under `scratch`."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -108,7 +111,7 @@ def run_pytest(shard: dict, deadline: float, work: Path, dry_run: bool) -> dict:
         "-q",
         "-p",
         "no:cacheprovider",
-        f"--basetemp={work / 'tmp' / slug}",
+        f"--basetemp={scratch / slug}",
         *shard["args"],
     ]
     start = time.perf_counter()
@@ -154,24 +157,40 @@ def run_pytest(shard: dict, deadline: float, work: Path, dry_run: bool) -> dict:
     )
 
 
+def count_outcomes(summaries) -> dict[str, int]:
+    """Totals of pytest's closing lines ("3 passed, 1 skipped in 2.1s"), passed/failed first."""
+    counts = {"passed": 0, "failed": 0}
+    for summary in summaries:
+        for number, outcome in re.findall(r"(\d+) (passed|failed|skipped|errors?|x\w+)", summary):
+            outcome = "errors" if outcome.startswith("error") else outcome
+            counts[outcome] = counts.get(outcome, 0) + int(number)
+    return counts
+
+
 def run_tests(args, work: Path) -> dict:
     shards = plan_test_runs(args.tests)
     deadline = time.monotonic() + args.test_budget
     box = f"{args.jobs} at a time, {args.test_budget:.0f} s box"
     print(f"== 1. tests: {len(shards)} pytest runs, {box}")
+    scratch = Path(tempfile.mkdtemp(prefix="gpu-check-tmp-"))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_pytest, s, deadline, work, args.cpu_dry_run) for s in shards]
+        futures = [
+            pool.submit(run_pytest, s, deadline, work, scratch, args.cpu_dry_run) for s in shards
+        ]
         results = []
         for future in futures:
             result = future.result()
             results.append(result)
             print(f"  {result['verdict']:<32} {result['name']}  {result.get('summary', '')}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    counts = count_outcomes(r.get("summary", "") for r in results)
+    print("tests: " + ", ".join(f"{n} {outcome}" for outcome, n in counts.items()))
     failed = [r for r in results if not r["ok"]]
     for result in failed:
         if result.get("log"):
             tail = Path(result["log"]).read_text().strip().splitlines()[-30:]
             print(f"---- {result['name']} (last lines of {result['log']})\n" + "\n".join(tail))
-    return dict(ok=not failed, runs=results, failed=[r["name"] for r in failed])
+    return dict(ok=not failed, counts=counts, runs=results, failed=[r["name"] for r in failed])
 
 
 # ---------------------------------------------------------------------------- speed stages
@@ -388,6 +407,7 @@ def parse_args(argv=None):
     p.add_argument("--test-budget", type=float, default=300.0, help="seconds for all tests")
     p.add_argument("--budget", type=float, default=540.0, help="seconds for everything")
     p.add_argument("--out-dir", type=Path, default=None)
+    p.add_argument("--logs", type=Path, default=None, help="folder for each pytest run's log")
     p.add_argument("--stage", choices=("train", "decode"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -407,7 +427,8 @@ def main(argv=None) -> int:
         Path(tempfile.mkdtemp(prefix="gpu-check-")) if args.cpu_dry_run else BENCH_DIR / "results"
     )
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="gpu-check-work-"))
+    work = args.logs or Path(tempfile.mkdtemp(prefix="gpu-check-logs-"))
+    work.mkdir(parents=True, exist_ok=True)
     device = "cpu (dry run)" if args.cpu_dry_run else torch.cuda.get_device_name()
     report = dict(
         device=device,

@@ -2,6 +2,7 @@
 covers the whole suite, and its speed stages run (at minimum size, on the CPU) and write JSON."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,14 +34,22 @@ def selection(tmp_path):
 
 
 def test_a_failing_test_fails_the_check_and_a_passing_one_passes_it(selection, tmp_path):
-    failed = check("--no-bench", "--out-dir", str(tmp_path / "a"), "--tests",
-                   selection["ok"], selection["bad"])  # fmt: skip
+    # through the shell wrapper, as on the device: its exit status is the check's, and with
+    # $OUT set every pytest log lands there
+    failed = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-dry-run", "--no-bench",
+         "--out-dir", str(tmp_path / "a"), "--tests", selection["ok"], selection["bad"]],
+        env={**os.environ, "OUT": str(tmp_path / "out")}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert f"gpu_check: FAILED: tests ({selection['bad']})" in failed.stdout
     assert "assert (1 + 1) == 3" in failed.stdout  # the failure itself is shown
+    assert "tests: 1 passed, 1 failed" in failed.stdout
     report = json.loads((tmp_path / "a" / "gpu-tests.json").read_text())
     assert report["ok"] is False and report["failed"] == [selection["bad"]]
     assert [r["verdict"] for r in report["runs"]] == ["passed", "FAILED (pytest exit 1)"]
+    assert len(list((tmp_path / "out" / "logs").glob("*.log"))) == 2
 
     passed = check("--no-bench", "--out-dir", str(tmp_path / "b"), "--tests", selection["ok"])
     assert passed.returncode == 0, passed.stdout + passed.stderr
@@ -95,3 +104,15 @@ def test_the_speed_stages_run_and_write_their_figures(tmp_path):
     summary = json.loads((tmp_path / "gpu-check.json").read_text())
     assert summary["bench"]["train"] == train and summary["tests"] == {}
     assert "| train bf16 MFU " in result.stdout and "| PPO episodes/s (bf16) " in result.stdout
+
+
+def test_outcomes_are_totalled_from_pytest_s_closing_lines():
+    lines = [
+        "3 passed, 1 skipped in 2.1s",
+        "1 failed, 2 passed, 1 error in 3s",
+        "",
+        "2 xfailed in 1s",
+    ]
+    assert gpu_check.count_outcomes(lines) == {
+        "passed": 5, "failed": 1, "skipped": 1, "errors": 1, "xfailed": 2
+    }  # fmt: skip
