@@ -97,10 +97,7 @@ def plan_test_runs(selection: list[str] | None) -> list[dict]:
 def run_pytest(shard: dict, deadline: float, work: Path, scratch: Path, dry_run: bool) -> dict:
     """One pytest run, cut off at `deadline`; its verdict and last summary line. Its log goes
     to `work`, its temporary files (checkpoints...) under `scratch`."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
+    env = dict(os.environ)  # PYTHONPATH holds the repository root (see main)
     if not shard["gpu"] or dry_run:
         env["CUDA_VISIBLE_DEVICES"] = ""
     slug = shard["name"].replace("/", "_").replace(":", "_")
@@ -310,8 +307,6 @@ def stage_decode(size: dict, device) -> dict:
 
 def run_stage(name: str, dry_run: bool, timeout: float) -> dict:
     """A speed stage in a fresh process (`--stage NAME`), its JSON result or an error record."""
-    from bench_palm import run_worker
-
     if timeout < 10:
         return {"error": "not run: budget spent"}
     if name == "ppo":
@@ -339,7 +334,18 @@ def run_stage(name: str, dry_run: bool, timeout: float) -> dict:
     else:
         command = [sys.executable, __file__, "--stage", name]
         command += ["--cpu-dry-run"] if dry_run else []
-    return run_worker("ours", command, 2 if dry_run else 8, timeout)
+    # the environment as it is (bench_palm.run_worker would replace PYTHONPATH, and with it
+    # the device's carried wheels); the repository root is on it already
+    threads = "2" if dry_run else "8"
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    try:
+        proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}: " + proc.stderr.strip()[-1500:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def stage_main(name: str, dry_run: bool) -> None:
@@ -417,6 +423,11 @@ def main(argv=None) -> int:
     if args.stage:
         stage_main(args.stage, args.cpu_dry_run)
         return 0
+    root = str(ROOT)
+    if root not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [root, os.environ.get("PYTHONPATH")])
+        )
     import torch
 
     if not args.cpu_dry_run and not torch.cuda.is_available():
