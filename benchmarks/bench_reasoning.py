@@ -32,7 +32,7 @@ Pipeline, every stage a public library call:
 RL that only turns the SFT model's pass@k into pass@1 is a known effect (sharpening): compare
 the pass@1 after RL with the SFT model's pass@k, which the report prints beside it.
 
-Writes benchmarks/results/reasoning.json (the commit, the machine with its CPU flags, the load
+Writes benchmarks/results/reasoning.json (`provenance`: commit, machine, CPU flags; the load
 average before and after, every stage's wall time, each method's curve; rewritten after each
 method so a stopped run keeps what finished) and reasoning.png (held-out pass@1 against
 episodes, one line per method); `--quick` writes the same names with a -quick suffix.
@@ -42,13 +42,10 @@ Run it alone: the timings mean something only on otherwise quiet cores.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,6 +59,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.provenance import provenance  # noqa: E402
 from palm_rlhf import ByteTokenizer, PaLM, RLHFTrainer  # noqa: E402
 from palm_rlhf.rl.ppo.config import PPOConfig  # noqa: E402  (RLHFTrainer's config=)
 from palm_rlhf.train.sft import SFTConfig, train_sft  # noqa: E402
@@ -340,50 +338,6 @@ def run_method(
 # ----------------------------------------------------------------------------- reporting
 
 
-def machine(threads: int) -> dict:
-    """The commit and the machine, with the CPU flags that decide the fast paths."""
-    cpu, flags = platform.processor() or platform.machine(), []
-    try:
-        with open("/proc/cpuinfo") as fh:
-            info = fh.read()
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in info.splitlines()
-            if line.startswith("model name")
-        )
-        flags = sorted(
-            {
-                f
-                for line in info.splitlines()
-                if line.startswith("flags")
-                for f in line.split(":", 1)[1].split()
-            }
-        )
-    except (OSError, StopIteration):
-        pass
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
-    dirty = bool(
-        subprocess.run(
-            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-    )
-    return {
-        "commit": commit + ("+dirty" if dirty else ""),
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "threads": threads,
-        "avx512_bf16": "avx512_bf16" in flags,
-        "amx_bf16": "amx_bf16" in flags,
-        "simd_flags": [f for f in flags if f.startswith(("avx", "amx", "fma"))],
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def table(results: dict) -> str:
     sft = results["sft"]["eval"]
     ks = " ".join(f"pass@{k} {v:.3f}" for k, v in sft["pass_at_k"].items())
@@ -438,7 +392,7 @@ def write(results: dict, quick: bool, folder: Path) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, < 1 minute")
     parser.add_argument(
         "--methods", default=",".join(METHODS), help=f"comma-separated: {', '.join(METHODS)}"
@@ -505,7 +459,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "budget": asdict(budget),
         "seed": args.seed,
         "shared_keywords": shared,
-        "machine": machine(args.threads),
+        "provenance": provenance(args.threads),
         "load_start": os.getloadavg(),
         "sft": {},
         "methods": {},

@@ -326,7 +326,7 @@ def run_side(side: str, setting: Setting) -> dict:
             cmd, cwd = [sys.executable, str(Path(__file__).resolve()), *args], ROOT
             env["PYTHONPATH"] = str(ROOT)
         else:
-            from trl_env import ensure_trl_env
+            from benchmarks.trl_env import ensure_trl_env
 
             python = ensure_trl_env(ROOT)
             cmd, cwd = [str(python), "-I", str(Path(__file__).resolve()), *args], neutral
@@ -370,7 +370,7 @@ def report(setting: Setting, results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=Setting.steps)
     parser.add_argument("--threads", type=int, default=Setting.threads)
     parser.add_argument("--seed", type=int, default=Setting.seed)
@@ -384,11 +384,11 @@ def main(argv=None) -> dict:
         return result
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first is warm-up)")
-    sys.path.insert(0, str(HERE))
-    from bench_reasoning import machine
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.provenance import provenance  # not at the top: the TRL worker cannot see it
 
     setting = Setting(steps=args.steps, threads=args.threads, seed=args.seed)
-    results = {"setting": asdict(setting), "machine": machine(setting.threads)}
+    results = {"setting": asdict(setting), "provenance": provenance(setting.threads)}
     results["load_start"] = os.getloadavg()
     for side in ("ours", "trl"):  # one process at a time
         print(f"running {side} (load {os.getloadavg()[0]:.2f})", flush=True)

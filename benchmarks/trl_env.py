@@ -26,7 +26,10 @@ import tempfile
 import venv
 from pathlib import Path
 
-from reference_env import _pip, _system_torch_version
+try:
+    from reference_env import _pip, _system_torch_version
+except ImportError:  # imported as benchmarks.trl_env
+    from benchmarks.reference_env import _pip, _system_torch_version
 
 TRL_VERSION = "1.16.0"  # the newest 1.x when this harness was written (`pip index versions trl`)
 TRANSFORMERS_VERSION = "5.24.0"  # 5.25 needs a `kernels` release not on the index here

@@ -96,5 +96,5 @@ def test_quick_run_end_to_end(bench, tmp_path):
         "pass_at_k",
         "kl_to_sft",
     }
-    assert written["machine"]["commit"] and "avx512_bf16" in written["machine"]
+    assert written["provenance"]["commit"] and "avx512_bf16" in written["provenance"]["machine"]
     assert results["methods"]["grpo"]["before"]["kl_to_sft"] == 0.0  # the SFT model itself
