@@ -90,6 +90,17 @@ def frontier_tables(report: dict) -> str:
     )
 
 
+def trl_table(report: dict) -> str:
+    bench = load_script(BENCH_DIR / "bench_trl.py")
+    return bench.report(bench.Setting(**report["setting"]), report)
+
+
+def reasoning_table(report: dict) -> str:
+    bench = load_script(BENCH_DIR / "bench_reasoning.py")
+    note = report.get("validation_note")
+    return bench.table(report) + (f"\n\nRun: {note}." if note else "")
+
+
 class Section(NamedTuple):
     file: str  # in benchmarks/results/
     title: str
@@ -196,6 +207,23 @@ SECTIONS = (
         "proxy scores against KL to the SFT policy: `python benchmarks/bench_frontier.py`. "
         "How scores and KL are defined: `benchmarks/results/frontier.md`.",
         frontier_tables,
+    ),
+    Section(
+        "reasoning.json",
+        "Does RL make the model better at a task with an exact answer?",
+        "3-digit addition with held-out problems disjoint from training: SFT to a model that is "
+        "right sometimes, then each RL method with the exact-match reward and the same episode "
+        "budget; held-out pass@1 before and after, KL to the SFT model: "
+        "`python benchmarks/bench_reasoning.py`.",
+        reasoning_table,
+    ),
+    Section(
+        "trl.json",
+        "GRPO against TRL",
+        "The same toy task, group size, learning rate, KL coefficient, clip epsilon and loss "
+        "aggregation for our PaLM and a `LlamaForCausalLM` of matched size under TRL's "
+        "`GRPOTrainer`, one process at a time: `python benchmarks/bench_trl.py`.",
+        trl_table,
     ),
 )
 
