@@ -176,7 +176,6 @@ def _run_stage(prog: str, run: Callable, config, debug: bool) -> int:
     return 0
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False everywhere: a misspelt --epoch must not be taken as --epochs
     parser = argparse.ArgumentParser(

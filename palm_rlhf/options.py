@@ -12,7 +12,7 @@ from typing import Any, Optional, Union
 
 def option(default: Any, help: str, **metadata) -> Any:
     """A dataclass field with command-line help text (metadata: `choices`, `required`,
-    `positional` for an argument given without its --flag)."""
+    `positional` for an argument given without its --flag, `cli=False` for an API-only one)."""
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
@@ -70,6 +70,8 @@ def _arg_type(kind, optional: bool):
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
     hints = typing.get_type_hints(cls)
     for field in _own_fields_first(cls):
+        if not field.metadata.get("cli", True):
+            continue
         kind, optional = _base_type(hints[field.name])
         flag = "--" + field.name.replace("_", "-")
         help_text = field.metadata.get("help", "")
@@ -111,6 +113,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> argparse.Ar
 def dataclass_from_args(cls, args: argparse.Namespace):
     values = {}
     for field in dataclasses.fields(cls):
+        if not field.metadata.get("cli", True):
+            continue  # API-only: its default
         value = getattr(args, field.name)
         if isinstance(value, str) and value.lower() == "none":
             value = None

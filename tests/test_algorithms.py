@@ -48,7 +48,8 @@ def rollout_with_advantages(trainer: RLHFTrainer, prompts: int = 8):
     "algorithm, options, own_metrics",
     [
         ("grpo", {}, {"clip_fraction", "kl_loss"}),
-        ("grpo", dict(scale_by_std=False, length_norm="constant"), {"kl_loss"}),  # Dr. GRPO
+        # Dr. GRPO
+        ("grpo", dict(scale_by_std=False, loss_agg_mode="seq-mean-token-sum-norm"), {"kl_loss"}),
         ("grpo", dict(score_centering=True), {"kl_loss"}),
         ("rloo", {}, {"clip_fraction", "kl_loss"}),
         ("reinforce++", {}, {"clip_fraction", "approx_kl"}),

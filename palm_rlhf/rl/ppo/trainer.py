@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from palm_rlhf.checkpoint import CheckpointError
@@ -35,13 +37,14 @@ from palm_rlhf.rl import rollout as rollout_module
 from palm_rlhf.rl.advantages import ppo_advantages, shape_scores
 from palm_rlhf.rl.algorithms import critic_free_advantages
 from palm_rlhf.rl.best_of_n import BestOfN, best_of_n
+from palm_rlhf.rl.dynamic_sampling import Groups, refill, sample_groups
 from palm_rlhf.rl.kl_controller import KLController
 from palm_rlhf.rl.networks import ActorCritic, prepare_networks, trainer_options
 from palm_rlhf.rl.policies import evaluation_mode
 from palm_rlhf.rl.ppo import checkpoint as io
 from palm_rlhf.rl.ppo.config import PPOConfig
 from palm_rlhf.rl.prompts import PromptBank, PromptIds, PtxData, load_prompts
-from palm_rlhf.rl.rollout import Experience, collect, concat_experience
+from palm_rlhf.rl.rollout import Experience, collect
 from palm_rlhf.rl.schedule import response_budget, rollout_schedule
 from palm_rlhf.rl.text_reward import TextRewardFn, resolve_reward
 from palm_rlhf.rl.update import minibatch_loss, run_epochs, step_networks
@@ -217,14 +220,14 @@ class RLHFTrainer:
 
     @torch.no_grad()
     def rewards_and_advantages(
-        self, experience: Experience, ended: Tensor
+        self, experience: Experience, ended: Tensor, budgets: Optional[Tensor] = None
     ) -> tuple[Experience, dict[str, float]]:
-        """Scores -> per-token rewards -> GAE advantages and returns (whitened as configured);
-        critic-free algorithms: `critic_free_advantages`."""
+        """Scores -> shaped scores (`shape_scores`; `budgets` (b,): each response's token
+        budget, for the overlong penalty) -> per-token rewards -> GAE advantages and returns
+        (whitened as configured); critic-free algorithms: `critic_free_advantages`."""
         config, kl_coef = self.config, self.kl_controller.kl_coef
-        scores = shape_scores(
-            experience.scores, ended, config.missing_eos_penalty, config.reward_clip
-        )
+        lengths = experience.action_mask.sum(dim=-1)
+        scores = shape_scores(experience.scores, ended, config, lengths, budgets)
         experience = experience._replace(scores=scores)
         global_sum = lambda t: self.accelerator.reduce(t, "sum")  # noqa: E731
         if self.critic is None:
@@ -302,38 +305,61 @@ class RLHFTrainer:
         (default `rollout_batch_size`) responses at a time; returns the iteration's record.
         Critic-free algorithms sample whole groups of `group_size` responses per prompt on one
         process (rollouts rounded up to whole groups). `learn=False` only rolls out."""
-        temperature = self.config.temperature if temperature is None else temperature
-        batch_size = batch_size or self.config.rollout_batch_size
-        world, group = self.accelerator.num_processes, self.config.responses_per_prompt
+        config = self.config
+        temperature = config.temperature if temperature is None else temperature
+        if config.overlong_filtering and eos_token is None:
+            raise ValueError("overlong_filtering needs eos_token: without it no response ends")
+        batch_size = batch_size or config.rollout_batch_size
+        world, group = self.accelerator.num_processes, config.responses_per_prompt
         local_prompts = max(1, math.ceil(num_rollouts / world / group))
-        local, per_chunk = local_prompts * group, max(1, batch_size // group)
-        parts, ended = [], []
-        for start in range(0, local_prompts, per_chunk):  # 1. rollout
-            prompt, prompt_mask = self.sample_prompts(min(per_chunk, local_prompts - start), group)
-            part, part_ended = self.rollout(
-                prompt, prompt_mask, max_response_tokens, max_seq_len, eos_token, temperature
-            )
-            parts.append(part), ended.append(part_ended)
-        self.episodes += local * world
+        per_chunk = max(1, batch_size // group)
+        lengths = (max_response_tokens, max_seq_len, eos_token, temperature)
+
+        def chunk(num_prompts: int) -> Groups:  # 1. rollout of `num_prompts` groups
+            return self._rollout_groups(*self.sample_prompts(num_prompts, group), *lengths)
+
+        sample = partial(sample_groups, chunk, per_chunk=per_chunk, pad_value=self.pad_value)
+        rolled, sampling_stats = sample(local_prompts), {}
+        if config.dynamic_sampling and learn:  # DAPO: refill groups that carry no signal
+            rolled, sampling_stats = refill(sample, rolled, local_prompts, config, self._largest)
+        self.episodes += local_prompts * group * world
         if not learn:
             return None
-        experience = concat_experience(parts, self.pad_value)
-        raw, ended = experience.scores, torch.cat(ended)
-        experience, rollout_stats = self.rewards_and_advantages(experience, ended)  # 2., 3.
+        experience, ended = rolled.experience, rolled.ended
+        raw = experience.scores
+        experience, rollout_stats = self.rewards_and_advantages(experience, ended, rolled.budgets)
         observed_kl = torch.tensor(rollout_stats["kl"], device=self.device)
         self.kl_controller.update(float(self.accelerator.reduce(observed_kl, "mean")))
         longest = int(experience.action_mask.sum(dim=-1).max())  # Dr. GRPO's constant
+        response_length = float(experience.action_mask.sum(dim=-1).float().mean())
+        if config.overlong_filtering:  # DAPO: truncated responses leave the loss
+            kept = experience.action_mask & rearrange(ended, "b -> b 1")
+            experience = experience._replace(action_mask=kept)
+            sampling_stats["overlong_filtered_fraction"] = float((~ended).float().mean())
         update_stats = self.learn(experience, temperature, max_response_tokens or longest)  # 4.
         self.updates += 1
         record = dict(
             reward=float(raw.mean()),
             reward_std=float(raw.std()) if raw.numel() > 1 else 0.0,
-            response_length=float(experience.action_mask.sum(dim=-1).float().mean()),
+            response_length=response_length,
             missing_eos_fraction=float((~ended).float().mean()) if eos_token is not None else 0.0,
             **rollout_stats,
+            **sampling_stats,
             **update_stats,
         )
         return self.log(record)  # 5.
+
+    def _largest(self, count: int) -> int:
+        """The largest `count` over processes."""
+        return int(self.accelerator.reduce(torch.tensor(count, device=self.device), "max"))
+
+    def _rollout_groups(self, prompt, prompt_mask, max_response_tokens, max_seq_len, *rest):
+        """`rollout` of one chunk, with each response's token budget (b,) for shaping."""
+        budget = response_budget(
+            prompt.shape[1], max_response_tokens, max_seq_len, self.reference.config.max_seq_len
+        )
+        experience, ended = self.rollout(prompt, prompt_mask, budget, max_seq_len, *rest)
+        return Groups(experience, ended, torch.full_like(experience.scores, budget).long())
 
     def log(self, record: dict[str, float]) -> dict:
         """Average a record over processes, append it to `history`, send it to trackers."""
