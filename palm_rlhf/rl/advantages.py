@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Optional
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from palm_rlhf.functional.advantages import (
@@ -47,6 +48,19 @@ def shape_scores(
     if config.reward_clip is not None:
         scores = scores.clamp(-config.reward_clip, config.reward_clip)
     return scores
+
+
+def filter_overlong(
+    experience: Experience, ended: Tensor, config
+) -> tuple[Experience, dict[str, float]]:
+    """DAPO's overlong filtering (Yu et al. 2025, sec. 3.4) with `config.overlong_filtering`:
+    responses that never reached EOS (`ended` (b,) False) keep no token in the loss, their
+    truncation being no fault of their content. Returns the experience and the fraction."""
+    if not config.overlong_filtering:
+        return experience, {}
+    kept = experience.action_mask & rearrange(ended, "b -> b 1")
+    fraction = float((~ended).float().mean())
+    return experience._replace(action_mask=kept), {"overlong_filtered_fraction": fraction}
 
 
 def ppo_advantages(

@@ -12,6 +12,7 @@ in step; a process that is already full keeps the extra groups as spares it neve
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -52,6 +53,28 @@ def sample_groups(
     starts = range(0, num_groups, per_chunk)
     parts = [rollout(min(per_chunk, num_groups - start)) for start in starts]
     return concat_groups(parts, pad_value)
+
+
+def roll_out(
+    rollout: Callable[[int], Groups],
+    num_groups: int,
+    per_chunk: int,
+    config,
+    accelerator,
+    learn: bool = True,
+) -> tuple[Groups, dict[str, float]]:
+    """Phase 1 of an update: `num_groups` groups rolled out `per_chunk` at a time by
+    `rollout(n)`; with `config.dynamic_sampling` (and `learn`), refilled (`refill`) with
+    the maximum over `accelerator`'s processes deciding each round."""
+    sample = partial(sample_groups, rollout, per_chunk=per_chunk, pad_value=config.pad_value)
+    rolled = sample(num_groups)
+    if not (config.dynamic_sampling and learn):
+        return rolled, {}
+
+    def largest(count: int) -> int:
+        return int(accelerator.reduce(torch.tensor(count, device=accelerator.device), "max"))
+
+    return refill(sample, rolled, num_groups, config, largest)
 
 
 def refill(

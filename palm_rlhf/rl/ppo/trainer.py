@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 from palm_rlhf.checkpoint import CheckpointError
@@ -34,10 +32,10 @@ from palm_rlhf.model.implicit_prm import ImplicitPRM
 from palm_rlhf.model.palm import PaLM
 from palm_rlhf.model.sampling import reference_filters, reference_top_k
 from palm_rlhf.rl import rollout as rollout_module
-from palm_rlhf.rl.advantages import ppo_advantages, shape_scores
+from palm_rlhf.rl.advantages import filter_overlong, ppo_advantages, shape_scores
 from palm_rlhf.rl.algorithms import critic_free_advantages
 from palm_rlhf.rl.best_of_n import BestOfN, best_of_n
-from palm_rlhf.rl.dynamic_sampling import Groups, refill, sample_groups
+from palm_rlhf.rl.dynamic_sampling import Groups, roll_out
 from palm_rlhf.rl.kl_controller import KLController
 from palm_rlhf.rl.networks import ActorCritic, prepare_networks, trainer_options
 from palm_rlhf.rl.policies import evaluation_mode
@@ -238,8 +236,8 @@ class RLHFTrainer:
         return experience, {**stats, "kl_coef": kl_coef}
 
     def _init_value_head(self, shift: float) -> float:
-        """The head's weight is 0, so every value is one constant: move it by the (global)
-        shift, as nearly as a binned head allows; returns the shift applied."""
+        """Move the head (weight 0: one value) by the global shift, as nearly as a binned head
+        allows; returns the shift applied."""
         self.value_head_initialised = True
         return self.critic_module.shift_start(shift)
 
@@ -249,21 +247,14 @@ class RLHFTrainer:
         self, experience: Experience, temperature: float, max_new_tokens: int = 1
     ) -> dict[str, float]:
         """`epochs` passes of shuffled minibatches (of whole groups); returns the mean of each
-        loss statistic. `max_new_tokens` is the constant of `length_norm="constant"`."""
+        loss statistic. `max_new_tokens`: the constant of "seq-mean-token-sum-norm"."""
 
         def step(batch: Experience, **extras) -> Optional[dict]:
             return self._minibatch_step(batch, temperature, max_new_tokens, **extras)
 
         rows = dict(reference=self.reference, temperature=temperature)
-        return run_epochs(
-            experience,
-            self.config,
-            self.modules(),
-            self.accelerator,
-            self.cpu_generator,
-            rows,
-            step,
-        )
+        nets, generator = self.modules(), self.cpu_generator
+        return run_epochs(experience, self.config, nets, self.accelerator, generator, rows, step)
 
     def _minibatch_step(
         self, batch: Experience, temperature: float, *args, **rows
@@ -271,8 +262,7 @@ class RLHFTrainer:
         """One gradient step of every trained network on a minibatch; `args`/`rows`: see
         `update.minibatch_loss`. PPO-ptx (Ouyang et al. 2022, eq. 2) adds the actor's LM loss on
         pretraining windows. Returns the step's stats, None when a non-finite loss is skipped."""
-        nets = {name: net for name, (net, _) in self.networks.items()}
-        config = self.config
+        nets, config = {name: net for name, (net, _) in self.networks.items()}, self.config
         with self.accelerator.autocast():
             loss, stats = minibatch_loss(
                 nets, batch, config, self.kl_coef, temperature, *args, **rows
@@ -301,10 +291,9 @@ class RLHFTrainer:
         batch_size: Optional[int] = None,
         learn: bool = True,
     ) -> Optional[dict]:
-        """One iteration over `num_rollouts` fresh rollouts (global), sampled `batch_size`
-        (default `rollout_batch_size`) responses at a time; returns the iteration's record.
-        Critic-free algorithms sample whole groups of `group_size` responses per prompt on one
-        process (rollouts rounded up to whole groups). `learn=False` only rolls out."""
+        """One iteration over `num_rollouts` fresh rollouts (global, rounded up to whole groups
+        of `group_size` on one process), sampled `batch_size` (default `rollout_batch_size`) at
+        a time; returns the iteration's record. `learn=False` only rolls out."""
         config = self.config
         temperature = config.temperature if temperature is None else temperature
         if config.overlong_filtering and eos_token is None:
@@ -313,29 +302,27 @@ class RLHFTrainer:
         world, group = self.accelerator.num_processes, config.responses_per_prompt
         local_prompts = max(1, math.ceil(num_rollouts / world / group))
         per_chunk = max(1, batch_size // group)
-        lengths = (max_response_tokens, max_seq_len, eos_token, temperature)
+        model_limit = self.reference.config.max_seq_len
 
-        def chunk(num_prompts: int) -> Groups:  # 1. rollout of `num_prompts` groups
-            return self._rollout_groups(*self.sample_prompts(num_prompts, group), *lengths)
+        def chunk(num_prompts: int) -> Groups:  # 1. rollout, with each response's budget
+            prompt, prompt_mask = self.sample_prompts(num_prompts, group)
+            budget = response_budget(prompt.shape[1], max_response_tokens, max_seq_len, model_limit)
+            rolled = self.rollout(prompt, prompt_mask, budget, None, eos_token, temperature)
+            return Groups(*rolled, torch.full_like(rolled[0].scores, budget).long())
 
-        sample = partial(sample_groups, chunk, per_chunk=per_chunk, pad_value=self.pad_value)
-        rolled, sampling_stats = sample(local_prompts), {}
-        if config.dynamic_sampling and learn:  # DAPO: refill groups that carry no signal
-            rolled, sampling_stats = refill(sample, rolled, local_prompts, config, self._largest)
+        rolled, sampling_stats = roll_out(
+            chunk, local_prompts, per_chunk, config, self.accelerator, learn
+        )
         self.episodes += local_prompts * group * world
         if not learn:
             return None
-        experience, ended = rolled.experience, rolled.ended
-        raw = experience.scores
+        experience, ended, raw = rolled.experience, rolled.ended, rolled.experience.scores
         experience, rollout_stats = self.rewards_and_advantages(experience, ended, rolled.budgets)
         observed_kl = torch.tensor(rollout_stats["kl"], device=self.device)
         self.kl_controller.update(float(self.accelerator.reduce(observed_kl, "mean")))
-        longest = int(experience.action_mask.sum(dim=-1).max())  # Dr. GRPO's constant
-        response_length = float(experience.action_mask.sum(dim=-1).float().mean())
-        if config.overlong_filtering:  # DAPO: truncated responses leave the loss
-            kept = experience.action_mask & rearrange(ended, "b -> b 1")
-            experience = experience._replace(action_mask=kept)
-            sampling_stats["overlong_filtered_fraction"] = float((~ended).float().mean())
+        lengths = experience.action_mask.sum(dim=-1)  # the longest: Dr. GRPO's constant
+        longest, response_length = int(lengths.max()), float(lengths.float().mean())
+        experience, filtered = filter_overlong(experience, ended, config)  # DAPO
         update_stats = self.learn(experience, temperature, max_response_tokens or longest)  # 4.
         self.updates += 1
         record = dict(
@@ -345,21 +332,10 @@ class RLHFTrainer:
             missing_eos_fraction=float((~ended).float().mean()) if eos_token is not None else 0.0,
             **rollout_stats,
             **sampling_stats,
+            **filtered,
             **update_stats,
         )
         return self.log(record)  # 5.
-
-    def _largest(self, count: int) -> int:
-        """The largest `count` over processes."""
-        return int(self.accelerator.reduce(torch.tensor(count, device=self.device), "max"))
-
-    def _rollout_groups(self, prompt, prompt_mask, max_response_tokens, max_seq_len, *rest):
-        """`rollout` of one chunk, with each response's token budget (b,) for shaping."""
-        budget = response_budget(
-            prompt.shape[1], max_response_tokens, max_seq_len, self.reference.config.max_seq_len
-        )
-        experience, ended = self.rollout(prompt, prompt_mask, budget, max_seq_len, *rest)
-        return Groups(experience, ended, torch.full_like(experience.scores, budget).long())
 
     def log(self, record: dict[str, float]) -> dict:
         """Average a record over processes, append it to `history`, send it to trackers."""
@@ -451,11 +427,11 @@ class RLHFTrainer:
         With `return_scores=True`, a `BestOfN` with every sample and score. Decoding is the
         reference's (top-k 0.9, see `PaLM.generate`) unless `filter_logits_fn`, or `top_k`/
         `top_p` here or in the config, say otherwise; temperature defaults to the config's."""
-        top_k = top_k if top_k is not None else self.config.top_k
-        top_p = top_p if top_p is not None else self.config.top_p
-        actor = self.actor_module
+        actor, config = self.actor_module, self.config
         options = dict(finetune_scope=actor.scope, pad_value=self.pad_value, eos_token=eos_token)
-        options["temperature"] = self.config.temperature if temperature is None else temperature
+        options["temperature"] = config.temperature if temperature is None else temperature
+        top_k = config.top_k if top_k is None else top_k
+        top_p = config.top_p if top_p is None else top_p
         options.update(reference_filters(top_k, top_p, filter_logits_fn, filter_thres))
         options["generator"] = self.generator
         with evaluation_mode([actor]), self.accelerator.autocast():
