@@ -5,13 +5,23 @@ and the soft overlong penalty shapes their scores. The math: tests/test_policy_o
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from torch.testing import assert_close
 
+from palm_rlhf.functional.logprobs import entropy_from_logits
 from palm_rlhf.functional.masked import masked_mean
+from palm_rlhf.functional.policy_losses import reduce_token_losses
+from palm_rlhf.rl import algorithms
 from palm_rlhf.rl.dynamic_sampling import Groups, refill
 from palm_rlhf.rl.ppo.config import PPOConfig
-from palm_rlhf.rl.rollout import Experience
+from palm_rlhf.rl.rollout import Experience, tempered_logits
+from palm_rlhf.rl.update import minibatch_loss
+from tests.helpers import launch
 from tests.toy_ppo import TARGET, final_kl, mean_reward, toy_palm, toy_trainer
 
 EOS = 4  # a token the untrained toy policy samples often: about a third of responses end
@@ -179,3 +189,70 @@ def test_soft_overlong_penalty_shapes_the_scores_by_length():
     torch.testing.assert_close(shaped.scores, experience.scores + penalty)
     unshaped, _ = trainer.rewards_and_advantages(experience, ended)  # no budgets: no penalty
     torch.testing.assert_close(unshaped.scores, experience.scores)
+
+
+# ----------------------------------------------------------------------------- processes
+
+TWO_PROCESSES = """
+import json, sys
+import torch
+sys.path[:0] = [{repo!r}]
+from tests.toy_ppo import toy_trainer
+
+torch.set_num_threads(1)
+trainer = toy_trainer(algorithm="grpo", group_size=4, minibatch_size=16, dynamic_sampling=True,
+                      dynamic_sampling_max_retries=3)
+trainer.train(num_rollouts=64, max_response_tokens=6, rollouts_per_update=32, progress=False)
+params = [p.detach().double().sum().item() for p in trainer.actor_module.trainable_parameters()]
+rank = trainer.accelerator.process_index
+with open({out!r} + f"/rank{{rank}}.json", "w") as handle:
+    json.dump(dict(history=trainer.history, params=params), handle)
+from palm_rlhf.train.accelerator import release_processes
+release_processes(exit_code=0)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU gloo test")
+def test_dynamic_sampling_keeps_two_processes_in_step(tmp_path):
+    """Each process refills its own groups, but every round is taken by both (the largest
+    shortfall decides), so the updates stay in step and DDP keeps the actors identical."""
+    script = tmp_path / "two.py"
+    repo = Path(__file__).resolve().parent.parent
+    script.write_text(TWO_PROCESSES.format(repo=str(repo), out=str(tmp_path)))
+    launch([str(script)])
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["params"] == pytest.approx(ranks[1]["params"], rel=1e-6, abs=1e-9)
+    history = ranks[0]["history"]
+    assert len(history) == 2 and history[-1]["episodes"] == 64
+    assert sum(r["dynamic_sampling_dropped"] for r in history) > 0  # some groups were refilled
+
+
+# ----------------------------------------------------------------------------- entropy bonus
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo", "reinforce++", "flowrl", "tpo"])
+def test_beta_s_is_the_same_entropy_bonus_in_every_algorithm(algorithm):
+    """loss(beta_s) = loss(0) - beta_s * H, H the policy's entropy averaged like the loss's
+    tokens (PPO: over all tokens; the group algorithms: over responses of each one's mean)."""
+    trainer = toy_trainer(algorithm=algorithm, group_size=4, beta_s=0.0, value_head_init="zero")
+    group = trainer.config.responses_per_prompt
+    prompt, prompt_mask = trainer.sample_prompts(16 // group, group)
+    experience, ended = trainer.rollout(prompt, prompt_mask, 6, eos_token=EOS)  # ragged
+    experience, _ = trainer.rewards_and_advantages(experience, ended)
+    nets = {name: net for name, (net, _) in trainer.networks.items()}
+    rows = algorithms.per_row_inputs(
+        experience, trainer.config, trainer.reference, nets["actor"], 1.0
+    )
+
+    def loss(beta_s):
+        config = dataclasses.replace(trainer.config, beta_s=beta_s)
+        torch.manual_seed(0)
+        return minibatch_loss(nets, experience, config, trainer.kl_coef, 1.0, 6, **rows)
+
+    (plain, _), (bonus, _) = loss(0.0), loss(0.5)
+    logits = tempered_logits(nets["actor"](experience.tokens)[:, :-1], 1.0)
+    entropy, mask = entropy_from_logits(logits), experience.action_mask
+    expected = reduce_token_losses(entropy, mask, trainer.config.token_reduction)
+    assert_close(plain - bonus, 0.5 * expected, atol=1e-5, rtol=1e-5)
+    by_response = (entropy * mask).sum(-1) / mask.sum(-1)
+    assert not torch.isclose(by_response.mean(), masked_mean(entropy, mask))  # they differ
