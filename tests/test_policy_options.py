@@ -203,3 +203,14 @@ def test_clip_range_defaults_to_eps_clip_and_the_weight_fn_saves_by_name():
     assert PPOConfig(eps_clip=0.3, clip_eps_high=0.28).clip_range == (0.3, 0.28)
     config = PPOConfig(algorithm="grpo", score_centering=True, score_centering_weight_fn=torch.sqrt)
     assert config.to_dict()["score_centering_weight_fn"] == "sqrt"
+
+
+def test_the_old_length_norm_flag_still_works_on_the_command_line():
+    from palm_rlhf.options import parse_config
+    from palm_rlhf.rl.ppo.stage import PPOStageConfig
+
+    required = ["--policy", "p", "--reward", "r", "--prompts", "q", "--algorithm", "grpo"]
+    config = parse_config(PPOStageConfig, [*required, "--length-norm", "constant"])
+    assert config.loss_agg_mode == "seq-mean-token-sum-norm"
+    config = parse_config(PPOStageConfig, [*required, "--loss-agg-mode", "token-mean"])
+    assert config.trainer_config().token_reduction == "token-mean"

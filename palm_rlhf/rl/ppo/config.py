@@ -30,8 +30,6 @@ from palm_rlhf.typecheck import typechecked
 # the command line's choices of `algorithm`: the registry's keys ("ppo" has a critic; the others
 # are critic-free, see rl/algorithms.py); validation below reads the registry itself
 ALGORITHM_NAMES = tuple(ALGORITHMS)
-# keywords renamed since they were first offered: old name -> field (values keep their meaning)
-RENAMED = {"length_norm": "loss_agg_mode"}
 
 
 @typechecked  # the generated __init__ checks every hyperparameter's type
@@ -52,6 +50,7 @@ class PPOConfig(RunOptions, SamplingOptions):
         "GRPO, / (b * max_response_tokens); TRL dr_grpo); the old names token, sequence, "
         "constant still work; default: token-mean for ppo, seq-mean-token-mean otherwise",
         choices=(*LOSS_AGG_MODES, *LOSS_AGG_ALIASES),
+        aliases=("length_norm",),  # its name before verl's, as a keyword and a flag
     )
     score_centering: bool = option(
         False, "grpo/rloo/reinforce++: centred-score policy gradient instead of the clipped one"
@@ -298,9 +297,10 @@ class PPOConfig(RunOptions, SamplingOptions):
     @classmethod
     def from_keywords(cls, base: Optional[PPOConfig] = None, **keywords: Any) -> PPOConfig:
         """`base` (default: the defaults) with `keywords` replaced; an unknown keyword is a
-        TypeError naming the closest known ones, never silently ignored. A renamed keyword
-        (`RENAMED`) is read under its new name."""
-        for old, new in RENAMED.items():
+        TypeError naming the closest known ones, never silently ignored. A field's older
+        name (its `aliases`) is read as the field."""
+        renamed = {old: f.name for f in fields(cls) for old in f.metadata.get("aliases", ())}
+        for old, new in renamed.items():
             if old in keywords:
                 if new in keywords:
                     raise TypeError(f"give {new}= only ({old}= is its old name)")
