@@ -1,6 +1,8 @@
 """Policy losses as pure tensor functions: the clipped policy gradient (PPO, GRPO, Dr. GRPO,
-DAPO, RLOO, REINFORCE++) with its token reductions, score centering, FlowRL trajectory balance
-and TPO cross-entropy.
+DAPO, RLOO, REINFORCE++) with its token reductions (`loss_agg_mode`), its ratio per token or
+per sequence (GSPO), clip-higher, the dual clip and SPO's penalty; the reference trainer's
+reshapings of the advantage (drift KL, entropy bonus); score centering, FlowRL trajectory
+balance and TPO cross-entropy.
 
 Shapes: b = responses, n = response positions, v = vocabulary, p = prompts, g = responses per
 prompt with groups laid out contiguously (b = p * g). Per-token log-probs are (b, n) with a
@@ -88,7 +90,8 @@ def reduce_token_losses(
 
       "seq-mean-token-mean":     mean over sequences of each sequence's token mean (GRPO,
                                  Shao et al. 2024 eq. 3): a token of a short answer weighs
-                                 more than one of a long answer. TRL loss_type "grpo".
+                                 more than one of a long answer; a sequence with no token
+                                 (filtered out) is not counted. TRL loss_type "grpo".
       "token-mean":              sum over all masked tokens / their number (DAPO, Yu et al.
                                  2025, token-level policy gradient loss): every token weighs
                                  the same. TRL "bnpo" (its "dapo" on one process).
@@ -97,9 +100,9 @@ def reduce_token_losses(
                                  to n. TRL "dr_grpo".
 
     The old names "sequence", "token", "constant" are accepted (`LOSS_AGG_ALIASES`). Across
-    processes the sequence modes average exactly (equal per-process b); "token-mean" is the
-    mean of this shard's tokens, not of the global batch's, unless every shard holds the
-    same number of tokens.
+    processes the sequence modes average exactly (equal per-process b, no filtered rows);
+    "token-mean" is the mean of this shard's tokens, not of the global batch's, unless every
+    shard holds the same number of tokens.
     """
     if mask.dtype != torch.bool or mask.shape != losses.shape:
         raise ValueError(f"need a bool mask shaped like the losses {tuple(losses.shape)}")
