@@ -20,8 +20,10 @@ from pathlib import Path
 
 try:
     from bench_palm import WORKER, machine_info, run_worker
+    from provenance import provenance
 except ImportError:  # imported as benchmarks.bench_checkpointing
     from benchmarks.bench_palm import WORKER, machine_info, run_worker
+    from benchmarks.provenance import provenance
 
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -97,7 +99,13 @@ def main(argv=None) -> int:
     out = args.out or BENCH_DIR / "results" / (
         "checkpointing-quick.json" if args.quick else "checkpointing.json"
     )
-    report = {"machine": machine, "sizes": sizes, "markdown": "\n".join(lines), "raw": raw}
+    report = {
+        "provenance": provenance(args.threads),
+        "machine": machine,
+        "sizes": sizes,
+        "markdown": "\n".join(lines),
+        "raw": raw,
+    }
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)
     failed = any("error" in r for d in raw.values() for m in d.values() for r in m.values())

@@ -44,6 +44,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.provenance import provenance  # noqa: E402
 from palm_rlhf.model.palm import PaLM  # noqa: E402
 from palm_rlhf.model.sampling import iter_sample  # noqa: E402
 
@@ -228,6 +229,7 @@ def main(argv=None) -> int:
     out = args.out or BENCH_DIR / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
+        "provenance": provenance(args.threads),
         "settings": vars(args) | {"out": str(out)},
         "rows": rows,
         "ppo": ppo,

@@ -14,16 +14,16 @@ model a finished demo run left in DIR: with LoRA's A initialised by fan-in (befo
 and as now at the default learning rates (1e-4); it prints the training rollouts' reward
 (first -> last update) and KL for each.
 
-Measured on 2026-11-29 (2 cores, shared with one other job): with LoRA's A initialised by
-fan-in (our earlier choice) +0.029 / -0.005; with A ~ N(0, 1) as in Hu et al. 2021 and the
-reference project, +0.243 / +0.308 at a KL of 2.9 / 2.7 nats per response. The issue measured
-the reference's defaults at about +0.23 on this task.
+Both write what they print, with the commit and machine, to benchmarks/results/defaults.json
+(defaults-demo.json with --demo); docs/results.md shows it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import sys
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
@@ -31,9 +31,14 @@ from pathlib import Path
 
 import torch
 
-from palm_rlhf import PaLM, RLHFTrainer
-from palm_rlhf.model import lora
-from palm_rlhf.rl.ppo.stage import PPOStageConfig, train_ppo
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.provenance import provenance  # noqa: E402
+from palm_rlhf import PaLM, RLHFTrainer  # noqa: E402
+from palm_rlhf.model import lora  # noqa: E402
+from palm_rlhf.rl.ppo.stage import PPOStageConfig, train_ppo  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 TARGET = 3
 
@@ -100,9 +105,20 @@ def demo_ppo(demo: Path, out: Path, lr: float):
     return train_ppo(config)
 
 
+def report(name: str, lines: list, settings: dict) -> None:
+    """Print a finished line and rewrite results/NAME with every line so far."""
+    print(lines[-1], flush=True)
+    text = "\n".join(lines)
+    record = {"provenance": provenance(), "settings": settings, "markdown": text}
+    (RESULTS / name).write_text(json.dumps(record, indent=2) + "\n")
+
+
 def main_demo(demo: Path, rows: str) -> None:
-    print("| LoRA A init | learning rates | rollout reward, first -> last | KL at the last | s |")
-    print("| --- | --- | --- | ---: | ---: |")
+    lines = [
+        "| LoRA A init | learning rates | rollout reward, first -> last | KL at the last | s |",
+        "| --- | --- | --- | ---: | ---: |",
+    ]
+    print("\n".join(lines))
     runs = {
         "before": ("fan-in (before)", fan_in_lora, 1e-3),
         "now": ("N(0, 1) (now)", nullcontext, 1e-3),
@@ -114,12 +130,12 @@ def main_demo(demo: Path, rows: str) -> None:
         start = time.time()
         with tempfile.TemporaryDirectory() as out, init():
             result = demo_ppo(demo, Path(out), lr)
-        print(
+        lines.append(
             f"| {name} | {lr:g} | {result.reward_before:.3f} -> {result.reward_after:.3f} "
             f"({result.reward_after - result.reward_before:+.3f}) | {result.kl:.2f} | "
-            f"{time.time() - start:.0f} |",
-            flush=True,
+            f"{time.time() - start:.0f} |"
         )
+        report("defaults-demo.json", lines, {"demo": str(demo), "rows": rows})
 
 
 if __name__ == "__main__":
@@ -136,11 +152,12 @@ if __name__ == "__main__":
         main_demo(args.demo, args.rows)
         raise SystemExit
     torch.set_num_threads(1)
+    lines = []
     for seed in (0, 1):
         start = time.time()
         before, after, kl = run(seed)
-        print(
-            f"seed {seed}: reward {before:.3f} -> {after:.3f} ({after - before:+.3f}), "
-            f"KL {kl:.2f} nats/response, {time.time() - start:.0f} s",
-            flush=True,
+        lines.append(
+            f"- seed {seed}: reward {before:.3f} -> {after:.3f} ({after - before:+.3f}), "
+            f"KL {kl:.2f} nats/response, {time.time() - start:.0f} s"
         )
+        report("defaults.json", lines, {"seeds": [0, 1]})

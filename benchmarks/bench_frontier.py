@@ -55,6 +55,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.provenance import provenance  # noqa: E402
 from palm_rlhf.checkpoint import find_weights  # noqa: E402
 from palm_rlhf.data.collate import left_pad_prompts  # noqa: E402
 from palm_rlhf.data.records import read_comparisons  # noqa: E402
@@ -897,6 +898,7 @@ def main(argv=None) -> dict:
         budget = replace(budget, offline_eval_every=max(1, args.offline_steps // 3))
     started = time.monotonic()
     results: dict = {
+        "provenance": provenance(args.threads),
         "budget": asdict(budget),
         "seed": args.seed,
         "kl_coef": args.kl_coef,

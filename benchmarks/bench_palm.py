@@ -25,8 +25,10 @@ import tempfile
 from pathlib import Path
 
 try:
+    from provenance import cpu_model_and_flags, git, provenance
     from reference_env import REFERENCE_DIST, REFERENCE_VERSION, ensure_reference_env
 except ImportError:  # imported as benchmarks.bench_palm
+    from benchmarks.provenance import cpu_model_and_flags, git, provenance
     from benchmarks.reference_env import REFERENCE_DIST, REFERENCE_VERSION, ensure_reference_env
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -94,17 +96,8 @@ def run_worker(impl: str, cmd: list[str], threads: int, timeout: float) -> dict:
 def machine_info(threads: int) -> dict:
     import torch
 
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(
-                line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")
-            )
-    except (OSError, StopIteration):
-        pass
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    cpu, _ = cpu_model_and_flags()
+    commit = git("rev-parse", "--short", "HEAD")
     try:  # oneDNN's bf16 kernels need AVX-512 or AMX; elsewhere torch emulates bf16 matmuls
         native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -311,6 +304,7 @@ def main(argv=None) -> int:
     out = args.out or BENCH_DIR / "results" / ("palm-quick.json" if args.quick else "palm.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
+        "provenance": provenance(args.threads),
         "machine": machine,
         "settings": settings,
         "peak_gflops": peak,

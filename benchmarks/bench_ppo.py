@@ -29,9 +29,11 @@ from pathlib import Path
 
 try:
     from bench_palm import machine_info, run_worker
+    from provenance import provenance
     from reference_env import ensure_reference_env
 except ImportError:  # imported as benchmarks.bench_ppo
     from benchmarks.bench_palm import machine_info, run_worker
+    from benchmarks.provenance import provenance
     from benchmarks.reference_env import ensure_reference_env
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -170,7 +172,14 @@ def main(argv=None) -> int:
 
     out = args.out or BENCH_DIR / "results" / ("ppo-quick.json" if args.quick else "ppo.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine, "settings": settings, "rows": rows, "markdown": table, "raw": raw}
+    report = {
+        "provenance": provenance(args.threads),
+        "machine": machine,
+        "settings": settings,
+        "rows": rows,
+        "markdown": table,
+        "raw": raw,
+    }
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {out}", file=sys.stderr)
     failed = any("error" in r for impls in raw.values() for rs in impls.values() for r in rs)

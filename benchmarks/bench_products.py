@@ -19,6 +19,7 @@ size. Prints a Markdown table of ms per pass and GB/s (weight bytes / time); bes
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_decode import DEPTHS, PROBE_BYTES, probe_bandwidth  # noqa: E402
+from benchmarks.provenance import provenance  # noqa: E402
 from palm_rlhf.model.cpu_tuning import row_block_product  # noqa: E402
 
 
@@ -62,6 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", default="2,4,8")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "products.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -97,10 +100,18 @@ def main(argv=None) -> int:
             )
             print(lines[-1], file=sys.stderr)
     load = os.getloadavg()
-    print(
+    text = (
         f"torch {torch.__version__}, {args.threads} thread(s), load average {load[0]:.2f} at "
         f"the end\n\n" + "\n".join(lines)
     )
+    print(text)
+    report = {
+        "provenance": provenance(args.threads),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "markdown": text,
+    }
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.out}", file=sys.stderr)
     return 0
 
 

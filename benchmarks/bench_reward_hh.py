@@ -30,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.provenance import provenance  # noqa: E402
 from palm_rlhf.data.records import read_comparisons  # noqa: E402
 from palm_rlhf.train.reward import (  # noqa: E402
     RewardTrainConfig,
@@ -151,6 +152,7 @@ def main(argv=None) -> dict:
     table = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     print(table)
     report = {
+        "provenance": provenance(),
         "table": table,
         "accuracy": result.metrics["valid_accuracy"],
         "shorter_answer_baseline": baseline,

@@ -21,10 +21,33 @@ def randomize_lora(model: PaLM, scope: str, std: float = 0.1) -> None:
             param.normal_(0, std)
 
 
+def on_cpu(test):
+    """Run `test` as on a machine without a GPU: for a parity test whose one-process reference
+    runs in the test's own process, beside `launch`ed CPU workers it is compared with."""
+    import functools
+    from unittest import mock
+
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        from accelerate.state import AcceleratorState
+
+        # Accelerate keeps its device in process-wide state: start and end without it
+        AcceleratorState._reset_state(reset_partial_state=True)
+        try:
+            with mock.patch("torch.cuda.is_available", return_value=False):
+                return test(*args, **kwargs)
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+
+    return run
+
+
 def launch(args: list[str], num_processes: int = 2, cwd=None, timeout: int = 300):
     """Run `python ARGS` in `num_processes` processes with `accelerate launch --multi_gpu`,
-    which on a machine without GPUs starts gloo CPU processes (our Accelerator goes to the CPU
-    by itself). One process runs plain python. A clash on the rendezvous port is retried."""
+    as gloo CPU processes (our Accelerator goes to the CPU by itself). GPUs are hidden from
+    them: a one-GPU machine cannot give each rank its own (NCCL), and a parity test compares
+    runs that must share one device type, so on a CUDA machine they run as on a CPU-only one.
+    One process runs plain python. A clash on the rendezvous port is retried."""
     import os
     import socket
     import subprocess
@@ -34,7 +57,7 @@ def launch(args: list[str], num_processes: int = 2, cwd=None, timeout: int = 300
     # checkout's palm_rlhf) whatever the caller's environment
     root = str(Path(__file__).resolve().parent.parent)
     path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": ""}
     for _ in range(3):
         if num_processes == 1:
             command = [sys.executable, *args]

@@ -248,7 +248,6 @@ release_processes(exit_code=0)
 """
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU gloo test")
 def test_two_processes_give_the_advantages_one_process_computes_for_the_same_samples(tmp_path):
     script = tmp_path / "two.py"
     tests = Path(__file__).resolve().parent

@@ -22,7 +22,6 @@ pytestmark = [
     pytest.mark.skipif(
         dist.is_available() and not dist.is_gloo_available(), reason="no gloo backend"
     ),
-    pytest.mark.skipif(torch.cuda.is_available(), reason="CPU gloo parity test"),
 ]
 
 

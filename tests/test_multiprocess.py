@@ -13,7 +13,6 @@ from tests.helpers import launch
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU gloo parity test")
 def test_pretraining_two_processes_match_one(tmp_path):
     args = [
         "--data-dir",
@@ -59,7 +58,6 @@ def test_pretraining_two_processes_match_one(tmp_path):
         torch.testing.assert_close(weights_2[name], tensor, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU gloo parity test")
 def test_reward_training_two_processes_match_one(tmp_path):
     """Dropout is off: with it, each process would draw its own masks for its half."""
     data = Path(__file__).parent / "fixtures" / "comparisons.jsonl"

@@ -408,7 +408,6 @@ release_processes(exit_code=0)
 """
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU gloo test")
 def test_two_processes_train_one_policy_with_identical_weights(tmp_path):
     script = tmp_path / "two.py"
     tests = Path(__file__).resolve().parent

@@ -51,7 +51,6 @@ def test_whiten_leaves_a_batch_with_fewer_than_two_tokens_alone():
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU gloo test")
 def test_two_processes_whiten_globally_and_resume_with_every_ranks_generators(tmp_path):
     launch([str(REPO / "tests" / "ppo_worker.py"), str(tmp_path)], 2, cwd=REPO)
     ranks = [json.loads((tmp_path / f"rank-{i}.json").read_text()) for i in (0, 1)]
@@ -88,7 +87,6 @@ def test_fp16_is_refused_for_ppo_with_the_reason():
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU gloo test")
 @pytest.mark.parametrize("critic", ["per-token", "binned"])
 def test_sharded_ppo_with_lora_scopes_on_one_palm(tmp_path, critic):
     """`binned`: the reference's pooled HL-Gauss critic, whose first-rollout start writes the

@@ -2,7 +2,6 @@ import argparse
 import dataclasses
 import inspect
 import math
-import re
 import warnings
 from pathlib import Path
 
@@ -614,20 +613,6 @@ def test_command_line(tmp_path, capsys):
     assert "count" not in summary and (tmp_path / "latest").is_file()
     with pytest.raises(SystemExit):
         cli_main(["reward", "--kind", "ratings"])  # --data is required
-
-
-def test_readme_reward_model_examples_run(tmp_path, monkeypatch):
-    """The README's RewardModel snippets (usage and porting) run as written."""
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    blocks = [
-        block
-        for block in re.findall(r"```python\n(.*?)```", readme, re.S)
-        if "RewardModel(" in block and "RLHFTrainer" not in block
-    ]
-    assert len(blocks) == 2
-    monkeypatch.chdir(tmp_path)
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
 
 
 def test_lora_reward_checkpoint_still_loads_after_its_folder_moves(tmp_path):

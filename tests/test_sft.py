@@ -18,7 +18,7 @@ from palm_rlhf.train.sft import (
     train_sft,
 )
 from tests.finetune_helpers import FIXTURES, make_base, toy_sft, write_jsonl
-from tests.helpers import launch
+from tests.helpers import launch, on_cpu
 
 QUICK = dict(max_len=64, batch_size=4, warmup_steps=1, log_every=1, lr=3e-3)
 
@@ -325,7 +325,7 @@ release_processes(exit_code=0)
 """
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU gloo parity test")
+@on_cpu  # the one-process reference runs here, on the workers' CPU
 def test_two_processes_give_the_one_process_result(base, tmp_path):
     """batch 3 splits 2 + 1 rows of unequal token counts: the global token normalisation
     must still give one process's losses (and so its gradients)."""

@@ -15,6 +15,7 @@ A training checkpoint is a folder `out_dir/step-XXXXXXX` written atomically by
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Union
 
@@ -129,6 +130,38 @@ def checkpoint_on_main(
         )
     accelerator.wait_for_everyone()
     return path
+
+
+@dataclass
+class LoopSaver:
+    """What a stage's checkpoints are made of, gathered once: `save(step, trainer_state)` is
+    `checkpoint_on_main` for it (None when the run has no `out_dir`)."""
+
+    accelerator: Any
+    out_dir: Optional[PathLike]
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    keep_last: int
+    tokenizer: Any
+    template: Any = None
+
+    def save(self, step: int, trainer_state: dict, before_save=None) -> Optional[Path]:
+        if self.out_dir is None:
+            return None
+        return checkpoint_on_main(
+            self.accelerator,
+            self.out_dir,
+            step,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            trainer_state,
+            self.keep_last,
+            self.tokenizer,
+            self.template,
+            before_save=before_save,
+        )
 
 
 def load_training_checkpoint(

@@ -44,7 +44,7 @@ from palm_rlhf.model.palm import PaLM
 from palm_rlhf.options import option
 from palm_rlhf.train import sharding
 from palm_rlhf.train.accelerator import loop_accelerator
-from palm_rlhf.train.checkpointing import checkpoint_on_main, resume_training
+from palm_rlhf.train.checkpointing import LoopSaver, resume_training
 from palm_rlhf.train.loading import check_tokenizer, load_base
 from palm_rlhf.train.loop import LoopParts, LossTerms, add_totals, means, reduce_terms, train_loop
 from palm_rlhf.train.optim import cosine_schedule, make_optimizer
@@ -241,6 +241,11 @@ def run_finetune(
         sharding.settle(unwrapped)
         return {f"valid_{k}": v for k, v in metrics.items()}
 
+    saver = LoopSaver(
+        accelerator, config.out_dir, unwrapped, optimizer, scheduler, config.keep_last,
+        tokenizer, template,
+    )  # fmt: skip
+
     def checkpoint(step: int, finished: bool) -> Optional[Path]:
         if config.out_dir is None:
             return None
@@ -256,19 +261,7 @@ def run_finetune(
             "lora_merged": merged,
             "num_steps": num_steps,
         }
-        return checkpoint_on_main(
-            accelerator,
-            config.out_dir,
-            step,
-            unwrapped,
-            optimizer,
-            scheduler,
-            trainer_state,
-            config.keep_last,
-            tokenizer,
-            template,
-            before_save=fold,
-        )
+        return saver.save(step, trainer_state, before_save=fold)
 
     longer = "--epochs or --max-steps"
     parts = LoopParts(name, num_steps, micro_batches, loss, evaluate, checkpoint, None, longer)

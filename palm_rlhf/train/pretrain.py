@@ -27,7 +27,7 @@ from palm_rlhf.model.sampling import sample_tokens
 from palm_rlhf.options import option
 from palm_rlhf.train import sharding
 from palm_rlhf.train.accelerator import loop_accelerator
-from palm_rlhf.train.checkpointing import checkpoint_on_main, resume_training
+from palm_rlhf.train.checkpointing import LoopSaver, resume_training
 from palm_rlhf.train.loop import LoopParts, LossTerms, train_loop
 from palm_rlhf.train.optim import cosine_schedule, make_optimizer
 from palm_rlhf.train.progress import main_process_log
@@ -158,22 +158,13 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
             log(sample_text(unwrapped, splits.valid, config, tokenizer, seed=config.seed + step))
             sharding.settle(unwrapped)
 
+    saver = LoopSaver(
+        accelerator, config.out_dir, unwrapped, optimizer, scheduler, config.keep_last,
+        tokenizer, template,
+    )  # fmt: skip
+
     def checkpoint(step: int, finished: bool) -> Optional[Path]:
-        if config.out_dir is None:
-            return None
-        trainer_state = {"config": asdict(config), "history": resumed.history}
-        return checkpoint_on_main(
-            accelerator,
-            config.out_dir,
-            step,
-            unwrapped,
-            optimizer,
-            scheduler,
-            trainer_state,
-            config.keep_last,
-            tokenizer,
-            template,
-        )
+        return saver.save(step, {"config": asdict(config), "history": resumed.history})
 
     parts = LoopParts(
         "pretrain",

@@ -40,7 +40,7 @@ from palm_rlhf.model.reward import RewardModel
 from palm_rlhf.options import option
 from palm_rlhf.train import sharding
 from palm_rlhf.train.accelerator import loop_accelerator
-from palm_rlhf.train.checkpointing import checkpoint_on_main, resume_training
+from palm_rlhf.train.checkpointing import LoopSaver, resume_training
 from palm_rlhf.train.loading import load_base
 from palm_rlhf.train.loop import LoopParts, LossTerms, train_loop
 from palm_rlhf.train.optim import cosine_schedule, make_optimizer
@@ -319,22 +319,13 @@ def train_reward_model(config: RewardTrainConfig) -> RewardTrainResult:
         train_loader = accelerator.skip_first_batches(train_loader, skipped)
     batches = iter(train_loader)
 
+    saver = LoopSaver(
+        accelerator, config.out_dir, unwrapped, optimizer, scheduler, config.keep_last,
+        tokenizer, template,
+    )  # fmt: skip
+
     def checkpoint(step: int, finished: bool) -> Optional[Path]:
-        if config.out_dir is None:
-            return None
-        trainer_state = {"config": asdict(config), "history": resumed.history}
-        return checkpoint_on_main(
-            accelerator,
-            config.out_dir,
-            step,
-            unwrapped,
-            optimizer,
-            scheduler,
-            trainer_state,
-            config.keep_last,
-            tokenizer,
-            template,
-        )
+        return saver.save(step, {"config": asdict(config), "history": resumed.history})
 
     parts = LoopParts(
         "reward",
