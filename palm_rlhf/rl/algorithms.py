@@ -283,7 +283,8 @@ def critic_free_objective(
     tempered actor logits (b, n - 1, v); `log_z`, `sampler_probs`, `max_length`: `LossInputs`."""
     algorithm, mask = ALGORITHMS[config.algorithm], batch.action_mask
     logprobs = log_probs_from_logits(logits, batch.tokens[:, 1:])
-    entropy = entropy_from_logits(logits)
+    # with grad only when the bonus needs it (the (b, n, v) softmax is kept for backward)
+    entropy = entropy_from_logits(logits if config.beta_s > 0 else logits.detach())
     inputs = LossInputs(logits, logprobs, batch, config, max_length, log_z, sampler_probs, entropy)
     loss, stats = algorithm.loss(inputs)
     stats["policy_loss"] = float(loss.detach())
@@ -292,7 +293,8 @@ def critic_free_objective(
         kl_loss = reduce_token_losses(kl, mask, config.token_reduction, max_length)
         loss = loss + kl_coef * kl_loss
         stats["kl_loss"] = float(kl_loss.detach())
-    loss = loss - config.beta_s * entropy_bonus(entropy, mask, config, max_length)
+    if config.beta_s > 0:
+        loss = loss - config.beta_s * entropy_bonus(entropy, mask, config, max_length)
     stats["entropy"] = float(masked_mean(entropy.detach(), mask))
     return loss, stats
 

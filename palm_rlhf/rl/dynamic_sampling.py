@@ -2,7 +2,8 @@
 all scored the same has advantage 0 under every group baseline, so it only dilutes the batch.
 Such groups are dropped and more prompts are rolled out in their place, for at most
 `max_retries` extra rounds; if the batch is still short then, dropped groups fill it (the
-update stays the size it was asked to be, as without dynamic sampling).
+update stays the size it was asked to be, as without dynamic sampling). The trainer counts the
+responses it learns from as episodes, not the extra ones rolled out and dropped.
 
 Under several processes every process takes part in every round (rounds and rows per round are
 the largest any process needs), so sharded models, whose forward passes are collectives, stay
