@@ -150,7 +150,10 @@ def shaped_advantages(inputs: LossInputs) -> tuple[Tensor, dict[str, float]]:
         stats["kl_div_loss"] = float(drift.detach().mean())
     if config.entropy_to_advantage_scale > 0:
         scale, kappa = config.entropy_to_advantage_scale, config.entropy_to_advantage_kappa
-        advantages = entropy_advantage_bonus(advantages, inputs.entropy, mask, scale, kappa)
+        entropy = (
+            inputs.entropy if inputs.entropy is not None else entropy_from_logits(inputs.logits)
+        )
+        advantages = entropy_advantage_bonus(advantages, entropy, mask, scale, kappa)
     return advantages, stats
 
 

@@ -147,7 +147,7 @@ class PPOConfig(RunOptions, SamplingOptions):
     )
     overlong_penalty_factor: float = option(1.0, "the soft overlong penalty at the budget")
     value_clip: Optional[float] = option(0.4, "value clip around the rollout's values")
-    beta_s: float = option(0.01, "entropy bonus, weighted like the policy loss's tokens")
+    beta_s: float = option(0.01, "entropy bonus (every algorithm), averaged like the loss's tokens")
     kl_div_loss_weight: float = option(
         0.0,
         "drift from the rollout policy: ppo, a loss term of weight * k3 KL per sampled token; "

@@ -3,7 +3,8 @@
 One PPO iteration (`step`) reads like the algorithm box of Ouyang et al. 2022 / Ziegler et al.
 2019, each phase a method:
 
-    1. rollout     sample responses to a batch of prompts from the actor (KV-cached, batched)
+    1. rollout     sample responses to a batch of prompts from the actor (KV-cached, batched;
+                   `dynamic_sampling` refills groups of equal rewards, `dynamic_sampling.py`)
     2. rewards     score prompt + response with the reward model; per-token reward
                    r_t = -kl_coef * KL_t(actor || reference), plus the score at the last token
     3. advantages  GAE(gamma, lam) over the critic's values (or the kind in `critics.py`)
