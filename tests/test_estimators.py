@@ -10,6 +10,7 @@ from torch.testing import assert_close
 from palm_rlhf.functional.advantages import (
     group_normalized_advantages,
     leave_one_out_advantages,
+    max_rl_advantages,
     reinforce_pp_returns,
 )
 from palm_rlhf.functional.kl import kl_per_token
@@ -317,7 +318,9 @@ def test_tpo_targets_and_loss_by_hand():
 
 ARM_REWARDS = torch.tensor([0.2, 0.5, 0.1, 0.8])  # arm 3 is best
 PROMPTS, GROUP = 4, 8
-ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "score_centering", "flowrl", "tpo")
+ESTIMATORS = (
+    "grpo", "dr_grpo", "max_rl", "rloo", "reinforce_pp", "score_centering", "flowrl", "tpo"
+)  # fmt: skip
 
 
 def _bandit_loss(name, logits, log_z, arms, rewards):
@@ -325,9 +328,11 @@ def _bandit_loss(name, logits, log_z, arms, rewards):
     log_pi = logits.log_softmax(-1)
     logprobs = log_pi[arms][:, None]  # (b, 1)
     old, mask = logprobs.detach(), torch.ones_like(logprobs, dtype=torch.bool)
-    if name in ("grpo", "dr_grpo", "rloo"):
+    if name in ("grpo", "dr_grpo", "max_rl", "rloo"):
         if name == "rloo":
             advantages, norm = leave_one_out_advantages(rewards, GROUP), "token-mean"
+        elif name == "max_rl":
+            advantages, norm = max_rl_advantages(rewards, GROUP), "seq-mean-token-mean"
         else:
             grpo = name == "grpo"
             advantages = group_normalized_advantages(rewards, GROUP, scale_by_std=grpo)
