@@ -181,6 +181,13 @@ def test_the_reference_defaults_apply_without_a_warning(kind):
     assert config.kl_div_loss_weight == (0.1 if kind == "grpo" else 0.0)
 
 
+def test_dr_grpo_with_gradient_clipping_divides_by_its_constant():
+    """Once beta_s, the drift KL or a gradient clip join the loss, 1/c no longer cancels: the
+    divisor is the config's `dr_grpo_constant`, as the reference divides."""
+    config = build("grpo", use_dr_grpo=True, max_norm=1.0).config
+    assert (config.dr_grpo_constant, config.max_norm, config.scale_by_std) == (11, 1.0, False)
+
+
 @pytest.mark.parametrize(
     "kind, keywords, error, match",
     [

@@ -214,3 +214,29 @@ def test_the_old_length_norm_flag_still_works_on_the_command_line():
     assert config.loss_agg_mode == "seq-mean-token-sum-norm"
     config = parse_config(PPOStageConfig, [*required, "--loss-agg-mode", "token-mean"])
     assert config.trainer_config().token_reduction == "token-mean"
+
+
+def test_every_new_option_is_a_flag_but_the_weight_function():
+    from palm_rlhf.options import config_parser
+    from palm_rlhf.rl.ppo.stage import PPOStageConfig
+
+    flags = config_parser(PPOStageConfig).format_help()
+    for flag in (
+        "--loss-agg-mode",
+        "--clip-eps-low",
+        "--clip-eps-high",
+        "--dual-clip-c",
+        "--importance-sampling-level",
+        "--simple-policy-optimization",
+        "--max-rl",
+        "--dr-grpo-constant",
+        "--entropy-to-advantage-scale",
+        "--score-centering-topk",
+        "--dynamic-sampling",
+        "--dynamic-sampling-max-retries",
+        "--overlong-filtering",
+        "--overlong-buffer-len",
+        "--overlong-penalty-factor",
+    ):
+        assert flag in flags, flag
+    assert "--score-centering-weight-fn" not in flags  # code: an API keyword only
