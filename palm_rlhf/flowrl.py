@@ -54,4 +54,5 @@ class FlowRLTrainer(ref.ReferenceTrainer):
             eps_clip=keywords["eps_clip"],  # clip of the sequence importance weight
             flowrl_beta=keywords["beta"],
             critic_lr=keywords["partition_function_lr"],  # our log Z head's optimiser
+            beta_s=0.0,  # the reference stores beta_s and never reads it
         )

@@ -5,8 +5,13 @@ GRPO (Shao et al. 2024) without a critic: each prompt is sampled
 `grpo_num_times_sample_rewards + 1` times and every response's advantage is its reward's
 z-score within that group, A_i = (r_i - mean) / std (Bessel std); the clipped policy gradient,
 averaged over each response's tokens, then over responses, is the loss. The reference keeps no
-frozen reference policy, so here `kl_coef = 0` (no KL-to-reference term). `use_dr_grpo` drops
-the std (Dr. GRPO, Liu et al. 2025); `use_score_centering` swaps in the centred-score gradient.
+frozen reference policy, so here `kl_coef = 0` (no KL-to-reference term); `kl_div_loss_weight`
+subtracts each response's KL to the rollout policy from its advantage and `beta_s` weighs an
+entropy bonus, as there. `use_dr_grpo` drops the std (Dr. GRPO, Liu et al. 2025: the centred
+rewards over `dr_grpo_constant`, the group size by default); `use_max_rl` divides by the
+group's mean reward (MaxRL); `use_simple_policy_optimization` swaps the clip for SPO's
+penalty; `add_entropy_to_advantage` adds the capped entropy to the advantage (Cheng et al.
+2025); `use_score_centering` swaps in the centred-score gradient.
 The keyword map is `to_config`; `train` counts as the reference does (`rl/reference_keywords.py`).
 """
 
@@ -52,44 +57,32 @@ class RLHFTrainer(ref.ReferenceTrainer):
         spo, centering = keywords["use_simple_policy_optimization"], keywords["use_score_centering"]
         if spo and centering:
             raise ValueError(f"{NAME}: cannot use both SPO and Score Centering")
-        if keywords["use_max_rl"]:
-            ref.pending(NAME, "use_max_rl", True, "max_rl (MaxRL, arXiv 2602.02710)")
-        if spo:
-            ref.pending(
-                NAME,
-                "use_simple_policy_optimization",
-                True,
-                "simple_policy_optimization (SPO, Xie et al., arXiv 2401.16025)",
-            )
-        if keywords["add_entropy_to_advantage"]:
-            ref.pending(
-                NAME,
-                "add_entropy_to_advantage",
-                True,
-                "entropy_to_advantage_kappa / entropy_to_advantage_scale (Cheng et al. 2025)",
-            )
-        if keywords["score_centering_topk"] is not None:
-            topk = keywords["score_centering_topk"]
-            ref.pending(NAME, "score_centering_topk", topk, "score_centering_topk")
-        if keywords["score_centering_weight_fn"] is not torch.ones_like:
-            weight_fn = keywords["score_centering_weight_fn"]
-            ref.pending(NAME, "score_centering_weight_fn", weight_fn, "score_centering_weight_fn")
-        if dr_grpo and keywords["max_norm"] is not None:
-            # A_i / c is a constant factor of the loss, which Adam-type updates cancel unless
-            # the gradient is clipped
-            ref.pending(
-                NAME, "use_dr_grpo", True, "dr_grpo_constant (the advantage divisor) with max_norm"
-            )
-        ref.unapplied_defaults(NAME, keywords, given, ("beta_s", "kl_div_loss_weight"))
+        group = ref.group_size(
+            NAME, "grpo_num_times_sample_rewards", keywords["grpo_num_times_sample_rewards"]
+        )
+        weight_fn = keywords["score_centering_weight_fn"]
+        entropy = keywords["add_entropy_to_advantage"]  # else the reference never reads the two
         return dict(
             {name: keywords[name] for name in ref.SAME_MEANING},
-            group_size=ref.group_size(
-                NAME, "grpo_num_times_sample_rewards", keywords["grpo_num_times_sample_rewards"]
-            ),
+            group_size=group,
             minibatch_size=keywords["minibatch_size"],
             eps_clip=keywords["eps_clip"],
+            beta_s=keywords["beta_s"],
+            kl_div_loss_weight=keywords["kl_div_loss_weight"],
             scale_by_std=not dr_grpo,
+            # theirs divides by the constant, the group size by default
+            dr_grpo_constant=(keywords["dr_grpo_constant"] or group) if dr_grpo else None,
+            max_rl=keywords["use_max_rl"],
+            simple_policy_optimization=spo,
             score_centering=centering,
-            length_norm="sequence",  # their masked mean over each response, then the batch mean
+            # read by score centering only, as there
+            score_centering_topk=keywords["score_centering_topk"] if centering else None,
+            score_centering_weight_fn=(
+                weight_fn if centering and weight_fn is not torch.ones_like else None
+            ),
+            entropy_to_advantage_scale=keywords["entropy_to_advantage_scale"] if entropy else 0.0,
+            entropy_to_advantage_kappa=keywords["entropy_to_advantage_kappa"],
+            # their masked mean over each response, then the batch mean
+            loss_agg_mode="seq-mean-token-mean",
             kl_coef=0.0,  # no frozen reference policy there
         )

@@ -12,7 +12,8 @@ from typing import Any, Optional, Union
 
 def option(default: Any, help: str, **metadata) -> Any:
     """A dataclass field with command-line help text (metadata: `choices`, `required`,
-    `positional` for an argument given without its --flag)."""
+    `positional` for an argument given without its --flag, `cli=False` for an API-only one,
+    `aliases`: older names still accepted, as keywords and as flags)."""
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
@@ -70,19 +71,22 @@ def _arg_type(kind, optional: bool):
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
     hints = typing.get_type_hints(cls)
     for field in _own_fields_first(cls):
+        if not field.metadata.get("cli", True):
+            continue
         kind, optional = _base_type(hints[field.name])
         flag = "--" + field.name.replace("_", "-")
+        flags = [flag, *("--" + a.replace("_", "-") for a in field.metadata.get("aliases", ()))]
         help_text = field.metadata.get("help", "")
         default = field.default
         if kind is bool:
             parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+                *flags, action=argparse.BooleanOptionalAction, default=default, help=help_text
             )
             continue
         if typing.get_origin(kind) is tuple:
             kind = typing.get_args(kind)[0]
             parser.add_argument(
-                flag,
+                *flags,
                 type=kind,
                 nargs="+",
                 default=default,
@@ -98,7 +102,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> argparse.Ar
         if optional and default is not None and "'none'" not in help_text:
             help_text += " ('none' for no value)"
         parser.add_argument(
-            flag,
+            *flags,
             required=field.metadata.get("required", False),
             type=_arg_type(kind, optional),
             default=default,
@@ -111,6 +115,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> argparse.Ar
 def dataclass_from_args(cls, args: argparse.Namespace):
     values = {}
     for field in dataclasses.fields(cls):
+        if not field.metadata.get("cli", True):
+            continue  # API-only: its default
         value = getattr(args, field.name)
         if isinstance(value, str) and value.lower() == "none":
             value = None

@@ -5,9 +5,10 @@ TPO (Kaddour 2026) fits the policy to a target distribution over each group: eac
 sampled `num_times_sample_rewards + 1` times, q_i = softmax_group(log pi_old(y_i) + z_i / eta)
 with z the group z-score of the rewards, and the loss is the cross-entropy from q to the
 policy's group-renormalised sequence probabilities. The reference keeps no frozen reference
-policy, so here `kl_coef = 0`. Its `minibatch_size` counts groups (prompts), ours responses:
-the map multiplies by the group size. The keyword map is `to_config`; `train` counts as the
-reference does (`rl/reference_keywords.py`).
+policy, so here `kl_coef = 0`; `beta_s` weighs an entropy bonus, as there. Its
+`minibatch_size` counts groups (prompts), ours responses: the map multiplies by the group
+size. The keyword map is `to_config`; `train` counts as the reference does
+(`rl/reference_keywords.py`).
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ class RLHFTrainer(ref.ReferenceTrainer):
         group = ref.group_size(
             NAME, "num_times_sample_rewards", keywords["num_times_sample_rewards"]
         )
-        ref.unapplied_defaults(NAME, keywords, given, ("beta_s",))
         return dict(
             {name: keywords[name] for name in ref.SAME_MEANING},
             group_size=group,
             minibatch_size=keywords["minibatch_size"] * group,  # theirs counts groups
             tpo_eta=keywords["tpo_eta"],
+            beta_s=keywords["beta_s"],
             kl_coef=0.0,  # no frozen reference policy there
         )
 

@@ -3,7 +3,7 @@
 the import changed: the same keywords with their meaning, the same amount of work per `train()`
 call, and the same option math, checked against what the reference itself recorded
 (`tests/fixtures/reference/dropin.*`, written by `benchmarks/make_reference_fixtures.py`).
-Options whose config value does not exist yet are xfail(strict): they flip when it does."""
+Every option of theirs is applied with its meaning there."""
 
 import inspect
 import json
@@ -29,18 +29,12 @@ SAMPLES = {
     "flowrl": "flowrl_num_times_sample",
     "tpo": "num_times_sample_rewards",
 }
-# reference defaults our critic-free losses do not apply yet: each front door warns about them
-UNAPPLIED = {"grpo": ("beta_s", "kl_div_loss_weight"), "flowrl": (), "tpo": ("beta_s",)}
 PALM = dict(num_tokens=32, dim=16, depth=1, dim_head=8, heads=2, ff_mult=2)
 
 
 @pytest.fixture(scope="module")
 def tensors():
     return load_file(str(FIXTURES / "dropin.safetensors"))
-
-
-def silenced(kind: str) -> dict:
-    return {name: 0.0 for name in UNAPPLIED[kind]}
 
 
 def build(kind: str, reward_model=None, prompts=None, **keywords):
@@ -50,7 +44,6 @@ def build(kind: str, reward_model=None, prompts=None, **keywords):
     if reward_model is None:
         reward_model = RewardModel(PaLM(**PALM), use_lora=True, lora_r=4)
     prompts = torch.randint(1, 32, (3, 3)) if prompts is None else prompts
-    keywords = {**silenced(kind), **keywords}
     return TRAINERS[kind](
         palm=palm, reward_model=reward_model, prompt_token_ids=prompts, progress=False, **keywords
     )
@@ -88,15 +81,24 @@ MEANINGS = {  # reference keyword and value -> our config field and value
         ("use_score_centering", True, "score_centering", True),
         ("eps_clip", 0.3, "eps_clip", 0.3),
         ("minibatch_size", 8, "minibatch_size", 8),
-        ("beta_s", 0.0, "algorithm", "grpo"),
-        ("kl_div_loss_weight", 0.0, "algorithm", "grpo"),
+        ("dr_grpo_constant", 3.0, "dr_grpo_constant", 3.0),
+        ("use_dr_grpo", True, "dr_grpo_constant", 11),  # theirs: the group size by default
+        ("beta_s", 0.0, "beta_s", 0.0),
+        ("beta_s", 0.05, "beta_s", 0.05),
+        ("kl_div_loss_weight", 0.0, "kl_div_loss_weight", 0.0),
+        ("kl_div_loss_weight", 0.3, "kl_div_loss_weight", 0.3),
         # without add_entropy_to_advantage the reference never reads these two
-        ("entropy_to_advantage_kappa", 3.0, "algorithm", "grpo"),
-        ("entropy_to_advantage_scale", 0.1, "algorithm", "grpo"),
+        ("entropy_to_advantage_kappa", 3.0, "entropy_to_advantage_scale", 0.0),
+        ("entropy_to_advantage_scale", 0.1, "entropy_to_advantage_scale", 0.0),
+        ("add_entropy_to_advantage", True, "entropy_to_advantage_scale", 0.4),
         ("use_max_rl", False, "scale_by_std", True),
+        ("use_max_rl", True, "max_rl", True),
         ("use_simple_policy_optimization", False, "score_centering", False),
+        ("use_simple_policy_optimization", True, "simple_policy_optimization", True),
         ("add_entropy_to_advantage", False, "algorithm", "grpo"),
+        # read by score centering only, as there
         ("score_centering_topk", None, "score_centering", False),
+        ("score_centering_topk", 32, "score_centering_topk", None),
         ("score_centering_weight_fn", torch.ones_like, "score_centering", False),
     ],
     "flowrl": [
@@ -107,14 +109,15 @@ MEANINGS = {  # reference keyword and value -> our config field and value
         ("eps_clip", 0.1, "eps_clip", 0.1),
         ("minibatch_size", 8, "minibatch_size", 8),
         # the reference FlowRL stores these two and never reads them
-        ("beta_s", 0.5, "algorithm", "flowrl"),
-        ("kl_div_loss_weight", 0.3, "algorithm", "flowrl"),
+        ("beta_s", 0.5, "beta_s", 0.0),
+        ("kl_div_loss_weight", 0.3, "kl_div_loss_weight", 0.0),
     ],
     "tpo": [
         ("num_times_sample_rewards", 3, "group_size", 4),
         ("tpo_eta", 0.5, "tpo_eta", 0.5),
         ("minibatch_size", 2, "minibatch_size", 22),  # theirs counts groups (of 11)
-        ("beta_s", 0.0, "algorithm", "tpo"),
+        ("beta_s", 0.0, "beta_s", 0.0),
+        ("beta_s", 0.05, "beta_s", 0.05),
     ],
 }
 SHARED = [  # the actor keywords every reference trainer has, meaning what ours do
@@ -141,8 +144,7 @@ def test_every_reference_keyword_is_accepted_with_its_meaning(
 
 
 def test_every_reference_keyword_has_a_case():
-    """Each reference keyword (beside the prompt and Accelerate inputs) is exercised above or,
-    for options not implemented yet, in the pending tests below."""
+    """Each reference keyword (beside the prompt and Accelerate inputs) is exercised above."""
     inputs = {"prompts", "prompts_path", "prompt_token_ids", "tokenizer", "accelerate_kwargs"}
     for kind, trainer in TRAINERS.items():
         covered = {case[0] for case in [*MEANINGS[kind], *SHARED]}
@@ -157,31 +159,33 @@ def test_fixed_settings_follow_the_reference(kind):
     if kind in ("grpo", "tpo"):
         assert config.kl_coef == 0.0
     if kind == "grpo":
-        assert config.length_norm == "sequence"
+        assert config.loss_agg_mode == "seq-mean-token-mean"
     assert config.group_size == FACTS["defaults"][kind]["init"][SAMPLES[kind]] + 1
 
 
 @pytest.mark.parametrize("kind", TRAINERS)
-def test_unapplied_reference_defaults_are_warned_about(kind):
-    names = UNAPPLIED[kind]
+def test_the_reference_defaults_apply_without_a_warning(kind):
+    """beta_s and kl_div_loss_weight at the reference's defaults apply with its meaning (grpo
+    both, tpo beta_s; FlowRL never reads them there): no warning that something is off."""
     torch.manual_seed(0)
-    palm = PaLM(**PALM)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        TRAINERS[kind](
-            palm=palm,
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer = TRAINERS[kind](
+            palm=PaLM(**PALM),
             reward_model=lambda s, m, p: m.float().mean(-1),
             prompt_token_ids=[[1, 2]],
             progress=False,
         )
-    messages = [
-        str(w.message)
-        for w in caught
-        if "is off here" in str(w.message) or "are off here" in str(w.message)
-    ]
-    assert len(messages) == (1 if names else 0)
-    for name in names:
-        assert f"{name}=" in messages[0] and f"{name}=0" in messages[0]
+    config = trainer.config
+    assert config.beta_s == (0.0 if kind == "flowrl" else 0.01)
+    assert config.kl_div_loss_weight == (0.1 if kind == "grpo" else 0.0)
+
+
+def test_dr_grpo_with_gradient_clipping_divides_by_its_constant():
+    """Once beta_s, the drift KL or a gradient clip join the loss, 1/c no longer cancels: the
+    divisor is the config's `dr_grpo_constant`, as the reference divides."""
+    config = build("grpo", use_dr_grpo=True, max_norm=1.0).config
+    assert (config.dr_grpo_constant, config.max_norm, config.scale_by_std) == (11, 1.0, False)
 
 
 @pytest.mark.parametrize(
@@ -226,26 +230,6 @@ def test_unapplied_reference_defaults_are_warned_about(kind):
 )
 def test_bad_keywords_are_one_clear_error(kind, keywords, error, match):
     with pytest.raises(error, match=match) as caught:
-        build(kind, **keywords)
-    assert "\n" not in str(caught.value)
-
-
-PENDING = [  # reference keyword -> the config option it needs (the follow-up adds them)
-    ("grpo", dict(use_max_rl=True), "max_rl"),
-    ("grpo", dict(use_simple_policy_optimization=True), "simple_policy_optimization"),
-    ("grpo", dict(add_entropy_to_advantage=True), "entropy_to_advantage_kappa"),
-    ("grpo", dict(score_centering_topk=32), "score_centering_topk"),
-    ("grpo", dict(score_centering_weight_fn=torch.sqrt), "score_centering_weight_fn"),
-    ("grpo", dict(beta_s=0.01), "beta_s in the critic-free losses"),
-    ("grpo", dict(kl_div_loss_weight=0.1), "kl_div_loss_weight in the critic-free losses"),
-    ("grpo", dict(use_dr_grpo=True, max_norm=1.0), "dr_grpo_constant"),
-    ("tpo", dict(beta_s=0.01), "beta_s in the critic-free losses"),
-]
-
-
-@pytest.mark.parametrize("kind, keywords, option", PENDING)
-def test_pending_keywords_raise_one_line_naming_the_missing_option(kind, keywords, option):
-    with pytest.raises(NotImplementedError, match=f"needs the config option {option}") as caught:
         build(kind, **keywords)
     assert "\n" not in str(caught.value)
 
@@ -368,24 +352,18 @@ def stored_advantages(trainer) -> torch.Tensor:
 GROUPS = ("mixed", "negative_mean", "constant")
 ADVANTAGE_CASES = [  # fixture case, reference keywords, our advantage x this = theirs
     ("default", {}, 1.0),
-    ("dr_grpo", dict(use_dr_grpo=True), 1 / 5),  # theirs divides by the group size, 5
-    ("dr_grpo_constant_3", dict(dr_grpo_constant=3.0), 1 / 3),
-    pytest.param(
-        "max_rl",
-        dict(use_max_rl=True),
-        1.0,
-        marks=pytest.mark.xfail(
-            strict=True, raises=NotImplementedError, reason="config option max_rl not yet"
-        ),
-    ),
+    ("dr_grpo", dict(use_dr_grpo=True), 1.0),  # theirs divides by the group size, 5
+    ("dr_grpo_constant_3", dict(dr_grpo_constant=3.0), 1.0),
+    ("max_rl", dict(use_max_rl=True), 1.0),
 ]
 
 
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("case, keywords, factor", ADVANTAGE_CASES)
 def test_grpo_advantages_match_the_reference(tensors, group, case, keywords, factor):
-    """Dr. GRPO's divisor there (the group size or `dr_grpo_constant`) is a constant factor
-    of the loss, which Adam-type updates (theirs and ours) cancel: here A_i = r_i - mean."""
+    """The advantages the reference stores: z-scores, Dr. GRPO's centred rewards over the
+    group size or `dr_grpo_constant`, MaxRL's over the group's mean reward (a constant
+    group: 0 everywhere)."""
     rewards = tensors[f"dropin.rewards.{group}"]
     trainer = build(
         "grpo", reward_model=fixed_rewards(rewards), grpo_num_times_sample_rewards=4, **keywords
@@ -410,26 +388,7 @@ def test_flowrl_and_tpo_read_the_references_group_z_scores(tensors, group):
     assert_close(targets, tensors[f"dropin.tpo.eta_0.5.targets.{group}"], atol=1e-6, rtol=1e-5)
 
 
-LOSS_PENDING = {
-    "kl_div_loss_weight": "kl_div_loss_weight in the critic-free losses not yet",
-    "beta_s": "beta_s in the critic-free losses not yet",
-    "reference_defaults": "beta_s and kl_div_loss_weight in the critic-free losses not yet",
-    "simple_policy_optimization": "config option simple_policy_optimization not yet",
-    "score_centering_topk": "config option score_centering_topk not yet",
-    "entropy_to_advantage": "config options entropy_to_advantage_kappa/_scale not yet",
-    "entropy_to_advantage_kl": "entropy_to_advantage_* and kl_div_loss_weight not yet",
-}
-LOSS_CASES = [
-    pytest.param(
-        case,
-        marks=[
-            pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=LOSS_PENDING[case])
-        ]
-        if case in LOSS_PENDING
-        else [],
-    )
-    for case in FACTS["grpo_loss_cases"]
-]
+LOSS_CASES = list(FACTS["grpo_loss_cases"])
 
 
 @pytest.mark.parametrize("case", LOSS_CASES)
@@ -501,18 +460,7 @@ def recorded_batch(tensors: dict, prefix: str, grouped: tuple = ()) -> dict:
     return {k: v.flatten(0, 1) if k in grouped else v for k, v in out.items()}
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "plain",
-        pytest.param(
-            "beta_s",
-            marks=pytest.mark.xfail(
-                strict=True, raises=NotImplementedError, reason=LOSS_PENDING["beta_s"]
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("case", ["plain", "beta_s"])
 def test_tpo_loss_and_gradient_match_the_references_learn_step(tensors, case):
     """The reference TPO's learn() on a recorded batch of 2 groups of 3 with given targets q,
     through our loss (`minibatch_loss`, the front door's config). Ours builds q from the old
@@ -619,7 +567,7 @@ def test_a_reference_notebook_runs_with_only_the_import_changed(
         import_line=import_line, trainer=trainer, samples=samples, minibatch=minibatch, extra=extra
     )
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the unapplied beta_s / kl_div_loss_weight defaults
+        warnings.simplefilter("error")  # the reference's defaults apply: nothing to warn
         exec(compile(code, "notebook", "exec"), namespace)
     trainer = namespace["trainer"]
     assert trainer.episodes == 2 * 3 and len(trainer.history) == 1

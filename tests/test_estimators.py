@@ -10,6 +10,7 @@ from torch.testing import assert_close
 from palm_rlhf.functional.advantages import (
     group_normalized_advantages,
     leave_one_out_advantages,
+    max_rl_advantages,
     reinforce_pp_returns,
 )
 from palm_rlhf.functional.kl import kl_per_token
@@ -130,18 +131,21 @@ PG_ADV = tensor([1.0, -2.0])
 
 
 @pytest.mark.parametrize(
-    "length_norm, max_length, expected",
+    "loss_agg_mode, max_length, expected",
     [
-        ("sequence", None, 1.1),  # mean(-2.7 / 3, 6.2 / 2) = mean(-0.9, 3.1)
-        ("token", None, 0.7),  # (-2.7 + 6.2) / 5 tokens
-        ("constant", None, 3.5 / 6),  # 3.5 / (b = 2 * n = 3)
-        ("constant", 4, 0.4375),  # 3.5 / (2 * 4)
+        ("seq-mean-token-mean", None, 1.1),  # mean(-2.7 / 3, 6.2 / 2) = mean(-0.9, 3.1)
+        ("token-mean", None, 0.7),  # (-2.7 + 6.2) / 5 tokens
+        ("seq-mean-token-sum-norm", None, 3.5 / 6),  # 3.5 / (b = 2 * n = 3)
+        ("seq-mean-token-sum-norm", 4, 0.4375),  # 3.5 / (2 * 4)
+        ("sequence", None, 1.1),  # the old names still mean the same
+        ("token", None, 0.7),
+        ("constant", 4, 0.4375),
     ],
 )
-def test_policy_gradient_loss_by_hand(length_norm, max_length, expected):
+def test_policy_gradient_loss_by_hand(loss_agg_mode, max_length, expected):
     old = torch.zeros(2, 3, dtype=torch.float64)
     loss, stats = policy_gradient_loss(
-        RATIOS.log(), old, PG_ADV, PG_MASK, 0.2, length_norm, max_length
+        RATIOS.log(), old, PG_ADV, PG_MASK, 0.2, loss_agg_mode, max_length
     )
     assert_close(loss, tensor(expected), **TIGHT)
     # |rho - 1| > 0.2 at 1.5, 0.5 and 2 of the 5 counted tokens
@@ -149,7 +153,7 @@ def test_policy_gradient_loss_by_hand(length_norm, max_length, expected):
     # (b, n) advantages equal to the broadcast (b,) ones give the same loss
     per_token = PG_ADV[:, None].expand(2, 3)
     same, _ = policy_gradient_loss(
-        RATIOS.log(), old, per_token, PG_MASK, 0.2, length_norm, max_length
+        RATIOS.log(), old, per_token, PG_MASK, 0.2, loss_agg_mode, max_length
     )
     assert_close(same, loss, **TIGHT)
 
@@ -165,7 +169,7 @@ def test_clipping_engages_and_cuts_the_gradient():
     #   (1,0): 2.2/5 = 0.44; (1,1): pessimistic unclipped -4 -> 4/5 = 0.8; (1,2) masked -> 0
     expected = tensor([[-0.2, 0.0, -0.1], [0.44, 0.8, 0.0]])
     assert_close(logprobs.grad, expected, **TIGHT)
-    with pytest.raises(ValueError, match="length_norm"):
+    with pytest.raises(ValueError, match="unknown loss_agg_mode 'tokens'"):
         reduce_token_losses(RATIOS, PG_MASK, "tokens")
 
 
@@ -314,7 +318,9 @@ def test_tpo_targets_and_loss_by_hand():
 
 ARM_REWARDS = torch.tensor([0.2, 0.5, 0.1, 0.8])  # arm 3 is best
 PROMPTS, GROUP = 4, 8
-ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "score_centering", "flowrl", "tpo")
+ESTIMATORS = (
+    "grpo", "dr_grpo", "max_rl", "rloo", "reinforce_pp", "score_centering", "flowrl", "tpo"
+)  # fmt: skip
 
 
 def _bandit_loss(name, logits, log_z, arms, rewards):
@@ -322,20 +328,22 @@ def _bandit_loss(name, logits, log_z, arms, rewards):
     log_pi = logits.log_softmax(-1)
     logprobs = log_pi[arms][:, None]  # (b, 1)
     old, mask = logprobs.detach(), torch.ones_like(logprobs, dtype=torch.bool)
-    if name in ("grpo", "dr_grpo", "rloo"):
+    if name in ("grpo", "dr_grpo", "max_rl", "rloo"):
         if name == "rloo":
-            advantages, norm = leave_one_out_advantages(rewards, GROUP), "token"
+            advantages, norm = leave_one_out_advantages(rewards, GROUP), "token-mean"
+        elif name == "max_rl":
+            advantages, norm = max_rl_advantages(rewards, GROUP), "seq-mean-token-mean"
         else:
             grpo = name == "grpo"
             advantages = group_normalized_advantages(rewards, GROUP, scale_by_std=grpo)
-            norm = "sequence" if grpo else "constant"
-        return policy_gradient_loss(logprobs, old, advantages, mask, length_norm=norm)[0]
+            norm = "seq-mean-token-mean" if grpo else "seq-mean-token-sum-norm"
+        return policy_gradient_loss(logprobs, old, advantages, mask, loss_agg_mode=norm)[0]
     if name == "reinforce_pp":
         ref = torch.full_like(old, math.log(0.25))
         kl = kl_per_token(old, ref, "k1")
         returns = reinforce_pp_returns(rewards, kl, mask, kl_coef=0.01)
         advantages = whiten(returns, mask)
-        return policy_gradient_loss(logprobs, old, advantages, mask, length_norm="token")[0]
+        return policy_gradient_loss(logprobs, old, advantages, mask, loss_agg_mode="token")[0]
     if name == "score_centering":
         sampler = log_pi.detach().exp().expand(arms.shape[0], 1, 4)
         advantages = group_normalized_advantages(rewards, GROUP)

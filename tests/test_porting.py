@@ -8,6 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from palm_rlhf.functional.logprobs import log_probs_from_logits
+from palm_rlhf.rl.ppo.config import PPOConfig
 from palm_rlhf.rl.ppo.objective import ppo_objective
 from palm_rlhf.rl.prompts import load_prompts
 from palm_rlhf.rl.rollout import Experience
@@ -54,8 +55,11 @@ def test_kl_div_loss_weight_adds_the_drift_from_the_rollout_policy():
     expected_kl = math.exp(d) - d - 1  # 0.5 - log 1.5 = 0.0945
     batch_logits, batch = one_token_batch(old, logits)
     critic_loss = torch.zeros(())
-    plain, stats = ppo_objective(batch_logits, critic_loss, batch, 0.2, 0.0)
-    weighted, _ = ppo_objective(batch_logits, critic_loss, batch, 0.2, 0.0, 0.5)
+    config = dict(eps_clip=0.2, beta_s=0.0)
+    plain, stats = ppo_objective(batch_logits, critic_loss, batch, PPOConfig(**config))
+    weighted, _ = ppo_objective(
+        batch_logits, critic_loss, batch, PPOConfig(**config, kl_div_loss_weight=0.5)
+    )
     assert stats["kl_div_loss"] == pytest.approx(expected_kl, abs=1e-6)
     assert float(weighted - plain) == pytest.approx(0.5 * expected_kl, abs=1e-6)
 

@@ -7,10 +7,12 @@ configuration (`palm_rlhf.typecheck`); `model/`, `train/` and `rl/` import it. O
                       the last True of each row
     logprobs.py       log-probs of chosen tokens, entropy, sequence log-probs
     kl.py             per-token KL estimators (k1, k2, k3, abs) and the KL statistics logged
-    advantages.py     per-token rewards, GAE, discounted returns, group / leave-one-out baselines,
-                      REINFORCE++ returns, pooled-critic advantages
+    advantages.py     per-token rewards, GAE, discounted returns, group / leave-one-out / MaxRL
+                      baselines, REINFORCE++ returns, pooled-critic advantages, DAPO's overlong
+                      penalty
     policy_losses.py  the clipped policy gradient (PPO, GRPO, RLOO, REINFORCE++) and its token
-                      reductions, score centering, FlowRL, TPO
+                      reductions, ratio levels (GSPO), clip variants and SPO, the drift KL and
+                      entropy bonus on the advantage, score centering, FlowRL, TPO
     value_losses.py   the clipped value loss and explained variance
     hl_gauss.py       HL-Gauss value bins (regression as classification)
     preference.py     Bradley-Terry / InstructGPT ranking losses and DPO

@@ -49,6 +49,23 @@ def kl_penalized_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: floa
     return rewards.scatter_add(-1, last, rearrange(scores, "b -> b 1").to(rewards.dtype))
 
 
+def overlong_penalty(lengths: Tensor, max_length: Tensor, buffer_len: int, factor: float) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476, eq. 13): (b,) -> (b,).
+
+        0                                   |y| <= L_max - L_buffer
+        -factor * (|y| - (L_max - L_buffer)) / L_buffer   in between (linear)
+        -factor                             |y| >= L_max
+
+    lengths: response tokens (b,); max_length: each response's budget L_max (b,) or a scalar.
+    Added to the sequence score, it tells a response near the budget that length costs,
+    rather than cutting it off with no signal. buffer_len >= 1 (>= L_max: every length pays).
+    """
+    if buffer_len < 1:
+        raise ValueError(f"overlong buffer_len must be >= 1, got {buffer_len}")
+    start = max_length - buffer_len
+    return -factor * ((lengths - start) / buffer_len).clamp(0, 1)
+
+
 # ----------------------------------------------------------------------------- GAE and returns
 
 
@@ -176,6 +193,23 @@ def group_normalized_advantages(
     if scale_by_std:
         centred = centred / groups.std(dim=-1, keepdim=True).clamp(min=eps)
     # equal rewards can leave rounding noise after subtracting their mean: zero it exactly
+    constant = rearrange(constant_groups(rewards, group_size), "p -> p 1")
+    return rearrange(torch.where(constant, 0, centred), "p g -> (p g)")
+
+
+def max_rl_advantages(rewards: Tensor, group_size: int, eps: float = 1e-8) -> Tensor:
+    """MaxRL advantages (arXiv 2602.02710), as palm-rlhf-pytorch 0.8.0 computes them: (b,).
+
+        A_i = (r_i - mean(r_group)) / max(|mean(r_group)|, eps)
+
+    The group's mean reward, not its std, is the divisor: for 0/1 rewards (a pass rate p) a
+    success weighs (1 - p) / p, so rarely solved prompts weigh most. A group whose rewards are
+    all equal gets exactly 0; a group whose mean is 0 but whose rewards differ gets huge
+    advantages (the divisor is `eps`), as in the reference.
+    """
+    groups = grouped(rewards, group_size)
+    mean = groups.mean(dim=-1, keepdim=True)
+    centred = (groups - mean) / mean.abs().clamp(min=eps)
     constant = rearrange(constant_groups(rewards, group_size), "p -> p 1")
     return rearrange(torch.where(constant, 0, centred), "p g -> (p g)")
 

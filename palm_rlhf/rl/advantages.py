@@ -13,12 +13,14 @@ from collections.abc import Callable
 from typing import Optional
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from palm_rlhf.functional.advantages import (
     gae,
     kl_penalized_rewards,
     mean_return_shift,
+    overlong_penalty,
     pooled_advantages,
 )
 from palm_rlhf.functional.kl import kl_per_token, kl_stats
@@ -30,16 +32,35 @@ from palm_rlhf.rl.rollout import Experience
 def shape_scores(
     scores: Tensor,
     ended: Tensor,
-    missing_eos_penalty: Optional[float],
-    reward_clip: Optional[float],
+    config,
+    lengths: Optional[Tensor] = None,
+    budgets: Optional[Tensor] = None,
 ) -> Tensor:
-    """Sequence scores (b,) after the penalty for responses without EOS (InstructGPT-style
-    "responses without EOS penalised") and the optional clip to +-reward_clip."""
-    if missing_eos_penalty is not None:
-        scores = torch.where(ended, scores, scores - missing_eos_penalty)
-    if reward_clip is not None:
-        scores = scores.clamp(-reward_clip, reward_clip)
+    """Sequence scores (b,) after, in this order: the penalty for responses without EOS
+    (InstructGPT-style "responses without EOS penalised", `missing_eos_penalty`), DAPO's soft
+    overlong penalty (`overlong_buffer_len`, `overlong_penalty_factor`; needs the responses'
+    `lengths` and token `budgets`, both (b,)) and the optional clip to +-`reward_clip`."""
+    if config.missing_eos_penalty is not None:
+        scores = torch.where(ended, scores, scores - config.missing_eos_penalty)
+    if config.overlong_buffer_len is not None and lengths is not None and budgets is not None:
+        buffer, factor = config.overlong_buffer_len, config.overlong_penalty_factor
+        scores = scores + overlong_penalty(lengths, budgets, buffer, factor).to(scores.dtype)
+    if config.reward_clip is not None:
+        scores = scores.clamp(-config.reward_clip, config.reward_clip)
     return scores
+
+
+def filter_overlong(
+    experience: Experience, ended: Tensor, config
+) -> tuple[Experience, dict[str, float]]:
+    """DAPO's overlong filtering (Yu et al. 2025, sec. 3.4) with `config.overlong_filtering`:
+    responses that never reached EOS (`ended` (b,) False) keep no token in the loss, their
+    truncation being no fault of their content. Returns the experience and the fraction."""
+    if not config.overlong_filtering:
+        return experience, {}
+    kept = experience.action_mask & rearrange(ended, "b -> b 1")
+    fraction = float((~ended).float().mean())
+    return experience._replace(action_mask=kept), {"overlong_filtered_fraction": fraction}
 
 
 def ppo_advantages(

@@ -13,7 +13,6 @@ what the three share:
   takes ONE prompt and samples it `group_size` times (the reference's `*_num_times_sample + 1`),
   a learning step follows every `update_timesteps` timesteps (prompts, not responses), and the
   prompts after the last multiple are sampled and never learned from;
-- `pending`: the line a keyword raises while the config option it needs does not exist yet;
 - `score_centering_loss` with the reference's signature (per-token losses, no mask).
 
 Our own keywords that the front door does not set (`seed`, `progress`, `rollout_batch_size`,
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import warnings
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any, Optional
@@ -79,14 +77,6 @@ SAME_MEANING = (
 )
 
 
-def pending(trainer: str, keyword: str, value: Any, options: str) -> None:
-    """Raise the one line of a reference keyword whose config option does not exist yet."""
-    raise NotImplementedError(
-        f"{trainer}: {keyword}={value!r} needs the config option {options}, which palm_rlhf "
-        f"does not have yet; leave {keyword} at its default"
-    )
-
-
 def group_size(trainer: str, keyword: str, value: int) -> int:
     """The reference samples each prompt `value + 1` times; a group needs at least two."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -95,26 +85,6 @@ def group_size(trainer: str, keyword: str, value: int) -> int:
             f"times and normalised as a group), got {value!r}"
         )
     return value + 1
-
-
-def unapplied_defaults(trainer: str, keywords: dict, given: dict, names: tuple) -> None:
-    """`names` are loss terms the reference applies by default that our critic-free losses do
-    not have yet: left at the default, a warning says they are off; given non-zero, `pending`."""
-    off = []
-    for name in names:
-        if name in given and given[name] != 0:
-            pending(trainer, name, given[name], f"{name} in the critic-free losses")
-        if name not in given and keywords[name] != 0:
-            off.append(f"{name}={keywords[name]}")
-    if off:
-        many = len(off) > 1
-        silence = " and ".join(o.split("=")[0] + "=0" for o in off)
-        warnings.warn(
-            f"{trainer}: the reference's default{'s' if many else ''} {', '.join(off)} "
-            f"{'are' if many else 'is'} off here (our critic-free losses have no such term "
-            f"yet); pass {silence} to silence this",
-            stacklevel=4,
-        )
 
 
 @typechecked

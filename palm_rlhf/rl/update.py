@@ -52,9 +52,7 @@ def minibatch_loss(
         module = getattr(critic, "module", critic)  # DDP keeps the critic's methods on .module
         raw = critic(batch.tokens, batch.action_mask)
         critic_loss = module.loss(raw, batch, config.value_clip)
-        return ppo_objective(
-            logits, critic_loss, batch, config.eps_clip, config.beta_s, config.kl_div_loss_weight
-        )
+        return ppo_objective(logits, critic_loss, batch, config, max_new_tokens)
     log_z = nets["log_z"](features) if "log_z" in nets else None
     return critic_free_objective(
         logits, batch, config, kl_coef, max_new_tokens, log_z, sampler_probs

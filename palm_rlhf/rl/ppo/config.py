@@ -10,12 +10,17 @@ is the loop stages' option with the reference's default (None).
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Union
 
 from palm_rlhf.functional.hl_gauss import HLGauss
 from palm_rlhf.functional.kl import KL_KINDS
-from palm_rlhf.functional.policy_losses import LENGTH_NORMS
+from palm_rlhf.functional.policy_losses import (
+    IMPORTANCE_SAMPLING_LEVELS,
+    LOSS_AGG_ALIASES,
+    LOSS_AGG_MODES,
+)
 from palm_rlhf.model.sampling_options import SamplingOptions
 from palm_rlhf.options import option
 from palm_rlhf.rl.algorithms import ALGORITHMS, policy_gradient_objective
@@ -38,14 +43,38 @@ class PPOConfig(RunOptions, SamplingOptions):
     scale_by_std: bool = option(
         True, "grpo: divide by the group's reward std (--no-scale-by-std: Dr. GRPO)"
     )
-    length_norm: str = option(
-        "sequence",
-        "grpo/rloo/reinforce++ token-loss averaging: per sequence, per token, or constant "
-        "(Dr. GRPO: / (b * max_response_tokens))",
-        choices=LENGTH_NORMS,
+    loss_agg_mode: Optional[str] = option(
+        None,
+        "how token losses average into one loss (verl's loss_agg_mode): token-mean (DAPO; TRL "
+        "loss_type bnpo), seq-mean-token-mean (GRPO; TRL grpo) or seq-mean-token-sum-norm (Dr. "
+        "GRPO, / (b * max_response_tokens); TRL dr_grpo); the old names token, sequence, "
+        "constant still work; default: token-mean for ppo, seq-mean-token-mean otherwise",
+        choices=(*LOSS_AGG_MODES, *LOSS_AGG_ALIASES),
+        aliases=("length_norm",),  # its name before verl's, as a keyword and a flag
     )
     score_centering: bool = option(
         False, "grpo/rloo/reinforce++: centred-score policy gradient instead of the clipped one"
+    )
+    score_centering_topk: Optional[int] = option(
+        None, "score centering over the sampler's k likeliest tokens and one tail (none: all)"
+    )
+    # code, not a number: an API keyword only (no flag; saved by name in the checkpoint)
+    score_centering_weight_fn: Optional[Callable] = option(
+        None, "score centering's weight f(pi / mu) of each token (none: 1)", cli=False
+    )
+    max_rl: bool = option(
+        False, "grpo: MaxRL, divide the centred rewards by the group's mean reward, not its std"
+    )
+    dr_grpo_constant: Optional[float] = option(
+        None, "grpo with --no-scale-by-std: divide the centred rewards by this constant"
+    )
+    dynamic_sampling: bool = option(
+        False,
+        "grpo/rloo/flowrl/tpo (DAPO): drop groups whose rewards are all equal and sample more "
+        "prompts in their place",
+    )
+    dynamic_sampling_max_retries: int = option(
+        10, "extra rollout rounds dynamic sampling may take per update before it stops refilling"
     )
     flowrl_beta: float = option(15.0, "flowrl: reward temperature beta of trajectory balance")
     tpo_eta: float = option(1.0, "tpo: temperature eta of the target distribution")
@@ -83,14 +112,47 @@ class PPOConfig(RunOptions, SamplingOptions):
         "value head bias: the first rollout's mean return, or zero",
         choices=("mean_return", "zero"),
     )
-    # PPO losses (Schulman et al. 2017)
+    # policy losses (Schulman et al. 2017): ppo, grpo, rloo, reinforce++
     eps_clip: float = option(0.2, "policy ratio clip")
+    clip_eps_low: Optional[float] = option(
+        None, "the ratio's lower clip, 1 - this (none: eps_clip)"
+    )
+    clip_eps_high: Optional[float] = option(
+        None, "the ratio's upper clip, 1 + this (none: eps_clip); above the low one: clip-higher"
+    )
+    dual_clip_c: Optional[float] = option(
+        None, "dual clip (Ye et al. 2020): a negative advantage's loss is at most -c * A; c > 1"
+    )
+    importance_sampling_level: str = option(
+        "token",
+        "policy ratio per token, or per sequence exp(mean_t log ratio) (GSPO)",
+        choices=IMPORTANCE_SAMPLING_LEVELS,
+    )
+    simple_policy_optimization: bool = option(
+        False, "SPO: the loss -r A + |A| (r - 1)^2 / (2 eps_clip) in place of the ratio clip"
+    )
+    entropy_to_advantage_scale: float = option(
+        0.0, "add min(scale * H_t, |A| / kappa) to each token's advantage (0: off)"
+    )
+    entropy_to_advantage_kappa: float = option(
+        2.0, "kappa of entropy_to_advantage_scale's cap |A| / kappa"
+    )
+    overlong_filtering: bool = option(
+        False, "leave responses that never reach EOS out of the loss (DAPO; needs eos_token)"
+    )
+    overlong_buffer_len: Optional[int] = option(
+        None,
+        "DAPO's soft overlong penalty: 0 up to max_response_tokens - this, then linear down to "
+        "-overlong_penalty_factor at max_response_tokens (none: off)",
+    )
+    overlong_penalty_factor: float = option(1.0, "the soft overlong penalty at the budget")
     value_clip: Optional[float] = option(0.4, "value clip around the rollout's values")
-    beta_s: float = option(0.01, "entropy bonus")
+    beta_s: float = option(0.01, "entropy bonus (every algorithm), averaged like the loss's tokens")
     kl_div_loss_weight: float = option(
         0.0,
-        "weight of KL(rollout policy || current policy) per token, a loss term keeping each "
-        "update near the policy that sampled (the reference's default 0.1; see the README)",
+        "drift from the rollout policy: ppo, a loss term of weight * k3 KL per sampled token; "
+        "grpo/rloo/reinforce++, weight * each response's full-vocabulary KL subtracted from its "
+        "advantage (the reference's default 0.1; see the porting page)",
     )
     actor_dropout: float = option(0.0, "dropout inside the PaLM during the actor's updates")
     critic_dropout: float = option(0.0, "dropout inside the PaLM during the critic's updates")
@@ -124,8 +186,19 @@ class PPOConfig(RunOptions, SamplingOptions):
         self.check_sampling()  # temperature, top_k, top_p
         self.betas = tuple(self.betas)
         self.pad_value = int(self.pad_value)  # the reference project's default was the float 0.
+        self.loss_agg_mode = LOSS_AGG_ALIASES.get(self.loss_agg_mode, self.loss_agg_mode)
         groups = tuple(k for k, v in ALGORITHMS.items() if v.groups)  # several per prompt
         gradient = tuple(k for k, v in ALGORITHMS.items() if v.loss is policy_gradient_objective)
+        surrogate = ("ppo", *gradient)  # the ratio-based policy gradient, clipped or SPO
+        critic_free_groups = tuple(k for k in groups if not ALGORITHMS[k].has_critic)
+        on = self.algorithm
+        reshaped = {  # options that change the ratio's clip, set away from their default
+            "clip_eps_low": self.clip_eps_low is not None,
+            "clip_eps_high": self.clip_eps_high is not None,
+            "dual_clip_c": self.dual_clip_c is not None,
+            "importance_sampling_level='sequence'": self.importance_sampling_level != "token",
+        }
+        reshaped = [name for name, given in reshaped.items() if given]
         checks = {
             "minibatch_size >= 1": self.minibatch_size >= 1,
             "epochs >= 1": self.epochs >= 1,
@@ -152,13 +225,58 @@ class PPOConfig(RunOptions, SamplingOptions):
             f"algorithm in {tuple(ALGORITHMS)}": self.algorithm in ALGORITHMS,
             f"group_size >= 2 for {groups}, >= 1 otherwise": self.group_size
             >= (2 if self.algorithm in groups else 1),
-            f"length_norm in {LENGTH_NORMS}": self.length_norm in LENGTH_NORMS,
+            f"loss_agg_mode in {LOSS_AGG_MODES} or None": self.loss_agg_mode is None
+            or self.loss_agg_mode in LOSS_AGG_MODES,
             "flowrl_beta > 0": self.flowrl_beta > 0,
             "tpo_eta > 0": self.tpo_eta > 0,
             "critic_num_pred_bins >= 2 or None": self.critic_num_pred_bins is None
             or self.critic_num_pred_bins >= 2,
             f"score_centering only with {gradient}": not self.score_centering
             or self.algorithm in gradient,
+            "score_centering_topk >= 1 or None": self.score_centering_topk is None
+            or self.score_centering_topk >= 1,
+            "score_centering_topk / _weight_fn only with score_centering": self.score_centering
+            or (self.score_centering_topk is None and self.score_centering_weight_fn is None),
+            "clip_eps_low, clip_eps_high > 0 or None": all(
+                eps is None or eps > 0 for eps in (self.clip_eps_low, self.clip_eps_high)
+            ),
+            "clip_eps_low < 1": self.clip_eps_low is None or self.clip_eps_low < 1,
+            "dual_clip_c > 1 or None": self.dual_clip_c is None or self.dual_clip_c > 1,
+            f"importance_sampling_level in {IMPORTANCE_SAMPLING_LEVELS}": (
+                self.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS
+            ),
+            f"{', '.join(reshaped)} only with {surrogate}": not reshaped or on in surrogate,
+            f"simple_policy_optimization only with {surrogate}": not self.simple_policy_optimization
+            or on in surrogate,
+            "simple_policy_optimization without score_centering": not (
+                self.simple_policy_optimization and self.score_centering
+            ),
+            f"no {', '.join(reshaped)} with simple_policy_optimization or score_centering": (
+                not reshaped or not (self.simple_policy_optimization or self.score_centering)
+            ),
+            "entropy_to_advantage_scale >= 0": self.entropy_to_advantage_scale >= 0,
+            "entropy_to_advantage_kappa > 0": self.entropy_to_advantage_kappa > 0,
+            f"entropy_to_advantage_scale only with {surrogate}": (
+                self.entropy_to_advantage_scale == 0 or on in surrogate
+            ),
+            f"kl_div_loss_weight only with {surrogate}": self.kl_div_loss_weight == 0
+            or on in surrogate,
+            "max_rl only with grpo": not self.max_rl or on == "grpo",
+            "max_rl without Dr. GRPO (scale_by_std=False)": not self.max_rl or self.scale_by_std,
+            "dr_grpo_constant > 0 or None": self.dr_grpo_constant is None
+            or self.dr_grpo_constant > 0,
+            "dr_grpo_constant only with grpo and scale_by_std=False": (
+                self.dr_grpo_constant is None or (on == "grpo" and not self.scale_by_std)
+            ),
+            f"overlong_filtering only with {surrogate}": not self.overlong_filtering
+            or on in surrogate,
+            "overlong_buffer_len >= 1 or None": self.overlong_buffer_len is None
+            or self.overlong_buffer_len >= 1,
+            "overlong_penalty_factor >= 0": self.overlong_penalty_factor >= 0,
+            f"dynamic_sampling only with the critic-free group algorithms {critic_free_groups}": (
+                not self.dynamic_sampling or on in critic_free_groups
+            ),
+            "dynamic_sampling_max_retries >= 0": self.dynamic_sampling_max_retries >= 0,
         }
         failed = [name for name, ok in checks.items() if not ok]
         if failed:
@@ -179,7 +297,14 @@ class PPOConfig(RunOptions, SamplingOptions):
     @classmethod
     def from_keywords(cls, base: Optional[PPOConfig] = None, **keywords: Any) -> PPOConfig:
         """`base` (default: the defaults) with `keywords` replaced; an unknown keyword is a
-        TypeError naming the closest known ones, never silently ignored."""
+        TypeError naming the closest known ones, never silently ignored. A field's older
+        name (its `aliases`) is read as the field."""
+        renamed = {old: f.name for f in fields(cls) for old in f.metadata.get("aliases", ())}
+        for old, new in renamed.items():
+            if old in keywords:
+                if new in keywords:
+                    raise TypeError(f"give {new}= only ({old}= is its old name)")
+                keywords[new] = keywords.pop(old)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(keywords) - known)
         if unknown:
@@ -196,9 +321,26 @@ class PPOConfig(RunOptions, SamplingOptions):
         return ALGORITHMS[self.algorithm].has_critic
 
     @property
+    def token_reduction(self) -> str:
+        """The `loss_agg_mode` in force: the one given, else the algorithm's own."""
+        if self.loss_agg_mode is not None:
+            return self.loss_agg_mode
+        return "token-mean" if self.has_critic else "seq-mean-token-mean"
+
+    @property
+    def clip_range(self) -> tuple[float, float]:
+        """(eps_low, eps_high) of the ratio's clip [1 - eps_low, 1 + eps_high]."""
+        low = self.eps_clip if self.clip_eps_low is None else self.clip_eps_low
+        return low, self.eps_clip if self.clip_eps_high is None else self.clip_eps_high
+
+    @property
     def responses_per_prompt(self) -> int:
         """PPO samples one response per prompt; critic-free algorithms a group of them."""
         return 1 if self.has_critic else self.group_size
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "betas": list(self.betas)}
+        """Plain values (JSON): a weight function is saved by its name, for the record."""
+        weight_fn = self.score_centering_weight_fn
+        name = None if weight_fn is None else getattr(weight_fn, "__name__", repr(weight_fn))
+        values = {**asdict(self), "betas": list(self.betas)}
+        return {**values, "score_centering_weight_fn": name}

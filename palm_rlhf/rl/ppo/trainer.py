@@ -3,7 +3,8 @@
 One PPO iteration (`step`) reads like the algorithm box of Ouyang et al. 2022 / Ziegler et al.
 2019, each phase a method:
 
-    1. rollout     sample responses to a batch of prompts from the actor (KV-cached, batched)
+    1. rollout     sample responses to a batch of prompts from the actor (KV-cached, batched;
+                   `dynamic_sampling` refills groups of equal rewards, `dynamic_sampling.py`)
     2. rewards     score prompt + response with the reward model; per-token reward
                    r_t = -kl_coef * KL_t(actor || reference), plus the score at the last token
     3. advantages  GAE(gamma, lam) over the critic's values (or the kind in `critics.py`)
@@ -32,16 +33,17 @@ from palm_rlhf.model.implicit_prm import ImplicitPRM
 from palm_rlhf.model.palm import PaLM
 from palm_rlhf.model.sampling import reference_filters, reference_top_k
 from palm_rlhf.rl import rollout as rollout_module
-from palm_rlhf.rl.advantages import ppo_advantages, shape_scores
+from palm_rlhf.rl.advantages import filter_overlong, ppo_advantages, shape_scores
 from palm_rlhf.rl.algorithms import critic_free_advantages
 from palm_rlhf.rl.best_of_n import BestOfN, best_of_n
+from palm_rlhf.rl.dynamic_sampling import Groups, roll_out
 from palm_rlhf.rl.kl_controller import KLController
 from palm_rlhf.rl.networks import ActorCritic, prepare_networks, trainer_options
 from palm_rlhf.rl.policies import evaluation_mode
 from palm_rlhf.rl.ppo import checkpoint as io
 from palm_rlhf.rl.ppo.config import PPOConfig
 from palm_rlhf.rl.prompts import PromptBank, PromptIds, PtxData, load_prompts
-from palm_rlhf.rl.rollout import Experience, collect, concat_experience
+from palm_rlhf.rl.rollout import Experience, collect
 from palm_rlhf.rl.schedule import response_budget, rollout_schedule
 from palm_rlhf.rl.text_reward import TextRewardFn, resolve_reward
 from palm_rlhf.rl.update import minibatch_loss, run_epochs, step_networks
@@ -217,14 +219,14 @@ class RLHFTrainer:
 
     @torch.no_grad()
     def rewards_and_advantages(
-        self, experience: Experience, ended: Tensor
+        self, experience: Experience, ended: Tensor, budgets: Optional[Tensor] = None
     ) -> tuple[Experience, dict[str, float]]:
-        """Scores -> per-token rewards -> GAE advantages and returns (whitened as configured);
-        critic-free algorithms: `critic_free_advantages`."""
+        """Scores -> shaped scores (`shape_scores`; `budgets` (b,): each response's token
+        budget, for the overlong penalty) -> per-token rewards -> GAE advantages and returns
+        (whitened as configured); critic-free algorithms: `critic_free_advantages`."""
         config, kl_coef = self.config, self.kl_controller.kl_coef
-        scores = shape_scores(
-            experience.scores, ended, config.missing_eos_penalty, config.reward_clip
-        )
+        lengths = experience.action_mask.sum(dim=-1)
+        scores = shape_scores(experience.scores, ended, config, lengths, budgets)
         experience = experience._replace(scores=scores)
         global_sum = lambda t: self.accelerator.reduce(t, "sum")  # noqa: E731
         if self.critic is None:
@@ -235,8 +237,8 @@ class RLHFTrainer:
         return experience, {**stats, "kl_coef": kl_coef}
 
     def _init_value_head(self, shift: float) -> float:
-        """The head's weight is 0, so every value is one constant: move it by the (global)
-        shift, as nearly as a binned head allows; returns the shift applied."""
+        """Move the head (weight 0: one value) by the global shift, as nearly as a binned head
+        allows; returns the shift applied."""
         self.value_head_initialised = True
         return self.critic_module.shift_start(shift)
 
@@ -246,21 +248,14 @@ class RLHFTrainer:
         self, experience: Experience, temperature: float, max_new_tokens: int = 1
     ) -> dict[str, float]:
         """`epochs` passes of shuffled minibatches (of whole groups); returns the mean of each
-        loss statistic. `max_new_tokens` is the constant of `length_norm="constant"`."""
+        loss statistic. `max_new_tokens`: the constant of "seq-mean-token-sum-norm"."""
 
         def step(batch: Experience, **extras) -> Optional[dict]:
             return self._minibatch_step(batch, temperature, max_new_tokens, **extras)
 
         rows = dict(reference=self.reference, temperature=temperature)
-        return run_epochs(
-            experience,
-            self.config,
-            self.modules(),
-            self.accelerator,
-            self.cpu_generator,
-            rows,
-            step,
-        )
+        nets, generator = self.modules(), self.cpu_generator
+        return run_epochs(experience, self.config, nets, self.accelerator, generator, rows, step)
 
     def _minibatch_step(
         self, batch: Experience, temperature: float, *args, **rows
@@ -268,8 +263,7 @@ class RLHFTrainer:
         """One gradient step of every trained network on a minibatch; `args`/`rows`: see
         `update.minibatch_loss`. PPO-ptx (Ouyang et al. 2022, eq. 2) adds the actor's LM loss on
         pretraining windows. Returns the step's stats, None when a non-finite loss is skipped."""
-        nets = {name: net for name, (net, _) in self.networks.items()}
-        config = self.config
+        nets, config = {name: net for name, (net, _) in self.networks.items()}, self.config
         with self.accelerator.autocast():
             loss, stats = minibatch_loss(
                 nets, batch, config, self.kl_coef, temperature, *args, **rows
@@ -298,39 +292,48 @@ class RLHFTrainer:
         batch_size: Optional[int] = None,
         learn: bool = True,
     ) -> Optional[dict]:
-        """One iteration over `num_rollouts` fresh rollouts (global), sampled `batch_size`
-        (default `rollout_batch_size`) responses at a time; returns the iteration's record.
-        Critic-free algorithms sample whole groups of `group_size` responses per prompt on one
-        process (rollouts rounded up to whole groups). `learn=False` only rolls out."""
-        temperature = self.config.temperature if temperature is None else temperature
-        batch_size = batch_size or self.config.rollout_batch_size
-        world, group = self.accelerator.num_processes, self.config.responses_per_prompt
+        """One iteration over `num_rollouts` fresh rollouts (global, rounded up to whole groups
+        of `group_size` on one process), sampled `batch_size` (default `rollout_batch_size`) at
+        a time; returns the iteration's record. `learn=False` only rolls out."""
+        config = self.config
+        temperature = config.temperature if temperature is None else temperature
+        if config.overlong_filtering and eos_token is None:
+            raise ValueError("overlong_filtering needs eos_token: without it no response ends")
+        batch_size = batch_size or config.rollout_batch_size
+        world, group = self.accelerator.num_processes, config.responses_per_prompt
         local_prompts = max(1, math.ceil(num_rollouts / world / group))
-        local, per_chunk = local_prompts * group, max(1, batch_size // group)
-        parts, ended = [], []
-        for start in range(0, local_prompts, per_chunk):  # 1. rollout
-            prompt, prompt_mask = self.sample_prompts(min(per_chunk, local_prompts - start), group)
-            part, part_ended = self.rollout(
-                prompt, prompt_mask, max_response_tokens, max_seq_len, eos_token, temperature
-            )
-            parts.append(part), ended.append(part_ended)
-        self.episodes += local * world
+        per_chunk = max(1, batch_size // group)
+        model_limit = self.reference.config.max_seq_len
+
+        def chunk(num_prompts: int) -> Groups:  # 1. rollout, with each response's budget
+            prompt, prompt_mask = self.sample_prompts(num_prompts, group)
+            budget = response_budget(prompt.shape[1], max_response_tokens, max_seq_len, model_limit)
+            rolled = self.rollout(prompt, prompt_mask, budget, None, eos_token, temperature)
+            return Groups(*rolled, torch.full_like(rolled[0].scores, budget).long())
+
+        rolled, sampling_stats = roll_out(
+            chunk, local_prompts, per_chunk, config, self.accelerator, learn
+        )
+        self.episodes += local_prompts * group * world
         if not learn:
             return None
-        experience = concat_experience(parts, self.pad_value)
-        raw, ended = experience.scores, torch.cat(ended)
-        experience, rollout_stats = self.rewards_and_advantages(experience, ended)  # 2., 3.
+        experience, ended, raw = rolled.experience, rolled.ended, rolled.experience.scores
+        experience, rollout_stats = self.rewards_and_advantages(experience, ended, rolled.budgets)
         observed_kl = torch.tensor(rollout_stats["kl"], device=self.device)
         self.kl_controller.update(float(self.accelerator.reduce(observed_kl, "mean")))
-        longest = int(experience.action_mask.sum(dim=-1).max())  # Dr. GRPO's constant
+        lengths = experience.action_mask.sum(dim=-1)  # the longest: Dr. GRPO's constant
+        longest, response_length = int(lengths.max()), float(lengths.float().mean())
+        experience, filtered = filter_overlong(experience, ended, config)  # DAPO
         update_stats = self.learn(experience, temperature, max_response_tokens or longest)  # 4.
         self.updates += 1
         record = dict(
             reward=float(raw.mean()),
             reward_std=float(raw.std()) if raw.numel() > 1 else 0.0,
-            response_length=float(experience.action_mask.sum(dim=-1).float().mean()),
+            response_length=response_length,
             missing_eos_fraction=float((~ended).float().mean()) if eos_token is not None else 0.0,
             **rollout_stats,
+            **sampling_stats,
+            **filtered,
             **update_stats,
         )
         return self.log(record)  # 5.
@@ -425,11 +428,11 @@ class RLHFTrainer:
         With `return_scores=True`, a `BestOfN` with every sample and score. Decoding is the
         reference's (top-k 0.9, see `PaLM.generate`) unless `filter_logits_fn`, or `top_k`/
         `top_p` here or in the config, say otherwise; temperature defaults to the config's."""
-        top_k = top_k if top_k is not None else self.config.top_k
-        top_p = top_p if top_p is not None else self.config.top_p
-        actor = self.actor_module
+        actor, config = self.actor_module, self.config
         options = dict(finetune_scope=actor.scope, pad_value=self.pad_value, eos_token=eos_token)
-        options["temperature"] = self.config.temperature if temperature is None else temperature
+        options["temperature"] = config.temperature if temperature is None else temperature
+        top_k = config.top_k if top_k is None else top_k
+        top_p = config.top_p if top_p is None else top_p
         options.update(reference_filters(top_k, top_p, filter_logits_fn, filter_thres))
         options["generator"] = self.generator
         with evaluation_mode([actor]), self.accelerator.autocast():
