@@ -22,7 +22,7 @@ Pipeline, every stage a public library call:
          is the sum, else 0), on training prompts, every method the same episode budget and
          otherwise the library's documented defaults (`--set KEY=VALUE` changes one for every method
          and is recorded). Dr. GRPO = grpo with
-         `scale_by_std=False, length_norm="constant"`.
+         `scale_by_std=False, loss_agg_mode="seq-mean-token-sum-norm"`.
 3. eval  on the held-out problems, every `eval_every` episodes: pass@1 greedy (temperature 0),
          pass@1 sampled (the mean over `samples` draws at temperature 1, the rollouts'
          distribution), pass@k of the SFT model (Chen et al. 2021's unbiased estimator) and
@@ -69,7 +69,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = {
     "ppo": dict(algorithm="ppo"),
     "grpo": dict(algorithm="grpo"),
-    "dr-grpo": dict(algorithm="grpo", scale_by_std=False, length_norm="constant"),
+    "dr-grpo": dict(algorithm="grpo", scale_by_std=False, loss_agg_mode="seq-mean-token-sum-norm"),
     "rloo": dict(algorithm="rloo"),
     "reinforce++": dict(algorithm="reinforce++"),
     "flowrl": dict(algorithm="flowrl"),

@@ -8,8 +8,9 @@ random symbols, reward = share of the target symbol among the 24 new tokens (no 
 completion is 24 tokens long), GRPO with 16 prompts x 8 completions per step, one gradient step
 per batch of 128 (one iteration, so the sampling policy is the current one), KL coefficient 0,
 clip epsilon 0.2, advantages (r - group mean) / group std, token losses averaged per sequence
-then over the batch (TRL `loss_type="grpo"` = our `length_norm="sequence"`), AdamW lr 1e-4
-constant, gradient clipping at norm 1.0, no entropy bonus, full weights, fp32, 2 threads.
+then over the batch (TRL `loss_type="grpo"` = our `loss_agg_mode="seq-mean-token-mean"`),
+AdamW lr 1e-4 constant, gradient clipping at norm 1.0, no entropy bonus, full weights, fp32,
+2 threads.
 
 Models, random init, matched parameter count: our `PaLM(num_tokens=16, dim=256, depth=4,
 heads=8, dim_head=32)` and a `LlamaForCausalLM` with one KV head (multi-query), SwiGLU of
@@ -160,7 +161,7 @@ def run_ours(setting: Setting) -> dict:
         actor_lr=setting.lr,
         max_norm=setting.max_grad_norm,
         beta_s=0.0,  # TRL has no entropy bonus
-        length_norm="sequence",  # = TRL loss_type="grpo"
+        loss_agg_mode="seq-mean-token-mean",  # = TRL loss_type="grpo"
         scale_by_std=True,  # = TRL scale_rewards="group"
         actor_lora=False,  # TRL trains full weights
         temperature=1.0,
