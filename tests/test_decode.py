@@ -64,8 +64,27 @@ def test_row_block_product_equals_the_linear(rows, blocks, monkeypatch):
     assert_close(cpu_tuning.project(y, strided, blocks), strided(y))
 
 
+def test_the_measured_choice_is_remembered_per_shape_and_equals_the_linear(monkeypatch):
+    """`project` times both products on a shape's first call, keeps the faster, and returns the
+    Linear's result either way; each method is taken when it is the faster."""
+    monkeypatch.setattr(cpu_tuning, "ROW_BLOCKS_MIN_BYTES", 0)
+    monkeypatch.setattr(cpu_tuning, "_FASTER_SPLIT", {})
+    linear = torch.nn.Linear(16, 12, bias=False)
+    x = torch.randn(2, 16)
+    assert_close(cpu_tuning.project(x, linear, 4), linear(x))
+    assert list(cpu_tuning._FASTER_SPLIT) == [(12, 16, 2, 4, torch.get_num_threads())]
+    calls = []
+    monkeypatch.setattr(cpu_tuning, "row_block_product", lambda *a: calls.append(a) or a[0])
+    for faster_split, expected in ((True, 1), (False, 0)):
+        calls.clear()
+        cpu_tuning._FASTER_SPLIT[(12, 16, 2, 4, torch.get_num_threads())] = faster_split
+        cpu_tuning.project(x, linear, 4)
+        assert len(calls) == expected
+
+
 def test_float32_decode_with_row_blocks_equals_the_forward(monkeypatch):
     monkeypatch.setattr(cpu_tuning, "ROW_BLOCKS_MIN_BYTES", 0)  # tiny weights: split them anyway
+    monkeypatch.setattr(cpu_tuning, "MEASURE", False)  # split even where the Linear is faster
     model = tiny_palm().eval()
     assert model.init_cache(1, 4).row_blocks > 1  # the split products are in use here
     seq, mask = padded_batch()

@@ -11,11 +11,18 @@ Everything else (GPUs, which have their own GEMV; bfloat16, which a CPU emulates
 small enough that a batched call's start costs more than it saves) gets the plain product.
 The block calls `project` wherever it applies a weight, so a decode step on another
 machine needs no change here: `row_blocks` returns 1 and `project` is the Linear itself.
+
+Whether the split pays depends on the CPU's MKL, not only on its size: on an Intel Xeon with
+AMX (2 cores) the plain product reads 26-37 GB/s and the split 10-16 (`bench_products.py`),
+the reverse of the AMD EPYC above. So the first product of each (weight shape, rows, blocks,
+threads) times both methods and keeps the faster for the rest of the process (`MEASURE`); a
+compiled step, which cannot time itself, keeps the split.
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +31,9 @@ from torch import Tensor, nn
 ROW_BLOCKS_MIN_BYTES = 512 * 2**10
 # blocks per MKL thread: two balance the load when one thread is slowed
 BLOCKS_PER_THREAD = 2
+# time both products once per shape and keep the faster (False: always split, for tests)
+MEASURE = True
+_FASTER_SPLIT: dict[tuple, bool] = {}  # (out, in, rows, blocks, threads) -> split is faster
 
 
 def row_blocks(device: torch.device, dtype: torch.dtype) -> int:
@@ -59,4 +69,29 @@ def project(x: Tensor, linear: nn.Linear, blocks: int) -> Tensor:
     if blocks == 1 or small or not weight.is_contiguous():
         return linear(x)
     rows = x.reshape(-1, x.shape[-1])  # (b..., in) -> (rows, in), a view
+    if not split_is_faster(rows, linear, blocks):
+        return linear(x)
     return row_block_product(rows, weight, blocks).view(*x.shape[:-1], -1)
+
+
+def split_is_faster(rows: Tensor, linear: nn.Linear, blocks: int) -> bool:
+    """Whether `row_block_product` beats the Linear for this shape on this machine: measured
+    on the first call (best of 3 each, a few ms for a large weight) and remembered."""
+    if not MEASURE or torch.compiler.is_compiling():
+        return True
+    weight = linear.weight
+    key = (*weight.shape, rows.shape[0], blocks, torch.get_num_threads())
+    if key not in _FASTER_SPLIT:
+        split = _best_time(lambda: row_block_product(rows, weight, blocks))
+        _FASTER_SPLIT[key] = split < _best_time(lambda: linear(rows))
+    return _FASTER_SPLIT[key]
+
+
+def _best_time(product, repeats: int = 3) -> float:
+    product()  # warm: first-call allocations and kernel selection
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        product()
+        best = min(best, time.perf_counter() - start)
+    return best
