@@ -119,9 +119,10 @@ SECTIONS = (
     ),
     Section(
         "palm-train-sample.json",
-        "The model against palm-rlhf-pytorch 0.8.0: a second run",
-        "Training and sampling only, `python benchmarks/bench_palm.py --rounds 2 --jobs "
-        "train-float32,sample-b1,sample-b1-bf16`.",
+        "The model against palm-rlhf-pytorch 0.8.0: batch-1 sampling again",
+        "Batch-1 sampling only, after the decode step chose its products by measurement: "
+        "`python benchmarks/bench_palm.py --rounds 2 --jobs sample-b1,sample-b1-bf16 --out "
+        "benchmarks/results/palm-train-sample.json`.",
         stored_markdown,
     ),
     Section(
