@@ -163,7 +163,7 @@ def test_overlong_filtering_masks_truncated_responses_out_of_the_update():
         algorithm="grpo", group_size=4, overlong_filtering=True, overlong_buffer_len=2
     )
     seen = []
-    trainer.learn = lambda experience, *args: seen.append(experience) or {}
+    trainer.learn = lambda experience, *args, **kwargs: seen.append(experience) or {}
     record = trainer.train(num_rollouts=64, **{**RUN, "max_response_tokens": 3})[-1]
     experience = seen[0]
     lengths = experience.action_mask.sum(-1)

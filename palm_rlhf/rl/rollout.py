@@ -176,6 +176,7 @@ def collect(
     pad_value: int,
     eos_token: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
+    scoring_passes: bool = True,
     **sampling,
 ) -> tuple[Experience, Tensor]:
     """One batched rollout of left-padded prompts (b, P): sample `new_tokens` at most from
@@ -183,7 +184,8 @@ def collect(
     record old (actor) and reference log-probs and the critic's values (zeros without a
     critic; an ImplicitPRM critic's output goes to `process_rewards` instead). Returns the
     experience (advantages and returns still 0) and whether each response ended with EOS (b,).
-    The caller sets eval mode and autocast; `sampling` holds top_k/top_p.
+    The caller sets eval mode and autocast; `sampling` holds top_k/top_p. `scoring_passes`
+    False (see `scoring_passes.py`) skips the old and reference log-probs: both are 0 then.
     """
     samples = sample_tokens(
         actor.palm,
@@ -201,11 +203,15 @@ def collect(
     seqs = join_prompt_response(prompt, prompt_mask, samples.tokens, samples.mask, pad_value)
     scores = score_sequences(reward_model, *seqs)
     tokens, targets = seqs.tokens, seqs.tokens[:, 1:]
-    old_logprobs = log_probs_from_logits(
-        tempered_logits(actor(tokens)[:, :-1], temperature), targets
-    )
-    ref_logits = reference(tokens, disable_lora=True)[:, :-1]
-    ref_logprobs = log_probs_from_logits(tempered_logits(ref_logits, temperature), targets)
+    if scoring_passes:
+        old_logprobs = log_probs_from_logits(
+            tempered_logits(actor(tokens)[:, :-1], temperature), targets
+        )
+        ref_logits = reference(tokens, disable_lora=True)[:, :-1]
+        ref_logprobs = log_probs_from_logits(tempered_logits(ref_logits, temperature), targets)
+    else:  # the update computes its own (scoring_passes.py); nothing reads these
+        old_logprobs = torch.zeros(targets.shape, device=tokens.device)
+        ref_logprobs = torch.zeros_like(old_logprobs)
     zeros = torch.zeros_like(old_logprobs)
     values = critic.values(critic(tokens, seqs.action_mask)) if critic is not None else zeros
     process_rewards = None

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from palm_rlhf.functional.logprobs import log_probs_from_logits
 from palm_rlhf.rl import algorithms
 from palm_rlhf.rl.algorithms import critic_free_objective
 from palm_rlhf.rl.policies import evaluation_mode, only_these_require_grad
@@ -43,10 +44,16 @@ def minibatch_loss(
     max_new_tokens: int = 1,
     features: Optional[Tensor] = None,
     sampler_probs: Optional[Tensor] = None,
+    own_old_logprobs: bool = False,
 ) -> tuple[Tensor, dict[str, float]]:
     """(loss, stats) of one minibatch. `nets` holds the (possibly wrapped) actor and, by
-    algorithm, the critic (PPO) or the log Z head (FlowRL, fed the prompts' `features`)."""
+    algorithm, the critic (PPO) or the log Z head (FlowRL, fed the prompts' `features`).
+    `own_old_logprobs`: the rollout skipped its old log-probs (one on-policy pass,
+    `scoring_passes.py`), so this forward's own, detached, stand in for them."""
     logits = tempered_logits(nets["actor"](batch.tokens)[:, :-1], temperature)
+    if own_old_logprobs:
+        old = log_probs_from_logits(logits.detach(), batch.tokens[:, 1:])
+        batch = batch._replace(old_logprobs=old)
     if "critic" in nets:
         critic = nets["critic"]
         module = getattr(critic, "module", critic)  # DDP keeps the critic's methods on .module

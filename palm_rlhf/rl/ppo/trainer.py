@@ -45,6 +45,7 @@ from palm_rlhf.rl.ppo.config import PPOConfig
 from palm_rlhf.rl.prompts import PromptBank, PromptIds, PtxData, load_prompts
 from palm_rlhf.rl.rollout import Experience, collect
 from palm_rlhf.rl.schedule import response_budget, rollout_schedule
+from palm_rlhf.rl.scoring_passes import skips_scoring
 from palm_rlhf.rl.text_reward import TextRewardFn, resolve_reward
 from palm_rlhf.rl.update import minibatch_loss, run_epochs, step_networks
 from palm_rlhf.train.accelerator import make_accelerator
@@ -189,6 +190,7 @@ class RLHFTrainer:
         max_seq_len: Optional[int] = None,
         eos_token: Optional[int] = None,
         temperature: Optional[float] = None,
+        scoring_passes: bool = True,
     ) -> tuple[Experience, Tensor]:
         """Phase 1 on left-padded prompts (b, P): see `rollout.collect`. Returns the experience
         (advantages and returns still 0) and whether each response ended with EOS (b,)."""
@@ -213,6 +215,7 @@ class RLHFTrainer:
                 eos_token=eos_token,
                 generator=self.generator,
                 stop_early=not self.sharded,
+                scoring_passes=scoring_passes,
             )
 
     # ------------------------------------------------------------------ phases 2 and 3
@@ -245,13 +248,19 @@ class RLHFTrainer:
     # ------------------------------------------------------------------ phase 4: PPO epochs
 
     def learn(
-        self, experience: Experience, temperature: float, max_new_tokens: int = 1
+        self,
+        experience: Experience,
+        temperature: float,
+        max_new_tokens: int = 1,
+        own_old_logprobs: bool = False,
     ) -> dict[str, float]:
         """`epochs` passes of shuffled minibatches (of whole groups); returns the mean of each
-        loss statistic. `max_new_tokens`: the constant of "seq-mean-token-sum-norm"."""
+        loss statistic. `max_new_tokens`: the constant of "seq-mean-token-sum-norm";
+        `own_old_logprobs`: the rollout skipped them (`update.minibatch_loss`)."""
 
         def step(batch: Experience, **extras) -> Optional[dict]:
-            return self._minibatch_step(batch, temperature, max_new_tokens, **extras)
+            own = dict(own_old_logprobs=own_old_logprobs)
+            return self._minibatch_step(batch, temperature, max_new_tokens, **own, **extras)
 
         rows = dict(reference=self.reference, temperature=temperature)
         nets, generator = self.modules(), self.cpu_generator
@@ -304,11 +313,15 @@ class RLHFTrainer:
         local_prompts = max(1, math.ceil(num_rollouts / world / group))
         per_chunk = max(1, batch_size // group)
         model_limit = self.reference.config.max_seq_len
+        # neither old nor reference log-probs read by this update: skip both passes
+        skip = learn and skips_scoring(config, local_prompts * group, world)
 
         def chunk(num_prompts: int) -> Groups:  # 1. rollout, with each response's budget
             prompt, prompt_mask = self.sample_prompts(num_prompts, group)
             budget = response_budget(prompt.shape[1], max_response_tokens, max_seq_len, model_limit)
-            rolled = self.rollout(prompt, prompt_mask, budget, None, eos_token, temperature)
+            rolled = self.rollout(
+                prompt, prompt_mask, budget, None, eos_token, temperature, not skip
+            )
             return Groups(*rolled, torch.full_like(rolled[0].scores, budget).long())
 
         rolled, sampling_stats = roll_out(
@@ -321,10 +334,14 @@ class RLHFTrainer:
         experience, rollout_stats = self.rewards_and_advantages(experience, ended, rolled.budgets)
         observed_kl = torch.tensor(rollout_stats["kl"], device=self.device)
         self.kl_controller.update(float(self.accelerator.reduce(observed_kl, "mean")))
+        if skip:  # the KL to the reference was not measured (scoring_passes.py)
+            rollout_stats.update(kl=math.nan, kl_per_token=math.nan)
         lengths = experience.action_mask.sum(dim=-1)  # the longest: Dr. GRPO's constant
         longest, response_length = int(lengths.max()), float(lengths.float().mean())
         experience, filtered = filter_overlong(experience, ended, config)  # DAPO
-        update_stats = self.learn(experience, temperature, max_response_tokens or longest)  # 4.
+        update_stats = self.learn(  # 4.
+            experience, temperature, max_response_tokens or longest, own_old_logprobs=skip
+        )
         self.updates += 1
         record = dict(
             reward=float(raw.mean()),
