@@ -19,7 +19,7 @@ from palm_rlhf.functional.advantages import (
     reinforce_pp_returns,
 )
 from palm_rlhf.functional.kl import kl_per_token
-from palm_rlhf.functional.masked import whiten
+from palm_rlhf.functional.masked import masked_mean, whiten
 from palm_rlhf.model.palm import PaLM
 from palm_rlhf.rl.ppo.config import PPOConfig
 from palm_rlhf.rl.ppo.trainer import RLHFTrainer
@@ -388,3 +388,33 @@ def test_a_one_token_batch_gives_ppo_and_reinforce_pp_their_raw_advantage_alike(
     inputs = inputs._replace(all_reduce=lambda t: t + other)
     advantages, _ = reinforce_pp_advantages(inputs)
     assert_close(advantages, torch.tensor([[0.5 / 0.5**0.5, 0.0]]), atol=1e-5, rtol=0)
+
+
+COPY_PROMPTS = [torch.tensor([5, 6, 7]), torch.tensor([8, 9]), torch.tensor([4, 5, 6, 7, 10])]
+
+
+def copy_last_prompt_token(seq, mask, prompt_mask):
+    """(b,) share of response tokens equal to the row's last prompt token: the best response
+    depends on the prompt (left-justified rows: the prompt's last True)."""
+    last_position = prompt_mask.long().cumsum(-1) == prompt_mask.sum(-1, keepdim=True)
+    last = (seq * (last_position & prompt_mask)).sum(-1, keepdim=True)
+    return masked_mean((seq == last).float(), mask & ~prompt_mask, dim=-1)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_a_reward_that_depends_on_the_prompt_is_learned(algorithm):
+    """Rewards, advantages and log-probs stay with their own prompt's rows: a policy that must
+    answer each prompt differently learns to (measured: about 0.35 -> 0.9 in 15 updates)."""
+    extra = dict(group_size=4) if algorithm == "grpo" else {}
+    trainer = toy_trainer(
+        reward=copy_last_prompt_token,
+        algorithm=algorithm,
+        prompt_token_ids=COPY_PROMPTS,
+        epochs=1,
+        **extra,
+    )
+    records = trainer.train(
+        num_rollouts=64 * 15, max_response_tokens=6, rollouts_per_update=64, progress=False
+    )
+    first, last = records[0]["reward"], sum(r["reward"] for r in records[-3:]) / 3
+    assert first < 0.5 and last > 0.75, (first, last)
