@@ -92,6 +92,44 @@ def _system_torch_version() -> str:
     return torch.__version__.split("+")[0]
 
 
+def ensure_torch_pinned_venv(
+    folder: Path, python: Path, probe, wanted, install, tag: str, module: str
+) -> tuple[dict, bool]:
+    """A venv at `folder` (its interpreter `python`) over the system's site packages that
+    imports the system torch, whatever else goes in. `probe(python)` reports what the venv
+    imports (None: it cannot); `wanted(found)` says whether that is already what is needed;
+    otherwise `install(python, constraints)` runs with a constraints file pinning torch, and
+    the probe must then find `module` with the system torch. Returns (found, installed now)."""
+    system_torch = _system_torch_version()
+    if python.exists():
+        found = probe(python)
+        if found and wanted(found):
+            if found["torch"].split("+")[0] != system_torch:
+                raise RuntimeError(
+                    f"{folder} imports torch {found['torch']} "
+                    f"but the system has {system_torch}; delete the venv and rerun"
+                )
+            return found, False
+    else:
+        print(f"[{tag}] creating {folder} (system site packages)", flush=True)
+        venv.EnvBuilder(system_site_packages=True, with_pip=True).create(folder)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        constraints = Path(tmp) / "torch-constraint.txt"
+        constraints.write_text(f"torch=={system_torch}\n")
+        install(python, constraints)
+
+    found = probe(python)
+    if found is None:
+        raise RuntimeError(f"{module} still cannot be imported by {python}")
+    if found["torch"].split("+")[0] != system_torch:
+        raise RuntimeError(
+            f"the venv now imports torch {found['torch']} from {found['torch_file']}, "
+            f"not the system's {system_torch}; delete {folder}"
+        )
+    return found, True
+
+
 def ensure_reference_env(root: Path | str) -> Path:
     """Create ``<root>/.bench-venv`` holding palm-rlhf-pytorch 0.8.0, if not already there.
 
@@ -100,45 +138,32 @@ def ensure_reference_env(root: Path | str) -> Path:
     """
     root = Path(root).resolve()
     python = venv_python(root)
-    system_torch = _system_torch_version()
 
-    if python.exists():
-        found = _probe(python)
-        if found and found["reference"] == REFERENCE_VERSION:
-            if found["torch"].split("+")[0] != system_torch:
-                raise RuntimeError(
-                    f"{root / VENV_DIRNAME} imports torch {found['torch']} "
-                    f"but the system has {system_torch}; delete the venv and rerun"
-                )
-            print(
-                f"[reference_env] ready: {REFERENCE_DIST}=={found['reference']} "
-                f"with torch {found['torch']} in {root / VENV_DIRNAME}",
-                flush=True,
-            )
-            return python
-    else:
-        print(f"[reference_env] creating {root / VENV_DIRNAME} (system site packages)", flush=True)
-        venv.EnvBuilder(system_site_packages=True, with_pip=True).create(root / VENV_DIRNAME)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        constraints = Path(tmp) / "torch-constraint.txt"
-        constraints.write_text(f"torch=={system_torch}\n")
+    def install(python: Path, constraints: Path) -> None:
         _pip(python, "--no-deps", f"{REFERENCE_DIST}=={REFERENCE_VERSION}")
         _pip(python, "-c", str(constraints), *REFERENCE_REQUIREMENTS)
 
-    found = _probe(python)
-    if found is None:
-        raise RuntimeError(f"{REFERENCE_MODULE} still cannot be imported by {python}")
-    if found["torch"].split("+")[0] != system_torch:
-        raise RuntimeError(
-            f"the venv now imports torch {found['torch']} from {found['torch_file']}, "
-            f"not the system's {system_torch}; delete {root / VENV_DIRNAME}"
-        )
-    print(
-        f"[reference_env] installed {REFERENCE_DIST}=={found['reference']} "
-        f"(torch {found['torch']} from {found['torch_file']})",
-        flush=True,
+    found, installed = ensure_torch_pinned_venv(
+        root / VENV_DIRNAME,
+        python,
+        _probe,
+        lambda found: found["reference"] == REFERENCE_VERSION,
+        install,
+        "reference_env",
+        REFERENCE_MODULE,
     )
+    if installed:
+        print(
+            f"[reference_env] installed {REFERENCE_DIST}=={found['reference']} "
+            f"(torch {found['torch']} from {found['torch_file']})",
+            flush=True,
+        )
+    else:
+        print(
+            f"[reference_env] ready: {REFERENCE_DIST}=={found['reference']} "
+            f"with torch {found['torch']} in {root / VENV_DIRNAME}",
+            flush=True,
+        )
     return python
 
 

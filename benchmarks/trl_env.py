@@ -23,13 +23,12 @@ import json
 import subprocess
 import sys
 import tempfile
-import venv
 from pathlib import Path
 
 try:
-    from reference_env import _pip, _system_torch_version
+    from reference_env import _pip, ensure_torch_pinned_venv
 except ImportError:  # imported as benchmarks.trl_env
-    from benchmarks.reference_env import _pip, _system_torch_version
+    from benchmarks.reference_env import _pip, ensure_torch_pinned_venv
 
 TRL_VERSION = "1.16.0"  # the newest 1.x when this harness was written (`pip index versions trl`)
 TRANSFORMERS_VERSION = "5.24.0"  # 5.25 needs a `kernels` release not on the index here
@@ -68,24 +67,8 @@ def ensure_trl_env(root: Path | str) -> Path:
     """
     root = Path(root).resolve()
     python = trl_python(root)
-    system_torch = _system_torch_version()
-    if python.exists():
-        found = probe(python)
-        if found and found["trl"] == TRL_VERSION:
-            if found["torch"].split("+")[0] != system_torch:
-                raise RuntimeError(
-                    f"{root / VENV_DIRNAME} imports torch {found['torch']} but the system has "
-                    f"{system_torch}; delete the venv and rerun"
-                )
-            print(f"[trl_env] ready: trl {found['trl']}, transformers {found['transformers']}")
-            return python
-    else:
-        print(f"[trl_env] creating {root / VENV_DIRNAME} (system site packages)", flush=True)
-        venv.EnvBuilder(system_site_packages=True, with_pip=True).create(root / VENV_DIRNAME)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        constraints = Path(tmp) / "torch-constraint.txt"
-        constraints.write_text(f"torch=={system_torch}\n")
+    def install(python: Path, constraints: Path) -> None:
         _pip(
             python,
             "-c",
@@ -94,15 +77,17 @@ def ensure_trl_env(root: Path | str) -> Path:
             f"transformers=={TRANSFORMERS_VERSION}",
         )
 
-    found = probe(python)
-    if found is None:
-        raise RuntimeError(f"trl still cannot be imported by {python}")
-    if found["torch"].split("+")[0] != system_torch:
-        raise RuntimeError(
-            f"the venv now imports torch {found['torch']} from {found['torch_file']}, not the "
-            f"system's {system_torch}; delete {root / VENV_DIRNAME}"
-        )
-    print(f"[trl_env] installed trl {found['trl']}, transformers {found['transformers']}")
+    found, installed = ensure_torch_pinned_venv(
+        root / VENV_DIRNAME,
+        python,
+        probe,
+        lambda found: found["trl"] == TRL_VERSION,
+        install,
+        "trl_env",
+        "trl",
+    )
+    state = "installed" if installed else "ready:"
+    print(f"[trl_env] {state} trl {found['trl']}, transformers {found['transformers']}")
     return python
 
 
