@@ -24,6 +24,16 @@ class TokenExample(NamedTuple):
     ids: list[int]
     loss_mask: list[bool]  # True where the token is a target of the loss
     kind: int = 0  # a stage's label for metrics (CoH: 0 hindsight, 1 pretraining text)
+    prompt_cut: int = 0  # prompt tokens cut from the left to fit max_len
+
+
+def _prompt_cut(item) -> int:
+    """The most prompt tokens any example of an encoded record lost (pairs included)."""
+    if isinstance(item, TokenExample):
+        return item.prompt_cut
+    if isinstance(item, (list, tuple)):
+        return max((_prompt_cut(part) for part in item), default=0)
+    return 0
 
 
 def _record_lines(path, count: int) -> Optional[list[int]]:
@@ -42,10 +52,12 @@ def encode_file(
     """Encode each record into a list of examples; a ValueError (e.g. an over-long response)
     names the file and line of its record, or skips it (on_error="skip") with one warning
     counting them and naming the first few `path:line`s."""
-    groups, skipped, lines = [], [], None
+    groups, skipped, lines, cut = [], [], None, []
     for index, record in enumerate(records):
         try:
             groups.append(encode(record))
+            if _prompt_cut(groups[-1]):
+                cut.append((index, _prompt_cut(groups[-1])))
         except ValueError as error:
             lines = lines or _record_lines(path, len(records))
             where = f"{path}:{lines[index]}" if lines else f"{path} record {index + 1}"
@@ -55,6 +67,16 @@ def encode_file(
     if skipped:
         summary = skip_summary(skipped, what, path, " that could not be encoded")
         warnings.warn(summary, RecordWarning, stacklevel=2)
+    if cut:  # documented behaviour, but a silent one would train on damaged prompts
+        lines = lines or _record_lines(path, len(records))
+        first = f"{path}:{lines[cut[0][0]]}" if lines else f"{path} record {cut[0][0] + 1}"
+        warnings.warn(
+            f"{len(cut)} of {len(records)} {what} records in {path} had their prompt cut from "
+            f"the left to fit max_len (up to {max(c for _, c in cut)} tokens; the first at "
+            f"{first}): raise max_len to train on whole prompts",
+            RecordWarning,
+            stacklevel=2,
+        )
     if not groups:
         raise RecordError(f"{path}: no {what} record could be encoded")
     return groups
@@ -110,4 +132,5 @@ def step_rows(step: int, per_step: int, num_examples: int, seed: int) -> list[in
 def sft_example(tokenizer, prompt: str, response: str, max_len: int) -> TokenExample:
     """prompt + response + EOS with the loss on response and EOS (prompt cut from the left)."""
     ids, num_prompt = encode_prompt_response(tokenizer, prompt, response, max_len)
-    return TokenExample(ids, [False] * num_prompt + [True] * (len(ids) - num_prompt))
+    cut = len(tokenizer.encode(prompt)) - num_prompt
+    return TokenExample(ids, [False] * num_prompt + [True] * (len(ids) - num_prompt), 0, cut)

@@ -72,7 +72,7 @@ class RecordError(ValueError):
 
 
 class RecordWarning(UserWarning):
-    """Malformed lines were skipped (``on_error="skip"``)."""
+    """Malformed lines were skipped (``on_error="skip"``), or prompts cut to fit max_len."""
 
 
 class SFTRecord(NamedTuple):
