@@ -85,9 +85,13 @@ def test_pass_at_k_matches_hand_values(bench):
 def test_quick_run_end_to_end(bench, tmp_path):
     """SFT and one RL method at toy sizes through the public API, the JSON written: catches
     a renamed trainer keyword or entry point before a long run does."""
-    results = bench.main(["--quick", "--methods", "grpo", "--out-dir", str(tmp_path)])
+    results = bench.main(
+        ["--quick", "--methods", "grpo", "--settings", "shared", "--out-dir", str(tmp_path)]
+    )
     written = json.loads((tmp_path / "reasoning-quick.json").read_text())
-    method = written["methods"]["grpo"]
+    assert list(written["runs"]) == ["shared"]
+    assert written["runs"]["shared"]["keywords"] == bench.SETTINGS["shared"]
+    method = written["runs"]["shared"]["methods"]["grpo"]
     assert method["episodes"] == bench.QUICK.episodes
     assert [p["episodes"] for p in method["curve"]] == [0, bench.QUICK.episodes]
     assert set(written["sft"]["eval"]) == {
@@ -97,4 +101,14 @@ def test_quick_run_end_to_end(bench, tmp_path):
         "kl_to_sft",
     }
     assert written["provenance"]["commit"] and "avx512_bf16" in written["provenance"]["machine"]
-    assert results["methods"]["grpo"]["before"]["kl_to_sft"] == 0.0  # the SFT model itself
+    before = results["runs"]["shared"]["methods"]["grpo"]["before"]
+    assert before["kl_to_sft"] == 0.0  # the SFT model itself
+    assert before == results["sft"]["eval"] | {"episodes": 0}
+    assert "Best: grpo (shared)" in bench.table(written)
+
+
+def test_the_careless_demonstrator_forgets_every_carry(bench):
+    assert bench.Addition.slip("047+005=") == "42"  # 7 + 5 = 12: the carry into 4 is lost
+    assert bench.Addition.slip("123+456=") == "579" == bench.Addition.answer("123+456=")
+    assert bench.Addition.slip("999+001=") == "990"  # 1000 with every carry forgotten
+    assert bench.Addition.slip("500+500=") == "0"
