@@ -25,6 +25,12 @@ folder, `palm_rlhf` import blocked. Prompts per step are drawn by each trainer's
 from the same 64. The first step is warm-up; completions/s = 128 * timed steps / their time.
 Per phase: sampling (the decode loop), scoring (rewards and the no-grad log-prob passes of
 the rollout), update (the rest of the step: the loss's forward, backward and optimiser step).
+The machine's limit, measured in the same command: a 2048 x 2048 fp32 matmul (before and
+after the two sides, the faster counts) gives the peak; model FLOPs per step are counted the
+same way for both sides from their parameter count N (`step_flops`): 2N per token for sampling
+(prompt and new tokens each through the model once, as with a KV cache, which both use) and 6N
+per token of the full sequences for the update's forward and backward. MFU = those FLOPs per
+second / the peak; the floor = the seconds a step needs at the peak.
 Writes benchmarks/results/trl.json (trl-quick.json for --steps below 31).
 """
 
@@ -342,6 +348,54 @@ def run_side(side: str, setting: Setting) -> dict:
     return result
 
 
+def step_flops(setting: Setting, params: int) -> dict:
+    """Model FLOPs of one step (PaLM appendix B with N = all parameters): sampling 2N and the
+    update 6N per token of the 16 x 8 sequences. Left out, the same for both sides: attention's
+    12 L H Q T per token (under 2% at 32 tokens) and no-grad scoring passes (with beta = 0 and
+    one iteration neither side needs one)."""
+    tokens = setting.batch * (setting.prompt_len + setting.completion_len)
+    return {"sampling": 2 * params * tokens, "update": 6 * params * tokens}
+
+
+def matmul_gflops(threads: int, size: int = 2048) -> float:
+    """fp32 matmul throughput of this machine now (median of 10 after 2 warm-ups)."""
+    sys.path.insert(0, str(HERE))
+    import torch
+    from _worker import task_matmul
+
+    torch.set_num_threads(threads)
+    args = argparse.Namespace(dtype="float32", matmul_size=size, warmup=2, iters=10)
+    return task_matmul(args)["gflops"]
+
+
+def limit_lines(setting: Setting, results: dict) -> list[str]:
+    """Achieved model FLOP/s and MFU of each side, and what the measured peak allows."""
+    peak, sides = results["peak_gflops"], ("ours", "trl")
+    flops = {side: step_flops(setting, results[side]["parameters"]) for side in sides}
+    total = {side: sum(flops[side].values()) / 1e9 for side in sides}  # GFLOP per step
+    rate = {side: total[side] / results[side]["seconds_per_step"] for side in sides}
+    update = {
+        side: flops[side]["update"] / 1e9 / results[side]["phase_seconds_per_step"]["update"]
+        for side in sides
+    }
+    floor = total["ours"] / peak
+    ceiling = setting.batch / floor
+    trl_rate = results["trl"]["completions_per_s"]
+    return [
+        f"| model GFLOP/step (2N sampling + 6N update per token) | {total['ours']:.1f} | "
+        f"{total['trl']:.1f} | |",
+        f"| model GFLOP/s, whole step | {rate['ours']:.1f} | {rate['trl']:.1f} | |",
+        f"| MFU, whole step (fp32 matmul {peak:.1f} GFLOP/s) | {rate['ours'] / peak:.0%} | "
+        f"{rate['trl'] / peak:.0%} | |",
+        f"| MFU, update phase | {update['ours'] / peak:.0%} | {update['trl'] / peak:.0%} | |",
+        "",
+        f"At the measured fp32 peak a step of this work needs at least {floor:.3f} s: at most "
+        f"{ceiling:.0f} completions/s, {ceiling / trl_rate:.2f}x TRL's rate here. 3x TRL "
+        f"({3 * trl_rate:.0f} completions/s) would need {3 * trl_rate / ceiling:.2f}x the "
+        "machine's fp32 matmul peak.",
+    ]
+
+
 def report(setting: Setting, results: dict) -> str:
     ours, theirs = results["ours"], results["trl"]
     lines = [
@@ -361,6 +415,8 @@ def report(setting: Setting, results: dict) -> str:
         f"| reward gain, step 1 -> {setting.steps} | {ours['reward_gain']:+.3f} | "
         f"{theirs['reward_gain']:+.3f} | |"
     )
+    if "peak_gflops" in results:  # measured since 2026-12-03 evening
+        lines += limit_lines(setting, results)
     lines.append("")
     lines.append("reward per step:")
     for side in ("ours", "trl"):
@@ -391,9 +447,13 @@ def main(argv=None) -> dict:
     setting = Setting(steps=args.steps, threads=args.threads, seed=args.seed)
     results = {"setting": asdict(setting), "provenance": provenance(setting.threads)}
     results["load_start"] = os.getloadavg()
+    peaks = [matmul_gflops(setting.threads)]
     for side in ("ours", "trl"):  # one process at a time
         print(f"running {side} (load {os.getloadavg()[0]:.2f})", flush=True)
         results[side] = run_side(side, setting)
+    peaks.append(matmul_gflops(setting.threads))
+    results["matmul_gflops_before_after"] = peaks
+    results["peak_gflops"] = max(peaks)
     results["load_end"] = os.getloadavg()
     for side in ("ours", "trl"):  # both did the same work
         if results[side]["completions_scored"] != setting.steps * setting.batch:

@@ -1,0 +1,46 @@
+"""The TRL comparison's FLOP accounting and the limit it reports, against hand-computed values
+(the comparison itself needs TRL's venv and runs in `benchmarks/bench_trl.py`)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_trl.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_trl", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_trl"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_flops_count_every_token_of_the_batch(bench):
+    setting = bench.Setting()  # 16 prompts x 8 completions, 8 + 24 tokens: 4,096 tokens a step
+    assert bench.step_flops(setting, 1_000) == {
+        "sampling": 2 * 1_000 * 4_096,
+        "update": 6 * 1_000 * 4_096,
+    }
+
+
+def test_limit_lines_hand_values(bench):
+    """N = 1e6: 8 * 1e6 * 4096 = 32.768 GFLOP a step; at 0.5 s that is 65.5 GFLOP/s, 66% of a
+    100 GFLOP/s peak; the floor 0.32768 s allows 128 / 0.32768 = 390.6 completions/s."""
+    side = {
+        "parameters": 1_000_000,
+        "seconds_per_step": 0.5,
+        "completions_per_s": 256.0,
+        "phase_seconds_per_step": {"update": 0.4},  # 24.576 GFLOP in 0.4 s: 61%
+    }
+    trl = side | {"completions_per_s": 130.2, "seconds_per_step": 1.0}
+    lines = bench.limit_lines(bench.Setting(), {"peak_gflops": 100.0, "ours": side, "trl": trl})
+    assert lines[0] == "| model GFLOP/step (2N sampling + 6N update per token) | 32.8 | 32.8 | |"
+    assert lines[1] == "| model GFLOP/s, whole step | 65.5 | 32.8 | |"
+    assert lines[2] == "| MFU, whole step (fp32 matmul 100.0 GFLOP/s) | 66% | 33% | |"
+    assert lines[3] == "| MFU, update phase | 61% | 61% | |"
+    assert "at least 0.328 s: at most 391 completions/s, 3.00x TRL's rate" in lines[5]
+    assert "would need 1.00x the machine's fp32 matmul peak" in lines[5]
