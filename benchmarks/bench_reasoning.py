@@ -82,6 +82,21 @@ METHODS = {
     "reinforce++": dict(algorithm="reinforce++"),
     "flowrl": dict(algorithm="flowrl"),
     "tpo": dict(algorithm="tpo"),
+    # the drop-in options (docs/algorithms.md): DAPO's and GSPO's papers' values
+    "dapo": dict(
+        algorithm="grpo",
+        loss_agg_mode="token-mean",
+        clip_eps_high=0.28,
+        kl_coef=0.0,
+        dynamic_sampling=True,
+        overlong_filtering=True,
+    ),
+    "gspo": dict(
+        algorithm="grpo",
+        importance_sampling_level="sequence",
+        clip_eps_low=3e-4,
+        clip_eps_high=4e-4,
+    ),
 }
 # the settings every method runs under: the library's documented defaults, and one setting
 # shared by every method (full weights, no KL or entropy term, groups of 8, 64 episodes per
@@ -345,6 +360,35 @@ def run_sft(task: Addition, budget: Budget, work: Path, seed: int) -> tuple[PaLM
     return base, sft
 
 
+def sft_model(
+    task: Addition, budget: Budget, seed: int, sft_dir: Optional[str], work
+) -> tuple[PaLM, dict, Optional[str]]:
+    """(the SFT model, the base model's record, where it was loaded from or None): the one
+    kept in `sft_dir` when it was made from the same task, budget and seed, else made now in
+    `work` (and kept in `sft_dir` with the tokenizer, when given)."""
+    start = time.monotonic()
+    saved = Path(sft_dir) / "model.safetensors" if sft_dir else None
+    made_by = {"task": asdict(task), "budget": sft_fields(budget), "seed": seed}
+    if saved is not None and saved.is_file():  # an SFT model of an earlier run
+        recorded = json.loads((saved.parent / "made_by.json").read_text())
+        if recorded != made_by:
+            raise SystemExit(f"{saved} was made with {recorded}, not {made_by}")
+        base = json.loads((saved.parent / "base.json").read_text())
+        return PaLM.from_pretrained(saved).eval(), base, str(saved)
+    base, sft = run_sft(task, budget, Path(work), seed)
+    record = {  # seconds: the base and SFT stages together
+        "seconds": round(time.monotonic() - start, 1),
+        "eval": evaluate((base, None), base, task, ByteTokenizer(), budget.samples),
+    }
+    if saved is not None:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        sft.save(saved)
+        ByteTokenizer().save(saved.parent)
+        (saved.parent / "made_by.json").write_text(json.dumps(made_by) + "\n")
+        (saved.parent / "base.json").write_text(json.dumps(record) + "\n")
+    return sft, record, None
+
+
 def run_method(
     name: str, sft: PaLM, task: Addition, budget: Budget, seed: int, keywords: dict, label: str
 ) -> dict:
@@ -502,12 +546,18 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write(results: dict, quick: bool, folder: Path) -> None:
-    suffix = "-quick" if quick else ""
+def write_named(results: dict, folder: Path, stem: str, draw) -> None:
+    """`stem`.json and, when `draw` is given, the plot it draws in `stem`.png."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"reasoning{suffix}.json").write_text(json.dumps(results, indent=1) + "\n")
-    if any(run["methods"] for run in results["runs"].values()):
-        plot(results, folder / f"reasoning{suffix}.png")
+    (folder / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+    if draw is not None:
+        draw(results, folder / f"{stem}.png")
+
+
+def write(results: dict, quick: bool, folder: Path) -> None:
+    curves = any(run["methods"] for run in results["runs"].values())
+    stem = "reasoning-quick" if quick else "reasoning"
+    write_named(results, folder, stem, plot if curves else None)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -546,6 +596,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "--settings", default=",".join(SETTINGS), help=f"comma-separated: {', '.join(SETTINGS)}"
     )
     parser.add_argument("--out-dir", default=str(RESULTS), help="where the JSON and PNG go")
+    parser.add_argument(
+        "--add",
+        action="store_true",
+        help="add the methods to the results JSON already in --out-dir (same budget, settings "
+        "and SFT model: its held-out evaluation must match) instead of starting a new one",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -603,28 +659,32 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "sft": {},
         "runs": {s: {"keywords": k, "methods": {}} for s, k in settings.items()},
     }
-    with tempfile.TemporaryDirectory(prefix="bench-reasoning-") as work:
-        start = time.monotonic()
-        saved = Path(args.sft_dir) / "model.safetensors" if args.sft_dir else None
-        made_by = {"task": results["task"], "budget": sft_fields(budget), "seed": args.seed}
-        if saved is not None and saved.is_file():  # an SFT model of an earlier run
-            recorded = json.loads((saved.parent / "made_by.json").read_text())
-            if recorded != made_by:
-                raise SystemExit(f"{saved} was made with {recorded}, not {made_by}")
-            sft = PaLM.from_pretrained(saved).eval()
-            results["sft"]["from"] = str(saved)
-            results["base"] = json.loads((saved.parent / "base.json").read_text())
-        else:
-            base, sft = run_sft(task, budget, Path(work), args.seed)
-            results["base"] = {  # seconds: the base and SFT stages together
-                "seconds": round(time.monotonic() - start, 1),
-                "eval": evaluate((base, None), base, task, ByteTokenizer(), budget.samples),
+    earlier = Path(args.out_dir) / f"reasoning{'-quick' if args.quick else ''}.json"
+    if args.add:
+        fresh, results = results, json.loads(earlier.read_text())
+        for key in ("task", "budget", "seed"):
+            if results[key] != fresh[key]:
+                parser.error(f"--add: {earlier} has {key} {results[key]}, not {fresh[key]}")
+        for setting, run in fresh["runs"].items():
+            kept = results["runs"].setdefault(setting, run)
+            if kept["keywords"] != run["keywords"]:
+                parser.error(f"--add: {earlier} ran {setting} with {kept['keywords']}")
+        results.setdefault("added", []).append(
+            {
+                "methods": args.methods,
+                "provenance": fresh["provenance"],
+                "load": fresh["load_start"],
             }
-            if saved is not None:
-                sft.save(saved)
-                (saved.parent / "made_by.json").write_text(json.dumps(made_by) + "\n")
-                (saved.parent / "base.json").write_text(json.dumps(results["base"]) + "\n")
-        results["sft"]["eval"] = evaluate((sft, None), sft, task, ByteTokenizer(), budget.samples)
+        )
+    with tempfile.TemporaryDirectory(prefix="bench-reasoning-") as work:
+        sft, base, origin = sft_model(task, budget, args.seed, args.sft_dir, work)
+        held = evaluate((sft, None), sft, task, ByteTokenizer(), budget.samples)
+        if args.add and json.loads(json.dumps(held)) != results["sft"]["eval"]:
+            raise SystemExit(f"--add: this SFT model is not the one of {earlier}: {held}")
+        if not args.add:
+            results["base"], results["sft"]["eval"] = base, held
+            if origin:
+                results["sft"]["from"] = origin
         print("\n".join(stage_lines(results)), f"({results['base']['seconds']} s)", flush=True)
         write(results, args.quick, Path(args.out_dir))
         for setting, keywords in [] if args.sft_only else settings.items():

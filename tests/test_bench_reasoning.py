@@ -105,6 +105,20 @@ def test_quick_run_end_to_end(bench, tmp_path):
     assert before["kl_to_sft"] == 0.0  # the SFT model itself
     assert before == results["sft"]["eval"] | {"episodes": 0}
     assert "Best: grpo (shared)" in bench.table(written)
+    # --add: another method beside the first, from the same (re-made, deterministic) SFT model
+    bench.main(
+        ["--quick", "--methods", "dapo", "--settings", "shared", "--out-dir", str(tmp_path)]
+        + ["--add"]
+    )
+    added = json.loads((tmp_path / "reasoning-quick.json").read_text())
+    assert list(added["runs"]["shared"]["methods"]) == ["grpo", "dapo"]
+    assert added["runs"]["shared"]["methods"]["grpo"] == method
+    assert added["added"][0]["methods"] == "dapo"
+    with pytest.raises(SystemExit):  # a different shared setting is not the same experiment
+        bench.main(
+            ["--quick", "--methods", "rloo", "--settings", "shared", "--out-dir", str(tmp_path)]
+            + ["--add", "--set", "actor_lr=1e-3"]
+        )
 
 
 def test_the_careless_demonstrator_forgets_every_carry(bench):
