@@ -95,6 +95,14 @@ def trl_table(report: dict) -> str:
     return bench.report(bench.Setting(**report["setting"]), report)
 
 
+def frontier_addition_table(report: dict) -> str:
+    bench = load_script(BENCH_DIR / "bench_frontier_addition.py")
+    return (
+        bench.table(report)
+        + "\n\n![gold and proxy against sqrt KL](../benchmarks/results/frontier-addition.png)"
+    )
+
+
 def reasoning_table(report: dict) -> str:
     bench = load_script(BENCH_DIR / "bench_reasoning.py")
     note = report.get("validation_note")
@@ -208,6 +216,15 @@ SECTIONS = (
         "proxy scores against KL to the SFT policy: `python benchmarks/bench_frontier.py`. "
         "How scores and KL are defined: `benchmarks/results/frontier.md`.",
         frontier_tables,
+    ),
+    Section(
+        "frontier-addition.json",
+        "Over-optimisation against a gold that cannot be gamed",
+        "The gold is exact-match on held-out 3-digit additions; a proxy reward model learns it "
+        "from pairs of the SFT model's answers; best-of-n and every RL method optimise the "
+        "proxy, with gold and proxy measured against KL to the SFT model, per seed: "
+        "`python benchmarks/bench_frontier_addition.py`.",
+        frontier_addition_table,
     ),
     Section(
         "reasoning.json",
