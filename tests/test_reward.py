@@ -1,6 +1,7 @@
 import argparse
 import dataclasses
 import inspect
+import json
 import math
 import warnings
 from pathlib import Path
@@ -18,7 +19,13 @@ from palm_rlhf.functional.preference import pairwise_ranking_loss, ranking_loss_
 from palm_rlhf.model.reward import RewardModel
 from palm_rlhf.model.reward_config import RewardConfig
 from palm_rlhf.options import add_dataclass_arguments
-from palm_rlhf.train.reward import RewardTrainConfig, fit_records, train_reward_model
+from palm_rlhf.train.reward import (
+    RewardTrainConfig,
+    fit_records,
+    prompts_cut,
+    split_records,
+    train_reward_model,
+)
 from palm_rlhf.train.reward_metrics import score_comparisons
 from tests.helpers import randomize_lora, tiny_palm
 
@@ -515,6 +522,28 @@ def test_long_responses_are_skipped_truncated_or_refused():
     assert changed == 1 and kept[0].response == "r" * 11  # 16 - eos - 16 // 4 prompt tokens
     with pytest.raises(ValueError, match="ratings record 0"):
         fit_records(records, Bytes32(), 16, "raise", "ratings")
+
+
+def test_prompts_cut_to_fit_are_counted_and_reported(tmp_path):
+    records = [RatingRecord("p" * 20, "ok", 3), RatingRecord("p", "ok", 1)]
+    # 16 - 2 response bytes - EOS leaves 13 of the 20 prompt bytes: 7 cut; the short one fits
+    assert prompts_cut(records, ByteTokenizer(), 16, "ratings") == [7]
+    data = tmp_path / "ratings.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": r.prompt, "response": r.response, "rating": r.rating}) + "\n"
+            for r in records * 2
+        )
+    )
+    config = RewardTrainConfig(data=str(data), kind="ratings", num_bins=5, max_len=16, num_train=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        split_records(config, ByteTokenizer())
+    assert [str(w.message) for w in caught] == [
+        f"1 of 2 {part} record(s) had their prompt cut from the left to fit max_len=16 (by up "
+        "to 7 tokens): raise --max-len to score whole prompts"
+        for part in ("training", "held-out")
+    ]
 
 
 def run(tmp_path, **overrides):

@@ -167,6 +167,19 @@ def fit_records(records: list, tokenizer, max_len: int, policy: str, kind: str) 
     return kept, changed
 
 
+def prompts_cut(records: list, tokenizer, max_len: int, kind: str) -> list[int]:
+    """Per (fitted) record that loses prompt tokens from the left to fit, the most it loses."""
+    cut = []
+    for record in records:
+        responses = record.responses if kind == "comparisons" else [record.response]
+        whole = len(tokenizer.encode(record.prompt))
+        kept = (encode_prompt_response(tokenizer, record.prompt, r, max_len)[1] for r in responses)
+        lost = whole - min(kept)
+        if lost:
+            cut.append(lost)
+    return cut
+
+
 def split_records(config: RewardTrainConfig, tokenizer) -> tuple[list, list]:
     """(train, valid) records, read, split as the module docstring says, and fitted to max_len."""
 
@@ -193,6 +206,14 @@ def split_records(config: RewardTrainConfig, tokenizer) -> tuple[list, list]:
             what = "skipped" if config.long_responses == "skip" else "truncated"
             problem = f"a response is longer than max_len={config.max_len}"
             warnings.warn(f"{changed} {name} record(s) {what}: {problem}", stacklevel=2)
+        cut = prompts_cut(part, tokenizer, config.max_len, config.kind)
+        if cut:  # documented, but a silent cut would score damaged prompts
+            warnings.warn(
+                f"{len(cut)} of {len(part)} {name} record(s) had their prompt cut from the left "
+                f"to fit max_len={config.max_len} (by up to {max(cut)} tokens): raise --max-len "
+                "to score whole prompts",
+                stacklevel=2,
+            )
         fitted.append(part)
     if not fitted[0]:
         raise ValueError(f"no training records left in {config.data} (raise --max-len?)")
