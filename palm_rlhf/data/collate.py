@@ -65,6 +65,14 @@ def encode_prompt_response(
     nothing, when the response part is empty, or when the response part plus one prompt token
     exceeds ``max_len``.
     """
+    ids, num_prompt, _ = encode_prompt_response_cut(tokenizer, prompt, response, max_len, add_eos)
+    return ids, num_prompt
+
+
+def encode_prompt_response_cut(
+    tokenizer: TokenizerLike, prompt: str, response: str, max_len: int, add_eos: bool = True
+) -> tuple[list[int], int, int]:
+    """``encode_prompt_response`` plus the number of prompt tokens cut from the left."""
     if max_len < 2:
         raise ValueError(f"max_len must be >= 2 (one prompt and one response token), got {max_len}")
     prompt_ids = list(tokenizer.encode(prompt))
@@ -80,8 +88,9 @@ def encode_prompt_response(
             f"{' with eos' if add_eos else ''}, leaving no room for the prompt "
             f"({len(prompt_ids)} tokens) within max_len={max_len}"
         )
-    prompt_ids = prompt_ids[-room:]  # keep the end: the most recent context
-    return prompt_ids + response_ids, len(prompt_ids)
+    cut = max(0, len(prompt_ids) - room)
+    prompt_ids = prompt_ids[cut:]  # keep the end: the most recent context
+    return prompt_ids + response_ids, len(prompt_ids), cut
 
 
 @beartype

@@ -14,7 +14,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from palm_rlhf.data.collate import encode_prompt_response, pad_sequences
+from palm_rlhf.data.collate import encode_prompt_response_cut, pad_sequences
 from palm_rlhf.data.records import RecordError, RecordWarning, iter_jsonl, skip_summary
 
 
@@ -56,8 +56,9 @@ def encode_file(
     for index, record in enumerate(records):
         try:
             groups.append(encode(record))
-            if _prompt_cut(groups[-1]):
-                cut.append((index, _prompt_cut(groups[-1])))
+            lost = _prompt_cut(groups[-1])
+            if lost:
+                cut.append((index, lost))
         except ValueError as error:
             lines = lines or _record_lines(path, len(records))
             where = f"{path}:{lines[index]}" if lines else f"{path} record {index + 1}"
@@ -131,6 +132,5 @@ def step_rows(step: int, per_step: int, num_examples: int, seed: int) -> list[in
 
 def sft_example(tokenizer, prompt: str, response: str, max_len: int) -> TokenExample:
     """prompt + response + EOS with the loss on response and EOS (prompt cut from the left)."""
-    ids, num_prompt = encode_prompt_response(tokenizer, prompt, response, max_len)
-    cut = len(tokenizer.encode(prompt)) - num_prompt
+    ids, num_prompt, cut = encode_prompt_response_cut(tokenizer, prompt, response, max_len)
     return TokenExample(ids, [False] * num_prompt + [True] * (len(ids) - num_prompt), 0, cut)

@@ -32,6 +32,7 @@ from palm_rlhf.data.collate import (
     collate_comparisons,
     collate_ratings,
     encode_prompt_response,
+    encode_prompt_response_cut,
 )
 from palm_rlhf.data.records import read_comparisons, read_ratings
 from palm_rlhf.data.tokenizer import ByteTokenizer, load_tokenizer
@@ -172,9 +173,9 @@ def prompts_cut(records: list, tokenizer, max_len: int, kind: str) -> list[int]:
     cut = []
     for record in records:
         responses = record.responses if kind == "comparisons" else [record.response]
-        whole = len(tokenizer.encode(record.prompt))
-        kept = (encode_prompt_response(tokenizer, record.prompt, r, max_len)[1] for r in responses)
-        lost = whole - min(kept)
+        lost = max(
+            encode_prompt_response_cut(tokenizer, record.prompt, r, max_len)[2] for r in responses
+        )
         if lost:
             cut.append(lost)
     return cut
