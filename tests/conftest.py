@@ -1,4 +1,6 @@
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,3 +29,17 @@ def outputs():
 def facts():
     """Behaviour of the reference project, measured by running it (make_reference_fixtures.py)."""
     return json.loads((REFERENCE_FIXTURES / "facts.json").read_text())
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench(request):
+    """The benchmark script a test module names in `BENCH` (e.g. "bench_trl"), as a module."""
+    path = BENCHMARKS / f"{request.module.BENCH}.py"
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up while defining
+    spec.loader.exec_module(module)
+    return module

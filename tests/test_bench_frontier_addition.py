@@ -1,24 +1,12 @@
 """The programmatic-gold frontier: what a reward model reads, best-of-n's exact expectation,
 the over-optimisation verdict, and a toy run through the public API."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_frontier_addition.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_frontier_addition", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_frontier_addition"] = module
-    spec.loader.exec_module(module)
-    return module
+BENCH = "bench_frontier_addition"  # loaded by the `bench` fixture (conftest.py)
 
 
 def test_sequences_keep_the_response_up_to_its_first_eos(bench):

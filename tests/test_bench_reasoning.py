@@ -1,11 +1,8 @@
 """The reasoning benchmark's task: held-out problems never trained on, right answers, and an
 exact-match reward that reaches the trainer through the library's text-reward path."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,16 +10,7 @@ import torch
 from palm_rlhf import ByteTokenizer
 from palm_rlhf.rl.text_reward import resolve_reward
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_reasoning.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_reasoning", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_reasoning"] = module
-    spec.loader.exec_module(module)
-    return module
+BENCH = "bench_reasoning"  # loaded by the `bench` fixture (conftest.py)
 
 
 def test_held_out_and_train_are_disjoint_and_deterministic(bench):

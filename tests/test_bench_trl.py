@@ -1,22 +1,9 @@
 """The TRL comparison's FLOP accounting and the limit it reports, against hand-computed values
 (the comparison itself needs TRL's venv and runs in `benchmarks/bench_trl.py`)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
-import pytest
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_trl.py"
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_trl", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_trl"] = module
-    spec.loader.exec_module(module)
-    return module
+BENCH = "bench_trl"  # loaded by the `bench` fixture (conftest.py)
 
 
 def test_step_flops_count_every_token_of_the_batch(bench):
