@@ -1,8 +1,6 @@
 """The TRL comparison's FLOP accounting and the limit it reports, against hand-computed values
 (the comparison itself needs TRL's venv and runs in `benchmarks/bench_trl.py`)."""
 
-
-
 BENCH = "bench_trl"  # loaded by the `bench` fixture (conftest.py)
 
 
