@@ -87,6 +87,7 @@ def throughput(impl: str, args) -> dict:
     import torch
 
     palm = make_palm(impl, args)
+    parameters = sum(p.numel() for p in palm.parameters())  # before any LoRA scope is added
     generator = torch.Generator().manual_seed(1)
     prompts = torch.randint(1, args.num_tokens, (64, args.prompt_len), generator=generator)
     max_seq_len = args.prompt_len + args.response_len
@@ -95,6 +96,7 @@ def throughput(impl: str, args) -> dict:
     if impl == "ours":
         from palm_rlhf.model.reward import RewardModel
         from palm_rlhf.rl.ppo.trainer import RLHFTrainer
+        from palm_rlhf.rl.scoring_passes import skips_scoring
 
         trainer = RLHFTrainer(
             palm=palm,
@@ -113,10 +115,15 @@ def throughput(impl: str, args) -> dict:
                 max_seq_len=args.prompt_len + response_len,
                 progress=False,
             )
+
+        # reward + critic, and the old and reference log-probs unless the settings skip them
+        skips = skips_scoring(trainer.config, args.episodes, num_processes=1)
+        passes = dict(scoring=2 if skips else 4)
     else:
         from palm_rlhf_pytorch import RewardModel
 
         trainer = reference_trainer(palm, RewardModel(palm), prompts, **common)
+        passes = dict(scoring=3)  # actor_critic (actor, critic) after generate, reward model
 
         def run(episodes, response_len):
             # its Accelerator autocasts forward() only, not generation: autocast everything
@@ -138,6 +145,11 @@ def throughput(impl: str, args) -> dict:
         episodes_per_s=args.episodes / seconds,
         tokens_per_s=args.episodes * args.response_len / seconds,
         max_seq_len=max_seq_len,
+        parameters=parameters,
+        # forward passes over the whole sequence per episode, for the FLOP model
+        # (bench_ppo.episode_flops): sampling with a cache is one; both libraries train the
+        # actor and the critic as LoRA scopes, once (epochs=1)
+        passes=dict(sampling=1, **passes, update_forward=2, update_backward=2),
     )
 
 

@@ -11,7 +11,10 @@ implementation, alternating ABBA across jobs and rounds like `bench_palm.py`:
   64 tokens and responses of 128, each library with its own LoRA RewardModel; float32, and
   bf16 autocast;
 - the toy task (reward = share of token 3 in the response, optimum 1) on a tiny PaLM: the
-  reward each library's policy reaches within the same wall-clock training budget.
+  reward each library's policy reaches within the same wall-clock training budget;
+- model-FLOPs utilisation of the whole rollout + update loop (`episode_flops`) against a
+  float32 and a bf16 matmul measured in the same run, before and after the jobs (the higher
+  reading is the peak), so the distance to the machine's limit is visible.
 
 Threads default to 1: on a small shared machine two OpenMP threads per process thrash (tiny
 per-token kernels wait on a descheduled sibling); pass --threads N on a quiet machine.
@@ -39,6 +42,7 @@ except ImportError:  # imported as benchmarks.bench_ppo
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 WORKER = BENCH_DIR / "_ppo_worker.py"
+MATMUL_WORKER = BENCH_DIR / "_worker.py"
 IMPLS = ("ours", "reference")
 
 FULL = {
@@ -73,16 +77,65 @@ def worker_command(impl: str, task: str, extra: str, sizes: dict, threads: int, 
     return [str(python), *(["-I"] if impl == "reference" else []), *args]
 
 
+def matmul_command(dtype: str, threads: int) -> list[str]:
+    task = ["--impl", "ours", "--task", "matmul", "--dtype", dtype, "--threads", str(threads)]
+    return [sys.executable, str(MATMUL_WORKER), *task]
+
+
+def episode_flops(config: dict, params: int, passes: dict) -> float:
+    """Model FLOPs of one episode (PaLM appendix B, N = all parameters, attention over the
+    whole sequence T = prompt + response): a forward pass costs 2N + 4 L H Q T per token, and
+    the backward of a LoRA scope, whose frozen weights need no gradient, 2N + 8 L H Q T
+    (activation gradients only). `passes` counts whole-sequence passes: sampling with a KV
+    cache is one forward; the scoring forwards; the update's forwards and backwards.
+    Recomputation (the reference samples without a cache) is not model FLOPs."""
+    seq = config["prompt_len"] + config["response_len"]
+    attention = config["depth"] * config["heads"] * config["dim_head"] * seq
+    forward, backward = 2 * params + 4 * attention, 2 * params + 8 * attention
+    forwards = passes["sampling"] + passes["scoring"] + passes["update_forward"]
+    return seq * (forwards * forward + passes["update_backward"] * backward)
+
+
+def achieved_gflops(results: list[dict]):
+    """Median model GFLOP/s of throughput runs (`episode_flops` x episodes/s)."""
+    values = [
+        episode_flops(r["config"], r["parameters"], r["passes"]) * r["episodes_per_s"] / 1e9
+        for r in results
+        if "error" not in r and "passes" in r
+    ]
+    return statistics.median(values) if values else None
+
+
 def median_of(results: list[dict], key: str):
     values = [r[key] for r in results if "error" not in r and r.get(key) is not None]
     return statistics.median(values) if values else None
 
 
-def build_rows(raw: dict) -> list[dict]:
+def build_rows(raw: dict, peak: dict | None = None) -> list[dict]:
     # (label, job, key, higher is better)
+    peak = peak or {}
+
+    def mfu(dtype):
+        def of(results):
+            achieved = achieved_gflops(results)
+            return achieved / peak[dtype] if achieved and peak.get(dtype) else None
+
+        return of
+
+    def gflop_per_episode(results):
+        ok = [r for r in results if "error" not in r and "passes" in r]
+        return (
+            episode_flops(ok[0]["config"], ok[0]["parameters"], ok[0]["passes"]) / 1e9
+            if ok
+            else None
+        )
+
     specs = [
         ("rollout+update episodes/s, float32", "throughput-float32", "episodes_per_s", True),
         ("rollout+update episodes/s, bf16 autocast", "throughput-bf16", "episodes_per_s", True),
+        ("model GFLOP per episode (episode_flops)", "throughput-float32", gflop_per_episode, None),
+        ("rollout+update MFU, float32", "throughput-float32", mfu("float32"), True),
+        ("rollout+update MFU, bf16 autocast", "throughput-bf16", mfu("bf16"), True),
         ("toy task: reward of the untrained policy", "toy", "reward_before", None),
         ("toy task: reward after the training budget", "toy", "reward_after", True),
         ("toy task: PPO updates within the budget", "toy", "updates", True),
@@ -91,7 +144,8 @@ def build_rows(raw: dict) -> list[dict]:
     for label, job, key, higher in specs:
         if job not in raw:
             continue
-        ours, ref = median_of(raw[job]["ours"], key), median_of(raw[job]["reference"], key)
+        get = key if callable(key) else (lambda results, k=key: median_of(results, k))
+        ours, ref = get(raw[job]["ours"]), get(raw[job]["reference"])
         ratio = ours / ref if ours is not None and ref else None
         arrow = {True: " (higher is better)", False: " (lower is better)", None: ""}[higher]
         rows.append({"metric": label + arrow, "ours": ours, "reference": ref, "ratio": ratio})
@@ -106,7 +160,33 @@ def fmt(value) -> str:
     return f"{value:.3f}" if abs(value) < 10 else f"{value:,.1f}"
 
 
-def markdown(rows: list[dict], machine: dict, settings: dict) -> str:
+def limit_lines(raw: dict, peak: dict, readings: dict) -> list[str]:
+    """The measured matmul peaks, and what they allow ours' rollout + update loop."""
+    text = ", ".join(
+        f"{dtype} {peak[dtype]:,.1f} GFLOP/s (readings "
+        + " / ".join("failed" if g is None else f"{g:,.1f}" for g in readings[dtype])
+        + ")"
+        for dtype in peak
+        if peak[dtype]
+    )
+    lines = [f"Matmul peak, this run, before / after the jobs: {text or 'not measured'}."]
+    for dtype, job in (("float32", "throughput-float32"), ("bf16", "throughput-bf16")):
+        ours = [r for r in raw.get(job, {}).get("ours", []) if "passes" in r]
+        if not ours or not peak.get(dtype):
+            continue
+        flops = episode_flops(ours[0]["config"], ours[0]["parameters"], ours[0]["passes"])
+        rate = statistics.median(r["episodes_per_s"] for r in ours)
+        ceiling = peak[dtype] * 1e9 / flops
+        lines.append(
+            f"At the {dtype} peak an episode of ours needs at least {1 / ceiling:.3g} s: at "
+            f"most {ceiling:.3g} episodes/s; ours runs {rate:.3g} ({rate / ceiling:.0%})."
+        )
+    return lines
+
+
+def markdown(
+    rows: list[dict], machine: dict, settings: dict, limits: list[str] | None = None
+) -> str:
     lines = [
         f"Machine: {machine['cpu']} ({machine['logical_cpus']} logical CPUs), "
         f"{machine['threads']} torch thread(s), torch {machine['torch']}, Python "
@@ -124,6 +204,8 @@ def markdown(rows: list[dict], machine: dict, settings: dict) -> str:
         lines.append(
             f"| {row['metric']} | {fmt(row['ours'])} | {fmt(row['reference'])} | {ratio} |"
         )
+    if limits:
+        lines += ["", *limits]
     return "\n".join(lines)
 
 
@@ -154,6 +236,14 @@ def main(argv=None) -> int:
 
     jobs = [j for j in JOBS if j[0] in wanted]
     raw = {name: {impl: [] for impl in IMPLS} for name, _, _ in jobs}
+    readings = {dtype: [] for dtype in ("float32", "bf16")}
+
+    def measure_matmul():  # before and after the jobs, at the jobs' thread count
+        for dtype, values in readings.items():
+            result = run_worker("ours", matmul_command(dtype, args.threads), args.threads, 600)
+            values.append(result.get("gflops"))
+
+    measure_matmul()
     for rnd in range(args.rounds):
         for index, (name, task, extra) in enumerate(jobs):
             order = IMPLS if (rnd + index) % 2 == 0 else IMPLS[::-1]
@@ -164,10 +254,12 @@ def main(argv=None) -> int:
                 status = result.get("error", "ok")[:300]
                 print(f"[round {rnd + 1}] {name:18s} {impl:9s} {status}", file=sys.stderr)
 
-    rows = build_rows(raw)
+    measure_matmul()
+    peak = {dtype: max(filter(None, v), default=None) for dtype, v in readings.items()}
+    rows = build_rows(raw, peak)
     machine = machine_info(args.threads)
     settings = {"mode": "quick" if args.quick else "full", "rounds": args.rounds, **sizes}
-    table = markdown(rows, machine, settings)
+    table = markdown(rows, machine, settings, limit_lines(raw, peak, readings))
     print(table)
 
     out = args.out or BENCH_DIR / "results" / ("ppo-quick.json" if args.quick else "ppo.json")
@@ -177,6 +269,8 @@ def main(argv=None) -> int:
         "machine": machine,
         "settings": settings,
         "rows": rows,
+        "matmul_gflops_before_after": readings,
+        "peak_gflops": peak,
         "markdown": table,
         "raw": raw,
     }

@@ -158,8 +158,9 @@ SECTIONS = (
     Section(
         "ppo.json",
         "PPO against palm-rlhf-pytorch 0.8.0",
-        "Rollout + update episodes per second, and the reward each library reaches on a toy "
-        "task in the same training time: `python benchmarks/bench_ppo.py`.",
+        "Rollout + update episodes per second, their share of this run's own matmul peak (MFU), "
+        "and the reward each library reaches on a toy task in the same training time: "
+        "`python benchmarks/bench_ppo.py`.",
         stored_markdown,
     ),
     Section(
