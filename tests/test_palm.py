@@ -141,6 +141,37 @@ def test_config_validation_names_the_field():
         PaLM(num_tokens=10, dim=16, depth=1, dim_head=7)
 
 
+def test_init_std_draws_every_projection_from_that_normal_and_default_stays_pytorchs():
+    """init_std=0.02 is the Hugging Face Llama / GPT-2 init (what a TRL user's model gets);
+    None keeps nn.Linear's Kaiming-uniform bound 1/sqrt(fan_in), as the reference does."""
+    normal = tiny_palm(dim=128, heads=4, dim_head=32, init_std=0.02)
+    default = tiny_palm(dim=128, heads=4, dim_head=32)
+    for (name, a), (_, b) in zip(normal.layers.named_modules(), default.layers.named_modules()):
+        if isinstance(a, torch.nn.Linear):
+            fan_in = a.weight.shape[1]
+            assert abs(a.weight.std().item() - 0.02) < 0.001, name
+            assert a.weight.abs().max().item() > 3 * 0.02, name  # normal tails, not uniform
+            assert b.weight.abs().max().item() <= 1 / fan_in**0.5, name
+            assert abs(b.weight.std().item() - 1 / (3 * fan_in) ** 0.5) < 0.002, name
+    # the embeddings and norms are the same either way
+    assert_close(normal.token_emb.weight, default.token_emb.weight, atol=0, rtol=0)
+    assert normal.config.init_std == 0.02 and default.config.init_std is None
+
+
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        (0, ValueError, "init_std must be a positive number or None, got 0"),
+        (-0.1, ValueError, "init_std must be a positive number or None, got -0.1"),
+        (True, TypeError, r"PaLM\(init_std=...\) must be Optional\[float\], got True"),
+        ("0.02", TypeError, r"must be Optional\[float\], got '0.02'"),
+    ],
+)
+def test_a_bad_init_std_names_the_field(bad, error, message):
+    with pytest.raises(error, match=message):
+        PaLM(num_tokens=10, dim=16, depth=1, dim_head=8, init_std=bad)
+
+
 # ----------------------------------------------------------------- the reference's surface
 
 

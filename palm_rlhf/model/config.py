@@ -42,6 +42,11 @@ class PaLMConfig:
     rotary_xpos_scale_base: Optional[int] = None
     max_seq_len: Optional[int] = None  # context window; None means no limit is enforced
     cross_entropy_ignore_index: int = 0  # token 0 is padding / EOS for the byte tokenizer
+    # initial weights of the projections: None keeps PyTorch's nn.Linear default (Kaiming
+    # uniform, std 1/sqrt(3 fan_in)), as the reference does; a float draws them from
+    # normal(0, init_std) as GPT-2 and Hugging Face's Llama (initializer_range 0.02) do. The
+    # embeddings are normal(0, 0.02) either way. Changes only a new model, never loaded weights.
+    init_std: Optional[float] = None
 
     def __post_init__(self):
         for name in ("num_tokens", "dim", "depth", "dim_head", "heads", "ff_mult", "lora_r"):
@@ -63,6 +68,14 @@ class PaLMConfig:
             )
         if xpos is not None and not self.causal:
             raise ValueError("rotary_xpos_scale_base (xPos) is for causal models only")
+        if self.init_std is not None and not (
+            isinstance(self.init_std, (int, float))
+            and not isinstance(self.init_std, bool)
+            and self.init_std > 0
+        ):
+            raise ValueError(
+                f"PaLMConfig.init_std must be a positive number or None, got {self.init_std!r}"
+            )
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ValueError(
                 f"PaLMConfig.max_seq_len must be at least 2 or None, got {self.max_seq_len}"

@@ -65,7 +65,9 @@ def checked_value(owner: str, name: str, value: Any, hint: Any) -> Any:
     if integral and not is_bearable(value, hint) and is_bearable(float(value), hint):
         value = float(value)
     if not is_bearable(value, hint):
-        shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+        # a class by its name; Optional[float] and the like in full (their __name__ is the
+        # bare "Optional")
+        shown = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
         raise TypeError(f"{owner}({name}=...) must be {shown}, got {value!r}")
     return value
 

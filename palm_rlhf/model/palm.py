@@ -57,6 +57,10 @@ class PaLM(nn.Module):
         self.rotary = self._rotary(config)
         self.layers = nn.ModuleList(ParallelBlock(config, i) for i in range(config.depth))
         self.norm = nn.LayerNorm(config.dim, bias=False)
+        if config.init_std is not None:
+            for layer in self.layers.modules():
+                if isinstance(layer, nn.Linear):
+                    nn.init.normal_(layer.weight, std=config.init_std)
         # recompute each block's activations in the backward pass instead of keeping them (less
         # memory, one more forward per block); a training choice, so not part of the config
         self.checkpoint_activations = False
