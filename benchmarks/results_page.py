@@ -241,7 +241,15 @@ SECTIONS = (
         "GRPO against TRL",
         "The same toy task, group size, learning rate, KL coefficient, clip epsilon and loss "
         "aggregation for our PaLM and a `LlamaForCausalLM` of matched size under TRL's "
-        "`GRPOTrainer`, one process at a time: `python benchmarks/bench_trl.py`.",
+        "`GRPOTrainer`, one process at a time, both models initialised from normal(0, 0.02): "
+        "`python benchmarks/bench_trl.py`.",
+        trl_table,
+    ),
+    Section(
+        "trl-seed1.json",
+        "GRPO against TRL, a second seed",
+        "The same comparison with other prompts and initial weights, to show the noise in the "
+        "reward curves and the timings: `python benchmarks/bench_trl.py --seed 1`.",
         trl_table,
     ),
 )

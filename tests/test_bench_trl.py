@@ -29,3 +29,21 @@ def test_limit_lines_hand_values(bench):
     assert lines[3] == "| MFU, update phase | 61% | 61% | |"
     assert "at least 0.328 s: at most 391 completions/s, 3.00x TRL's rate" in lines[5]
     assert "would need 1.00x the machine's fp32 matmul peak" in lines[5]
+
+
+def test_report_compares_mean_reward_per_completion_over_every_step(bench):
+    """The issue's bar is TRL's reward per completion: the mean over all steps (each step
+    scores 128 completions), not only the last step's."""
+    setting = bench.Setting(steps=3)
+    phases = dict.fromkeys(("sampling", "scoring", "update", "other"), 0.1)
+    side = {
+        "parameters": 10,
+        "completions_per_s": 100.0,
+        "seconds_per_step": 1.0,
+        "phase_seconds_per_step": phases,
+        "reward_gain": 0.5,
+    }
+    ours = side | {"reward_per_step": [0.1, 0.3, 0.8]}  # mean 0.4
+    trl = side | {"reward_per_step": [0.2, 0.5, 0.9]}  # mean 0.5333: ours is 0.750x
+    lines = bench.report(setting, {"ours": ours, "trl": trl}).splitlines()
+    assert "| mean reward per completion, all 3 steps | 0.400 | 0.533 | 0.750x |" in lines
