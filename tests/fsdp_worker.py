@@ -51,9 +51,29 @@ def main(out: Path) -> None:
         "types": types,
         "samples": samples,
         "world": accelerator.num_processes,
+        "shared_prefix": shared_prefix_parity(model, twin, prompt),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank-{accelerator.process_index}.json").write_text(json.dumps(record))
+
+
+def shared_prefix_parity(model, twin, prompt) -> dict:
+    """Logits and LoRA gradients of groups of 2 rows sharing each prompt: the sharded model
+    runs every block twice per forward (prefix, then the rest), the twin the plain forward."""
+    rest = torch.randint(1, 32, (6, 4), generator=torch.Generator().manual_seed(2))
+    x = torch.cat((prompt.repeat_interleave(2, dim=0), rest), dim=1)
+    record = {}
+    for name, net, shared in (("sharded", model, (2, 5)), ("twin", twin, None)):
+        logits = net(x, finetune_scope="sft", shared_prefix=shared)
+        logits.square().mean().backward()
+        grads = {
+            key: getattr(p.grad, "full_tensor", lambda g=p.grad: g)().tolist()
+            for key, p in net.finetune_modules.named_parameters()
+        }
+        record[name] = {"logits": logits.detach().tolist(), "grads": grads}
+        net.zero_grad(set_to_none=True)
+        sharding.settle(net)
+    return record
 
 
 if __name__ == "__main__":

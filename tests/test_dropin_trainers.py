@@ -410,7 +410,7 @@ def test_grpo_loss_and_gradient_match_the_references_learn_step(tensors, case):
         batch["seq"], batch["mask"], batch["prompt_mask"], batch["old_log_prob"][:, 1:], advantages
     )
     table = batch["logits"].clone().requires_grad_()
-    actor = lambda tokens: table[tokens[:, 0]]  # noqa: E731 - row i starts with token i
+    actor = lambda tokens, **_: table[tokens[:, 0]]  # noqa: E731 - row i starts with token i
     loss, _ = minibatch_loss(
         {"actor": actor},
         experience,
@@ -477,7 +477,7 @@ def test_tpo_loss_and_gradient_match_the_references_learn_step(tensors, case):
     old[torch.arange(len(first)), first] = batch["target_q"].flatten().log()
     experience = one_batch(batch["seq"], batch["mask"], batch["prompt_mask"], old)
     table = batch["logits"].clone().requires_grad_()
-    actor = lambda tokens: table[tokens[:, 0]]  # noqa: E731 - row i starts with token i
+    actor = lambda tokens, **_: table[tokens[:, 0]]  # noqa: E731 - row i starts with token i
     loss, _ = minibatch_loss(
         {"actor": actor}, experience, trainer.config, trainer.kl_coef, 1.0, action_mask.shape[1]
     )

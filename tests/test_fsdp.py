@@ -41,6 +41,17 @@ def test_every_parameter_is_sharded_and_samples_like_the_unsharded_model(tmp_pat
             for kind in ("greedy", "top_k"):
                 assert samples[f"sharded/{scope}/{kind}"] == samples[f"twin/{scope}/{kind}"]
         assert samples["sharded/None/uncached"] == [r[:6] for r in samples["twin/None/greedy"]]
+        # a shared-prefix forward (each block called twice) and its backward through the shards
+        parity = record["shared_prefix"]
+        sharded, twin = parity["sharded"], parity["twin"]
+        close = dict(atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(sharded["logits"]), torch.tensor(twin["logits"]))
+        assert sharded["grads"].keys() == twin["grads"].keys()
+        for key, grad in twin["grads"].items():
+            assert any(abs(x) > 0 for x in torch.tensor(grad).flatten().tolist()), key
+            torch.testing.assert_close(
+                torch.tensor(sharded["grads"][key]), torch.tensor(grad), **close
+            )
     # both ranks sampled the same tokens (they run the same steps together)
     assert ranks[0]["samples"] == ranks[1]["samples"]
     # the LoRA scope changes what is sampled, so the scope check above has teeth

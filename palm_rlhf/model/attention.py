@@ -253,3 +253,28 @@ class KVCache:
         self.num_real += num_new if new_mask is None else new_mask.sum(dim=-1)
         self.length += num_new
         self.slot.fill_(self.length)
+
+
+class PrefixKeys:
+    """Each layer's keys and values of a prefix shared by groups of rows (`shared_prefix.py`):
+    recorded by the prefix pass, then put (repeated over each group) before the new tokens'
+    own by the pass over the rest of the columns, through `attending()`. The two passes hold
+    different objects, so a block recomputed in the backward pass (activation checkpointing)
+    does what it did in the forward."""
+
+    def __init__(self, group_size: int, keys: Optional[dict] = None):
+        self.group_size = group_size
+        self.recording = keys is None
+        self.keys: dict[int, tuple[Tensor, Tensor]] = {} if keys is None else keys
+
+    def attending(self) -> PrefixKeys:
+        """The same keys, for the pass over the rest of the columns."""
+        return PrefixKeys(self.group_size, self.keys)
+
+    def keys_values(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """The new k, v (rows, n, d) -> every key and value these queries attend."""
+        if self.recording:
+            self.keys[layer] = (k, v)
+            return k, v
+        prefix = (repeat(t, "p j d -> (p g) j d", g=self.group_size) for t in self.keys[layer])
+        return tuple(torch.cat((old, new), dim=1) for old, new in zip(prefix, (k, v)))

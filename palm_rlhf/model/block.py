@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from palm_rlhf.model.attention import (
     KVCache,
+    PrefixKeys,
     cached_step_attention,
     reference_attention,
     sdpa_attention,
@@ -48,6 +49,9 @@ class BlockInputs(NamedTuple):
     decoding: bool = False
     keys_end: Optional[int] = None
     row_blocks: int = 1  # row blocks of the weight products (`cpu_tuning.row_blocks`)
+    # a group's shared prefix (`shared_prefix.py`): its pass records each layer's keys and
+    # values there, the pass over the rest of the columns attends them first
+    prefix: Optional[PrefixKeys] = None
 
 
 def add_input_adapters(
@@ -153,6 +157,8 @@ class ParallelBlock(nn.Module):
             return out.flatten(1)[:, None]  # (b, h, d) -> (b, 1, h*d)
         if cache is not None:
             k, v = cache.update(self.index, k, v)
+        elif inputs.prefix is not None:
+            k, v = inputs.prefix.keys_values(self.index, k, v)
         q = q.transpose(1, 2)  # (b, h, n, d)
         dropout = c.attn_dropout if self.training else 0.0
         if c.flash_attn:

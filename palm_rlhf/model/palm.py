@@ -36,6 +36,13 @@ from palm_rlhf.model.keywords import (
 )
 from palm_rlhf.model.lora import DEFAULT_LORA_TARGETS, make_scope
 from palm_rlhf.model.sampling import generate
+from palm_rlhf.model.shared_prefix import (
+    SharedPrefix,
+    check_shared_prefix,
+    expand_prefix,
+    no_prefix,
+    shared_prefix_forward,
+)
 from palm_rlhf.model.weights import load_palm_into, palm_from_pretrained, save_palm
 
 __all__ = ["PaLM", "ParallelBlock", "check_token_ids"]
@@ -137,13 +144,32 @@ class PaLM(nn.Module):
         return_logits_with_embedding: bool = False,
         mask: Optional[Tensor] = None,
         cache: Optional[KVCache] = None,
+        shared_prefix: Optional[tuple[int, int]] = None,
     ):
         """x: (b, n) token ids. mask: (b, n) bool, True for real tokens (padding is False); a
         non-causal model (an encoder) also takes negative ids as padding, as the reference does.
 
         With `return_loss`, x is split into inputs x[:, :-1] and targets x[:, 1:]; targets equal
         to `cross_entropy_ignore_index` or masked out are not counted.
+
+        `shared_prefix=(group_size, length)`: the rows come in contiguous groups of
+        `group_size` whose first `length` tokens are equal (checked), and those run once per
+        group (`shared_prefix.py`); the outputs are the plain forward's. Causal, unpadded (or
+        right-padded) rows only.
         """
+        if shared_prefix is not None:
+            shared_prefix = SharedPrefix(*shared_prefix)
+            no_prefix(
+                shared_prefix,
+                mask=mask,
+                cache=cache,
+                extra_embed=extra_embed,
+                return_loss=return_loss,
+            )
+            if not self.causal:
+                raise ValueError(
+                    "shared_prefix needs a causal model: an encoder's prefix sees the rest"
+                )
         if not self.causal and mask is None and isinstance(x, Tensor) and bool((x < 0).any()):
             # the reference's encoder convention: negative ids are padding to mask out
             mask = x >= 0
@@ -169,6 +195,10 @@ class PaLM(nn.Module):
             raise ValueError(f"sequence of {total} tokens is longer than max_seq_len={limit}")
 
         scope = None if disable_lora else finetune_scope
+        if shared_prefix is not None:
+            return self._shared_prefix_forward(
+                x, shared_prefix, scope, return_only_embedding, return_logits_with_embedding
+            )
         embeds = self.embed(
             x, mask=mask, finetune_scope=scope, extra_embed=extra_embed, cache=cache
         )
@@ -227,9 +257,18 @@ class PaLM(nn.Module):
         h = self.token_emb(x)
         if extra_embed is not None:
             h = h + extra_embed
+        h = self._run_layers(h, inputs, loras)
+        if cache is not None:
+            cache.advance(mask, n)
+        return self.norm(h)
+
+    def _run_layers(self, h: Tensor, inputs: BlockInputs, loras) -> Tensor:
+        """Every block over hidden states h (b, n, dim), each with its LoRA adapters."""
         # only a pass that will run backward has activations worth dropping; a cached pass
         # writes the cache, which a recomputation must not repeat
-        recomputed = self.checkpoint_activations and cache is None and torch.is_grad_enabled()
+        recomputed = (
+            self.checkpoint_activations and inputs.cache is None and torch.is_grad_enabled()
+        )
         for index, layer in enumerate(self.layers):
             lora = loras[index] if loras is not None else None
             # non-reentrant checkpointing restores the RNG state, so dropout masks repeat
@@ -237,9 +276,23 @@ class PaLM(nn.Module):
                 h = recompute(layer, h, inputs, lora, use_reentrant=False)
             else:
                 h = layer(h, inputs, lora)
-        if cache is not None:
-            cache.advance(mask, n)
-        return self.norm(h)
+        return h
+
+    def _shared_prefix_forward(
+        self, x: Tensor, shared: SharedPrefix, scope, only_embedding: bool, with_embedding: bool
+    ):
+        """`forward` with `shared_prefix`: the same outputs, each prefix run once per group."""
+        check_shared_prefix(x, shared)
+        loras = self._scope_layers(scope)
+        head, tail = shared_prefix_forward(
+            self, x, shared, lambda h, inputs: self._run_layers(h, inputs, loras)
+        )
+        group = shared.group_size
+        if only_embedding:
+            return expand_prefix(head, tail, group)
+        # the prefix's logits once per group too, then repeated
+        logits = expand_prefix(self.to_logits(head), self.to_logits(tail), group)
+        return (logits, expand_prefix(head, tail, group)) if with_embedding else logits
 
     def _decode(self, x, loras, extra_embed, cache: KVCache) -> Tensor:
         """One new token per row through `decode.decode_step` (compiled if the cache asks)."""

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from palm_rlhf.functional.logprobs import log_probs_from_logits
 from palm_rlhf.model.sampling import sample_tokens
+from palm_rlhf.model.shared_prefix import SharedPrefix, groups_share
 
 
 class Rollout(NamedTuple):
@@ -66,6 +67,18 @@ def join_prompt_response(
     positions = torch.arange(width, device=tokens.device)
     prompt_mask = positions < rearrange(prompt_lengths, "b -> b 1")
     return Rollout(tokens, mask, prompt_mask)
+
+
+def shared_prompt(tokens: Tensor, prompt_mask: Tensor, group_size: int) -> Optional[SharedPrefix]:
+    """The prefix the rows of each group share, for a forward over left-justified rows
+    (b, n) to run once per group (`model/shared_prefix.py`): the shortest prompt, when the rows
+    are whole groups of `group_size` answering one prompt each (as the trainer samples them and
+    `group_minibatches` cuts them); None otherwise (PPO's one response per prompt, a rollout
+    chunk that splits a group)."""
+    if group_size < 2:
+        return None
+    length = int(prompt_mask.sum(dim=1).min())
+    return SharedPrefix(group_size, length) if groups_share(tokens, group_size, length) else None
 
 
 @torch.no_grad()
@@ -177,6 +190,7 @@ def collect(
     eos_token: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     scoring_passes: bool = True,
+    group_size: int = 1,
     **sampling,
 ) -> tuple[Experience, Tensor]:
     """One batched rollout of left-padded prompts (b, P): sample `new_tokens` at most from
@@ -186,6 +200,8 @@ def collect(
     experience (advantages and returns still 0) and whether each response ended with EOS (b,).
     The caller sets eval mode and autocast; `sampling` holds top_k/top_p. `scoring_passes`
     False (see `scoring_passes.py`) skips the old and reference log-probs: both are 0 then.
+    `group_size`: responses per prompt, in contiguous rows; the scoring passes run each
+    group's prompt once (`shared_prompt`).
     """
     samples = sample_tokens(
         actor.palm,
@@ -204,10 +220,10 @@ def collect(
     scores = score_sequences(reward_model, *seqs)
     tokens, targets = seqs.tokens, seqs.tokens[:, 1:]
     if scoring_passes:
-        old_logprobs = log_probs_from_logits(
-            tempered_logits(actor(tokens)[:, :-1], temperature), targets
-        )
-        ref_logits = reference(tokens, disable_lora=True)[:, :-1]
+        shared = shared_prompt(tokens, seqs.prompt_mask, group_size)
+        old_logits = actor(tokens, shared_prefix=shared)[:, :-1]
+        old_logprobs = log_probs_from_logits(tempered_logits(old_logits, temperature), targets)
+        ref_logits = reference(tokens, disable_lora=True, shared_prefix=shared)[:, :-1]
         ref_logprobs = log_probs_from_logits(tempered_logits(ref_logits, temperature), targets)
     else:  # the update computes its own (scoring_passes.py); nothing reads these
         old_logprobs = torch.zeros(targets.shape, device=tokens.device)

@@ -16,7 +16,7 @@ from palm_rlhf.rl import algorithms
 from palm_rlhf.rl.algorithms import critic_free_objective
 from palm_rlhf.rl.policies import evaluation_mode, only_these_require_grad
 from palm_rlhf.rl.ppo.objective import ppo_objective
-from palm_rlhf.rl.rollout import Experience, group_minibatches, tempered_logits
+from palm_rlhf.rl.rollout import Experience, group_minibatches, shared_prompt, tempered_logits
 from palm_rlhf.train.optim import make_optimizer
 
 
@@ -50,7 +50,9 @@ def minibatch_loss(
     algorithm, the critic (PPO) or the log Z head (FlowRL, fed the prompts' `features`).
     `own_old_logprobs`: the rollout skipped its old log-probs (one on-policy pass,
     `scoring_passes.py`), so this forward's own, detached, stand in for them."""
-    logits = tempered_logits(nets["actor"](batch.tokens)[:, :-1], temperature)
+    shared = shared_prompt(batch.tokens, batch.prompt_mask, config.responses_per_prompt)
+    logits = nets["actor"](batch.tokens, shared_prefix=shared)[:, :-1]
+    logits = tempered_logits(logits, temperature)
     if own_old_logprobs:
         old = log_probs_from_logits(logits.detach(), batch.tokens[:, 1:])
         batch = batch._replace(old_logprobs=old)

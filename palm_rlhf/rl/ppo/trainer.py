@@ -216,6 +216,7 @@ class RLHFTrainer:
                 generator=self.generator,
                 stop_early=not self.sharded,
                 scoring_passes=scoring_passes,
+                group_size=self.config.responses_per_prompt,
             )
 
     # ------------------------------------------------------------------ phases 2 and 3
