@@ -27,11 +27,13 @@ from the same 64. The first step is warm-up; completions/s = 128 * timed steps /
 Per phase: sampling (the decode loop), scoring (rewards and the no-grad log-prob passes of
 the rollout), update (the rest of the step: the loss's forward, backward and optimiser step).
 The machine's limit, measured in the same command: a 2048 x 2048 fp32 matmul (before and
-after the two sides, the faster counts) gives the peak; model FLOPs per step are counted the
-same way for both sides from their parameter count N (`step_flops`): 2N per token for sampling
-(prompt and new tokens each through the model once, as with a KV cache, which both use) and 6N
-per token of the full sequences for the update's forward and backward. MFU = those FLOPs per
-second / the peak; the floor = the seconds a step needs at the peak.
+after the two sides, the faster counts) gives the peak; the model FLOPs a step performs are
+counted the same way for both sides from their parameter count N (`step_flops`): 2N per token
+run through the model for sampling (with a KV cache, which both use, each token once) and 6N
+per token for the update's forward and backward. TRL runs every row's prompt; ours runs each
+group's prompt once in both phases (`model/shared_prefix.py`), so it performs fewer FLOPs for
+the same work. MFU = the FLOPs performed per second / the peak; the floor = the seconds our
+step needs at the peak.
 Writes benchmarks/results/trl.json (trl-quick.json for --steps below 31; -seedN before .json
 for another --seed).
 """
@@ -199,6 +201,9 @@ def run_ours(setting: Setting) -> dict:
             "library": f"palm_rlhf {palm_rlhf.__version__}",
             "module_file": palm_rlhf.__file__,
             "completions_scored": scored[0],
+            # sampling prefills, and the update's forward runs, each group's prompt once
+            # (`model/shared_prefix.py`); results before 2026-12-05 lack this: False
+            "prompt_once_per_group": True,
         },
     )
 
@@ -357,12 +362,14 @@ def run_side(side: str, setting: Setting) -> dict:
     return result
 
 
-def step_flops(setting: Setting, params: int) -> dict:
-    """Model FLOPs of one step (PaLM appendix B with N = all parameters): sampling 2N and the
-    update 6N per token of the 16 x 8 sequences. Left out, the same for both sides: attention's
-    12 L H Q T per token (under 2% at 32 tokens) and no-grad scoring passes (with beta = 0 and
-    one iteration neither side needs one)."""
-    tokens = setting.batch * (setting.prompt_len + setting.completion_len)
+def step_flops(setting: Setting, params: int, prompt_once_per_group: bool = False) -> dict:
+    """Model FLOPs one step performs (PaLM appendix B with N = all parameters): sampling 2N and
+    the update 6N per token run through the model: every token of the 16 x 8 sequences, or,
+    with `prompt_once_per_group`, each prompt once and every completion. Left out, the same
+    for both sides: attention's 12 L H Q T per token (under 2% at 32 tokens) and no-grad
+    scoring passes (with beta = 0 and one iteration neither side needs one)."""
+    prompts = setting.prompts_per_step if prompt_once_per_group else setting.batch
+    tokens = prompts * setting.prompt_len + setting.batch * setting.completion_len
     return {"sampling": 2 * params * tokens, "update": 6 * params * tokens}
 
 
@@ -381,7 +388,14 @@ def matmul_gflops(threads: int, size: int = 2048) -> float:
 def limit_lines(setting: Setting, results: dict) -> list[str]:
     """Achieved model FLOP/s and MFU of each side, and what the measured peak allows."""
     peak, sides = results["peak_gflops"], ("ours", "trl")
-    flops = {side: step_flops(setting, results[side]["parameters"]) for side in sides}
+    flops = {
+        side: step_flops(
+            setting,
+            results[side]["parameters"],
+            results[side].get("prompt_once_per_group", False),
+        )
+        for side in sides
+    }
     total = {side: sum(flops[side].values()) / 1e9 for side in sides}  # GFLOP per step
     rate = {side: total[side] / results[side]["seconds_per_step"] for side in sides}
     update = {
@@ -392,14 +406,14 @@ def limit_lines(setting: Setting, results: dict) -> list[str]:
     ceiling = setting.batch / floor
     trl_rate = results["trl"]["completions_per_s"]
     return [
-        f"| model GFLOP/step (2N sampling + 6N update per token) | {total['ours']:.1f} | "
+        f"| model GFLOP/step (2N sampling + 6N update per token run) | {total['ours']:.1f} | "
         f"{total['trl']:.1f} | |",
         f"| model GFLOP/s, whole step | {rate['ours']:.1f} | {rate['trl']:.1f} | |",
         f"| MFU, whole step (fp32 matmul {peak:.1f} GFLOP/s) | {rate['ours'] / peak:.0%} | "
         f"{rate['trl'] / peak:.0%} | |",
         f"| MFU, update phase | {update['ours'] / peak:.0%} | {update['trl'] / peak:.0%} | |",
         "",
-        f"At the measured fp32 peak a step of this work needs at least {floor:.3f} s: at most "
+        f"At the measured fp32 peak our step needs at least {floor:.3f} s: at most "
         f"{ceiling:.0f} completions/s, {ceiling / trl_rate:.2f}x TRL's rate here. 3x TRL "
         f"({3 * trl_rate:.0f} completions/s) would need {3 * trl_rate / ceiling:.2f}x the "
         "machine's fp32 matmul peak.",

@@ -10,6 +10,11 @@ def test_step_flops_count_every_token_of_the_batch(bench):
         "sampling": 2 * 1_000 * 4_096,
         "update": 6 * 1_000 * 4_096,
     }
+    # each prompt once: 16 x 8 prompt tokens + 128 x 24 completion tokens = 3,200
+    assert bench.step_flops(setting, 1_000, prompt_once_per_group=True) == {
+        "sampling": 2 * 1_000 * 3_200,
+        "update": 6 * 1_000 * 3_200,
+    }
 
 
 def test_limit_lines_hand_values(bench):
@@ -23,12 +28,21 @@ def test_limit_lines_hand_values(bench):
     }
     trl = side | {"completions_per_s": 130.2, "seconds_per_step": 1.0}
     lines = bench.limit_lines(bench.Setting(), {"peak_gflops": 100.0, "ours": side, "trl": trl})
-    assert lines[0] == "| model GFLOP/step (2N sampling + 6N update per token) | 32.8 | 32.8 | |"
+    assert (
+        lines[0] == "| model GFLOP/step (2N sampling + 6N update per token run) | 32.8 | 32.8 | |"
+    )
     assert lines[1] == "| model GFLOP/s, whole step | 65.5 | 32.8 | |"
     assert lines[2] == "| MFU, whole step (fp32 matmul 100.0 GFLOP/s) | 66% | 33% | |"
     assert lines[3] == "| MFU, update phase | 61% | 61% | |"
     assert "at least 0.328 s: at most 391 completions/s, 3.00x TRL's rate" in lines[5]
     assert "would need 1.00x the machine's fp32 matmul peak" in lines[5]
+    # ours running each prompt once: 8e6 * 3200 = 25.6 GFLOP, floor 0.256 s, 500 completions/s
+    shared = side | {"prompt_once_per_group": True}
+    lines = bench.limit_lines(bench.Setting(), {"peak_gflops": 100.0, "ours": shared, "trl": trl})
+    assert lines[0].startswith(
+        "| model GFLOP/step (2N sampling + 6N update per token run) | 25.6 | 32.8 |"
+    )
+    assert "at least 0.256 s: at most 500 completions/s, 3.84x TRL's rate" in lines[5]
 
 
 def test_report_compares_mean_reward_per_completion_over_every_step(bench):

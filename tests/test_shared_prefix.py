@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from palm_rlhf.model.palm import PaLM
+from palm_rlhf.model.sampling import sample_tokens
 from palm_rlhf.rl import update as update_module
 from palm_rlhf.rl.rollout import shared_prompt
 from tests.helpers import randomize_lora
@@ -150,3 +151,47 @@ def test_a_grpo_minibatch_has_the_plain_forwards_loss_and_gradients(monkeypatch)
     for a, b in zip(shared_grads, grads):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
     assert any(g.abs().max() > 0 for g in grads)
+
+
+def left_padded_groups(group: int = 3):
+    """Prompts of 2, 5 and 4 tokens, left-padded to 5, each repeated `group` times."""
+    generator = torch.Generator().manual_seed(4)
+    prompts = torch.randint(1, 20, (3, 5), generator=generator)
+    mask = torch.arange(5) >= torch.tensor([3, 0, 1])[:, None]
+    prompts = prompts.masked_fill(~mask, 0)
+    return prompts.repeat_interleave(group, dim=0), mask.repeat_interleave(group, dim=0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_sampling_prefills_each_group_once_and_samples_what_it_did(temperature):
+    palm, (prompt, mask) = model(rotary_xpos_scale_base=512), left_padded_groups()
+    shapes = []
+    palm.layers[0].register_forward_hook(lambda module, args, out: shapes.append(args[0].shape))
+    runs = []
+    for group in (3, 1):
+        shapes.clear()
+        options = dict(prompt_mask=mask, temperature=temperature, finetune_scope="a")
+        generator = torch.Generator().manual_seed(5)
+        runs.append(
+            sample_tokens(palm, prompt, 12, group_size=group, generator=generator, **options)
+        )
+        assert shapes[0] == (9 // group, 5, 32)  # the prefill: one row per prompt
+        assert shapes[1] == (9, 1, 32)  # then every row decodes its own tokens
+    grouped, plain = runs
+    assert torch.equal(grouped.tokens, plain.tokens)
+    # the rows of a group differ once sampled (temperature 1), so the cache was copied per row
+    if temperature > 0:
+        assert not torch.equal(grouped.tokens[0], grouped.tokens[1])
+
+
+def test_sampling_refuses_prompts_that_are_not_groups():
+    palm, (prompt, mask) = model(), left_padded_groups()
+    with pytest.raises(ValueError, match="not contiguous groups of 2 equal rows"):
+        sample_tokens(palm, prompt, 4, prompt_mask=mask, group_size=2)
+    with pytest.raises(ValueError, match="per-row extra_embed"):
+        extra = torch.zeros(9, 1, 32)
+        sample_tokens(palm, prompt, 4, prompt_mask=mask, group_size=3, extra_embed=extra)
+    mask = mask.clone()
+    mask[1, 0] = True  # same tokens, another mask: a different prompt
+    with pytest.raises(ValueError, match="not contiguous groups of 3"):
+        sample_tokens(palm, prompt, 4, prompt_mask=mask, group_size=3)

@@ -12,6 +12,7 @@ The decoding cache therefore stores (b, j, d) per layer, `heads` times less than
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -253,6 +254,17 @@ class KVCache:
         self.num_real += num_new if new_mask is None else new_mask.sum(dim=-1)
         self.length += num_new
         self.slot.fill_(self.length)
+
+    def repeat_rows(self, times: int) -> KVCache:
+        """A cache of `times` copies of each row, in contiguous rows (row i -> rows i * times
+        ... i * times + times - 1): prompts prefilled once per group, then decoded per row."""
+        twin = copy.copy(self)
+        for name in ("keys", "values"):  # (layers, b, max_len, d)
+            setattr(twin, name, getattr(self, name).repeat_interleave(times, dim=1))
+        for name in ("key_mask", "attn_bias", "num_real"):
+            setattr(twin, name, getattr(self, name).repeat_interleave(times, dim=0))
+        twin.slot = self.slot.clone()
+        return twin
 
 
 class PrefixKeys:

@@ -19,6 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from palm_rlhf.model.config import check_token_ids
+from palm_rlhf.model.shared_prefix import groups_share
 
 
 class Decoder(Protocol):
@@ -147,6 +148,29 @@ def _check_sampling_inputs(
         )
 
 
+def prompts_in_groups(prompt: Tensor, prompt_mask: Optional[Tensor], group_size: int) -> bool:
+    """Whether the prompts (b, n) (and their mask) are contiguous groups of `group_size`
+    equal rows."""
+    width = prompt.shape[1]
+    return groups_share(prompt, group_size, width) and (
+        prompt_mask is None or groups_share(prompt_mask, group_size, width)
+    )
+
+
+def _check_groups(
+    prompt: Tensor, prompt_mask: Optional[Tensor], group_size: int, extra_embed: Optional[Tensor]
+):
+    if group_size == 1:
+        return
+    if not prompts_in_groups(prompt, prompt_mask, group_size):
+        raise ValueError(
+            f"group_size={group_size}: the {prompt.shape[0]} prompts are not contiguous groups "
+            f"of {group_size} equal rows"
+        )
+    if extra_embed is not None and extra_embed.dim() == 3 and extra_embed.shape[0] > 1:
+        raise ValueError("group_size cannot be combined with a per-row extra_embed")
+
+
 @torch.no_grad()
 def iter_sample(
     model: Decoder,
@@ -166,6 +190,7 @@ def iter_sample(
     logits_filter: Optional[Callable[[Tensor], Tensor]] = None,
     extra_embed: Optional[Tensor] = None,
     compile_decode: bool = False,
+    group_size: int = 1,
 ) -> Iterator[Tensor]:
     """Yield each step's sampled tokens (b,) as soon as they exist (streaming).
 
@@ -179,8 +204,12 @@ def iter_sample(
     `pad_value`): processes that decode together through a sharded model take equal steps.
     `compile_decode=True` runs the cached one-token steps through `torch.compile` (the first
     call for a model and cache shape compiles, tens of seconds on a CPU; later ones reuse it).
+    `group_size`: the prompts come in contiguous groups of that many equal rows (checked), as
+    group RL samples them; with the cache each is prefilled once and its cache repeated over
+    the group (`KVCache.repeat_rows`).
     """
     _check_sampling_inputs(model, prompt, prompt_mask, max_new_tokens)
+    _check_groups(prompt, prompt_mask, group_size, extra_embed)
     if extra_embed is not None and extra_embed.dim() >= 2 and extra_embed.shape[-2] != 1:
         raise ValueError(
             "extra_embed must broadcast over the sequence axis while sampling (shape (dim,) or "
@@ -194,11 +223,18 @@ def iter_sample(
     model.eval()
     try:
         cache = None
+        seq, seq_mask = prompt, prompt_mask
         if use_cache:
             options = {"compile": True} if compile_decode else {}
-            cache = model.init_cache(batch, prompt.shape[1] + max_new_tokens, **options)
-        seq, seq_mask = prompt, prompt_mask
-        logits = model(seq, mask=seq_mask, cache=cache, **embed_kwargs)[:, -1]
+            rows, width = batch // group_size, prompt.shape[1] + max_new_tokens
+            cache = model.init_cache(rows, width, **options)
+            masks = seq_mask[::group_size] if seq_mask is not None else None
+            logits = model(seq[::group_size], mask=masks, cache=cache, **embed_kwargs)[:, -1]
+            if group_size > 1:
+                cache = cache.repeat_rows(group_size)
+                logits = logits.repeat_interleave(group_size, dim=0)
+        else:
+            logits = model(seq, mask=seq_mask, **embed_kwargs)[:, -1]
         for step in range(max_new_tokens):
             token = sample_from_logits(logits, temperature, generator, **filters).masked_fill(
                 done, pad_value

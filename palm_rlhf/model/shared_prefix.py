@@ -34,18 +34,18 @@ class SharedPrefix(NamedTuple):
 
 
 def groups_share(x: Tensor, group_size: int, length: int) -> bool:
-    """Whether the rows of x (b, n) come in contiguous groups of `group_size` whose first
-    `length` tokens are equal (and `length` leaves at least one column after the prefix)."""
-    rows, n = x.shape
-    if group_size < 1 or rows % group_size or not 0 < length < n:
+    """Whether the rows of x (b, n, ...) come in contiguous groups of `group_size` whose first
+    `length` columns (1..n) are equal."""
+    rows, n = x.shape[:2]
+    if group_size < 1 or rows % group_size or not 0 < length <= n:
         return False
-    heads = rearrange(x[:, :length], "(p g) j -> p g j", g=group_size)
+    heads = rearrange(x[:, :length], "(p g) j ... -> p g j ...", g=group_size)
     return bool((heads == heads[:, :1]).all())
 
 
 def check_shared_prefix(x: Tensor, shared: SharedPrefix) -> None:
     """One-line ValueError unless the rows of x (b, n) really share their prefixes."""
-    if not groups_share(x, *shared):
+    if shared.length >= x.shape[1] or not groups_share(x, *shared):
         raise ValueError(
             f"shared_prefix={tuple(shared)}: the {x.shape[0]} rows of {x.shape[1]} tokens are "
             f"not groups of {shared.group_size} equal in their first {shared.length} tokens"

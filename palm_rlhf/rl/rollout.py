@@ -28,7 +28,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from palm_rlhf.functional.logprobs import log_probs_from_logits
-from palm_rlhf.model.sampling import sample_tokens
+from palm_rlhf.model.sampling import prompts_in_groups, sample_tokens
 from palm_rlhf.model.shared_prefix import SharedPrefix, groups_share
 
 
@@ -200,14 +200,16 @@ def collect(
     experience (advantages and returns still 0) and whether each response ended with EOS (b,).
     The caller sets eval mode and autocast; `sampling` holds top_k/top_p. `scoring_passes`
     False (see `scoring_passes.py`) skips the old and reference log-probs: both are 0 then.
-    `group_size`: responses per prompt, in contiguous rows; the scoring passes run each
-    group's prompt once (`shared_prompt`).
+    `group_size`: responses per prompt, in contiguous rows; sampling prefills and the scoring
+    passes run each group's prompt once (`shared_prompt`).
     """
+    groups = group_size if prompts_in_groups(prompt, prompt_mask, group_size) else 1
     samples = sample_tokens(
         actor.palm,
         prompt,
         new_tokens,
         prompt_mask=prompt_mask,
+        group_size=groups,
         temperature=temperature,
         eos_token=eos_token,
         pad_value=pad_value,
