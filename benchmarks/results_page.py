@@ -242,7 +242,9 @@ SECTIONS = (
         "The same toy task, group size, learning rate, KL coefficient, clip epsilon and loss "
         "aggregation for our PaLM and a `LlamaForCausalLM` of matched size under TRL's "
         "`GRPOTrainer`, one process at a time, both models initialised from normal(0, 0.02): "
-        "`python benchmarks/bench_trl.py`.",
+        "`python benchmarks/bench_trl.py`. Since 2026-12-05 ours prefills and updates each "
+        "group's prompt once (`model/shared_prefix.py`), TRL every row's: the GFLOP row counts "
+        "what each side runs.",
         trl_table,
     ),
     Section(
