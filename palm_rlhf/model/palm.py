@@ -160,7 +160,6 @@ class PaLM(nn.Module):
         if shared_prefix is not None:
             shared_prefix = SharedPrefix(*shared_prefix)
             no_prefix(
-                shared_prefix,
                 mask=mask,
                 cache=cache,
                 extra_embed=extra_embed,

@@ -16,7 +16,7 @@ plain forward over n tokens.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple
 
 import torch
 from einops import rearrange, repeat
@@ -87,8 +87,8 @@ def expand_prefix(head: Tensor, tail: Tensor, group_size: int) -> Tensor:
     return torch.cat((head, tail), dim=1)
 
 
-def no_prefix(shared: Optional[SharedPrefix], **others) -> None:
+def no_prefix(**others) -> None:
     """Refuse `shared_prefix` beside the inputs it does not handle, one line naming them."""
     given = [name for name, value in others.items() if value is not None and value is not False]
-    if shared is not None and given:
+    if given:
         raise ValueError(f"shared_prefix cannot be combined with {', '.join(given)}")
