@@ -156,6 +156,14 @@ SECTIONS = (
         stored_markdown,
     ),
     Section(
+        "attention.json",
+        "bf16 attention on the CPU",
+        "Forward and backward of causal multi-query attention in fp32, in bf16, and in bf16 "
+        "computed in fp32 (what `model/attention.py` does below 512 keys when gradients are "
+        "needed): `python benchmarks/bench_attention.py`.",
+        stored_markdown,
+    ),
+    Section(
         "ppo.json",
         "PPO against palm-rlhf-pytorch 0.8.0",
         "Rollout + update episodes per second, their share of this run's own matmul peak (MFU), "
