@@ -2,6 +2,7 @@
 
     python benchmarks/bench_trl.py               # 31 steps a side, one process at a time
     python benchmarks/bench_trl.py --steps 4     # a short check of the harness
+    python benchmarks/bench_trl.py --precision bf16   # both sides in bf16 mixed precision
 
 The work, identical on both sides (`Setting`): a 16-symbol vocabulary, 64 fixed prompts of 8
 random symbols, reward = share of the target symbol among the 24 new tokens (no EOS: every
@@ -10,7 +11,9 @@ per batch of 128 (one iteration, so the sampling policy is the current one), KL 
 clip epsilon 0.2, advantages (r - group mean) / group std, token losses averaged per sequence
 then over the batch (TRL `loss_type="grpo"` = our `loss_agg_mode="seq-mean-token-mean"`),
 AdamW lr 1e-4 constant, gradient clipping at norm 1.0, no entropy bonus, full weights, fp32,
-2 threads.
+2 threads. `--precision bf16` runs both sides under their Accelerate's bf16 mixed precision
+(autocast over fp32 weights, sampling included; TRL `bf16=True`, ours `mixed_precision="bf16"`)
+and measures the peak with a bf16 matmul.
 
 Models, random init, matched parameter count: our `PaLM(num_tokens=16, dim=256, depth=4,
 heads=8, dim_head=32, init_std=0.02)` and a `LlamaForCausalLM` with one KV head (multi-query),
@@ -35,7 +38,7 @@ group's prompt once in both phases (`model/shared_prefix.py`), so it performs fe
 the same work. MFU = the FLOPs performed per second / the peak; the floor = the seconds our
 step needs at the peak.
 Writes benchmarks/results/trl.json (trl-quick.json for --steps below 31; -seedN before .json
-for another --seed).
+for another --seed, -bf16 for bf16).
 """
 
 from __future__ import annotations
@@ -76,6 +79,9 @@ class Setting:
     # (initializer_range), our PaLM's `init_std`; with PyTorch's default init instead, ours
     # learns this toy more slowly per step (0.56 vs 0.77 reward after 7 steps, either seed)
     init_std: float = 0.02
+    # "fp32" (the issue's setting) or "bf16": both sides' Accelerate mixed precision (autocast
+    # over fp32 weights, the optimiser in fp32), sampling included
+    precision: str = "fp32"
 
     @property
     def batch(self) -> int:
@@ -183,6 +189,7 @@ def run_ours(setting: Setting) -> dict:
         temperature=1.0,
         seed=setting.seed,
         progress=False,
+        mixed_precision="bf16" if setting.precision == "bf16" else "no",
     )
     clock = PhaseClock()
     rollout_module.sample_tokens = clock.wrap("sampling", rollout_module.sample_tokens)
@@ -284,7 +291,7 @@ def run_trl(setting: Setting) -> dict:
             save_strategy="no",
             report_to="none",
             use_cpu=True,
-            bf16=False,
+            bf16=setting.precision == "bf16",
             fp16=False,
             seed=setting.seed,
             disable_tqdm=True,
@@ -373,21 +380,22 @@ def step_flops(setting: Setting, params: int, prompt_once_per_group: bool = Fals
     return {"sampling": 2 * params * tokens, "update": 6 * params * tokens}
 
 
-def matmul_gflops(threads: int, size: int = 2048) -> float:
-    """fp32 matmul throughput of this machine now (median of 10 after 2 warm-ups)."""
+def matmul_gflops(threads: int, precision: str = "fp32", size: int = 2048) -> float:
+    """Matmul throughput of this machine now in `precision` (median of 10 after 2 warm-ups)."""
     if str(HERE) not in sys.path:  # called before and after the two sides
         sys.path.insert(0, str(HERE))
     import torch
     from _worker import task_matmul
 
     torch.set_num_threads(threads)
-    args = argparse.Namespace(dtype="float32", matmul_size=size, warmup=2, iters=10)
+    dtype = "bf16" if precision == "bf16" else "float32"
+    args = argparse.Namespace(dtype=dtype, matmul_size=size, warmup=2, iters=10)
     return task_matmul(args)["gflops"]
 
 
 def limit_lines(setting: Setting, results: dict) -> list[str]:
     """Achieved model FLOP/s and MFU of each side, and what the measured peak allows."""
-    peak, sides = results["peak_gflops"], ("ours", "trl")
+    peak, sides, precision = results["peak_gflops"], ("ours", "trl"), setting.precision
     flops = {
         side: step_flops(
             setting,
@@ -409,14 +417,14 @@ def limit_lines(setting: Setting, results: dict) -> list[str]:
         f"| model GFLOP/step (2N sampling + 6N update per token run) | {total['ours']:.1f} | "
         f"{total['trl']:.1f} | |",
         f"| model GFLOP/s, whole step | {rate['ours']:.1f} | {rate['trl']:.1f} | |",
-        f"| MFU, whole step (fp32 matmul {peak:.1f} GFLOP/s) | {rate['ours'] / peak:.0%} | "
+        f"| MFU, whole step ({precision} matmul {peak:.1f} GFLOP/s) | {rate['ours'] / peak:.0%} | "
         f"{rate['trl'] / peak:.0%} | |",
         f"| MFU, update phase | {update['ours'] / peak:.0%} | {update['trl'] / peak:.0%} | |",
         "",
-        f"At the measured fp32 peak our step needs at least {floor:.3f} s: at most "
+        f"At the measured {precision} peak our step needs at least {floor:.3f} s: at most "
         f"{ceiling:.0f} completions/s, {ceiling / trl_rate:.2f}x TRL's rate here. 3x TRL "
         f"({3 * trl_rate:.0f} completions/s) would need {3 * trl_rate / ceiling:.2f}x the "
-        "machine's fp32 matmul peak.",
+        f"machine's {precision} matmul peak.",
     ]
 
 
@@ -430,7 +438,7 @@ def report(setting: Setting, results: dict) -> str:
     ours, theirs = results["ours"], results["trl"]
     lines = [
         f"GRPO, {setting.prompts_per_step} prompts x {setting.group_size}, {setting.steps} steps "
-        f"({setting.warmup_steps} warm-up), {setting.threads} threads, fp32",
+        f"({setting.warmup_steps} warm-up), {setting.threads} threads, {setting.precision}",
         f"| | ours ({ours['parameters']:,} params) "
         f"| TRL ({theirs['parameters']:,} params) | ratio |",
         "|---|---|---|---|",
@@ -466,6 +474,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=Setting.steps)
     parser.add_argument("--threads", type=int, default=Setting.threads)
     parser.add_argument("--seed", type=int, default=Setting.seed)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=Setting.precision)
     parser.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--setting", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -479,14 +488,16 @@ def main(argv=None) -> dict:
     sys.path.insert(0, str(ROOT))
     from benchmarks.provenance import provenance  # not at the top: the TRL worker cannot see it
 
-    setting = Setting(steps=args.steps, threads=args.threads, seed=args.seed)
+    setting = Setting(
+        steps=args.steps, threads=args.threads, seed=args.seed, precision=args.precision
+    )
     results = {"setting": asdict(setting), "provenance": provenance(setting.threads)}
     results["load_start"] = os.getloadavg()
-    peaks = [matmul_gflops(setting.threads)]
+    peaks = [matmul_gflops(setting.threads, setting.precision)]
     for side in ("ours", "trl"):  # one process at a time
         print(f"running {side} (load {os.getloadavg()[0]:.2f})", flush=True)
         results[side] = run_side(side, setting)
-    peaks.append(matmul_gflops(setting.threads))
+    peaks.append(matmul_gflops(setting.threads, setting.precision))
     results["matmul_gflops_before_after"] = peaks
     results["peak_gflops"] = max(peaks)
     results["load_end"] = os.getloadavg()
@@ -497,6 +508,8 @@ def main(argv=None) -> dict:
     name = "trl.json" if args.steps >= Setting.steps else "trl-quick.json"
     if args.seed != Setting.seed:
         name = name.replace(".json", f"-seed{args.seed}.json")
+    if args.precision != Setting.precision:
+        name = name.replace(".json", f"-{args.precision}.json")
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / name).write_text(json.dumps(results, indent=1) + "\n")
     print(report(setting, results))

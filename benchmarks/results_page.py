@@ -262,6 +262,15 @@ SECTIONS = (
         "reward curves and the timings: `python benchmarks/bench_trl.py --seed 1`.",
         trl_table,
     ),
+    Section(
+        "trl-bf16.json",
+        "GRPO against TRL in bf16 mixed precision",
+        "The same comparison with both sides under their Accelerate's bf16 mixed precision "
+        "(autocast over fp32 weights; TRL `bf16=True`), the peak measured with a bf16 matmul: "
+        "`python benchmarks/bench_trl.py --precision bf16`. Not the issue's fp32 setting: what a "
+        "user with a bf16-capable CPU would see.",
+        trl_table,
+    ),
 )
 
 HEADER = """# Results
