@@ -12,6 +12,8 @@ One PPO iteration (`step`) reads like the algorithm box of Ouyang et al. 2022 / 
     5. log         metrics gathered across processes into `trainer.history` (and trackers)
     6. checkpoint  `save` / `load` of everything needed to resume
 
+`train` runs steps on the reference's episode schedule (`ppo/loop.py`).
+
 Critic-free algorithms (`algorithm="grpo" | "rloo" | "reinforce++" | "flowrl" | "tpo"`) run
 the same phases with `group_size` responses per prompt and no critic; phases 3 and 4 dispatch
 to `rl/algorithms.py`. An episode is one response (counts are global over processes). The
@@ -42,6 +44,7 @@ from palm_rlhf.rl.networks import ActorCritic, prepare_networks, trainer_options
 from palm_rlhf.rl.policies import evaluation_mode
 from palm_rlhf.rl.ppo import checkpoint as io
 from palm_rlhf.rl.ppo.config import PPOConfig
+from palm_rlhf.rl.ppo.loop import run_schedule
 from palm_rlhf.rl.prompts import PromptBank, PromptIds, PtxData, load_prompts
 from palm_rlhf.rl.rollout import Experience, collect
 from palm_rlhf.rl.schedule import response_budget, rollout_schedule
@@ -50,10 +53,9 @@ from palm_rlhf.rl.text_reward import TextRewardFn, resolve_reward
 from palm_rlhf.rl.update import minibatch_loss, run_epochs, step_networks
 from palm_rlhf.train.accelerator import make_accelerator
 from palm_rlhf.train.history import tracker_config
-from palm_rlhf.train.progress import mean_over_processes, progress_bar
+from palm_rlhf.train.progress import mean_over_processes
 from palm_rlhf.train.sharding import load_optimizer_state, optimizer_state
 from palm_rlhf.train.step import guard_loss
-from palm_rlhf.train.stopping import StopOnSignal, TrainingInterrupted
 from palm_rlhf.typecheck import typechecked
 
 # reward_fn(seq (b, n) long, mask (b, n) bool, prompt_mask (b, n) bool) -> (b,) float
@@ -403,27 +405,7 @@ class RLHFTrainer:
             batch_size=max_batch_size,
         )
         show = self.config.progress if progress is None else progress
-        title = f"{self.config.algorithm.upper()} rollouts"
-        bar = progress_bar(self.accelerator, show, total=plan.rollouts, desc=title, unit="ep")
-        records = []
-        with StopOnSignal() as stop:  # Ctrl-C / SIGTERM: finish the update, save, then stop
-            for _ in range(plan.updates):
-                records.append(self.step(plan.per_update, **response))
-                bar.update(plan.per_update)
-                bar.set_postfix(
-                    reward=f"{records[-1]['reward']:.3f}", kl=f"{records[-1]['kl']:.3f}"
-                )
-                signum = stop.requested(self.accelerator)
-                if checkpoint_every and self.updates % checkpoint_every == 0 or signum:
-                    saved = self.save(checkpoint_dir) if checkpoint_dir is not None else None  # 6.
-                if signum:
-                    bar.close()
-                    raise TrainingInterrupted("rlhf", self.updates, saved, signum)
-        if plan.leftover:
-            self.step(plan.leftover, learn=False, **response)
-            bar.update(plan.leftover)
-        bar.close()
-        return records
+        return run_schedule(self, plan, response, checkpoint_every, checkpoint_dir, show)
 
     # ------------------------------------------------------------------ best of n, save, load
 
