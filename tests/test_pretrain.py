@@ -180,3 +180,23 @@ def test_help_shows_every_default():
         flag = "--" + field.name.replace("_", "-")
         (entry,) = [e for e in entries if e.startswith((f"{flag} ", f"{flag},"))]
         assert entry.endswith(f"(default: {field.default})"), entry
+
+
+def test_init_std_flag_reaches_the_model():
+    """`--init-std 0.02` draws the projections from normal(0, 0.02) (Llama's init); without it
+    the model keeps PyTorch's init, whose spread at width 32 is far wider."""
+    from palm_rlhf.options import config_from_args, config_parser
+    from palm_rlhf.train.pretrain import build_model
+
+    parser = config_parser(PretrainConfig)
+    stds = {}
+    for flags in ([], ["--init-std", "0.02"]):
+        config = config_from_args(
+            parser, PretrainConfig, parser.parse_args(["--dim", "32", *flags])
+        )
+        model = build_model(config)
+        assert model.config.init_std == config.init_std
+        weight = model.layers[0].fused_attn_ff_proj.weight
+        stds[bool(flags)] = float(weight.std())
+    assert abs(stds[True] - 0.02) < 0.002
+    assert stds[False] > 0.05

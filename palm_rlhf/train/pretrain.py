@@ -45,6 +45,11 @@ class PretrainConfig(LoopOptions):
     heads: int = option(4, "query heads (one shared key/value head)")
     dim_head: int = option(64, "width of each attention head")
     ff_mult: int = option(4, "feed-forward expansion factor")
+    init_std: Optional[float] = option(
+        None,
+        "draw every projection from normal(0, init_std), as Llama's initializer_range 0.02; "
+        "default: PyTorch's init, as the reference",
+    )
     seq_len: int = option(256, "training context length in bytes (also the model's max_seq_len)")
     batch_size: int = option(16, "GLOBAL batch size per micro-step (split over processes)")
     num_steps: int = option(800, "optimizer steps in the whole run")
@@ -81,6 +86,7 @@ def build_model(config: PretrainConfig, num_tokens: int = 256) -> PaLM:
         dim_head=config.dim_head,
         ff_mult=config.ff_mult,
         max_seq_len=config.seq_len,
+        init_std=config.init_std,
     )
     model.checkpoint_activations = config.checkpoint_activations
     return model
