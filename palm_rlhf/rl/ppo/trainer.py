@@ -8,7 +8,8 @@ One PPO iteration (`step`) reads like the algorithm box of Ouyang et al. 2022 / 
     2. rewards     score prompt + response with the reward model; per-token reward
                    r_t = -kl_coef * KL_t(actor || reference), plus the score at the last token
     3. advantages  GAE(gamma, lam) over the critic's values (or the kind in `critics.py`)
-    4. PPO epochs  clipped policy loss + clipped value loss - beta_s * entropy (+ PPO-ptx)
+    4. PPO epochs  clipped policy loss + clipped value loss - beta_s * entropy (+ PPO-ptx),
+                   `ppo/learning.py`
     5. log         metrics gathered across processes into `trainer.history` (and trackers)
     6. checkpoint  `save` / `load` of everything needed to resume
 
@@ -43,6 +44,7 @@ from palm_rlhf.rl.kl_controller import KLController
 from palm_rlhf.rl.networks import ActorCritic, prepare_networks, trainer_options
 from palm_rlhf.rl.policies import evaluation_mode
 from palm_rlhf.rl.ppo import checkpoint as io
+from palm_rlhf.rl.ppo import learning
 from palm_rlhf.rl.ppo.config import PPOConfig
 from palm_rlhf.rl.ppo.loop import run_schedule
 from palm_rlhf.rl.prompts import PromptBank, PromptIds, PtxData, load_prompts
@@ -50,12 +52,10 @@ from palm_rlhf.rl.rollout import Experience, collect
 from palm_rlhf.rl.schedule import response_budget, rollout_schedule
 from palm_rlhf.rl.scoring_passes import skips_scoring
 from palm_rlhf.rl.text_reward import TextRewardFn, resolve_reward
-from palm_rlhf.rl.update import minibatch_loss, run_epochs, step_networks
 from palm_rlhf.train.accelerator import make_accelerator
 from palm_rlhf.train.history import tracker_config
 from palm_rlhf.train.progress import mean_over_processes
 from palm_rlhf.train.sharding import load_optimizer_state, optimizer_state
-from palm_rlhf.train.step import guard_loss
 from palm_rlhf.typecheck import typechecked
 
 # reward_fn(seq (b, n) long, mask (b, n) bool, prompt_mask (b, n) bool) -> (b,) float
@@ -257,40 +257,12 @@ class RLHFTrainer:
         max_new_tokens: int = 1,
         own_old_logprobs: bool = False,
     ) -> dict[str, float]:
-        """`epochs` passes of shuffled minibatches (of whole groups); returns the mean of each
-        loss statistic. `max_new_tokens`: the constant of "seq-mean-token-sum-norm";
-        `own_old_logprobs`: the rollout skipped them (`update.minibatch_loss`)."""
-
-        def step(batch: Experience, **extras) -> Optional[dict]:
-            own = dict(own_old_logprobs=own_old_logprobs)
-            return self._minibatch_step(batch, temperature, max_new_tokens, **own, **extras)
-
-        rows = dict(reference=self.reference, temperature=temperature)
-        nets, generator = self.modules(), self.cpu_generator
-        return run_epochs(experience, self.config, nets, self.accelerator, generator, rows, step)
-
-    def _minibatch_step(
-        self, batch: Experience, temperature: float, *args, **rows
-    ) -> Optional[dict]:
-        """One gradient step of every trained network on a minibatch; `args`/`rows`: see
-        `update.minibatch_loss`. PPO-ptx (Ouyang et al. 2022, eq. 2) adds the actor's LM loss on
-        pretraining windows. Returns the step's stats, None when a non-finite loss is skipped."""
-        nets, config = {name: net for name, (net, _) in self.networks.items()}, self.config
-        with self.accelerator.autocast():
-            loss, stats = minibatch_loss(
-                nets, batch, config, self.kl_coef, temperature, *args, **rows
-            )
-            if config.ptx_coef > 0:
-                windows = self.ptx_data.sample(batch.tokens.shape[0], self.cpu_generator)
-                ptx_loss = self.actor(windows.to(self.device), return_loss=True)
-                stats["ptx_loss"] = float(ptx_loss.detach())
-                loss = loss + config.ptx_coef * ptx_loss
-        if not guard_loss(loss, self.updates, config.nan_policy):
-            return None
-        self.accelerator.backward(loss)
-        optimizers = {name: optim for name, (_, optim) in self.networks.items()}
-        stats.update(step_networks(self.accelerator, self.modules(), optimizers, config.max_norm))
-        return stats
+        """`epochs` passes of shuffled minibatches (of whole groups), one gradient step of every
+        trained network each (`ppo/learning.py`; PPO-ptx adds the actor's LM loss); returns the
+        mean of each loss statistic. `max_new_tokens`: the constant of
+        "seq-mean-token-sum-norm"; `own_old_logprobs`: the rollout skipped them
+        (`update.minibatch_loss`)."""
+        return learning.learn(self, experience, temperature, max_new_tokens, own_old_logprobs)
 
     # ------------------------------------------------------------------ one iteration, loop
 
